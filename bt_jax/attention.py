@@ -1,0 +1,82 @@
+"""The one attention dispatch point of the models.
+
+`dot_product_attention(..., impl=...)` routes to
+  - "xla":    plain jnp einsum/softmax (f32 softmax), runs everywhere;
+  - "pallas": `pallas_kernels.flash_attention` (Triton on GPU, Mosaic on TPU,
+              the XLA reference path on CPU);
+  - "cudnn":  `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only).
+Shapes: query [batch, q_len, heads, head_dim]; key/value
+[batch, kv_len, kv_heads, head_dim] with kv_heads dividing heads.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from bt_jax.config import ATTENTION_IMPLS
+
+
+def attention_mask(q_len: int, kv_len: int, *, causal: bool,
+                   local_block: Optional[int] = None) -> jax.Array:
+  """Static boolean [q_len, kv_len] mask (bottom-right aligned when causal)."""
+  q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+  k_pos = jnp.arange(kv_len)[None, :]
+  mask = jnp.ones((q_len, kv_len), dtype=bool)
+  if causal:
+    mask &= k_pos <= q_pos
+  if local_block is not None:
+    mask &= (k_pos // local_block) == (q_pos // local_block)
+  return mask
+
+
+def xla_attention(query, key, value, *, causal: bool, local_block: Optional[int] = None,
+                  mask: Optional[jax.Array] = None, scale: Optional[float] = None):
+  """Reference attention in jnp. `mask` is boolean [batch, q_len, kv_len]."""
+  batch, q_len, heads, head_dim = query.shape
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  groups = heads // kv_heads
+  scale = head_dim ** -0.5 if scale is None else scale
+  # [batch, q_len, kv_heads, groups, head_dim]: GQA without repeating K/V.
+  q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
+  scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, key,
+                      preferred_element_type=jnp.float32) * scale
+  full_mask = attention_mask(q_len, kv_len, causal=causal, local_block=local_block)[None]
+  if mask is not None:
+    full_mask = full_mask & mask
+  full_mask = full_mask[:, None, None]  # [batch|1, 1, 1, q_len, kv_len]
+  scores = jnp.where(full_mask, scores, -jnp.inf)
+  row_max = jnp.max(scores, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  weights = jnp.exp(scores - row_max)
+  denom = jnp.sum(weights, axis=-1, keepdims=True)
+  # A fully masked row gives zeros, never NaN.
+  probs = weights / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(value.dtype), value,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(batch, q_len, heads, head_dim).astype(query.dtype)
+
+
+def dot_product_attention(query, key, value, *, causal: bool, impl: str = "xla",
+                          local_block: Optional[int] = None,
+                          mask: Optional[jax.Array] = None) -> jax.Array:
+  """Attention through the implementation named by `impl`."""
+  if impl == "xla":
+    return xla_attention(query, key, value, causal=causal, local_block=local_block, mask=mask)
+  if impl == "pallas":
+    import pallas_kernels  # pylint: disable=import-outside-toplevel
+    return pallas_kernels.flash_attention(query, key, value, causal=causal,
+                                          local_block=local_block, mask=mask)
+  if impl == "cudnn":
+    if local_block is not None:
+      full = attention_mask(query.shape[1], key.shape[1], causal=causal,
+                            local_block=local_block)[None]
+      mask = full if mask is None else (mask & full)
+      causal = False
+    # jax.nn.dot_product_attention takes mask [batch, heads, q, k] (broadcastable).
+    nn_mask = None if mask is None else mask[:, None]
+    return jax.nn.dot_product_attention(query, key, value, mask=nn_mask, is_causal=causal,
+                                        implementation="cudnn")
+  raise ValueError(f"unknown attention_impl {impl!r}; valid values are {list(ATTENTION_IMPLS)}")

@@ -1,0 +1,84 @@
+r"""Prints per-component and total parameter counts of a gin model config.
+
+    python -m bt_jax.model_summary --gin_file gin_configs/models/block_b4_85m.gin [--json]
+
+Counts are computed abstractly (`jax.eval_shape`): no weight is allocated, so
+the 1.2B config is as cheap as the tiny one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from bt_jax import gin_utils
+from bt_jax.config import BlockConfig
+from bt_jax.models import abstract_params, build_model
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin files to parse.")
+flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. 'BlockConfig.block_len = 8'.")
+flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+
+# Embedding parameters: token tables and the output head (the spec's "non-emb"
+# counts both stacks and the expansion, nothing of the vocabulary).
+EMBEDDING_PATHS = (("token_embed",), ("lm_head",), ("embedder", "lookup"),
+                   ("embedder", "token_embed"))
+
+
+def _count(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+  for key in path:
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def param_counts(config) -> dict[str, Any]:
+  """Per-component counts, total and non-embedding parameters of a model config."""
+  params = abstract_params(build_model(config))
+  components = {name: _count(sub) for name, sub in params.items()}
+  if "embedder" in params:  # split the embedder into its table(s) and the rest
+    for key, sub in params["embedder"].items():
+      components[f"embedder/{key}"] = _count(sub)
+    del components["embedder"]
+  total = _count(params)
+  embedding = sum(_count(_get(params, p)) for p in EMBEDDING_PATHS if _get(params, p) is not None)
+  return {
+      "kind": config.kind,
+      "components": components,
+      "total_params": total,
+      "embedding_params": embedding,
+      "non_embedding_params": total - embedding,
+  }
+
+
+def format_table(counts: dict[str, Any]) -> str:
+  rows = [("component", "params")] + [(k, f"{v:,}") for k, v in counts["components"].items()]
+  rows += [("non-embedding", f"{counts['non_embedding_params']:,}"),
+           ("total", f"{counts['total_params']:,}")]
+  width = max(len(r[0]) for r in rows)
+  return "\n".join(f"{name:<{width}}  {value:>15}" for name, value in rows)
+
+
+def main(argv):
+  del argv
+  config = gin_utils.model_config_from_gin(FLAGS.gin_file, FLAGS.gin_param)
+  counts = param_counts(config)
+  if FLAGS.json:
+    print(json.dumps(counts))
+  else:
+    print(f"{config.kind} model: {config}")
+    print(format_table(counts))
+
+
+if __name__ == "__main__":
+  app.run(main)
