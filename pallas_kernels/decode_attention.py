@@ -1,0 +1,283 @@
+"""Split-KV decode attention (flash-decoding) as a Pallas kernel.
+
+Public entry point: `decode_attention`; reference:
+`reference.reference_decode_attention` (the "xla" impl).
+
+The kernel grid is (batch, kv_heads, splits). Every program takes the
+`group * q_len` query rows that read one kv head (so GQA turns decode into a
+real [rows, head_dim] x [head_dim, block_k] matmul and each K/V byte is read
+once), runs an online softmax over its chunk of the cache, and writes a
+normalised partial output and its natural-log lse. The partials are merged
+with their lse (exact: out = sum_s exp(lse_s - lse) out_s,
+lse = logsumexp_s lse_s), which is also how distributed tree decode merges the
+per-device results of this function.
+
+How the cache is chunked:
+  * "gpu" (Triton, and interpret on CPU): chunks follow each row's actual
+    length (`lengths[b]` split in `splits` equal runs of tiles), so a
+    half-empty cache keeps every split busy and no tile past lengths[b] is
+    read. The cache keeps the model's [batch, kv_len, kv_heads, head_dim]
+    layout: no copy of the cache is made when kv_len is a multiple of block_k
+    and head_dim a power of two.
+  * "tpu" (Mosaic): fixed chunks of kv_len / splits (BlockSpecs must be
+    static); tiles past lengths[b] are skipped but still fetched by the
+    pipeline, and the cache is moved to [batch, kv_heads, kv_len, head_dim]
+    (a copy) so blocks are tile-aligned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import reference
+from pallas_kernels._common import (LN2, LOG2E, MASK_VALUE, compiler_params,
+                                    dot_nn, dot_nt, pad_axis, padded_head_dim,
+                                    pick_block, resolve_impl, resolve_target,
+                                    round_up)
+
+__all__ = ["decode_attention"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """Static description of one decode-attention call (hashable)."""
+  sm_scale: float
+  block_k: int
+  num_splits: int
+  split_len: int        # "tpu": cache positions per split (static chunks)
+  rows: int             # padded group * q_len
+  target: str
+  interpret: bool
+  num_warps: int
+  num_stages: int
+
+
+def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                   cfg: DecodeConfig):
+  # q_ref/o_ref [rows, d]; k_ref/v_ref [kv_len, d] ("gpu": the whole cache row)
+  # or [split_len, d] ("tpu": this split's chunk); lse_ref [rows, 1].
+  block_k = cfg.block_k
+  batch_index = pl.program_id(0)
+  split = pl.program_id(2)
+  if cfg.target == "gpu":
+    length = lengths_ref[()]
+    num_tiles = lax.div(length + (block_k - 1), block_k)
+    tiles_per_split = lax.div(num_tiles + (cfg.num_splits - 1), cfg.num_splits)
+    lo = split * tiles_per_split
+    hi = jnp.minimum(lo + tiles_per_split, num_tiles)
+    base = jnp.int32(0)  # k_ref position 0 is cache position 0
+  else:
+    length = lengths_ref[batch_index]
+    base = split * cfg.split_len
+    lo = jnp.int32(0)
+    hi = jnp.clip(lax.div(length - base + (block_k - 1), block_k), 0,
+                  cfg.split_len // block_k)
+  hi = jnp.maximum(hi, lo)
+
+  q = q_ref[...]
+  rows = q.shape[0]
+  scale = cfg.sm_scale * LOG2E
+
+  def body(kb, carry):
+    acc, m_prev, l_prev = carry
+    k_start = pl.multiple_of(kb * block_k, block_k)
+    kv_slice = pl.ds(k_start, block_k)
+    s = dot_nt(q, k_ref[kv_slice, :]) * scale  # [rows, block_k]
+    position = base + k_start + lax.broadcasted_iota(jnp.int32,
+                                                     (rows, block_k), 1)
+    allowed = position < length
+    s = jnp.where(allowed, s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.where(allowed, jnp.exp2(s - m_next), 0.0)
+    alpha = jnp.exp2(m_prev - m_next)
+    l_next = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+    v = v_ref[kv_slice, :]
+    acc = alpha * acc + dot_nn(p.astype(v.dtype), v)
+    return acc, m_next, l_next
+
+  head_dim = q_ref.shape[-1]
+  carry = (jnp.zeros((rows, head_dim), jnp.float32),
+           jnp.full((rows, 1), MASK_VALUE, jnp.float32),
+           jnp.zeros((rows, 1), jnp.float32))
+  acc, m_i, l_i = lax.fori_loop(lo, hi, body, carry)
+  seen = l_i > 0.0  # an empty split: out 0, lse -inf (weight 0 in the merge)
+  l_safe = jnp.where(seen, l_i, 1.0)
+  o_ref[...] = jnp.where(seen, acc / l_safe, 0.0).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
+
+
+def _decode_call(cfg: DecodeConfig, lengths, q_rows, k_cache, v_cache):
+  """q_rows [b, kvh, rows, d]; caches in the target layout (see module doc).
+
+  Returns partial out [b, kvh, splits, rows, d] f32, lse [..., rows, 1] f32.
+  """
+  batch, kv_heads, rows, head_dim = q_rows.shape
+  splits = cfg.num_splits
+  if cfg.target == "gpu":
+    kv_len = k_cache.shape[1]
+    lengths_spec = pl.BlockSpec((None,), lambda b, h, s: (b,))
+    kv_spec = pl.BlockSpec((None, kv_len, None, head_dim),
+                           lambda b, h, s: (b, 0, h, 0))
+  else:
+    from jax.experimental.pallas import tpu as pltpu
+    # Scalars live in SMEM on TPU; the kernel indexes the whole array.
+    lengths_spec = pl.BlockSpec(memory_space=pltpu.SMEM)
+    kv_spec = pl.BlockSpec((None, None, cfg.split_len, head_dim),
+                           lambda b, h, s: (b, h, s, 0))
+  q_spec = pl.BlockSpec((None, None, rows, head_dim),
+                        lambda b, h, s: (b, h, 0, 0))
+  o_spec = pl.BlockSpec((None, None, None, rows, head_dim),
+                        lambda b, h, s: (b, h, s, 0, 0))
+  lse_spec = pl.BlockSpec((None, None, None, rows, 1),
+                          lambda b, h, s: (b, h, s, 0, 0))
+  return pl.pallas_call(
+      functools.partial(_decode_kernel, cfg=cfg),
+      grid=(batch, kv_heads, splits),
+      in_specs=[lengths_spec, q_spec, kv_spec, kv_spec],
+      out_specs=[o_spec, lse_spec],
+      out_shape=[
+          jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim),
+                               jnp.float32),
+          jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, 1),
+                               jnp.float32)],
+      compiler_params=compiler_params(cfg.target, 3, cfg.num_warps,
+                                      cfg.num_stages),
+      interpret=cfg.interpret,
+      name="decode_attention",
+  )(lengths, q_rows, k_cache, v_cache)
+
+
+def merge_partials(out_parts: jax.Array, lse_parts: jax.Array,
+                   axis: int) -> Tuple[jax.Array, jax.Array]:
+  """Merges normalised partial attention results over `axis` exactly.
+
+  out_parts [..., d] f32 with lse_parts of the same shape minus the last dim;
+  parts with lse -inf (nothing seen) get weight 0; if all are -inf the result
+  is zeros with lse -inf.
+  """
+  lse_max = jnp.max(lse_parts, axis=axis, keepdims=True)
+  finite = jnp.isfinite(lse_max)
+  safe_max = jnp.where(finite, lse_max, 0.0)
+  weights = jnp.exp(lse_parts - safe_max)  # exp(-inf) = 0 for empty parts
+  total = jnp.sum(weights, axis=axis, keepdims=True)
+  safe_total = jnp.where(total > 0, total, 1.0)
+  out = jnp.sum(out_parts * (weights / safe_total)[..., None], axis=axis)
+  lse = jnp.where(total > 0, jnp.log(safe_total) + safe_max, -jnp.inf)
+  return out, jnp.squeeze(lse, axis)
+
+
+def _default_splits(batch: int, kv_heads: int, num_tiles: int) -> int:
+  """Enough programs to fill a large GPU (~2 waves of 132 SMs)."""
+  target_programs = 256
+  return max(1, min(num_tiles, -(-target_programs // (batch * kv_heads))))
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+  for candidate in range(min(n, limit), 0, -1):
+    if n % candidate == 0:
+      return candidate
+  return 1
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     lengths: jax.Array, *, sm_scale: Optional[float] = None,
+                     impl: Optional[str] = None,
+                     num_splits: Optional[int] = None,
+                     block_k: Optional[int] = None
+                     ) -> Tuple[jax.Array, jax.Array]:
+  """Attention of a few new tokens over a KV cache, with split-KV.
+
+  Args:
+    q: `[batch, q_len, heads, head_dim]`, q_len small (1..~8).
+    k_cache, v_cache: `[batch, kv_len, kv_heads, head_dim]`; query head h
+      reads kv head h // (heads // kv_heads).
+    lengths: int32 `[batch]`; every query token of row b sees cache positions
+      [0, lengths[b]) (no causality among the query tokens).
+    sm_scale: default head_dim ** -0.5.
+    impl: None (auto: "pallas" on gpu/tpu, "xla" on cpu) | "pallas" |
+      "interpret" | "xla".
+    num_splits: chunks the cache is split into (default: enough programs to
+      fill a large GPU). On TPU rounded down to a divisor of the tile count.
+    block_k: cache positions per tile (power of two >= 16; default 128 for
+      head_dim <= 64, else 64, so 3 pipelined K and V tiles fit in shared
+      memory).
+
+  Returns:
+    out `[batch, q_len, heads, head_dim]` (q.dtype) and lse
+    `[batch, heads, q_len]` float32, natural log. lengths[b] == 0 gives
+    zeros and lse -inf.
+  """
+  reference.check_attention_shapes(q, k_cache, v_cache)
+  if k_cache.dtype != v_cache.dtype:
+    raise ValueError(
+        f"k_cache and v_cache must share a dtype; got {k_cache.dtype} and "
+        f"{v_cache.dtype}")
+  batch, q_len, heads, head_dim = q.shape
+  kv_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+  lengths = jnp.asarray(lengths, jnp.int32)
+  if lengths.shape != (batch,):
+    raise ValueError(
+        f"lengths must be int32 [batch={batch}]; got shape {lengths.shape}")
+  if sm_scale is None:
+    sm_scale = head_dim ** -0.5
+  if num_splits is not None and int(num_splits) < 1:
+    raise ValueError(f"num_splits must be >= 1; got {num_splits}")
+  impl = resolve_impl(impl)
+  if impl == "xla":
+    return reference.reference_decode_attention(
+        q, k_cache, v_cache, lengths, sm_scale=sm_scale)
+
+  target = resolve_target(impl)
+  group = heads // kv_heads
+  # Lengths above the cache size would read past it: clamp (the reference
+  # also sees at most kv_len keys, so results agree).
+  lengths = jnp.clip(lengths, 0, kv_len)
+  bk = pick_block(block_k, 128 if head_dim <= 64 else 64, kv_len)
+  kv_len_p = round_up(kv_len, bk)
+  num_tiles = kv_len_p // bk
+  splits = (_default_splits(batch, kv_heads, num_tiles) if num_splits is None
+            else min(int(num_splits), num_tiles))
+  if target == "tpu":
+    splits = _largest_divisor_at_most(num_tiles, splits)
+  d_p = padded_head_dim(head_dim, target)
+  # Query rows of one kv head, ordered (q token, group member); >= 16 rows so
+  # the tile is a legal matmul operand on every backend.
+  rows = group * q_len
+  rows_p = max(16, pl.next_power_of_2(rows)) if target == "gpu" else round_up(
+      rows, 8)
+  cfg = DecodeConfig(
+      sm_scale=float(sm_scale), block_k=bk, num_splits=splits,
+      split_len=kv_len_p // splits, rows=rows_p, target=target,
+      interpret=impl == "interpret", num_warps=4,
+      num_stages=3 if head_dim <= 128 else 2)  # untuned: see kernel_bench
+
+  # Matmul operands in the cache dtype (mixed-dtype dots do not lower on
+  # Triton); the cache is the big array, so it is never cast.
+  q_rows = q.astype(k_cache.dtype).reshape(batch, q_len, kv_heads, group,
+                                           head_dim)
+  q_rows = jnp.transpose(q_rows, (0, 2, 1, 3, 4)).reshape(
+      batch, kv_heads, rows, head_dim)
+  q_rows = pad_axis(pad_axis(q_rows, 2, rows_p), 3, d_p)
+  # These pads copy the cache only for odd kv_len / head_dim.
+  k_p = pad_axis(pad_axis(k_cache, 1, kv_len_p), 3, d_p)
+  v_p = pad_axis(pad_axis(v_cache, 1, kv_len_p), 3, d_p)
+  if target == "tpu":
+    k_p, v_p = jnp.swapaxes(k_p, 1, 2), jnp.swapaxes(v_p, 1, 2)
+
+  out_parts, lse_parts = _decode_call(cfg, lengths, q_rows, k_p, v_p)
+  out, lse = merge_partials(out_parts, lse_parts[..., 0], axis=2)
+  # out [b, kvh, rows_p, d_p] -> [b, q_len, heads, d]
+  out = out[:, :, :rows, :head_dim].reshape(batch, kv_heads, q_len, group,
+                                            head_dim)
+  out = jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(batch, q_len, heads,
+                                                    head_dim)
+  lse = lse[:, :, :rows].reshape(batch, kv_heads, q_len, group)
+  lse = jnp.transpose(lse, (0, 1, 3, 2)).reshape(batch, heads, q_len)
+  return out.astype(q.dtype), lse
