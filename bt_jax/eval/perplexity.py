@@ -1,0 +1,240 @@
+"""Perplexity on a text corpus, and the loss by token position in the context.
+
+As in the Block Transformer paper's PG19 study: every document is cut into
+consecutive windows of the model's context length; the next-token loss at each
+position of the window is averaged over all windows, then smoothed by averaging
+over bins of positions. A model that uses its whole context keeps lowering the
+loss towards the end of the window.
+
+    result = loss_by_position(model, params, tokenizer, read_corpus("/data/pg19/*.txt"))
+    plot_loss_by_position([("vanilla", result_a), ("block", result_b)], "loss.png")
+
+Documents start with an end-of-text token (`prepend_eos`), as a document does
+after its predecessor in a training stream, so their first token is scored too.
+Windows start at multiples of the context length; the last, shorter window of a
+document is kept (its positions are masked), so late positions have fewer samples:
+`count` says how many.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import gzip
+import json
+import math
+import os
+from typing import Any, Iterator, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from bt_jax.eval.scoring import TokenizerLike
+from bt_jax.models import token_logprobs
+
+
+def _open_text(path: str):
+  if path.endswith(".gz"):
+    return gzip.open(path, "rt", encoding="utf-8")
+  return open(path, encoding="utf-8")
+
+
+def read_corpus(pattern: str, *, text_field: str = "text",
+                max_docs: Optional[int] = None) -> list[str]:
+  """Documents from a glob of files: .txt (one document a file, as PG19) or
+  .jsonl / .json (one JSON object a line, its `text_field`); .gz allowed."""
+  paths = sorted(glob.glob(pattern, recursive=True))
+  paths = [p for p in paths if os.path.isfile(p)]
+  if not paths:
+    raise FileNotFoundError(f"no files match {pattern!r}; give a glob of .txt or .jsonl files "
+                            "(e.g. 'pg19/test/*.txt')")
+  docs: list[str] = []
+  for path in paths:
+    name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith((".jsonl", ".json")):
+      with _open_text(path) as f:
+        for line_number, line in enumerate(f, 1):
+          if not line.strip():
+            continue
+          record = json.loads(line)
+          if text_field not in record:
+            raise KeyError(f"{path}:{line_number} has no field {text_field!r} (fields: "
+                           f"{sorted(record)}); set text_field")
+          docs.append(record[text_field])
+          if max_docs and len(docs) >= max_docs:
+            return docs
+    else:
+      with _open_text(path) as f:
+        docs.append(f.read())
+    if max_docs and len(docs) >= max_docs:
+      return docs
+  return docs
+
+
+def document_windows(token_docs: Sequence[Sequence[int]], window_len: int) -> Iterator[list[int]]:
+  """Consecutive windows of each document; windows of < 2 tokens score nothing
+  and are skipped."""
+  for doc in token_docs:
+    for start in range(0, len(doc), window_len):
+      window = list(doc[start:start + window_len])
+      if len(window) >= 2:
+        yield window
+
+
+@dataclasses.dataclass
+class PositionLoss:
+  """Summed next-token loss and counts at each window position."""
+
+  context_len: int
+  loss_sum: np.ndarray   # [context_len] float64
+  count: np.ndarray      # [context_len] int64
+  num_windows: int
+  num_docs: int
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.count.sum())
+
+  @property
+  def loss(self) -> float:
+    return float(self.loss_sum.sum() / max(self.num_tokens, 1))
+
+  @property
+  def perplexity(self) -> float:
+    return math.exp(self.loss)
+
+  def mean_by_position(self) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+      return np.where(self.count > 0, self.loss_sum / np.maximum(self.count, 1), np.nan)
+
+  def binned(self, bin_size: int) -> dict[str, list]:
+    """Mean loss over bins [start, end) of positions (token-weighted)."""
+    if bin_size <= 0:
+      raise ValueError(f"bin_size must be positive, got {bin_size}")
+    starts, ends, losses, counts = [], [], [], []
+    for start in range(0, self.context_len, bin_size):
+      end = min(start + bin_size, self.context_len)
+      count = int(self.count[start:end].sum())
+      if count == 0:
+        continue
+      starts.append(start)
+      ends.append(end)
+      counts.append(count)
+      losses.append(float(self.loss_sum[start:end].sum() / count))
+    return {"bin_size": bin_size, "start": starts, "end": ends, "loss": losses, "count": counts}
+
+  def to_json(self, bin_size: int, **metadata: Any) -> dict[str, Any]:
+    mean = self.mean_by_position()
+    return dict(
+        metadata, context_len=self.context_len, num_docs=self.num_docs,
+        num_windows=self.num_windows, num_tokens=self.num_tokens, loss=self.loss,
+        perplexity=self.perplexity, bins=self.binned(bin_size),
+        per_position={"loss": [None if math.isnan(x) else float(x) for x in mean],
+                      "count": [int(c) for c in self.count]})
+
+
+def _window_nll(model, params, tokens, mask):
+  """-log p per position [batch, length] and where it counts."""
+  logprobs, valid = token_logprobs(model, params, tokens, mask)
+  return -logprobs, valid
+
+
+def loss_by_position(model: nn.Module, params: Any, tokenizer: TokenizerLike,
+                     texts: Sequence[str], *, context_len: Optional[int] = None,
+                     batch_size: int = 8, max_windows: Optional[int] = None,
+                     prepend_eos: bool = True, progress: bool = True) -> PositionLoss:
+  """Next-token loss by position over windows of `context_len` (default: the
+  model's context). All batches share one shape [batch_size, context_len]."""
+  context_len = context_len or model.config.max_len
+  if not 2 <= context_len <= model.config.max_len:
+    raise ValueError(f"context_len {context_len} must be in [2, {model.config.max_len}] "
+                     "(the model's max_len)")
+  prefix = [tokenizer.eos_id] if prepend_eos else []
+  token_docs = [prefix + list(tokenizer.encode(text)) for text in texts]
+  windows = list(document_windows(token_docs, context_len))
+  if max_windows:
+    windows = windows[:max_windows]
+  if not windows:
+    raise ValueError("the corpus gives no window of at least 2 tokens")
+  vocab_size = model.config.vocab_size
+  nll_fn = jax.jit(functools.partial(_window_nll, model))
+  loss_sum = np.zeros(context_len, np.float64)
+  count = np.zeros(context_len, np.int64)
+  starts = range(0, len(windows), batch_size)
+  for start in tqdm(starts, desc="perplexity", disable=not progress, unit="batch"):
+    chunk = windows[start:start + batch_size]
+    tokens = np.zeros((batch_size, context_len), np.int32)
+    mask = np.zeros((batch_size, context_len), np.int32)
+    mask[:, 0] = 1
+    for row, window in enumerate(chunk):
+      tokens[row, :len(window)] = window
+      mask[row, :len(window)] = 1
+    if tokens.max() >= vocab_size:
+      raise ValueError(f"token id {tokens.max()} is outside the model vocabulary (valid "
+                       f"0..{vocab_size - 1}); does the tokenizer match the model?")
+    nll, valid = nll_fn(params, tokens, mask)
+    nll = np.asarray(nll, np.float64)
+    valid = np.array(valid)
+    valid[len(chunk):] = False  # dummy rows
+    loss_sum += np.where(valid, nll, 0.0).sum(axis=0)
+    count += valid.sum(axis=0)
+  return PositionLoss(context_len=context_len, loss_sum=loss_sum, count=count,
+                      num_windows=len(windows), num_docs=len(texts))
+
+
+def plot_loss_by_position(runs: Sequence[tuple[str, PositionLoss]], path: str, *,
+                          bin_size: int = 64, title: Optional[str] = None) -> None:
+  """One line per run: binned mean loss against token position (bin centres)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, result in runs:
+    bins = result.binned(bin_size)
+    centres = [(a + b - 1) / 2 for a, b in zip(bins["start"], bins["end"])]
+    ax.plot(centres, bins["loss"], marker=".",
+            label=f"{label} (ppl {result.perplexity:.2f})")
+  ax.set_xlabel("token position in the context window")
+  ax.set_ylabel(f"loss (nats), mean over bins of {bin_size} positions")
+  ax.set_title(title or "Loss by token position")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run_perplexity(runs: Sequence[tuple[str, nn.Module, Any, TokenizerLike]], data: str, *,
+                   out_dir: Optional[str] = None, text_field: str = "text",
+                   max_docs: Optional[int] = None, max_windows: Optional[int] = None,
+                   context_len: Optional[int] = None, batch_size: int = 8, bin_size: int = 64,
+                   prepend_eos: bool = True, progress: bool = True) -> dict[str, Any]:
+  """Loss by position for each (label, model, params, tokenizer) on the corpus
+  `data`; prints a summary and, with out_dir, writes perplexity.json and
+  loss_by_position.png (all runs on one plot)."""
+  texts = read_corpus(data, text_field=text_field, max_docs=max_docs)
+  results = []
+  for label, model, params, tokenizer in runs:
+    result = loss_by_position(model, params, tokenizer, texts, context_len=context_len,
+                              batch_size=batch_size, max_windows=max_windows,
+                              prepend_eos=prepend_eos, progress=progress)
+    results.append((label, model, result))
+    print(f"{label}: perplexity {result.perplexity:.3f} (loss {result.loss:.4f} nats) over "
+          f"{result.num_tokens} tokens, {result.num_windows} windows of {result.context_len}")
+  if len({id(run[3]) for run in runs}) > 1:
+    print("note: the runs have their own tokenizers; positions and perplexities are per "
+          "token of each tokenizer, comparable only if the tokenizers are the same")
+  report = {"data": data, "bin_size": bin_size, "runs": [
+      result.to_json(bin_size, label=label, model_kind=model.config.kind)
+      for label, model, result in results]}
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "perplexity.json"), "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+    plot_loss_by_position([(label, result) for label, _, result in results],
+                          os.path.join(out_dir, "loss_by_position.png"), bin_size=bin_size)
+  return report
