@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.special import erf
 
 from bt_jax.config import BlockConfig, StackConfig, VanillaConfig, head_dim_for_width
 from bt_jax.models import (block_aligned, build_model, init_params, sequence_loss,
@@ -222,7 +221,7 @@ def _np_neox_layer(x, p, rot):
 
   def mlp(h):
     a = h @ p["mlp"]["wi"]["kernel"] + p["mlp"]["wi"]["bias"]
-    a = 0.5 * a * (1 + erf(a / math.sqrt(2)))
+    a = 0.5 * a * (1 + np.vectorize(math.erf)(a / math.sqrt(2)))
     return a @ p["mlp"]["wo"]["kernel"] + p["mlp"]["wo"]["bias"]
 
   return x + attn(_np_layer_norm(x, p["ln_attention"])) + mlp(_np_layer_norm(x, p["ln_mlp"]))
