@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from bt_jax import axes
-from bt_jax.attention import dot_product_attention
+from bt_jax.attention import dot_product_attention, xla_attention
 from bt_jax.config import StackConfig
 
 Dtype = Any
@@ -59,6 +59,36 @@ def apply_rotary(x: jax.Array, positions: jax.Array, rotary_dims: int, base: flo
   return jnp.concatenate([x_rot.astype(x.dtype), x_pass], axis=-1)
 
 
+class Projection(nn.Module):
+  """A dense map between multi-axis features: y = einsum(x, kernel) + bias.
+
+  Like `nn.DenseGeneral`, but the kernel is created with its full shape
+  (`in_shape + features`), so its logical axis names describe it at every
+  point: DenseGeneral initialises a flattened 2-D kernel, which clashes with
+  3 logical names once `nn.logical_axis_rules` is active. Parameters are
+  called "kernel" and "bias" with DenseGeneral's shapes, so checkpoints agree.
+  """
+
+  features: tuple[int, ...]
+  in_axes: int                      # how many trailing axes of x are contracted
+  kernel_axes: tuple[str, ...]
+  bias_axes: tuple[str, ...]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[x.ndim - self.in_axes:]
+    kernel = self.param("kernel", normal_init(self.init_std, self.kernel_axes),
+                        tuple(in_shape) + tuple(self.features), self.param_dtype)
+    bias = self.param("bias", zeros_init(self.bias_axes), tuple(self.features), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    contract = tuple(range(x.ndim - self.in_axes, x.ndim))
+    y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(self.in_axes))), ((), ())))
+    return y + bias
+
+
 class Attention(nn.Module):
   """Multi-head attention with rotary embeddings (self) or without (cross)."""
 
@@ -70,17 +100,27 @@ class Attention(nn.Module):
   causal: bool = True
   use_rotary: bool = True
 
-  def _proj(self, name: str) -> nn.DenseGeneral:
-    return nn.DenseGeneral(
-        features=(self.stack.num_heads, self.stack.resolved_head_dim), axis=-1,
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=normal_init(self.init_std, (axes.EMBED, axes.HEADS, axes.KV)),
-        bias_init=zeros_init((axes.HEADS, axes.KV)))
+  def _proj(self, name: str) -> Projection:
+    return Projection(
+        features=(self.stack.num_heads, self.stack.resolved_head_dim), in_axes=1,
+        kernel_axes=(axes.EMBED, axes.HEADS, axes.KV), bias_axes=(axes.HEADS, axes.KV),
+        dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std, name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: Optional[jax.Array] = None,
-               memory: Optional[jax.Array] = None, mask: Optional[jax.Array] = None):
-    """x [batch, length, embed]; memory [batch, mem_len, embed] for cross attention."""
+               memory: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
+               cache: Optional[dict] = None, cache_index=None,
+               local_block: Optional[int] = None):
+    """x [batch, length, embed]; memory [batch, mem_len, embed] for cross attention.
+
+    With `cache` ({"key", "value"}: [batch, cache_len, heads, head_dim]) the new
+    keys/values are written at slots cache_index .. cache_index + length - 1
+    (cache_index: a scalar shared by the batch), the queries attend over the
+    first `read_len` slots of the cache under `mask` [batch|1, length, read_len]
+    (read_len <= cache_len; the mask must encode causality and padding), and
+    (out, new_cache) is returned.
+    `local_block` S: attention stays inside consecutive runs of S positions.
+    """
     kv_input = x if memory is None else memory
     query = self._proj("query")(x)        # [batch, length, heads, head_dim]
     key = self._proj("key")(kv_input)
@@ -89,13 +129,26 @@ class Attention(nn.Module):
       query = apply_rotary(query, positions, self.stack.rotary_dims, self.stack.rotary_base)
       key = apply_rotary(key, positions, self.stack.rotary_dims, self.stack.rotary_base)
     query = nn.with_logical_constraint(query, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.KV))
-    out = dot_product_attention(query, key, value, causal=self.causal and memory is None,
-                                impl=self.attention_impl, mask=mask)
-    return nn.DenseGeneral(
-        features=self.stack.width, axis=(-2, -1), dtype=self.dtype,
-        param_dtype=self.param_dtype, name="out",
-        kernel_init=normal_init(self.init_std, (axes.HEADS, axes.KV, axes.EMBED)),
-        bias_init=zeros_init((axes.EMBED,)))(out)
+    new_cache = None
+    if cache is not None:
+      key = jax.lax.dynamic_update_slice_in_dim(
+          cache["key"], key.astype(cache["key"].dtype), cache_index, axis=1)
+      value = jax.lax.dynamic_update_slice_in_dim(
+          cache["value"], value.astype(cache["value"].dtype), cache_index, axis=1)
+      new_cache = {"key": key, "value": value}
+      # A few queries against a masked cache: the jnp path. Left-padded rows
+      # need a per-row mask, which the Pallas decode kernel (lengths only) lacks.
+      read_len = mask.shape[-1]   # static: later slots are not read at all
+      out = xla_attention(query, key[:, :read_len].astype(query.dtype),
+                          value[:, :read_len].astype(query.dtype), causal=False, mask=mask)
+    else:
+      out = dot_product_attention(query, key, value, causal=self.causal and memory is None,
+                                  impl=self.attention_impl, mask=mask, local_block=local_block)
+    out = Projection(
+        features=(self.stack.width,), in_axes=2,
+        kernel_axes=(axes.HEADS, axes.KV, axes.EMBED), bias_axes=(axes.EMBED,),
+        dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std, name="out")(out)
+    return out if cache is None else (out, new_cache)
 
 
 class Mlp(nn.Module):
@@ -129,19 +182,26 @@ class DecoderLayer(nn.Module):
   cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, memory=None, mask=None):
+  def __call__(self, x, positions, memory=None, mask=None, cache=None, cache_index=None,
+               local_block=None):
+    """Returns the new x, or (x, new_cache) when a self-attention `cache` is given."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     eps = self.stack.layer_norm_eps
     attn = Attention(self.stack, init_std=self.init_std, attention_impl=self.attention_impl,
                      causal=self.causal, name="attention", **kw)
     mlp = Mlp(self.stack, init_std=self.init_std, name="mlp", **kw)
-    out = x + attn(layer_norm(eps, name="ln_attention", **kw)(x), positions, mask=mask)
+    attended = attn(layer_norm(eps, name="ln_attention", **kw)(x), positions, mask=mask,
+                    cache=cache, cache_index=cache_index, local_block=local_block)
+    if cache is not None:
+      attended, cache = attended
+    out = x + attended
     out = out + mlp(layer_norm(eps, name="ln_mlp", **kw)(x))
     if self.cross_attention:
       cross = Attention(self.stack, init_std=self.init_std, attention_impl=self.attention_impl,
                         causal=False, use_rotary=False, name="cross_attention", **kw)
       out = out + cross(layer_norm(eps, name="ln_cross", **kw)(x), memory=memory)
-    return nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    return out if cache is None else (out, cache)
 
 
 class DecoderStack(nn.Module):
@@ -156,11 +216,21 @@ class DecoderStack(nn.Module):
   cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, memory=None, mask=None) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array, memory=None, mask=None, caches=None,
+               cache_index=None, local_block: Optional[int] = None):
+    """Returns hidden states, or (hidden, new_caches) when `caches` (one
+    {"key", "value"} dict per layer, see `Attention`) is given."""
     x = x.astype(self.dtype)
+    new_caches = []
     for i in range(self.stack.num_layers):
-      x = DecoderLayer(self.stack, dtype=self.dtype, param_dtype=self.param_dtype,
-                       init_std=self.init_std, attention_impl=self.attention_impl,
-                       causal=self.causal, cross_attention=self.cross_attention,
-                       name=f"layer_{i}")(x, positions, memory, mask)
-    return layer_norm(self.stack.layer_norm_eps, self.dtype, self.param_dtype, "final_ln")(x)
+      layer = DecoderLayer(self.stack, dtype=self.dtype, param_dtype=self.param_dtype,
+                           init_std=self.init_std, attention_impl=self.attention_impl,
+                           causal=self.causal, cross_attention=self.cross_attention,
+                           name=f"layer_{i}")
+      if caches is None:
+        x = layer(x, positions, memory, mask, local_block=local_block)
+      else:
+        x, cache = layer(x, positions, memory, mask, cache=caches[i], cache_index=cache_index)
+        new_caches.append(cache)
+    x = layer_norm(self.stack.layer_norm_eps, self.dtype, self.param_dtype, "final_ln")(x)
+    return x if caches is None else (x, new_caches)

@@ -121,11 +121,56 @@ class BlockTransformer(nn.Module):
         inputs = shifted
         memory = expanded.reshape(batch * m, block_len, width)
     seq = inputs.shape[2]
-    inputs = inputs.reshape(batch * m, seq, width)
-    hidden = self.token_decoder(inputs, jnp.arange(seq), memory=memory)
-    hidden = hidden[:, seq - block_len:]                # [batch*m, L, width]
+    if cfg.attention_impl == "pallas" and memory is None:
+      # One long row per sequence, [batch, m * seq, width], with attention kept
+      # inside each block by the kernel's local_block mask: no tiny sequences.
+      # (cross_attention keeps the reshape below: its memory is per block.)
+      inputs = inputs.reshape(batch, m * seq, width)
+      positions = jnp.tile(jnp.arange(seq), m)        # training positions in each block
+      hidden = self.token_decoder(inputs, positions, local_block=seq)
+      hidden = hidden.reshape(batch, m, seq, width)[:, :, seq - block_len:]
+    else:
+      inputs = inputs.reshape(batch * m, seq, width)
+      hidden = self.token_decoder(inputs, jnp.arange(seq), memory=memory)
+      hidden = hidden[:, seq - block_len:]              # [batch*m, L, width]
     logits = self.lm_head(hidden).astype(jnp.float32)
     return logits.reshape(batch, m, block_len, cfg.vocab_size)
+
+  # ---- Cached inference (bt_jax.inference), spec section 4. ----
+
+  def encode_blocks(self, blocks: jax.Array, positions: jax.Array, caches, cache_index,
+                    mask: jax.Array):
+    """Embedder + cached block decoder (prefill or one step).
+
+    blocks [batch, n, L] go to block-cache slots cache_index .. cache_index + n - 1;
+    positions [batch, n] are their block indices (slot minus the row's left-pad
+    blocks); mask [batch, n, cache_len]. Returns (context embeddings
+    [batch, n, block_width], new block caches).
+    """
+    x = self.embedder(blocks)
+    return self.block_decoder(x, positions, mask=mask, caches=caches, cache_index=cache_index)
+
+  def expand(self, context: jax.Array) -> jax.Array:
+    """context [batch, block_width] -> [batch, num_expanded, token_width]."""
+    cfg = self.config
+    return self.expansion(context).reshape(context.shape[0], cfg.num_expanded, cfg.token_width)
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """The token decoder's embedding: [batch, q] -> [batch, q, token_width]."""
+    return self.token_embed(tokens)
+
+  def token_step(self, inputs: jax.Array, positions: jax.Array, caches, cache_index,
+                 mask: jax.Array, memory=None, last_only: bool = False):
+    """Cached token decoder over input vectors [batch, q, token_width] at token
+    positions [q] (the training positions 0 .. token_decoder_len - 1), written at
+    local-cache slots cache_index ..; mask [1, q, token_decoder_len]; memory
+    [batch, L, token_width] for cross_attention. Returns (f32 logits
+    [batch, q, vocab] or, with last_only, [batch, 1, vocab]; new local caches)."""
+    hidden, caches = self.token_decoder(inputs, positions, memory=memory, mask=mask,
+                                        caches=caches, cache_index=cache_index)
+    if last_only:
+      hidden = hidden[:, -1:]
+    return self.lm_head(hidden).astype(jnp.float32), caches
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens [batch, length] -> f32 logits [batch, num_blocks - 1, L, vocab] for blocks 1..N-1."""

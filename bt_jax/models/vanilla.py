@@ -38,3 +38,21 @@ class VanillaLM(nn.Module):
     logits = self.lm_head(hidden)
     logits = nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
     return logits.astype(jnp.float32)
+
+  def decode(self, tokens: jax.Array, positions: jax.Array, caches, cache_index,
+             mask: jax.Array, last_only: bool = False):
+    """Cached forward (inference): prefill or one step.
+
+    tokens [batch, q] are written at cache slots cache_index .. cache_index + q - 1;
+    positions [batch, q] are their token positions (slot minus the row's left
+    pad); mask [batch, q, cache_len] says which cache slots each query sees.
+    caches: one {"key", "value"} [batch, cache_len, heads, head_dim] per layer.
+    Returns (f32 logits [batch, q, vocab], new caches); with last_only the
+    logits of the last query only ([batch, 1, vocab]: a prefill needs no more).
+    """
+    x = self.token_embed(tokens)
+    hidden, caches = self.decoder(x, positions, mask=mask, caches=caches,
+                                  cache_index=cache_index)
+    if last_only:
+      hidden = hidden[:, -1:]
+    return self.lm_head(hidden).astype(jnp.float32), caches
