@@ -1,0 +1,336 @@
+"""The training binary end to end on a tiny config (a few steps of a 2 x 64 model).
+
+One reference run of the real binary (subprocess) is shared: the resumed run,
+the 8-device run and the plot are compared with or drawn from it. In-process
+runs share compiled steps (`bt_jax.train` caches them per model and optimizer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bt_jax import checkpointing
+from bt_jax import data as data_lib
+from bt_jax import train
+from bt_jax.config import BlockConfig
+from bt_jax.models import build_model, init_params, sequence_loss
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+STEPS = 6
+SEQ_LEN = 64
+BATCH = 4
+RUN_GIN = f"""
+include 'models/block_b4_tiny.gin'
+BlockConfig.max_len = {SEQ_LEN}
+BlockConfig.block_layers = 1      # one layer per stack: a quick compile
+BlockConfig.token_layers = 1
+
+train.corpus = "stdlib"
+train.corpus_max_bytes = 150000
+train.validation_max_bytes = 30000
+train.seq_len = {SEQ_LEN}
+train.batch_size = {BATCH}
+train.steps = {STEPS}
+train.warmup_steps = 2
+train.learning_rate = 1e-3
+train.log_every = 1
+train.eval_every = 3
+train.eval_batches = 2
+train.checkpoint_every = 3
+train.keep_checkpoints = 5
+train.progress_bar = False
+"""
+
+
+_COMPILATION_CACHE = {}
+
+
+def _env(devices: int = 1) -> dict[str, str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if "dir" in _COMPILATION_CACHE:  # the binary's subprocesses share compiled steps
+    env["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE["dir"]
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  else:
+    env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _run(args, timeout: int, devices: int = 1) -> subprocess.CompletedProcess:
+  try:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(devices), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+  except subprocess.TimeoutExpired as e:
+    pytest.fail(f"{args} timed out after {timeout} s; output so far:\n{e.stdout}\n{e.stderr}")
+
+
+def _metrics(workdir) -> list[dict]:
+  with open(os.path.join(workdir, train.METRICS_FILE), encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _losses(workdir, key: str) -> dict[int, float]:
+  return {r["step"]: r[key] for r in _metrics(workdir) if key in r}
+
+
+@pytest.fixture(scope="session")
+def run_gin(tmp_path_factory) -> str:
+  _COMPILATION_CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
+  path = tmp_path_factory.mktemp("gin") / "tiny_run.gin"
+  path.write_text(RUN_GIN)
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def reference_run(run_gin, tmp_path_factory):
+  """The real binary, uninterrupted: (workdir, stdout summary)."""
+  workdir = tmp_path_factory.mktemp("reference")
+  result = _run(["-m", "bt_jax.train", f"--gin_file={run_gin}", f"--workdir={workdir}"], timeout=300)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return workdir, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_binary_smoke(reference_run):
+  workdir, printed = reference_run
+  config = (workdir / "config.gin").read_text()
+  assert "train.steps = 6" in config and "BlockConfig.max_len = 64" in config
+  assert checkpointing.load_model_config(workdir).max_len == SEQ_LEN
+  assert (workdir / "tokenizer.json").exists()
+  records = _metrics(workdir)
+  assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  for r in records:
+    assert math.isfinite(r["train_loss"]) and math.isfinite(r["grad_norm"]) and r["learning_rate"] > 0
+    assert len(r["train_loss_by_position"]) == 4
+  assert sorted(_losses(workdir, "eval_loss")) == [3, 6]
+  assert records[-1]["train_loss"] < records[0]["train_loss"]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary == printed
+  for key in ("final_eval_loss", "unigram_entropy", "final_eval_perplexity", "tokens_per_s"):
+    assert math.isfinite(summary[key]) and summary[key] > 0, key
+  assert summary["final_eval_loss"] == _losses(workdir, "eval_loss")[STEPS]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+  assert (workdir / "checkpoints" / "6" / "data").is_dir()
+  assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tb").iterdir())
+
+
+def test_resume_is_exact(run_gin, reference_run, tmp_path):
+  reference, _ = reference_run
+  model_config, cfg, operative = train.configs_from_gin([run_gin], ["train.stop_at_step = 4"])
+  interrupted = train.train_and_evaluate(str(tmp_path), model_config, cfg, operative_config=operative)
+  assert interrupted["stopped_at"] == 4 and "final_eval_loss" not in interrupted
+  assert not (tmp_path / "summary.json").exists()
+  assert max(_losses(tmp_path, "train_loss")) == 4
+  # A record written after the checkpoint by the interrupted attempt is dropped on resume.
+  with open(tmp_path / train.METRICS_FILE, "a", encoding="utf-8") as f:
+    f.write(json.dumps({"step": 5, "train_loss": 123.0}) + "\n")
+
+  model_config, cfg, operative = train.configs_from_gin([run_gin], [])
+  resumed = train.train_and_evaluate(str(tmp_path), model_config, cfg, operative_config=operative)
+  for key in ("train_loss", "eval_loss", "grad_norm"):
+    want, got = _losses(reference, key), _losses(tmp_path, key)
+    assert sorted(got) == sorted(want), key
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                               rtol=1e-6, err_msg=key)
+  reference_summary = json.loads((reference / "summary.json").read_text())
+  assert resumed["final_eval_loss"] == pytest.approx(reference_summary["final_eval_loss"], rel=1e-6)
+
+  # load_for_inference: the final params reproduce the final eval loss.
+  model, params, tokenizer = checkpointing.load_for_inference(tmp_path)
+  assert model.config == checkpointing.load_model_config(tmp_path)
+  valid = data_lib.load_corpus("stdlib", "validation", max_bytes=30000)
+  batches = data_lib.make_eval_batches(valid, tokenizer, seq_len=SEQ_LEN, block_len=4, batch_size=BATCH,
+                                       num_batches=2, packing="block", seed=0)
+  loss_fn = jax.jit(lambda p, t, m: sequence_loss(model, p, t, m))
+  nll = count = 0.0
+  for batch in batches:
+    _, aux = loss_fn(params, batch["tokens"], batch["mask"])
+    nll += float(jnp.sum(aux["token_nll"]))
+    count += float(aux["num_tokens"])
+  assert nll / count == pytest.approx(resumed["final_eval_loss"], rel=1e-5)
+  _, params_at_3, _ = checkpointing.load_for_inference(tmp_path, step=3)
+  assert not np.allclose(jax.tree.leaves(params_at_3)[0], jax.tree.leaves(params)[0])
+  with pytest.raises(FileNotFoundError, match="no checkpoint for step 5"):
+    checkpointing.load_for_inference(tmp_path, step=5)
+
+
+def test_grad_accumulation_and_bf16(run_gin, reference_run, tmp_path):
+  reference, _ = reference_run
+  want = _losses(reference, "train_loss")
+  # Two micro-batches of 2 sequences make the same update as one batch of 4.
+  model_config, cfg, _ = train.configs_from_gin([run_gin], ["train.grad_accum = 2", "train.stop_at_step = 2"])
+  train.train_and_evaluate(str(tmp_path / "accum"), model_config, cfg)
+  got = _losses(tmp_path / "accum", "train_loss")
+  np.testing.assert_allclose([got[1], got[2]], [want[1], want[2]], rtol=1e-5)
+  # Mixed precision: bf16 compute, f32 master weights (what the checkpoint holds).
+  model_config, cfg, _ = train.configs_from_gin(
+      [run_gin], ["train.compute_dtype = 'bfloat16'", "train.stop_at_step = 2"])
+  train.train_and_evaluate(str(tmp_path / "bf16"), model_config, cfg)
+  got = _losses(tmp_path / "bf16", "train_loss")
+  np.testing.assert_allclose([got[1], got[2]], [want[1], want[2]], rtol=2e-2)
+  model, params, _ = checkpointing.load_for_inference(tmp_path / "bf16")
+  assert model.config.dtype == "bfloat16" and model.config.param_dtype == "float32"
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
+@pytest.mark.multidevice
+def test_sharded_run_matches_single_device(run_gin, reference_run, tmp_path):
+  reference, _ = reference_run
+  result = _run(["tests/train/multidevice_train.py", run_gin, str(tmp_path)], timeout=420, devices=8)
+  assert result.returncode == 0, result.stderr[-4000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert report["params_sharded"] > report["params_total"] // 2
+  assert report["opt_sharded"] > report["params_sharded"]  # Adam's mu and nu follow the params
+  assert report["batch_devices"] == 8 and "data" in report["batch_spec"] and "fsdp" in report["batch_spec"]
+  # attention, MLP and layer outputs of every layer carry logical constraints
+  assert report["activation_constraints"] >= 3 * 2, report["activation_constraints"]
+  for key in ("train_loss", "eval_loss"):
+    want, got = _losses(reference, key), _losses(tmp_path, key)
+    assert sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                               rtol=2e-5, err_msg=key)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_gin, tmp_path):
+  # An absurd learning rate: step 1 is finite, its update overflows the next forward.
+  model_config, cfg, _ = train.configs_from_gin(
+      [run_gin], ["train.learning_rate = 1e30", "train.warmup_steps = 0", "train.checkpoint_every = 1",
+                  "train.eval_every = 100", "train.steps = 20"])
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 2;.*last good checkpoint is step 1"):
+    train.train_and_evaluate(str(tmp_path), model_config, cfg)
+  assert checkpointing.Checkpointer(tmp_path, read_only=True).all_steps() == [1]
+  _, params, _ = checkpointing.load_for_inference(tmp_path)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  assert max(_losses(tmp_path, "train_loss")) == 1
+
+
+def test_sigterm_saves_and_exits_cleanly(run_gin, tmp_path):
+  # The vanilla baseline (plain packing), through the binary: a second model file rebinds model.config.
+  args = [sys.executable, "-m", "bt_jax.train", f"--gin_file={run_gin}", "--gin_file=models/vanilla_tiny.gin",
+          f"--workdir={tmp_path}", "--gin_param=VanillaConfig.num_layers = 1",
+          "--gin_param=train.steps = 100000", "--gin_param=train.checkpoint_every = 100000",
+          "--gin_param=train.eval_every = 100000"]
+  proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    metrics = tmp_path / train.METRICS_FILE
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+      if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+        break
+      time.sleep(0.5)
+    assert proc.poll() is None, proc.stderr.read()[-4000:]
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, stderr[-4000:]
+  assert "stopping at step" in stderr and "SIGTERM" in stderr
+  stopped_at = json.loads(stdout.strip().splitlines()[-1])["stopped_at"]
+  assert checkpointing.Checkpointer(tmp_path, read_only=True).all_steps() == [stopped_at]
+  assert checkpointing.load_model_config(tmp_path).kind == "vanilla"
+  records = _metrics(tmp_path)
+  assert records[-1]["step"] <= stopped_at and "train_loss_by_position" not in records[-1]
+
+
+def test_plot_training(reference_run, tmp_path):
+  from experiments import plot_training  # pylint: disable=g-import-not-at-top
+  workdir, _ = reference_run
+  out = tmp_path / "curves.png"
+  assert plot_training.main(["--workdir", str(workdir), "--workdir", str(workdir), "--out", str(out)]) == 0
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(FileNotFoundError, match="has no metrics.jsonl"):
+    plot_training.main(["--workdir", str(tmp_path)])
+
+
+# --- errors a person can act on --------------------------------------------
+
+
+def test_gin_errors_name_the_file_or_binding(run_gin):
+  with pytest.raises(FileNotFoundError, match="runs/no_such_run.gin"):
+    train.configs_from_gin(["runs/no_such_run.gin"], [])
+  with pytest.raises(ValueError, match="train.steps 5"):
+    train.configs_from_gin([run_gin], ["train.steps 5"])
+  with pytest.raises(ValueError, match="batch_size=6 is not divisible by train.grad_accum=4"):
+    train.configs_from_gin([run_gin], ["train.batch_size = 6", "train.grad_accum = 4"])
+  with pytest.raises(ValueError, match="mesh_shape"):
+    train.configs_from_gin([run_gin], ["train.mesh_shape = (2, 2)"])
+
+
+def _train_with(run_gin, workdir, *params):
+  model_config, cfg, _ = train.configs_from_gin([run_gin], list(params))
+  return train.train_and_evaluate(str(workdir), model_config, cfg)
+
+
+def test_data_and_workdir_errors(run_gin, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no files match '/no/such/dir/\\*.txt'"):
+    _train_with(run_gin, tmp_path / "a", "train.corpus = 'files:/no/such/dir/*.txt'")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  for i in range(4):
+    (empty / f"doc{i}.txt").write_text("  \n")
+  with pytest.raises(ValueError, match="has no text"):
+    _train_with(run_gin, tmp_path / "b", f"train.corpus = 'files:{empty}/*.txt'",
+                "train.validation_fraction = 0.3")
+  with pytest.raises(FileNotFoundError, match="not prepared"):
+    _train_with(run_gin, tmp_path / "c", "train.corpus = 'tfds:never_prepared'",
+                f"train.data_dir = '{tmp_path}'")
+  not_a_dir = tmp_path / "file"
+  not_a_dir.write_text("x")
+  with pytest.raises(NotADirectoryError, match=str(not_a_dir)):
+    _train_with(run_gin, not_a_dir)
+  with pytest.raises(ValueError, match=r"mesh_shape \(2, 1, 1\).*needs 2 devices"):
+    _train_with(run_gin, tmp_path / "d", "train.mesh_shape = (2, 1, 1)")
+
+
+def test_checkpoint_round_trip_and_missing_checkpoint(tmp_path):
+  config = BlockConfig(vocab_size=300, max_len=16, block_layers=1, block_width=32, token_layers=1,
+                       token_width=32)
+  model = build_model(config)
+  params = init_params(model, jax.random.key(1))
+  checkpointing.save_model_config(tmp_path, config)
+  data_lib.train_bpe(["def f(x):\n  return x\n"] * 4, vocab_size=300).save(tmp_path / "tokenizer.json")
+  with pytest.raises(FileNotFoundError, match=f"workdir '{tmp_path}' has no checkpoints"):
+    checkpointing.load_for_inference(tmp_path)
+  saver = checkpointing.Checkpointer(tmp_path, keep=2)
+  for step in (1, 2, 3):
+    saver.save(step, jax.tree.map(lambda x, s=step: x * s, params), {"step": jnp.asarray(step)})
+  saver.close()
+  assert checkpointing.Checkpointer(tmp_path, read_only=True).all_steps() == [2, 3]
+  loaded_model, loaded, tokenizer = checkpointing.load_for_inference(tmp_path)
+  assert loaded_model.config == config and tokenizer.vocab_size == 300
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b) * 3), loaded, params)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    checkpointing.load_for_inference(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="has no model_config.json"):
+    checkpointing.load_for_inference(tmp_path / "checkpoints")
+
+
+def test_shipped_run_and_experiment_files_parse():
+  for path in sorted((REPO / "gin_configs").glob("*/*.gin")):
+    if path.parent.name == "models":
+      continue
+    files = [str(path)]
+    if path.name in ("pretrain.gin", "quickstart_common.gin"):  # procedures without a model
+      files.insert(0, "models/block_b4_tiny.gin")
+    model_config, cfg, operative = train.configs_from_gin(files, [])
+    assert "train." in operative, path
+    if path.parent.name == "experiments":
+      assert model_config.vocab_size == 50304 and cfg.tokenizer_path is not None, path
+      assert cfg.seq_len == model_config.max_len == 2048 and cfg.compute_dtype == "bfloat16", path
+      assert cfg.warmup_steps == 3000 and cfg.adam_b2 == 0.95 and cfg.weight_decay == 0.1, path
