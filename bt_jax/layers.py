@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from bt_jax import axes
 from bt_jax.attention import dot_product_attention, xla_attention
 from bt_jax.config import StackConfig
+from bt_jax.distributed import sharded_cache
 
 Dtype = Any
 
@@ -118,7 +119,8 @@ class Attention(nn.Module):
     (cache_index: a scalar shared by the batch), the queries attend over the
     first `read_len` slots of the cache under `mask` [batch|1, length, read_len]
     (read_len <= cache_len; the mask must encode causality and padding), and
-    (out, new_cache) is returned.
+    (out, new_cache) is returned. Inside `sharded_kv_cache(mesh)` the cache is
+    kept sharded over the mesh's sequence axis (`bt_jax.distributed.sharded_cache`).
     `local_block` S: attention stays inside consecutive runs of S positions.
     """
     kv_input = x if memory is None else memory
@@ -130,7 +132,12 @@ class Attention(nn.Module):
       key = apply_rotary(key, positions, self.stack.rotary_dims, self.stack.rotary_base)
     query = nn.with_logical_constraint(query, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.KV))
     new_cache = None
-    if cache is not None:
+    sharded = None if cache is None else sharded_cache.active_sharded_kv_cache()
+    if sharded is not None:
+      # Inside `sharded_kv_cache(mesh)`: the cache is split over the mesh's
+      # sequence axis (round-robin slots) and attended by Tree Attention.
+      out, new_cache = sharded.attend(query, key, value, cache, cache_index, mask)
+    elif cache is not None:
       key = jax.lax.dynamic_update_slice_in_dim(
           cache["key"], key.astype(cache["key"].dtype), cache_index, axis=1)
       value = jax.lax.dynamic_update_slice_in_dim(

@@ -1,0 +1,144 @@
+r"""Generate text from a training run's latest checkpoint, streaming it.
+
+    python -m bt_jax.generate --workdir /tmp/run --prompt "Once upon a time" \
+        --max_new_tokens 64 --temperature 0.8 --top_p 0.95 --seed 1
+
+Loads the model, params and tokenizer with
+`bt_jax.checkpointing.load_for_inference`, then runs the compiled prefill and
+the compiled decode loop of `bt_jax.inference` in chunks of --chunk_tokens
+tokens, printing the text as each chunk lands. Generation stops at the
+tokenizer's EOS or after --max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, TextIO
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def define_flags() -> None:
+  """The binary's flags; defined when run as a program only, so that tests can
+  import this module beside other binaries."""
+  flags.DEFINE_string("workdir", None, "Training workdir (checkpoints, model config, tokenizer).")
+  flags.DEFINE_string("prompt", None, "Prompt text.")
+  flags.DEFINE_string("prompt_file", None, "File whose whole content is the prompt.")
+  flags.DEFINE_integer("max_new_tokens", None,
+                       "Most tokens to generate (default: the rest of the context, at most 256).")
+  flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = all).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_integer("chunk_tokens", 16, "Tokens per compiled chunk between prints.")
+
+
+def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
+  if (prompt is None) == (prompt_file is None):
+    raise ValueError("give exactly one of --prompt and --prompt_file")
+  if prompt_file is not None:
+    try:
+      with open(prompt_file, encoding="utf-8") as f:
+        prompt = f.read()
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"prompt file {prompt_file!r} does not exist") from e
+  if not prompt:
+    raise ValueError("the prompt is empty" + (f" (file {prompt_file!r})" if prompt_file else "")
+                     + "; give some text to continue")
+  return prompt
+
+
+def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] = None,
+                    temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+                    seed: int = 0, step: Optional[int] = None, chunk_tokens: int = 16,
+                    out: TextIO = sys.stdout) -> str:
+  """Generates a continuation of `prompt`, writing it to `out` as it is made.
+
+  max_new_tokens None: the rest of the context after the prompt, at most
+  DEFAULT_MAX_NEW_TOKENS. Returns the generated text. Raises FileNotFoundError for a missing
+  checkpoint and ValueError for an empty prompt or one too long for the context.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from bt_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from bt_jax.config import BlockConfig  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from bt_jax.inference import SamplingConfig, make_stream_fns, prepare_prompts, tokens_per_step
+
+  if not prompt:
+    raise ValueError("the prompt is empty; give some text to continue")
+  sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+  if chunk_tokens < 1:
+    raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens}")
+  if step is None:
+    model, params, tokenizer = checkpointing.load_for_inference(workdir)
+  else:
+    model, params, tokenizer = checkpointing.load_for_inference(workdir, step=step)
+  config = model.config
+  ids = tokenizer.encode(prompt)
+  if not ids:
+    raise ValueError(f"the prompt {prompt!r} encodes to no tokens; give some text to continue")
+  block_len = config.block_len if isinstance(config, BlockConfig) else 1
+  aligned = -(-len(ids) // block_len) * block_len
+  if aligned >= config.max_len:
+    raise ValueError(
+        f"the prompt is {len(ids)} tokens long" + (f" ({aligned} padded to whole blocks)"
+                                                   if aligned != len(ids) else "")
+        + f", which leaves no room in the model's context of max_len {config.max_len} "
+        f"tokens; shorten it to at most {config.max_len - block_len} tokens")
+  if max_new_tokens is None:
+    max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, config.max_len - aligned)
+  batch = prepare_prompts([ids], config, max_new_tokens)   # checks prompt + new tokens
+  start, resume, finish = make_stream_fns(model, max_new_tokens, sampling)
+  state = start(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(seed),
+                tokenizer.eos_id)
+  per_step = tokens_per_step(model)
+  chunk_steps = max(1, chunk_tokens // per_step)
+  total_steps = -(-max_new_tokens // per_step)
+  printed = ""
+  steps_done = 0
+  while steps_done < total_steps:
+    state = resume(params, state, min(steps_done + chunk_steps, total_steps))
+    new_steps = int(state["step"])
+    result = finish(state)
+    length = int(result.lengths[0])
+    text = tokenizer.decode([int(t) for t in result.tokens[0, :length] if t != tokenizer.eos_id])
+    # Hold back a trailing replacement char: a multi-byte character may be cut.
+    stable = text.rstrip("\ufffd") if new_steps < total_steps else text
+    if stable.startswith(printed) and len(stable) > len(printed):
+      out.write(stable[len(printed):])
+      out.flush()
+      printed = stable
+    if new_steps == steps_done:   # every row finished (EOS)
+      break
+    steps_done = new_steps
+  if not text.startswith(printed):  # a decode that changed earlier text: print the rest plainly
+    out.write("\n" + text)
+  out.write("\n")
+  out.flush()
+  return text
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  try:
+    prompt = read_prompt(FLAGS.prompt, FLAGS.prompt_file)
+    stream_generate(FLAGS.workdir, prompt, max_new_tokens=FLAGS.max_new_tokens,
+                    temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                    seed=FLAGS.seed, step=FLAGS.step, chunk_tokens=FLAGS.chunk_tokens)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,239 @@
+"""Prefill and one decode step for each model, on explicit caches.
+
+A decoder exposes
+  tokens_per_step         1 (vanilla) or L_B (block: one block per step)
+  prefill(params, tokens, pad, num_steps) -> carry
+  step(params, carry, step, pad, sample, keep_logits, read_slots) -> (tokens, logits, carry)
+where tokens [batch, prompt_len] are left-padded (pad [batch] masked slots per
+row), `sample(logits [batch, vocab], j) -> ids [batch]` picks the j-th token of
+the step, and step returns tokens [batch, tokens_per_step], their logits
+[batch, tokens_per_step, vocab] (None unless keep_logits) and the new carry.
+read_slots (static) bounds the global-cache slots the step's attention reads:
+the loop may run in segments, each reading only the part of the cache it can
+have filled. The carry is a pytree (caches included), so the generation loop
+is `lax.while_loop`s over `step`.
+
+Sharded generation: a decoder made with a `mesh` keeps the global cache (the
+vanilla cache, the block decoder's cache) sharded over the mesh's `sequence`
+axis in round-robin slot order, attended by Tree Attention
+(`bt_jax.distributed.sharded_cache`); the Block Transformer's token decoder
+and its local cache stay unsharded. `align_prompt` left-pads a batch so that
+the global cache splits evenly over the devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from bt_jax.config import BlockConfig, VanillaConfig
+from bt_jax.distributed.sharded_cache import ShardedKVCache, sharded_kv_cache
+from bt_jax.inference import caches as caches_lib
+from bt_jax.models.block import BlockTransformer
+from bt_jax.models.vanilla import VanillaLM
+
+Sampler = Callable[[jax.Array, int], jax.Array]
+
+
+class _GlobalCache:
+  """What the two decoders share: the global cache, sharded or not."""
+
+  tokens_per_step: int   # also the tokens per global-cache slot
+
+  def __init__(self, mesh: Optional[Mesh]):
+    # Checks the mesh now (a missing axis is a ValueError), not at trace time.
+    self.sharding = None if mesh is None else ShardedKVCache(mesh)
+
+  @staticmethod
+  def cache_len(carry) -> int:
+    """Slots of the global cache (static)."""
+    return carry["cache"][0]["key"].shape[1]
+
+  def _global_scope(self):
+    """Around the model calls that read or write the global cache."""
+    if self.sharding is None:
+      return contextlib.nullcontext()
+    return sharded_kv_cache(self.sharding.mesh, self.sharding.axis)
+
+  def _init_global_cache(self, stack, batch: int, cache_len: int):
+    cache = caches_lib.init_stack_cache(stack, batch, cache_len, self.config.compute_dtype)
+    if self.sharding is not None:
+      cache = jax.lax.with_sharding_constraint(cache, self.sharding.cache_sharding)
+    return cache
+
+  def align_prompt(self, tokens: jax.Array, pad: jax.Array, num_steps: int
+                   ) -> Tuple[jax.Array, jax.Array]:
+    """Left-pads (masked) so that the global cache splits evenly; unsharded: as is.
+
+    The cache holds the prompt's slots and num_steps more; with p devices the
+    prompt gets up to p - 1 more masked pad slots in front, which leaves every
+    row's result unchanged (see `caches`) and keeps the slots read by a
+    segment exact.
+    """
+    if self.sharding is None:
+      return tokens, pad
+    slot_tokens = self.tokens_per_step
+    slots = tokens.shape[1] // slot_tokens + num_steps
+    extra = (self.sharding.padded_cache_len(slots) - slots) * slot_tokens
+    tokens = jnp.pad(tokens, ((0, 0), (extra, 0)), constant_values=self.config.pad_id)
+    return tokens, pad + extra
+
+
+class VanillaDecoder(_GlobalCache):
+  """Vanilla LM: one preallocated KV cache per layer, one token per step."""
+
+  tokens_per_step = 1
+
+  def __init__(self, model: VanillaLM, mesh: Optional[Mesh] = None):
+    super().__init__(mesh)
+    self.model = model
+    self.config: VanillaConfig = model.config
+
+  def _apply(self, params, *args):
+    with self._global_scope():
+      return self.model.apply({"params": params}, *args, method=VanillaLM.decode)
+
+  def prefill(self, params, tokens: jax.Array, pad: jax.Array, num_steps: int):
+    """One pass over the prompt fills slots [0, prompt_len); the cache has
+    room for num_steps more. carry: next-token logits and the cache."""
+    batch, prompt_len = tokens.shape
+    cache_len = prompt_len + num_steps
+    cache = self._init_global_cache(self.config.stack, batch, cache_len)
+    slots = jnp.arange(prompt_len)
+    positions = slots[None, :] - pad[:, None]
+    mask = caches_lib.padded_mask(pad, slots, cache_len)
+    logits, cache = self._apply(params, tokens, positions, cache, 0, mask, True)
+    return {"logits": logits[:, -1], "cache": cache, "prompt_len": jnp.int32(prompt_len)}
+
+  def step(self, params, carry, step, pad, sample: Sampler, keep_logits: bool,
+           read_slots: int):
+    logits = carry["logits"]                              # [batch, vocab]
+    token = sample(logits, 0)
+    cache = carry["cache"]
+    slot = carry["prompt_len"] + step
+    positions = (slot - pad)[:, None]
+    mask = caches_lib.padded_mask(pad, slot[None], read_slots)
+    next_logits, cache = self._apply(params, token[:, None], positions, cache, slot, mask)
+    new_carry = {"logits": next_logits[:, 0], "cache": cache, "prompt_len": carry["prompt_len"]}
+    return token[:, None], (logits[:, None] if keep_logits else None), new_carry
+
+
+class BlockDecoder(_GlobalCache):
+  """Block Transformer, spec section 4.
+
+  Global cache: the block decoder's, one slot per block. Per new block: the
+  last context embedding is expanded, the token decoder runs on a fresh local
+  cache of `token_decoder_len` slots (one pass over the P prefix vectors, then
+  L_B - 1 single-token steps, at the training positions), and the new block is
+  embedded and appended to the global cache by one block-decoder step.
+  """
+
+  def __init__(self, model: BlockTransformer, mesh: Optional[Mesh] = None):
+    super().__init__(mesh)
+    self.model = model
+    self.config: BlockConfig = model.config
+    self.tokens_per_step = self.config.block_len
+
+  def _apply(self, params, method, *args):
+    return self.model.apply({"params": params}, *args, method=method)
+
+  def _encode_blocks(self, params, *args):
+    """The embedder and block decoder: the only users of the global cache."""
+    with self._global_scope():
+      return self._apply(params, BlockTransformer.encode_blocks, *args)
+
+  def prefill(self, params, tokens: jax.Array, pad: jax.Array, num_steps: int):
+    """tokens [batch, prompt_len] with prompt_len a multiple of L_B and pad a
+    multiple of L_B. One block-decoder pass fills the global cache; prompt
+    tokens never go through the token decoder. carry: the last context
+    embedding and the block cache."""
+    cfg = self.config
+    batch, prompt_len = tokens.shape
+    num_blocks = prompt_len // cfg.block_len
+    blocks = tokens.reshape(batch, num_blocks, cfg.block_len)
+    pad_blocks = pad // cfg.block_len
+    cache_len = num_blocks + num_steps
+    cache = self._init_global_cache(cfg.block_stack, batch, cache_len)
+    slots = jnp.arange(num_blocks)
+    positions = slots[None, :] - pad_blocks[:, None]
+    mask = caches_lib.padded_mask(pad_blocks, slots, cache_len)
+    context, cache = self._encode_blocks(params, blocks, positions, cache, 0, mask)
+    return {"context": context[:, -1], "cache": cache, "prompt_blocks": jnp.int32(num_blocks)}
+
+  def _decode_block(self, params, context, sample: Sampler, keep_logits: bool):
+    """The token decoder: context [batch, block_width] -> L_B tokens (and logits)."""
+    cfg = self.config
+    batch = context.shape[0]
+    block_len, local_len = cfg.block_len, cfg.token_decoder_len
+    expanded = self._apply(params, BlockTransformer.expand, context)   # [batch, E, width]
+    local = caches_lib.init_stack_cache(cfg.token_stack, batch, local_len, cfg.compute_dtype)
+    memory = None
+    if cfg.token_decoder == "prefix":
+      first = expanded                                   # positions 0 .. P-1
+    else:
+      bos = self._apply(params, BlockTransformer.embed_tokens,
+                        jnp.full((batch, 1), cfg.bos_id, jnp.int32))
+      if cfg.token_decoder == "summation":
+        first = bos + expanded[:, :1]
+      else:
+        first, memory = bos, expanded
+    first_len = first.shape[1]
+    first_slots = jnp.arange(first_len)
+    logits, local = self._apply(params, BlockTransformer.token_step, first, first_slots, local,
+                                0, caches_lib.local_mask(first_slots, local_len), memory, True)
+    token = sample(logits[:, -1], 0)
+    tokens = jnp.zeros((batch, block_len), jnp.int32).at[:, 0].set(token)
+    all_logits = None
+    if keep_logits:
+      all_logits = jnp.zeros((batch, block_len, cfg.vocab_size), jnp.float32)
+      all_logits = all_logits.at[:, 0].set(logits[:, -1])
+
+    def body(j, loop_carry):
+      tokens, all_logits, local = loop_carry
+      prev = jax.lax.dynamic_slice_in_dim(tokens, j - 1, 1, axis=1)      # [batch, 1]
+      x = self._apply(params, BlockTransformer.embed_tokens, prev)
+      if cfg.token_decoder == "summation":
+        x = x + jax.lax.dynamic_slice_in_dim(expanded, j, 1, axis=1)
+      slot = first_len - 1 + j                          # = the training position
+      logits, local = self._apply(params, BlockTransformer.token_step, x, slot[None], local,
+                                  slot, caches_lib.local_mask(slot[None], local_len), memory)
+      token = sample(logits[:, 0], j)
+      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], j, axis=1)
+      if keep_logits:
+        all_logits = jax.lax.dynamic_update_slice_in_dim(all_logits, logits, j, axis=1)
+      return tokens, all_logits, local
+
+    if block_len > 1:
+      tokens, all_logits, _ = jax.lax.fori_loop(1, block_len, body, (tokens, all_logits, local))
+    return tokens, all_logits
+
+  def step(self, params, carry, step, pad, sample: Sampler, keep_logits: bool,
+           read_slots: int):
+    cfg = self.config
+    tokens, logits = self._decode_block(params, carry["context"], sample, keep_logits)
+    cache = carry["cache"]
+    pad_blocks = pad // cfg.block_len
+    slot = carry["prompt_blocks"] + step
+    positions = (slot - pad_blocks)[:, None]
+    mask = caches_lib.padded_mask(pad_blocks, slot[None], read_slots)
+    context, cache = self._encode_blocks(params, tokens[:, None, :], positions, cache, slot,
+                                         mask)
+    new_carry = {"context": context[:, 0], "cache": cache,
+                 "prompt_blocks": carry["prompt_blocks"]}
+    return tokens, logits, new_carry
+
+
+def decoder_for(model: nn.Module, mesh: Optional[Mesh] = None):
+  """The decoder of `model`; with a mesh, its global cache is sharded over the
+  mesh's `sequence` axis."""
+  if isinstance(model, BlockTransformer):
+    return BlockDecoder(model, mesh)
+  if isinstance(model, VanillaLM):
+    return VanillaDecoder(model, mesh)
+  raise TypeError(f"no decoder for {type(model).__name__}; valid models are VanillaLM and "
+                  "BlockTransformer")

@@ -1,0 +1,364 @@
+r"""Generation throughput of block vs vanilla models (spec section 5 protocol).
+
+    python -m experiments.throughput --preset cpu --out /tmp/throughput_cpu.json
+    python -m experiments.throughput --preset paper --peak_bw_gbs 3350 \
+        --out throughput_h100.json                     # one H100
+
+Protocol: random weights, random prompts, EOS disabled. Each scenario is a
+(prompt, generated) length pair: prefill_heavy 2048/128, decode_heavy
+128/2048, no_prompt 1/2048 (`--preset cpu` divides the lengths by 8 so the 5M
+pair finishes in a few minutes on 2 cores). Throughput = batch * generated
+tokens / wall time of the whole compiled generate call (prefill included),
+after --warmup untimed calls, averaged over --repeats calls.
+
+Batch size: a number, or `auto`: the largest batch whose compiled generate fits
+--memory_budget_gb (default: 90% of the accelerator's memory), found by
+compiling at batch 1 and 2 to measure memory per sample, then a search on the
+compiled memory (XLA's memory analysis: arguments + outputs + temporaries).
+
+Bytes moved (for model bandwidth utilisation, MBU = bytes / wall / peak): every
+forward pass reads the non-embedding weights once (the token decoder and head
+once per token, the block decoder once per block) and the valid part of the
+KV caches; the prefill writes the prompt's cache. Embedding-table gathers are
+not counted.
+
+The decode loop runs in --cache_segments pieces (default 4), each attending
+only over the cache slots it can have filled, so neither model reads its whole
+preallocated cache at every step (a growing cache would read less still).
+
+The context check of generation is lifted to the scenario's length (random
+weights, rotary positions): 2048 + 128 tokens exceeds the trained 2048.
+Models are the shipped gin files (gin_configs/models/NAME.gin).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from typing import Optional
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bt_jax.config import BlockConfig
+from bt_jax.gin_utils import model_config_from_gin
+from bt_jax.inference import generate_fn, kv_cache_bytes_per_sample, num_steps_for
+from bt_jax.models import build_model, init_params
+
+SCENARIOS = {"prefill_heavy": (2048, 128), "decode_heavy": (128, 2048), "no_prompt": (1, 2048)}
+CPU_SCENARIOS = {"prefill_heavy": (256, 16), "decode_heavy": (16, 256), "no_prompt": (1, 256)}
+
+# (block, vanilla, why they are compared)
+PAIRS = (
+    ("block_b4_5m", "vanilla_5m", "equal non-embedding size"),
+    ("block_b4_19m", "vanilla_19m", "equal non-embedding size"),
+    ("block_b4_85m", "vanilla_85m", "equal non-embedding size"),
+    ("block_b4_302m", "vanilla_302m", "equal non-embedding size"),
+    ("block_b4_1p2b", "vanilla_302m", "similar loss"),
+    ("block_b4_tiny", "vanilla_tiny", "tiny test pair"),
+)
+
+PRESETS = {
+    "paper": dict(models="block_b4_5m,vanilla_5m,block_b4_85m,vanilla_85m,block_b4_1p2b,"
+                         "vanilla_302m",
+                  scenarios=",".join(SCENARIOS), batch_size="auto", dtype="bfloat16",
+                  peak_bw_gbs=3350.0, repeats=3, warmup=1),
+    "cpu": dict(models="block_b4_5m,vanilla_5m", scenarios=",".join(CPU_SCENARIOS),
+                batch_size="8", dtype="float32", peak_bw_gbs=20.0, repeats=3, warmup=1),
+}
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The binary's flags; defined when run as a program only, so that tests can
+  import this module beside other binaries."""
+  flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Defaults for the flags below.")
+  flags.DEFINE_string("models", None, "Comma-separated gin model names (gin_configs/models).")
+  flags.DEFINE_string("scenarios", None,
+                      "Comma-separated scenario names, or NAME=PROMPT/NEW (e.g. tiny=8/8).")
+  flags.DEFINE_string("batch_size", None, "A batch size, or 'auto'.")
+  flags.DEFINE_float("memory_budget_gb", None,
+                     "Memory for `auto` (default: 90% of the device's, or 4 GB on CPU).")
+  flags.DEFINE_integer("max_batch_size", 1024, "Upper bound of the `auto` search.")
+  flags.DEFINE_float("peak_bw_gbs", None, "Peak memory bandwidth for MBU, GB/s.")
+  flags.DEFINE_integer("repeats", None, "Timed calls per measurement.")
+  flags.DEFINE_integer("warmup", None, "Untimed calls first (the first one compiles).")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Param and compute dtype.")
+  flags.DEFINE_string("out", None, "JSON output path.")
+  flags.DEFINE_integer("cache_segments", 4,
+                       "Decode loop pieces; each reads only the filled part of the caches.")
+  flags.DEFINE_integer("seed", 0, "Seed of the random weights and prompts.")
+
+
+def parse_scenarios(spec: str, preset: str) -> dict[str, tuple[int, int]]:
+  known = CPU_SCENARIOS if preset == "cpu" else SCENARIOS
+  out = {}
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    if "=" in item:
+      name, lengths = item.split("=", 1)
+      try:
+        prompt, new = (int(x) for x in lengths.split("/"))
+      except ValueError as e:
+        raise ValueError(f"bad scenario {item!r}; write NAME=PROMPT/NEW, e.g. tiny=8/8") from e
+      out[name] = (prompt, new)
+    elif item in known:
+      out[item] = known[item]
+    else:
+      raise ValueError(f"unknown scenario {item!r}; valid names are {list(known)} or "
+                       "NAME=PROMPT/NEW")
+  return out
+
+
+def benchmark_config(name: str, dtype: str, prompt_len: int, new_tokens: int):
+  config = model_config_from_gin([f"models/{name}.gin"])
+  block_len = config.block_len if isinstance(config, BlockConfig) else 1
+  needed = (-(-prompt_len // block_len) + num_steps_for(config, new_tokens)) * block_len
+  return dataclasses.replace(config, dtype=dtype, param_dtype=dtype,
+                             max_len=max(config.max_len, needed))
+
+
+def random_prompts(config, batch: int, prompt_len: int, rng: np.random.Generator):
+  """Left-padded random prompts of one length: (tokens, pad) as prepare_prompts makes."""
+  block_len = config.block_len if isinstance(config, BlockConfig) else 1
+  aligned = -(-prompt_len // block_len) * block_len
+  tokens = rng.integers(1, config.vocab_size, size=(batch, aligned), dtype=np.int32)
+  tokens[:, :aligned - prompt_len] = config.pad_id
+  return jnp.asarray(tokens), jnp.zeros((batch,), jnp.int32)
+
+
+def compile_for(fn, params, batch: int, config, prompt_len: int):
+  """(compiled generate for `batch` rows, its bytes: arguments + outputs + temporaries)."""
+  tokens, pad = random_prompts(config, batch, prompt_len, np.random.default_rng(0))
+  compiled = fn.lower(params, tokens, pad, jax.random.key(0)).compile()
+  stats = compiled.memory_analysis()
+  return compiled, int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+                       + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def auto_batch_size(fn, params, config, prompt_len: int, budget: float, max_batch: int) -> dict:
+  """The largest batch whose compiled memory fits `budget` bytes (and its executable)."""
+  executables = {}
+
+  sizes = {}
+
+  def compiled_bytes(batch):
+    if batch not in sizes:
+      executables[batch], sizes[batch] = compile_for(fn, params, batch, config, prompt_len)
+    return sizes[batch]
+
+  one = compiled_bytes(1)
+  two = compiled_bytes(2)
+  per_sample = max(two - one, 1)
+  if one > budget:
+    raise ValueError(f"batch 1 needs {one / 1e9:.2f} GB, over the memory budget "
+                     f"{budget / 1e9:.2f} GB; raise --memory_budget_gb")
+  guess = int(min(max_batch, max(1, (budget - (one - per_sample)) // per_sample)))
+  # Memory is close to linear in the batch, so the guess is near: gallop away
+  # from it until the answer is bracketed (lo fits, hi does not or is past the
+  # cap), then bisect to within ~6%. Typically 4 compiles in all.
+  step = max(1, guess // 16)
+  if compiled_bytes(guess) <= budget:
+    lo, hi = guess, max_batch + 1
+    while lo < max_batch:
+      candidate = min(max_batch, lo + step)
+      if compiled_bytes(candidate) > budget:
+        hi = candidate
+        break
+      lo, step = candidate, 2 * step
+  else:
+    lo, hi = 1, guess
+    while hi > 1:
+      candidate = max(1, hi - step)
+      if compiled_bytes(candidate) <= budget:
+        lo = candidate
+        break
+      hi, step = candidate, 2 * step
+  while hi - lo > max(1, lo // 16):
+    mid = (lo + hi) // 2
+    if compiled_bytes(mid) <= budget:
+      lo = mid
+    else:
+      hi = mid
+  return {"batch_size": lo, "memory_per_sample_bytes": per_sample,
+          "fixed_memory_bytes": one - per_sample, "executable": executables[lo]}
+
+
+def weight_bytes(params) -> dict[str, int]:
+  """Bytes of each top-level parameter group, embedding tables left out."""
+  out = {}
+  for group, tree in params.items():
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    out[group] = int(sum(x.size * x.dtype.itemsize for path, x in leaves
+                         if "embedding" not in jax.tree_util.keystr(path)))
+  return out
+
+
+def bytes_moved(config, params, batch: int, prompt_len: int, new_tokens: int) -> float:
+  """Weights and KV-cache bytes the whole generate call must move (see module doc)."""
+  groups = weight_bytes(params)
+  item = np.dtype(config.compute_dtype).itemsize
+  if isinstance(config, BlockConfig):
+    block_len = config.block_len
+    prompt_blocks = -(-prompt_len // block_len)
+    steps = num_steps_for(config, new_tokens)
+    block_slot = 2 * config.block_layers * config.block_width * item
+    token_slot = 2 * config.token_layers * config.token_width * item
+    per_block_weights = groups["embedder"] + groups["block_decoder"] + groups["expansion"]
+    per_token_weights = groups["token_decoder"] + groups["lm_head"]
+    total = per_block_weights + batch * prompt_blocks * block_slot              # prefill
+    first = config.token_decoder_len - block_len + 1   # slots filled by the first pass
+    local_reads = sum(first + j for j in range(block_len))
+    for step in range(steps):
+      total += per_block_weights + batch * (prompt_blocks + step + 1) * block_slot
+      total += block_len * per_token_weights + batch * local_reads * token_slot
+    return float(total)
+  slot = 2 * config.num_layers * config.width * item
+  weights = groups["decoder"] + groups["lm_head"]
+  total = weights + batch * prompt_len * slot
+  total += new_tokens * weights + batch * slot * sum(prompt_len + t + 1 for t in range(new_tokens))
+  return float(total)
+
+
+def memory_budget_bytes(flag_gb: Optional[float]) -> float:
+  if flag_gb:
+    return flag_gb * 1e9
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return 0.9 * stats["bytes_limit"]
+  return 4e9
+
+
+def run_one(name: str, scenario: str, prompt_len: int, new_tokens: int, *, batch_spec: str,
+            dtype: str, budget: Optional[float], max_batch: int, repeats: int, warmup: int,
+            peak_bw_gbs: float, seed: int, cache_segments: int) -> dict:
+  config = benchmark_config(name, dtype, prompt_len, new_tokens)
+  model = build_model(config)
+  params = init_params(model, jax.random.key(seed))
+  fn = generate_fn(model, new_tokens, segments=cache_segments)    # greedy, EOS disabled
+  search = {}
+  if batch_spec == "auto":
+    search = auto_batch_size(fn, params, config, prompt_len, memory_budget_bytes(budget),
+                             max_batch)
+    batch = search["batch_size"]
+    fn = search.pop("executable")
+  else:
+    batch = int(batch_spec)
+  tokens, pad = random_prompts(config, batch, prompt_len, np.random.default_rng(seed))
+  rng = jax.random.key(seed)
+  start = time.perf_counter()
+  for _ in range(max(warmup, 1)):
+    jax.block_until_ready(fn(params, tokens, pad, rng))
+  warmup_s = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(params, tokens, pad, rng))
+    times.append(time.perf_counter() - start)
+  wall = float(np.mean(times))
+  moved = bytes_moved(config, params, batch, prompt_len, new_tokens)
+  block_len = config.block_len if isinstance(config, BlockConfig) else 1
+  aligned_prompt = -(-prompt_len // block_len) * block_len
+  steps = 1 + num_steps_for(config, new_tokens)         # prefill + decode steps
+  return {
+      "model": name, "kind": config.kind, "scenario": scenario, "prompt_len": prompt_len,
+      "new_tokens": new_tokens, "batch_size": batch, "dtype": dtype,
+      "tokens_per_s": batch * new_tokens / wall, "wall_s": wall, "wall_s_repeats": times,
+      "warmup_s": warmup_s,
+      "kv_cache_bytes_per_sample": kv_cache_bytes_per_sample(config, aligned_prompt, new_tokens),
+      "bytes_moved": moved, "bytes_per_step": moved / steps,
+      "mbu": moved / wall / (peak_bw_gbs * 1e9), "peak_bw_gbs": peak_bw_gbs, **search,
+  }
+
+
+def pair_ratios(results: list[dict]) -> list[dict]:
+  by_key = {(r["model"], r["scenario"]): r for r in results}
+  ratios = []
+  for block, vanilla, why in PAIRS:
+    for scenario in dict.fromkeys(r["scenario"] for r in results):
+      b, v = by_key.get((block, scenario)), by_key.get((vanilla, scenario))
+      if b and v:
+        ratios.append({"block": block, "vanilla": vanilla, "pair": why, "scenario": scenario,
+                       "block_tokens_per_s": b["tokens_per_s"],
+                       "vanilla_tokens_per_s": v["tokens_per_s"],
+                       "ratio": b["tokens_per_s"] / v["tokens_per_s"]})
+  return ratios
+
+
+def format_table(results: list[dict], ratios: list[dict]) -> str:
+  lines = [f"{'model':<16}{'scenario':<16}{'batch':>7}{'tokens/s':>12}{'wall s':>9}"
+           f"{'KV B/sample':>13}{'MBU':>8}"]
+  for r in results:
+    lines.append(f"{r['model']:<16}{r['scenario']:<16}{r['batch_size']:>7}"
+                 f"{r['tokens_per_s']:>12.1f}{r['wall_s']:>9.3f}"
+                 f"{r['kv_cache_bytes_per_sample']:>13,}{r['mbu']:>8.3f}")
+  if ratios:
+    lines.append("")
+    lines.append(f"{'block / vanilla':<32}{'scenario':<16}{'ratio':>8}")
+    for r in ratios:
+      lines.append(f"{r['block'] + ' / ' + r['vanilla']:<32}{r['scenario']:<16}"
+                   f"{r['ratio']:>7.2f}x")
+  return "\n".join(lines)
+
+
+def run(*, preset: str = "cpu", models: Optional[str] = None, scenarios: Optional[str] = None,
+        batch_size: Optional[str] = None, memory_budget_gb: Optional[float] = None,
+        max_batch_size: int = 1024, peak_bw_gbs: Optional[float] = None,
+        repeats: Optional[int] = None, warmup: Optional[int] = None,
+        dtype: Optional[str] = None, out: Optional[str] = None, seed: int = 0,
+        cache_segments: int = 4) -> dict:
+  """Runs every model x scenario; returns (and writes to `out`) the report."""
+  defaults = PRESETS[preset]
+  names = [m.strip() for m in (models or defaults["models"]).split(",") if m.strip()]
+  chosen = parse_scenarios(scenarios or defaults["scenarios"], preset)
+  batch_spec = batch_size or defaults["batch_size"]
+  if batch_spec != "auto" and not (batch_spec.isdigit() and int(batch_spec) > 0):
+    raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_spec!r}")
+  settings = dict(batch_spec=batch_spec, dtype=dtype or defaults["dtype"],
+                  budget=memory_budget_gb, max_batch=max_batch_size,
+                  repeats=defaults["repeats"] if repeats is None else repeats,
+                  warmup=defaults["warmup"] if warmup is None else warmup,
+                  peak_bw_gbs=peak_bw_gbs or defaults["peak_bw_gbs"], seed=seed,
+                  cache_segments=cache_segments)
+  start = time.perf_counter()
+  results = []
+  for scenario, (prompt_len, new_tokens) in chosen.items():
+    for name in names:
+      results.append(run_one(name, scenario, prompt_len, new_tokens, **settings))
+      r = results[-1]
+      print(f"{name} {scenario}: batch {r['batch_size']}, {r['tokens_per_s']:.1f} tokens/s, "
+            f"{r['wall_s']:.3f} s per call", flush=True)
+  ratios = pair_ratios(results)
+  report = {"preset": preset, "device": str(jax.devices()[0].device_kind),
+            "backend": jax.default_backend(), "scenarios": chosen,
+            "settings": {k: v for k, v in settings.items()}, "results": results,
+            "ratios": ratios, "total_wall_s": time.perf_counter() - start}
+  print(format_table(results, ratios))
+  print(f"total wall time {report['total_wall_s']:.1f} s on {report['device']}")
+  if out:
+    with open(out, "w") as f:
+      json.dump(report, f, indent=2)
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:
+    run(preset=FLAGS.preset, models=FLAGS.models, scenarios=FLAGS.scenarios,
+        batch_size=FLAGS.batch_size, memory_budget_gb=FLAGS.memory_budget_gb,
+        max_batch_size=FLAGS.max_batch_size, peak_bw_gbs=FLAGS.peak_bw_gbs,
+        repeats=FLAGS.repeats, warmup=FLAGS.warmup, dtype=FLAGS.dtype, out=FLAGS.out,
+        seed=FLAGS.seed, cache_segments=FLAGS.cache_segments)
+  except (FileNotFoundError, ValueError) as e:   # unknown model / scenario, bad batch size
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,227 @@
+"""Cached generation against the full forward, EOS, sampling, prompt checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bt_jax.config import BlockConfig, VanillaConfig
+from bt_jax.inference import (SamplingConfig, generate, make_stream_fns, prepare_prompts,
+                              restrict_logits, sample_logits)
+from bt_jax.models import build_model, init_params
+
+VOCAB = 128
+MAX_LEN = 64
+BUFFER = 48          # the reference's fixed length: a multiple of every L_B here
+MAX_NEW = 10         # not a multiple of 4 or 8: the last block is cut
+# Ragged: 7 and 5 are not multiples of L_B, a one-token prompt, a full 8.
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [1, 2, 3, 4, 5], [20, 21, 22, 23, 24, 25, 26, 27]]
+
+# init_std 0.3 makes distributions peaked, so greedy argmaxes are not near-ties.
+TINY = dict(vocab_size=VOCAB, max_len=MAX_LEN, init_std=0.3)
+BLOCK = dict(block_layers=2, block_width=32, token_layers=2, token_width=32, **TINY)
+CONFIGS = {
+    "vanilla": VanillaConfig(num_layers=2, width=32, **TINY),
+    "block-L1": BlockConfig(block_len=1, **BLOCK),
+    "block-L2": BlockConfig(block_len=2, **BLOCK),
+    "block-L4": BlockConfig(block_len=4, **BLOCK),
+    "block-L8-P3": BlockConfig(block_len=8, prefix_len=3, **BLOCK),
+    "block-L4-summation-encoder": BlockConfig(block_len=4, token_decoder="summation",
+                                              embedder="encoder", encoder_layers=1,
+                                              encoder_width=32, **BLOCK),
+    "block-L2-cross-projection": BlockConfig(block_len=2, token_decoder="cross_attention",
+                                             embedder="projection", **BLOCK),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def model_and_params(name):
+  model = build_model(CONFIGS[name])
+  return model, init_params(model, jax.random.key(1))
+
+
+@functools.lru_cache(maxsize=None)
+def forward(name):
+  model, _ = model_and_params(name)
+  return jax.jit(model.apply)
+
+
+def aligned_rows(config, prompts):
+  """Each prompt alone, left-padded to a block boundary (what the model sees)."""
+  block_len = getattr(config, "block_len", 1)
+  return [[config.pad_id] * (-len(p) % block_len) + list(p) for p in prompts]
+
+
+def next_token_logits(config, logits, index):
+  """Full-forward logits that predict position `index` of each row: [batch, vocab]."""
+  if isinstance(config, BlockConfig):
+    flat = logits.reshape(logits.shape[0], -1, config.vocab_size)  # predicts tokens L..
+    return flat[np.arange(len(index)), index - config.block_len]
+  return logits[np.arange(len(index)), index - 1]
+
+
+def recompute_greedy(name, prompts, max_new):
+  """Greedy decoding by running the full training forward at every step.
+
+  Rows sit at the start of a fixed buffer; the forward is causal, so what lies
+  right of a row does not change its logits."""
+  model, params = model_and_params(name)
+  rows = aligned_rows(model.config, prompts)
+  buf = np.zeros((len(rows), BUFFER), np.int32)
+  for b, row in enumerate(rows):
+    buf[b, :len(row)] = row
+  index = np.array([len(r) for r in rows])
+  out = []
+  for _ in range(max_new):
+    logits = np.asarray(forward(name)({"params": params}, jnp.asarray(buf)))
+    token = next_token_logits(model.config, logits, index).argmax(-1)
+    buf[np.arange(len(rows)), index] = token
+    out.append(token)
+    index = index + 1
+  return np.stack(out, axis=1), logits
+
+
+# Decode loops split into segments that read only the filled part of the cache.
+SEGMENTS = {"vanilla": 3, "block-L4": 2}
+
+
+def run(name, prompts=PROMPTS, **kwargs):
+  """generate with the settings of the exactness test: one compile per model."""
+  model, params = model_and_params(name)
+  return generate(model, params, prompts, max_new_tokens=MAX_NEW, return_logits=True,
+                  segments=SEGMENTS.get(name, 1), **kwargs)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_greedy_matches_full_forward(name):
+  model, _ = model_and_params(name)
+  out = run(name)
+  expected, final_logits = recompute_greedy(name, PROMPTS, MAX_NEW)
+  np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+  np.testing.assert_array_equal(np.asarray(out.lengths), [MAX_NEW] * len(PROMPTS))
+  # The last recompute forward saw every generated token but the last: its
+  # logits at every generated position are the full-forward logits.
+  start = np.array([len(r) for r in aligned_rows(model.config, PROMPTS)])
+  full = np.stack([next_token_logits(model.config, final_logits, start + i)
+                   for i in range(MAX_NEW)], axis=1)
+  np.testing.assert_allclose(np.asarray(out.logits), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vanilla", "block-L4"])
+def test_eos_stops_each_row(name):
+  model, _ = model_and_params(name)
+  free = np.asarray(run(name).tokens)
+  eos = int(free[0, 2])                     # row 0 ends at its third token
+  out = run(name, eos_id=eos)
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  assert lengths[0] <= 3
+  for b in range(len(PROMPTS)):
+    hits = np.flatnonzero(free[b] == eos)
+    want = hits[0] + 1 if hits.size else MAX_NEW
+    assert lengths[b] == want
+    np.testing.assert_array_equal(tokens[b, :want], free[b, :want])
+    assert (tokens[b, want:] == model.config.pad_id).all()   # a finished row stops changing
+
+
+def test_eos_in_every_row_ends_the_loop():
+  same = [PROMPTS[3]] * len(PROMPTS)
+  first = int(np.asarray(run("block-L2", same).tokens)[0, 0])
+  out = run("block-L2", same, eos_id=first)
+  np.testing.assert_array_equal(np.asarray(out.lengths), [1] * len(same))
+  assert (np.asarray(out.tokens)[:, 1:] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["vanilla", "block-L4"])
+def test_sampling_is_deterministic_per_seed(name):
+  model, params = model_and_params(name)
+  sampling = SamplingConfig(temperature=3.0, top_k=50, top_p=0.95)
+  runs = [np.asarray(generate(model, params, PROMPTS, max_new_tokens=MAX_NEW,
+                              sampling=sampling, seed=seed).tokens) for seed in (7, 7, 8)]
+  np.testing.assert_array_equal(runs[0], runs[1])
+  assert (runs[0] != runs[2]).any()
+
+
+def test_top_k_and_top_p_restrict_the_support():
+  probs = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
+  logits = jnp.asarray(np.log(probs))[None]
+  finite = lambda s: np.flatnonzero(np.isfinite(np.asarray(restrict_logits(logits, s))[0]))
+  np.testing.assert_array_equal(finite(SamplingConfig(1.0, top_k=2)), [0, 1])
+  np.testing.assert_array_equal(finite(SamplingConfig(1.0, top_p=0.7)), [0, 1])
+  np.testing.assert_array_equal(finite(SamplingConfig(1.0, top_p=0.5)), [0])
+  np.testing.assert_array_equal(finite(SamplingConfig(1.0, top_p=0.81)), [0, 1, 2])
+  np.testing.assert_array_equal(finite(SamplingConfig(1.0, top_k=3, top_p=0.7)), [0, 1])
+  # Many draws over a flat 64-way distribution stay inside the top 5.
+  flat = jax.random.normal(jax.random.key(0), (4096, 64))
+  draws = sample_logits(flat, jax.random.key(1), SamplingConfig(1.0, top_k=5))
+  top5 = np.argsort(-np.asarray(flat), axis=1)[:, :5]
+  assert (np.asarray(draws)[:, None] == top5).any(axis=1).all()
+  draws = sample_logits(flat, jax.random.key(2), SamplingConfig(1.0, top_p=0.3))
+  sorted_p = np.sort(np.asarray(jax.nn.softmax(flat)), axis=1)[:, ::-1]
+  chosen_p = np.take_along_axis(np.asarray(jax.nn.softmax(flat)), np.asarray(draws)[:, None], 1)
+  keep = (np.cumsum(sorted_p, 1) - sorted_p) < 0.3
+  min_kept = np.where(keep, sorted_p, np.inf).min(1)
+  assert (chosen_p[:, 0] >= min_kept - 1e-7).all()
+
+
+def test_streaming_chunks_match_generate():
+  model, params = model_and_params("block-L4")
+  batch = prepare_prompts(PROMPTS, model.config, MAX_NEW)
+  start, resume, finish = make_stream_fns(model, MAX_NEW, segments=2)
+  state = start(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(0))
+  for stop in (1, 2, 3):
+    state = resume(params, state, stop)
+    assert int(state["step"]) == stop
+  state = resume(params, state, 3)           # already there: no step
+  assert int(state["step"]) == 3
+  np.testing.assert_array_equal(np.asarray(finish(state).tokens),
+                                np.asarray(run("block-L4").tokens))
+
+
+def test_pallas_token_decoder_layout_matches_xla():
+  for name in ("block-L4", "block-L4-summation-encoder"):
+    model, params = model_and_params(name)
+    pallas = build_model(dataclasses.replace(model.config, attention_impl="pallas"))
+    tokens = jax.random.randint(jax.random.key(3), (len(PROMPTS), BUFFER), 0, VOCAB)
+    want = forward(name)({"params": params}, tokens)
+    got = jax.jit(pallas.apply)({"params": params}, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+def test_pallas_local_block_kernel_in_interpret_mode(monkeypatch):
+  """The one-long-row layout through the Pallas kernel itself (interpreter)."""
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+  real = pallas_kernels.flash_attention
+  calls = []
+
+  def interpret(*args, **kwargs):
+    calls.append(kwargs.get("local_block"))
+    return real(*args, **{**kwargs, "impl": "interpret"})
+
+  monkeypatch.setattr(pallas_kernels, "flash_attention", interpret)
+  model, params = model_and_params("block-L4")
+  pallas = build_model(dataclasses.replace(model.config, attention_impl="pallas"))
+  tokens = jax.random.randint(jax.random.key(4), (1, 16), 0, VOCAB)
+  want = forward("block-L4")({"params": params}, tokens)
+  got = jax.jit(pallas.apply)({"params": params}, tokens)
+  assert 5 in calls                          # P + L - 1 = 5 positions per block
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_errors():
+  config = CONFIGS["block-L4"]
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
+    prepare_prompts([[1], []], config, 4)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    prepare_prompts([[VOCAB]], config, 4)
+  with pytest.raises(ValueError, match="exceeds the model's context max_len 64"):
+    prepare_prompts([[1] * 61], config, 4)    # padded to 64, no room left
+  prepare_prompts([[1] * 60], config, 4)      # exactly fills the context
+  with pytest.raises(ValueError, match="rounded up to whole blocks: 8"):
+    prepare_prompts([[1] * 57], config, 5)    # 60 + 8 > 64
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    prepare_prompts([[1]], config, 0)
