@@ -1,0 +1,203 @@
+"""Generation with the KV cache sharded over the `sequence` mesh axis.
+
+    mesh = make_sequence_mesh(8)
+    with sharded_kv_cache(mesh):       # at trace time, around global-cache calls
+      logits, cache = model.apply(params, tokens, positions, cache, index, mask,
+                                  method=VanillaLM.decode)
+
+Inside the `with`, every cached self-attention (`bt_jax.layers.Attention`
+given a `cache`) keeps its cache sharded over the axis and attends by Tree
+Attention: each device attends over its own shard, and the partial (out, lse)
+are merged by all-reduces of max and sum (`allreduce_merge`). The switch is
+read when the model is traced, so it must surround the `model.apply` calls
+inside the jitted function, and only those whose cache is to be sharded (the
+Block Transformer's token decoder keeps its small local cache whole).
+
+Layout. A cache of C = p * S slots (p devices on the axis) is stored in
+round-robin order: logical slot t (the slot the decoders and masks speak of)
+lives at physical slot
+
+    (t % p) * S + t // p,
+
+i.e. on device t % p, at local index t // p. Slots are filled in logical order
+(the prompt, then one per step), so every device gets one new entry every p
+steps and the shards never differ by more than one written slot; a contiguous
+split would fill device 0 first and leave the others idle. Reading the first
+n logical slots is reading the first ceil(n / p) local slots on each device,
+so a decode loop that reads only the filled part of the cache (`read_slots`)
+stays cheap. Masks, cache indices and positions stay in logical order: the
+layout is private to this module. `to_logical_order` undoes it (for tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Iterator, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bt_jax import axes
+from bt_jax.distributed.merge import allreduce_merge
+
+_ACTIVE: contextvars.ContextVar[Optional["ShardedKVCache"]] = contextvars.ContextVar(
+    "sharded_kv_cache", default=None)
+
+
+def physical_slots(logical: jax.Array, cache_len: int, num_shards: int) -> jax.Array:
+  """Physical cache index of each logical slot: (t % p) * (C / p) + t // p."""
+  if cache_len % num_shards:
+    raise ValueError(f"cache_len {cache_len} is not a multiple of the {num_shards} shards")
+  return (logical % num_shards) * (cache_len // num_shards) + logical // num_shards
+
+
+def to_logical_order(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
+  """Reorders a round-robin cache array along `axis` into logical slot order."""
+  x = jnp.moveaxis(x, axis, 0)
+  cache_len = x.shape[0]
+  if cache_len % num_shards:
+    raise ValueError(f"cache_len {cache_len} is not a multiple of the {num_shards} shards")
+  # physical [p, S] -> logical [S, p]: logical t = local * p + shard.
+  x = x.reshape(num_shards, cache_len // num_shards, *x.shape[1:]).swapaxes(0, 1)
+  return jnp.moveaxis(x.reshape(cache_len, *x.shape[2:]), 0, axis)
+
+
+def round_robin_mask(mask: jax.Array, num_shards: int) -> jax.Array:
+  """Logical mask [..., read_len] -> [..., p * r] in the devices' read order.
+
+  r = ceil(read_len / p) local slots are read per device; entry i * r + j is
+  logical slot j * p + i (False beyond read_len), so that splitting the last
+  axis into p equal parts gives each device the mask of its local slots 0..r-1.
+  """
+  read_len = mask.shape[-1]
+  per_shard = -(-read_len // num_shards)
+  padding = [(0, 0)] * (mask.ndim - 1) + [(0, per_shard * num_shards - read_len)]
+  mask = jnp.pad(mask, padding, constant_values=False)
+  mask = mask.reshape(*mask.shape[:-1], per_shard, num_shards)
+  return jnp.swapaxes(mask, -1, -2).reshape(*mask.shape[:-2], per_shard * num_shards)
+
+
+def masked_partial_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                             mask: jax.Array, scale: Optional[float] = None
+                             ) -> Tuple[jax.Array, jax.Array]:
+  """Attention over one device's keys under a boolean mask, as a partial.
+
+  query [batch, q_len, heads, head_dim]; key/value [batch, kv_len, kv_heads,
+  head_dim] (GQA when kv_heads < heads); mask [batch|1, q_len, kv_len].
+  Returns o [batch, q_len, heads, head_dim] f32 and lse [batch, heads, q_len]
+  f32 (natural log); a query that sees no key here gives o = 0, lse = -inf.
+  """
+  batch, q_len, heads, head_dim = query.shape
+  kv_heads = key.shape[2]
+  scale = head_dim ** -0.5 if scale is None else scale
+  q = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+  scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, key,
+                      preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+  row_max = jnp.max(scores, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  weights = jnp.exp(scores - row_max)
+  denom = jnp.sum(weights, axis=-1, keepdims=True)
+  probs = weights / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(value.dtype), value,
+                   preferred_element_type=jnp.float32)
+  lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
+  return (out.reshape(batch, q_len, heads, head_dim),
+          lse.reshape(lse.shape[0], heads, q_len))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedKVCache:
+  """A mesh axis to shard KV caches over (see the module docstring)."""
+
+  mesh: Mesh
+  axis: str = axes.MESH_SEQUENCE
+
+  def __post_init__(self):
+    if self.axis not in self.mesh.axis_names:
+      raise ValueError(
+          f"the mesh has no {self.axis!r} axis to shard the KV cache over; its axes are "
+          f"{tuple(self.mesh.axis_names)} (make one with "
+          f"bt_jax.distributed.make_sequence_mesh(num_devices, axis_name={self.axis!r}))")
+
+  @property
+  def num_shards(self) -> int:
+    return self.mesh.shape[self.axis]
+
+  @property
+  def cache_sharding(self) -> NamedSharding:
+    """[batch, cache_len, heads, head_dim] split on cache_len, whole elsewhere."""
+    return NamedSharding(self.mesh, P(None, self.axis))
+
+  def padded_cache_len(self, length: int) -> int:
+    """The smallest multiple of the shard count that holds `length` slots."""
+    return -(-length // self.num_shards) * self.num_shards
+
+  def attend(self, query: jax.Array, key: jax.Array, value: jax.Array, cache: dict,
+             cache_index, mask: jax.Array) -> Tuple[jax.Array, dict]:
+    """Writes key/value at logical slots cache_index.. and attends; see `Attention`.
+
+    query [batch, q_len, heads, head_dim] and the new key/value [batch, q_len,
+    kv_heads, head_dim] are replicated; cache {"key", "value"} [batch,
+    cache_len, kv_heads, head_dim] is round-robin and sharded on cache_len;
+    mask [batch|1, q_len, read_len] is in logical order and covers the first
+    read_len logical slots. Returns (out [batch, q_len, heads, head_dim] in
+    query.dtype, the new cache, still sharded).
+    """
+    num_shards, axis = self.num_shards, self.axis
+    cache_len = cache["key"].shape[1]
+    read_len = mask.shape[-1]
+    if cache_len % num_shards:
+      raise ValueError(f"a KV cache of {cache_len} slots cannot be split evenly over the "
+                       f"{num_shards} devices of mesh axis {axis!r}; allocate "
+                       f"{self.padded_cache_len(cache_len)} slots")
+    if read_len > cache_len:
+      raise ValueError(f"the mask reads {read_len} slots of a {cache_len}-slot cache")
+    local_len = cache_len // num_shards
+    read_local = -(-read_len // num_shards)
+    logical = jnp.asarray(cache_index, jnp.int32) + jnp.arange(key.shape[1], dtype=jnp.int32)
+
+    def per_device(query, key, value, cache_key, cache_value, mask, logical):
+      shard = lax.axis_index(axis)
+      # Entries owned by other devices get an out-of-range index and are dropped.
+      local = jnp.where(logical % num_shards == shard, logical // num_shards, local_len)
+      cache_key = cache_key.at[:, local].set(key.astype(cache_key.dtype), mode="drop")
+      cache_value = cache_value.at[:, local].set(value.astype(cache_value.dtype), mode="drop")
+      o, lse = masked_partial_attention(query, cache_key[:, :read_local].astype(query.dtype),
+                                        cache_value[:, :read_local].astype(query.dtype), mask)
+      out, _ = allreduce_merge(o, lse, axis)
+      return out.astype(query.dtype), cache_key, cache_value
+
+    kv_spec = P(None, axis)
+    out, cache_key, cache_value = jax.shard_map(
+        per_device, mesh=self.mesh,
+        in_specs=(P(), P(), P(), kv_spec, kv_spec, P(None, None, axis), P()),
+        out_specs=(P(), kv_spec, kv_spec))(
+            query, key, value, cache["key"], cache["value"],
+            round_robin_mask(mask, num_shards), logical)
+    return out, {"key": cache_key, "value": cache_value}
+
+
+def active_sharded_kv_cache() -> Optional[ShardedKVCache]:
+  """The ShardedKVCache of the innermost `sharded_kv_cache` block, or None."""
+  return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def sharded_kv_cache(mesh: Optional[Mesh], axis: str = axes.MESH_SEQUENCE
+                     ) -> Iterator[Optional[ShardedKVCache]]:
+  """Within the block, cached attention shards its cache over mesh axis `axis`.
+
+  mesh=None is a no-op (and also switches sharding off inside an outer block),
+  so callers can write `with sharded_kv_cache(maybe_mesh):`.
+  """
+  sharding = None if mesh is None else ShardedKVCache(mesh, axis)
+  token = _ACTIVE.set(sharding)
+  try:
+    yield sharding
+  finally:
+    _ACTIVE.reset(token)

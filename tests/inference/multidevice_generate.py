@@ -1,0 +1,194 @@
+"""Sharded generation on forced CPU devices, against unsharded generation.
+
+Run in its own process by test_sharded_generation.py (never import it from
+pytest):
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python tests/inference/multidevice_generate.py
+Prints one JSON line per check ({"name", "ok", "detail"}), then a summary
+line, and exits 1 if any check failed.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bt_jax.config import BlockConfig, VanillaConfig
+from bt_jax.distributed import make_sequence_mesh, to_logical_order
+from bt_jax.inference import generate, generate_fn, make_stream_fns, prepare_prompts
+from bt_jax.models import build_model, init_params
+
+# Neither is a multiple of L_B = 4 (the last block is cut). The block model
+# makes 18 blocks: with the prompt, 24 cache slots, 3 per device on 8 devices.
+MAX_NEW = {"vanilla": 10, "block-L4": 70}
+# Ragged: 7 and 5 are not multiples of L_B, a one-token prompt, a full 8.
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [1, 2, 3, 4, 5], [20, 21, 22, 23, 24, 25, 26, 27]]
+LOGITS_ATOL = 1e-4
+
+# init_std 0.3 makes distributions peaked, so greedy argmaxes are not near-ties
+# (as in test_generate.py).
+TINY = dict(vocab_size=128, max_len=128, init_std=0.3)
+BLOCK = dict(block_layers=2, block_width=32, token_layers=2, token_width=32, **TINY)
+CONFIGS = {
+    "vanilla": VanillaConfig(num_layers=2, width=32, head_dim=16, **TINY),
+    "block-L4": BlockConfig(block_len=4, **BLOCK),
+}
+
+RESULTS = []
+
+
+def record(name, ok, detail=""):
+  RESULTS.append(dict(name=name, ok=bool(ok), detail=str(detail)))
+  print(json.dumps(RESULTS[-1]), flush=True)
+
+
+def check(name, fn):
+  try:
+    fn()
+  except Exception:  # pylint: disable=broad-except
+    record(name, False, traceback.format_exc()[-2000:])
+
+
+def written_per_shard(cache) -> np.ndarray:
+  """Slots holding a written key, per device: [num_devices] (layer 0's cache).
+
+  A written key is the projection of a real activation, never all zeros; the
+  unwritten slots are the zeros the cache was made of."""
+  shards = sorted(cache[0]["key"].addressable_shards, key=lambda s: s.index[1].start)
+  return np.array([int(np.any(np.asarray(s.data) != 0, axis=(0, 2, 3)).sum())
+                   for s in shards])
+
+
+def prefix_counts(num_written: int, num_shards: int) -> np.ndarray:
+  """Round robin: logical slots 0..n-1 put n // p or n // p + 1 on each device."""
+  return np.array([len(range(i, num_written, num_shards)) for i in range(num_shards)])
+
+
+def check_model(name: str, mesh8, mesh3) -> None:
+  config = CONFIGS[name]
+  model = build_model(config)
+  # Committed to one device, as restored parameters are: `generate(mesh=...)`
+  # must place them on the mesh itself.
+  params = jax.device_put(init_params(model, jax.random.key(1)), jax.devices()[0])
+  slot_tokens = getattr(config, "block_len", 1)
+  max_new = MAX_NEW[name]
+
+  want = generate(model, params, PROMPTS, max_new_tokens=max_new, return_logits=True)
+
+  # Compiled once by hand to read its HLO. Two segments: the loops read only
+  # the filled logical slots, i.e. the first ceil(read / p) local slots of
+  # each shard.
+  batch = prepare_prompts(PROMPTS, config, max_new)
+  args = jax.device_put((params, batch.tokens, batch.pad, jax.random.key(0)),
+                        NamedSharding(mesh8, P()))
+  eos_none = jax.device_put(np.int32(-1), NamedSharding(mesh8, P()))
+  sharded = generate_fn(model, max_new, return_logits=True, segments=2, mesh=mesh8)
+  compiled = sharded.jitted.lower(*args, eos_none).compile()
+  got = compiled(*args, eos_none)
+
+  def only_tree_collectives():
+    # The cache is never gathered: the only collectives are the all-reduces
+    # of the (out, lse) merge.
+    ops = collections.Counter(re.findall(
+        r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+        r"(?:-start)?\(", compiled.as_text()))
+    assert ops["all-reduce"] > 0 and set(ops) == {"all-reduce"}, ops
+    record(f"{name}/p8/hlo_collectives", True, dict(ops))
+  check(f"{name}/p8/hlo_collectives", only_tree_collectives)
+
+  def same_generation():
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+    err = float(np.max(np.abs(np.asarray(got.logits) - np.asarray(want.logits))))
+    assert err < LOGITS_ATOL, f"max |logit error| {err}"
+    record(f"{name}/p8/tokens_and_logits", True, f"max |logit error| {err:.2e}")
+  check(f"{name}/p8/tokens_and_logits", same_generation)
+
+  def same_with_eos():
+    # EOS is traced: both calls reuse the compiled functions above.
+    eos = int(np.asarray(want.tokens)[0, 3])
+    a = generate(model, params, PROMPTS, max_new_tokens=max_new, eos_id=eos, return_logits=True)
+    b = compiled(*args, jax.device_put(np.int32(eos), NamedSharding(mesh8, P())))
+    assert np.asarray(a.lengths).min() < max_new, "EOS never met: the check is empty"
+    np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
+    np.testing.assert_array_equal(np.asarray(b.lengths), np.asarray(a.lengths))
+    record(f"{name}/p8/eos", True, f"lengths {np.asarray(a.lengths).tolist()}")
+  check(f"{name}/p8/eos", same_with_eos)
+
+  def three_devices():
+    b = generate(model, params, PROMPTS, max_new_tokens=max_new, mesh=mesh3)
+    np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(want.tokens))
+    record(f"{name}/p3/tokens", True)
+  if mesh3 is not None:
+    check(f"{name}/p3/tokens", three_devices)
+
+  def streamed_cache():
+    p = mesh8.shape["sequence"]
+    args = (jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(0))
+    start, resume, finish = make_stream_fns(model, max_new, mesh=mesh8)
+    state = start(params, *args)
+    cache = state["carry"]["cache"]
+    cache_len = cache[0]["key"].shape[1]
+    prompt_slots = batch.tokens.shape[1] // slot_tokens
+    num_steps = state["tokens"].shape[1] // slot_tokens
+    front = cache_len - prompt_slots - num_steps   # masked slots added for the split
+    assert cache_len % p == 0 and 0 <= front < p, (cache_len, prompt_slots, num_steps)
+    # Every layer's key and value: split on the slot axis, 1/p of it per device.
+    for layer in cache:
+      for array in layer.values():
+        assert array.sharding.spec == P(None, "sequence"), array.sharding
+        shapes = {s.data.shape for s in array.addressable_shards}
+        assert shapes == {(array.shape[0], cache_len // p) + array.shape[2:]}, shapes
+        assert len(array.addressable_shards) == p
+    # The round-robin cache, put back in logical order, is the unsharded cache
+    # behind the added front slots.
+    ref_start, _, _ = make_stream_fns(model, max_new)
+    ref_cache = ref_start(params, *args)["carry"]["cache"]
+    for layer, ref_layer in zip(cache, ref_cache):
+      for key in ("key", "value"):
+        logical = np.asarray(to_logical_order(np.asarray(layer[key]), p))
+        np.testing.assert_allclose(logical[:, front:], np.asarray(ref_layer[key]), atol=1e-5)
+    # Even fill: after the prefill, half way, at the end.
+    fills = []
+    for stop in (0, num_steps // 2, num_steps):
+      if stop:
+        state = resume(params, state, stop)
+      counts = written_per_shard(state["carry"]["cache"])
+      expected = prefix_counts(front + prompt_slots + stop, p)
+      np.testing.assert_array_equal(counts, expected, err_msg=f"after {stop} steps")
+      assert counts.max() - counts.min() <= 1, counts
+      fills.append(counts.tolist())
+    out = finish(state)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(want.tokens))
+    record(f"{name}/p8/stream_cache_sharded_and_even", True,
+           f"cache_len {cache_len}, {front} front slots, written per device {fills}")
+  check(f"{name}/p8/stream_cache_sharded_and_even", streamed_cache)
+
+
+def main() -> int:
+  started = time.time()
+  if len(jax.devices()) < 8:
+    record("devices", False, f"need 8 devices, have {len(jax.devices())}; set XLA_FLAGS="
+           "--xla_force_host_platform_device_count=8")
+    return 1
+  mesh8 = make_sequence_mesh(8)
+  mesh3 = make_sequence_mesh(3)
+  for name in CONFIGS:
+    check_model(name, mesh8, mesh3 if name == "vanilla" else None)
+  failed = [r for r in RESULTS if not r["ok"]]
+  print(json.dumps(dict(summary=True, checks=len(RESULTS), failed=len(failed),
+                        seconds=round(time.time() - started, 1))), flush=True)
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
