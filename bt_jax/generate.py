@@ -140,5 +140,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from bt_jax import logging_utils  # pylint: disable=g-import-not-at-top
+  logging_utils.quiet_orbax_logs()
   define_flags()
   app.run(main)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging as py_logging
 import math
 import os
 import signal
@@ -57,6 +56,7 @@ from bt_jax import checkpointing
 from bt_jax import config as config_lib
 from bt_jax import data as data_lib
 from bt_jax import gin_utils
+from bt_jax import logging_utils
 from bt_jax.models import build_model, sequence_loss
 
 METRICS_FILE = "metrics.jsonl"
@@ -934,14 +934,7 @@ def main(argv: Sequence[str]) -> None:
   print(json.dumps(summary), flush=True)
 
 
-class _QuietLibraries(py_logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the run log (warnings still pass)."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 if __name__ == "__main__":
   define_flags()
-  py_logging.getLogger("absl").addFilter(_QuietLibraries())
+  logging_utils.quiet_orbax_logs()
   app.run(main)

@@ -334,3 +334,36 @@ def test_shipped_run_and_experiment_files_parse():
       assert model_config.vocab_size == 50304 and cfg.tokenizer_path is not None, path
       assert cfg.seq_len == model_config.max_len == 2048 and cfg.compute_dtype == "bfloat16", path
       assert cfg.warmup_steps == 3000 and cfg.adam_b2 == 0.95 and cfg.weight_decay == 0.1, path
+
+
+def test_trained_workdir_serves_generate_and_eval_binaries(reference_run, tmp_path):
+  """The real checkpoint of a real run, through the real generate / eval binaries
+  (their own tests use a stand-in loader)."""
+  workdir, _ = reference_run
+  model, params, tokenizer = checkpointing.load_for_inference(str(workdir))
+  prompt = "def main(argv):"
+  from bt_jax.inference import generate  # pylint: disable=g-import-not-at-top
+  want = generate(model, params, [tokenizer.encode(prompt)], max_new_tokens=8, eos_id=tokenizer.eos_id)
+  want_ids = [int(t) for t in want.tokens[0, :int(want.lengths[0])] if t != tokenizer.eos_id]
+  result = _run(["-m", "bt_jax.generate", f"--workdir={workdir}", f"--prompt={prompt}",
+                 "--max_new_tokens=8", "--temperature=0"], timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip() == tokenizer.decode(want_ids).strip()   # greedy: the same text
+  assert "/orbax/" not in result.stderr and "Finished load" not in result.stderr
+
+  fixtures = REPO / "tests" / "eval" / "fixtures"
+  out = tmp_path / "zero_shot.json"
+  result = _run(["-m", "bt_jax.eval_zero_shot", f"--workdir={workdir}",
+                 f"--task=hellaswag={fixtures / 'hellaswag_val.jsonl'}", "--limit=2",
+                 f"--out={out}"], timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  scores = json.loads(out.read_text())["results"]["hellaswag"]
+  assert scores["num_docs"] == 2 and 0.0 <= scores["acc"] <= 1.0
+
+  (tmp_path / "doc.txt").write_text("import os\n\nprint(os.getcwd())\n" * 20)
+  result = _run(["-m", "bt_jax.eval_perplexity", f"--workdir={workdir}",
+                 f"--data={tmp_path / '*.txt'}", f"--out_dir={tmp_path / 'ppl'}",
+                 "--bin_size=16"], timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tmp_path / "ppl" / "perplexity.json").read_text())
+  assert math.isfinite(report["runs"][0]["perplexity"]) and report["runs"][0]["perplexity"] > 1
