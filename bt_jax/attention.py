@@ -32,9 +32,16 @@ def attention_mask(q_len: int, kv_len: int, *, causal: bool,
   return mask
 
 
-def xla_attention(query, key, value, *, causal: bool, local_block: Optional[int] = None,
-                  mask: Optional[jax.Array] = None, scale: Optional[float] = None):
-  """Reference attention in jnp. `mask` is boolean [batch, q_len, kv_len]."""
+def xla_attention_with_lse(query, key, value, *, causal: bool = False,
+                           local_block: Optional[int] = None, mask: Optional[jax.Array] = None,
+                           scale: Optional[float] = None):
+  """Reference attention in jnp, returning (out f32, lse f32).
+
+  out [batch, q_len, heads, head_dim]; lse [batch, heads, q_len], the natural
+  log-sum-exp of the scaled, masked scores. A row that sees no key gives
+  out = 0 and lse = -inf, never NaN (so partials over key shards merge).
+  `mask` is boolean [batch|1, q_len, kv_len].
+  """
   batch, q_len, heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
   groups = heads // kv_heads
@@ -52,11 +59,21 @@ def xla_attention(query, key, value, *, causal: bool, local_block: Optional[int]
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
   weights = jnp.exp(scores - row_max)
   denom = jnp.sum(weights, axis=-1, keepdims=True)
-  # A fully masked row gives zeros, never NaN.
-  probs = weights / jnp.where(denom > 0, denom, 1.0)
+  safe_denom = jnp.where(denom > 0, denom, 1.0)
+  probs = weights / safe_denom
   out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(value.dtype), value,
                    preferred_element_type=jnp.float32)
-  return out.reshape(batch, q_len, heads, head_dim).astype(query.dtype)
+  lse = jnp.where(denom > 0, row_max + jnp.log(safe_denom), -jnp.inf)   # [b, h, g, q, 1]
+  return out.reshape(batch, q_len, heads, head_dim), lse.reshape(batch, heads, q_len)
+
+
+def xla_attention(query, key, value, *, causal: bool, local_block: Optional[int] = None,
+                  mask: Optional[jax.Array] = None, scale: Optional[float] = None):
+  """Reference attention in jnp (f32 softmax). `mask` is boolean [batch, q_len, kv_len].
+  A fully masked row gives zeros, never NaN."""
+  out, _ = xla_attention_with_lse(query, key, value, causal=causal, local_block=local_block,
+                                  mask=mask, scale=scale)
+  return out.astype(query.dtype)
 
 
 def dot_product_attention(query, key, value, *, causal: bool, impl: str = "xla",

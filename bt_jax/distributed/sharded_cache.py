@@ -42,6 +42,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bt_jax import axes
+from bt_jax.attention import xla_attention_with_lse
 from bt_jax.distributed.merge import allreduce_merge
 
 _ACTIVE: contextvars.ContextVar[Optional["ShardedKVCache"]] = contextvars.ContextVar(
@@ -91,23 +92,7 @@ def masked_partial_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   Returns o [batch, q_len, heads, head_dim] f32 and lse [batch, heads, q_len]
   f32 (natural log); a query that sees no key here gives o = 0, lse = -inf.
   """
-  batch, q_len, heads, head_dim = query.shape
-  kv_heads = key.shape[2]
-  scale = head_dim ** -0.5 if scale is None else scale
-  q = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-  scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, key,
-                      preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-  row_max = jnp.max(scores, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  weights = jnp.exp(scores - row_max)
-  denom = jnp.sum(weights, axis=-1, keepdims=True)
-  probs = weights / jnp.where(denom > 0, denom, 1.0)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(value.dtype), value,
-                   preferred_element_type=jnp.float32)
-  lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
-  return (out.reshape(batch, q_len, heads, head_dim),
-          lse.reshape(lse.shape[0], heads, q_len))
+  return xla_attention_with_lse(query, key, value, mask=mask, scale=scale)
 
 
 @dataclasses.dataclass(frozen=True)
