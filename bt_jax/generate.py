@@ -35,6 +35,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_integer("chunk_tokens", 16, "Tokens per compiled chunk between prints.")
+  flags.DEFINE_integer("sequence_devices", 1,
+                       "Split the KV cache over this many devices (a `sequence` mesh axis; "
+                       "Tree Attention merges the per-device partials). 1 = unsharded.")
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
@@ -55,11 +58,12 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
 def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] = None,
                     temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
                     seed: int = 0, step: Optional[int] = None, chunk_tokens: int = 16,
-                    out: TextIO = sys.stdout) -> str:
+                    sequence_devices: int = 1, out: TextIO = sys.stdout) -> str:
   """Generates a continuation of `prompt`, writing it to `out` as it is made.
 
   max_new_tokens None: the rest of the context after the prompt, at most
-  DEFAULT_MAX_NEW_TOKENS. Returns the generated text. Raises FileNotFoundError for a missing
+  DEFAULT_MAX_NEW_TOKENS. sequence_devices > 1 shards the global KV cache over
+  that many devices (`bt_jax.distributed.sharded_cache`). Returns the generated text. Raises FileNotFoundError for a missing
   checkpoint and ValueError for an empty prompt or one too long for the context.
   """
   import jax  # pylint: disable=import-outside-toplevel
@@ -75,6 +79,13 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
   sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
   if chunk_tokens < 1:
     raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens}")
+  mesh = None
+  if sequence_devices != 1:
+    if not 1 <= sequence_devices <= jax.device_count():
+      raise ValueError(f"sequence_devices={sequence_devices}, but there are "
+                       f"{jax.device_count()} devices; use 1 .. {jax.device_count()}")
+    from bt_jax.distributed import make_sequence_mesh  # pylint: disable=import-outside-toplevel
+    mesh = make_sequence_mesh(sequence_devices)
   if step is None:
     model, params, tokenizer = checkpointing.load_for_inference(workdir)
   else:
@@ -94,7 +105,7 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
   if max_new_tokens is None:
     max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, config.max_len - aligned)
   batch = prepare_prompts([ids], config, max_new_tokens)   # checks prompt + new tokens
-  start, resume, finish = make_stream_fns(model, max_new_tokens, sampling)
+  start, resume, finish = make_stream_fns(model, max_new_tokens, sampling, mesh=mesh)
   state = start(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(seed),
                 tokenizer.eos_id)
   per_step = tokens_per_step(model)
@@ -133,7 +144,8 @@ def main(argv):
     prompt = read_prompt(FLAGS.prompt, FLAGS.prompt_file)
     stream_generate(FLAGS.workdir, prompt, max_new_tokens=FLAGS.max_new_tokens,
                     temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                    seed=FLAGS.seed, step=FLAGS.step, chunk_tokens=FLAGS.chunk_tokens)
+                    seed=FLAGS.seed, step=FLAGS.step, chunk_tokens=FLAGS.chunk_tokens,
+                    sequence_devices=FLAGS.sequence_devices)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

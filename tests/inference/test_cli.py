@@ -74,6 +74,8 @@ def test_generate_errors(fake_checkpoints, tmp_path):
     generate_cli.stream_generate(str(tmp_path), "x" * 64, out=io.StringIO())
   with pytest.raises(ValueError, match="exceeds the model's context"):
     generate_cli.stream_generate(str(tmp_path), "x" * 40, max_new_tokens=30, out=io.StringIO())
+  with pytest.raises(ValueError, match=r"sequence_devices=99, but there are \d+ devices"):
+    generate_cli.stream_generate(str(tmp_path), "Hi", sequence_devices=99, out=io.StringIO())
   with pytest.raises(ValueError, match="exactly one of --prompt and --prompt_file"):
     generate_cli.read_prompt(None, None)
   empty = tmp_path / "empty.txt"

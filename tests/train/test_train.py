@@ -350,6 +350,12 @@ def test_trained_workdir_serves_generate_and_eval_binaries(reference_run, tmp_pa
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip() == tokenizer.decode(want_ids).strip()   # greedy: the same text
   assert "/orbax/" not in result.stderr and "Finished load" not in result.stderr
+  # The KV cache split over 2 devices (tree-merged partials): the same greedy text.
+  result = _run(["-m", "bt_jax.generate", f"--workdir={workdir}", f"--prompt={prompt}",
+                 "--max_new_tokens=8", "--temperature=0", "--sequence_devices=2"],
+                timeout=240, devices=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip() == tokenizer.decode(want_ids).strip()
 
   fixtures = REPO / "tests" / "eval" / "fixtures"
   out = tmp_path / "zero_shot.json"
