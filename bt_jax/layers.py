@@ -138,16 +138,27 @@ class Attention(nn.Module):
       # sequence axis (round-robin slots) and attended by Tree Attention.
       out, new_cache = sharded.attend(query, key, value, cache, cache_index, mask)
     elif cache is not None:
-      key = jax.lax.dynamic_update_slice_in_dim(
-          cache["key"], key.astype(cache["key"].dtype), cache_index, axis=1)
-      value = jax.lax.dynamic_update_slice_in_dim(
-          cache["value"], value.astype(cache["value"].dtype), cache_index, axis=1)
-      new_cache = {"key": key, "value": value}
-      # A few queries against a masked cache: the jnp path. Left-padded rows
-      # need a per-row mask, which the Pallas decode kernel (lengths only) lacks.
-      read_len = mask.shape[-1]   # static: later slots are not read at all
-      out = xla_attention(query, key[:, :read_len].astype(query.dtype),
-                          value[:, :read_len].astype(query.dtype), causal=False, mask=mask)
+      new_cache = {
+          "key": jax.lax.dynamic_update_slice_in_dim(
+              cache["key"], key.astype(cache["key"].dtype), cache_index, axis=1),
+          "value": jax.lax.dynamic_update_slice_in_dim(
+              cache["value"], value.astype(cache["value"].dtype), cache_index, axis=1)}
+      length = query.shape[1]
+      if isinstance(cache_index, int) and cache_index == 0 and length > 1:
+        # Prefill into an empty cache: the queries see only the keys written
+        # now, so attend over those (not the whole cache) through the
+        # configured implementation (flash attention with "pallas"/"cudnn").
+        out = dot_product_attention(query, key.astype(query.dtype), value.astype(query.dtype),
+                                    causal=False, impl=self.attention_impl,
+                                    mask=jnp.broadcast_to(mask[..., :length],
+                                                          (query.shape[0], length, length)))
+      else:
+        # A few queries against a masked cache: the jnp path. Left-padded rows
+        # need a per-row mask, which the Pallas decode kernel (lengths only) lacks.
+        read_len = mask.shape[-1]   # static: later slots are not read at all
+        out = xla_attention(query, new_cache["key"][:, :read_len].astype(query.dtype),
+                            new_cache["value"][:, :read_len].astype(query.dtype),
+                            causal=False, mask=mask)
     else:
       out = dot_product_attention(query, key, value, causal=self.causal and memory is None,
                                   impl=self.attention_impl, mask=mask, local_block=local_block)

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bt_jax.config import BlockConfig
+from bt_jax.config import ATTENTION_IMPLS, BlockConfig
 from bt_jax.gin_utils import model_config_from_gin
 from bt_jax.inference import generate_fn, kv_cache_bytes_per_sample, num_steps_for
 from bt_jax.models import build_model, init_params
@@ -93,6 +93,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("cache_segments", 4,
                        "Decode loop pieces; each reads only the filled part of the caches.")
   flags.DEFINE_integer("seed", 0, "Seed of the random weights and prompts.")
+  flags.DEFINE_enum("attention_impl", None, list(ATTENTION_IMPLS),
+                    "Override the models' attention_impl (prefill and training-style "
+                    "attention; e.g. pallas or cudnn on a GPU).")
 
 
 def parse_scenarios(spec: str, preset: str) -> dict[str, tuple[int, int]]:
@@ -114,12 +117,16 @@ def parse_scenarios(spec: str, preset: str) -> dict[str, tuple[int, int]]:
   return out
 
 
-def benchmark_config(name: str, dtype: str, prompt_len: int, new_tokens: int):
+def benchmark_config(name: str, dtype: str, prompt_len: int, new_tokens: int,
+                     attention_impl: Optional[str] = None):
   config = model_config_from_gin([f"models/{name}.gin"])
   block_len = config.block_len if isinstance(config, BlockConfig) else 1
   needed = (-(-prompt_len // block_len) + num_steps_for(config, new_tokens)) * block_len
-  return dataclasses.replace(config, dtype=dtype, param_dtype=dtype,
-                             max_len=max(config.max_len, needed))
+  config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype,
+                               max_len=max(config.max_len, needed))
+  if attention_impl is not None:
+    config = dataclasses.replace(config, attention_impl=attention_impl)
+  return config
 
 
 def random_prompts(config, batch: int, prompt_len: int, rng: np.random.Generator):
@@ -235,8 +242,9 @@ def memory_budget_bytes(flag_gb: Optional[float]) -> float:
 
 def run_one(name: str, scenario: str, prompt_len: int, new_tokens: int, *, batch_spec: str,
             dtype: str, budget: Optional[float], max_batch: int, repeats: int, warmup: int,
-            peak_bw_gbs: float, seed: int, cache_segments: int) -> dict:
-  config = benchmark_config(name, dtype, prompt_len, new_tokens)
+            peak_bw_gbs: float, seed: int, cache_segments: int,
+            attention_impl: Optional[str] = None) -> dict:
+  config = benchmark_config(name, dtype, prompt_len, new_tokens, attention_impl)
   model = build_model(config)
   params = init_params(model, jax.random.key(seed))
   fn = generate_fn(model, new_tokens, segments=cache_segments)    # greedy, EOS disabled
@@ -310,7 +318,7 @@ def run(*, preset: str = "cpu", models: Optional[str] = None, scenarios: Optiona
         max_batch_size: int = 1024, peak_bw_gbs: Optional[float] = None,
         repeats: Optional[int] = None, warmup: Optional[int] = None,
         dtype: Optional[str] = None, out: Optional[str] = None, seed: int = 0,
-        cache_segments: int = 4) -> dict:
+        cache_segments: int = 4, attention_impl: Optional[str] = None) -> dict:
   """Runs every model x scenario; returns (and writes to `out`) the report."""
   defaults = PRESETS[preset]
   names = [m.strip() for m in (models or defaults["models"]).split(",") if m.strip()]
@@ -323,7 +331,7 @@ def run(*, preset: str = "cpu", models: Optional[str] = None, scenarios: Optiona
                   repeats=defaults["repeats"] if repeats is None else repeats,
                   warmup=defaults["warmup"] if warmup is None else warmup,
                   peak_bw_gbs=peak_bw_gbs or defaults["peak_bw_gbs"], seed=seed,
-                  cache_segments=cache_segments)
+                  cache_segments=cache_segments, attention_impl=attention_impl)
   start = time.perf_counter()
   results = []
   for scenario, (prompt_len, new_tokens) in chosen.items():
@@ -353,7 +361,8 @@ def main(argv):
         batch_size=FLAGS.batch_size, memory_budget_gb=FLAGS.memory_budget_gb,
         max_batch_size=FLAGS.max_batch_size, peak_bw_gbs=FLAGS.peak_bw_gbs,
         repeats=FLAGS.repeats, warmup=FLAGS.warmup, dtype=FLAGS.dtype, out=FLAGS.out,
-        seed=FLAGS.seed, cache_segments=FLAGS.cache_segments)
+        seed=FLAGS.seed, cache_segments=FLAGS.cache_segments,
+        attention_impl=FLAGS.attention_impl)
   except (FileNotFoundError, ValueError) as e:   # unknown model / scenario, bad batch size
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -36,6 +36,10 @@ CONFIGS = {
                                               encoder_width=32, **BLOCK),
     "block-L2-cross-projection": BlockConfig(block_len=2, token_decoder="cross_attention",
                                              embedder="projection", **BLOCK),
+    # Prefill through the attention_impl dispatch (flash_attention's API; its
+    # XLA path on CPU), decode steps through the masked cache.
+    "vanilla-pallas": VanillaConfig(num_layers=2, width=32, attention_impl="pallas", **TINY),
+    "block-L4-pallas": BlockConfig(block_len=4, attention_impl="pallas", **BLOCK),
 }
 
 
