@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Every GPU-only check of the project in one prepared run, for a session that
+# is lent a GPU (the `device` tool: one H100/H200, a 10-minute call, 15 minutes
+# of device time per session). Not yet run on a GPU as of 2026-11-30.
+#
+# The GPU image has jax/jaxlib 0.11 (CUDA), flax, optax, orbax, pytest and
+# matplotlib, but not gin-config. Once, here (repository root):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp -d .whl gin-config==0.5.0
+# Then call the device tool with
+#   command: bash experiments/gpu_session.sh     carry: [".whl"]     timeout_s: 590
+# Results land in $OUT (JSON, text and a PNG), read-only under files_at.
+#
+# What it shows (issues 4, 5, 6): the Pallas kernels compile and pass their
+# tests on the GPU; kernel timings against XLA and cuDNN (goals: causal flash
+# fwd+bwd at 2048/d64/bf16 >= XLA; decode >= 70% of HBM bandwidth); the 85M
+# pair's prefill-heavy and decode-heavy throughput (paper, H100: block 85M
+# 59.0k and 134.7k tokens/s); tree vs ring on the one GPU (p = 1 only).
+set -uo pipefail
+OUT=${OUT:-out/gpu_session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+case "$GPU" in
+  *H200*) PEAK_BW=4800 ;;   # GB/s, HBM3e
+  *H100*) PEAK_BW=3350 ;;   # GB/s, SXM HBM3
+  *) PEAK_BW=2000 ;;
+esac
+{
+  echo "gpu: $GPU (peak bandwidth assumed ${PEAK_BW} GB/s)"; date -u
+  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+} 2>&1 | tee "$OUT/device.txt"
+
+step() {  # step NAME SECONDS COMMAND...: one check, its own time limit and log
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit} s)"
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  tail -n 25 "$OUT/$name.log"
+}
+
+step pallas_tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/pallas_kernels
+step kernel_bench 150 python3 -m experiments.kernel_bench --preset gpu \
+    --peak_bw_gbs "$PEAK_BW" --out "$OUT/kernel_bench_gpu.json"
+step throughput_85m 200 python3 -m experiments.throughput --preset paper \
+    --models block_b4_85m,vanilla_85m --scenarios prefill_heavy,decode_heavy \
+    --batch_size auto --peak_bw_gbs "$PEAK_BW" --attention_impl pallas \
+    --out "$OUT/throughput_85m.json"
+step tree_vs_ring 60 python3 -m experiments.tree_vs_ring --preset gpu --out "$OUT"
+echo "done in $SECONDS s"
