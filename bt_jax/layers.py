@@ -90,6 +90,22 @@ class Projection(nn.Module):
     return y + bias
 
 
+def _visible_run(mask: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
+  """(starts, ends) int32 [batch]: the first visible slot and one past the last.
+
+  mask [batch|1, slots] bool, one contiguous run of True per row (not
+  checked: the caller's contract); a row with no True slot gives 0, 0.
+  """
+  mask = mask.astype(bool)
+  slots = mask.shape[-1]
+  seen = jnp.any(mask, axis=-1)
+  first = jnp.argmax(mask, axis=-1)
+  last_plus_one = slots - jnp.argmax(mask[:, ::-1], axis=-1)
+  starts = jnp.where(seen, first, 0).astype(jnp.int32)
+  ends = jnp.where(seen, last_plus_one, 0).astype(jnp.int32)
+  return jnp.broadcast_to(starts, (batch,)), jnp.broadcast_to(ends, (batch,))
+
+
 class Attention(nn.Module):
   """Multi-head attention with rotary embeddings (self) or without (cross)."""
 
@@ -119,7 +135,13 @@ class Attention(nn.Module):
     (cache_index: a scalar shared by the batch), the queries attend over the
     first `read_len` slots of the cache under `mask` [batch|1, length, read_len]
     (read_len <= cache_len; the mask must encode causality and padding), and
-    (out, new_cache) is returned. Inside `sharded_kv_cache(mesh)` the cache is
+    (out, new_cache) is returned. With attention_impl "pallas", a
+    single-query cached step (length 1, the decode step) runs the split-KV
+    decode kernel (`pallas_kernels.decode_attention`) over each row's window
+    of slots: every row's mask must then be one contiguous run of True slots
+    (or none), as `bt_jax.inference.caches.padded_mask` / `local_mask` build;
+    slots inside the run that the mask leaves False would be attended.
+    Inside `sharded_kv_cache(mesh)` the cache is
     kept sharded over the mesh's sequence axis (`bt_jax.distributed.sharded_cache`).
     `local_block` S: attention stays inside consecutive runs of S positions.
     """
@@ -152,9 +174,18 @@ class Attention(nn.Module):
                                     causal=False, impl=self.attention_impl,
                                     mask=jnp.broadcast_to(mask[..., :length],
                                                           (query.shape[0], length, length)))
+      elif self.attention_impl == "pallas" and length == 1:
+        # The decode step: each row sees one run of slots [start, end) (left
+        # padding, then the causal edge), which the split-KV decode kernel
+        # takes as per-row starts/lengths; it skips the padded tiles. The
+        # whole cache is passed (a slice would copy it every step): tiles
+        # past each row's end are not read.
+        import pallas_kernels  # pylint: disable=import-outside-toplevel
+        starts, ends = _visible_run(mask[:, 0], query.shape[0])
+        out, _ = pallas_kernels.decode_attention(query, new_cache["key"], new_cache["value"],
+                                                 ends, starts=starts)
       else:
-        # A few queries against a masked cache: the jnp path. Left-padded rows
-        # need a per-row mask, which the Pallas decode kernel (lengths only) lacks.
+        # A few queries against a masked cache: the jnp path (any mask).
         read_len = mask.shape[-1]   # static: later slots are not read at all
         out = xla_attention(query, new_cache["key"][:, :read_len].astype(query.dtype),
                             new_cache["value"][:, :read_len].astype(query.dtype),

@@ -12,17 +12,24 @@ with their lse (exact: out = sum_s exp(lse_s - lse) out_s,
 lse = logsumexp_s lse_s), which is also how distributed tree decode merges the
 per-device results of this function.
 
+Row b attends over cache positions [starts[b], lengths[b]) (starts default
+to 0; a left-padded generation cache passes its per-row pad as starts).
+
 How the cache is chunked:
   * "gpu" (Triton, and interpret on CPU): chunks follow each row's actual
-    length (`lengths[b]` split in `splits` equal runs of tiles), so a
-    half-empty cache keeps every split busy and no tile past lengths[b] is
-    read. The cache keeps the model's [batch, kv_len, kv_heads, head_dim]
-    layout: no copy of the cache is made when kv_len is a multiple of block_k
-    and head_dim a power of two.
+    range (the tiles from starts[b] // block_k up to the one holding
+    lengths[b] - 1, split in `splits` equal runs of tiles), so a half-empty
+    or left-padded cache keeps every split busy and no tile wholly outside
+    the range is read. The cache keeps the model's
+    [batch, kv_len, kv_heads, head_dim] layout: no copy of the cache is made
+    when kv_len is a multiple of block_k and head_dim a power of two.
   * "tpu" (Mosaic): fixed chunks of kv_len / splits (BlockSpecs must be
-    static); tiles past lengths[b] are skipped but still fetched by the
-    pipeline, and the cache is moved to [batch, kv_heads, kv_len, head_dim]
-    (a copy) so blocks are tile-aligned.
+    static); tiles wholly before starts[b] or past lengths[b] are skipped but
+    still fetched by the pipeline, and the cache is moved to
+    [batch, kv_heads, kv_len, head_dim] (a copy) so blocks are tile-aligned.
+
+Without `starts` the kernel is traced without them (no extra operand, no
+extra mask): the lengths-only kernel is unchanged.
 """
 
 from __future__ import annotations
@@ -57,28 +64,47 @@ class DecodeConfig:
   interpret: bool
   num_warps: int
   num_stages: int
+  has_starts: bool      # False: positions start at 0 (no starts operand)
 
 
-def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                   cfg: DecodeConfig):
+def _decode_kernel(*refs, cfg: DecodeConfig):
+  # [starts_ref,] lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref.
   # q_ref/o_ref [rows, d]; k_ref/v_ref [kv_len, d] ("gpu": the whole cache row)
   # or [split_len, d] ("tpu": this split's chunk); lse_ref [rows, 1].
+  if cfg.has_starts:
+    starts_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+  else:
+    starts_ref = None
+    lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
   block_k = cfg.block_k
   batch_index = pl.program_id(0)
   split = pl.program_id(2)
+  # starts/lengths are clamped to [0, kv_len] by the caller, so every
+  # division below is of a non-negative number except where noted.
   if cfg.target == "gpu":
     length = lengths_ref[()]
-    num_tiles = lax.div(length + (block_k - 1), block_k)
+    end_tile = lax.div(length + (block_k - 1), block_k)
+    if cfg.has_starts:
+      start = starts_ref[()]
+      first_tile = lax.div(start, block_k)
+      num_tiles = jnp.maximum(end_tile - first_tile, 0)
+    else:
+      first_tile, num_tiles = jnp.int32(0), end_tile
     tiles_per_split = lax.div(num_tiles + (cfg.num_splits - 1), cfg.num_splits)
-    lo = split * tiles_per_split
-    hi = jnp.minimum(lo + tiles_per_split, num_tiles)
+    lo = first_tile + split * tiles_per_split   # first_tile 0: folded away
+    hi = jnp.minimum(lo + tiles_per_split, end_tile)
     base = jnp.int32(0)  # k_ref position 0 is cache position 0
   else:
     length = lengths_ref[batch_index]
+    start = starts_ref[batch_index] if cfg.has_starts else None
     base = split * cfg.split_len
-    lo = jnp.int32(0)
+    chunk_tiles = cfg.split_len // block_k
+    # Tiles of this chunk that hold a position in [start, length); start -
+    # base may be negative, where truncating division still clips to 0.
+    lo = (jnp.clip(lax.div(start - base, block_k), 0, chunk_tiles)
+          if cfg.has_starts else jnp.int32(0))
     hi = jnp.clip(lax.div(length - base + (block_k - 1), block_k), 0,
-                  cfg.split_len // block_k)
+                  chunk_tiles)
   hi = jnp.maximum(hi, lo)
 
   q = q_ref[...]
@@ -93,6 +119,8 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
     position = base + k_start + lax.broadcasted_iota(jnp.int32,
                                                      (rows, block_k), 1)
     allowed = position < length
+    if cfg.has_starts:
+      allowed &= position >= start
     s = jnp.where(allowed, s, MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     p = jnp.where(allowed, jnp.exp2(s - m_next), 0.0)
@@ -113,8 +141,10 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
   lse_ref[...] = jnp.where(seen, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
 
 
-def _decode_call(cfg: DecodeConfig, lengths, q_rows, k_cache, v_cache):
-  """q_rows [b, kvh, rows, d]; caches in the target layout (see module doc).
+def _decode_call(cfg: DecodeConfig, starts, lengths, q_rows, k_cache,
+                 v_cache):
+  """q_rows [b, kvh, rows, d]; caches in the target layout (see module doc);
+  starts int32 [b] when cfg.has_starts, else None.
 
   Returns partial out [b, kvh, splits, rows, d] f32, lse [..., rows, 1] f32.
   """
@@ -137,10 +167,13 @@ def _decode_call(cfg: DecodeConfig, lengths, q_rows, k_cache, v_cache):
                         lambda b, h, s: (b, h, s, 0, 0))
   lse_spec = pl.BlockSpec((None, None, None, rows, 1),
                           lambda b, h, s: (b, h, s, 0, 0))
+  # starts travel exactly like lengths.
+  scalar_specs = [lengths_spec] * (2 if cfg.has_starts else 1)
+  scalars = (starts, lengths) if cfg.has_starts else (lengths,)
   return pl.pallas_call(
       functools.partial(_decode_kernel, cfg=cfg),
       grid=(batch, kv_heads, splits),
-      in_specs=[lengths_spec, q_spec, kv_spec, kv_spec],
+      in_specs=[*scalar_specs, q_spec, kv_spec, kv_spec],
       out_specs=[o_spec, lse_spec],
       out_shape=[
           jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim),
@@ -151,7 +184,7 @@ def _decode_call(cfg: DecodeConfig, lengths, q_rows, k_cache, v_cache):
                                       cfg.num_stages),
       interpret=cfg.interpret,
       name="decode_attention",
-  )(lengths, q_rows, k_cache, v_cache)
+  )(*scalars, q_rows, k_cache, v_cache)
 
 
 def merge_partials(out_parts: jax.Array, lse_parts: jax.Array,
@@ -187,7 +220,8 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                     lengths: jax.Array, *, sm_scale: Optional[float] = None,
+                     lengths: jax.Array, *, starts: Optional[jax.Array] = None,
+                     sm_scale: Optional[float] = None,
                      impl: Optional[str] = None,
                      num_splits: Optional[int] = None,
                      block_k: Optional[int] = None
@@ -199,7 +233,10 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     k_cache, v_cache: `[batch, kv_len, kv_heads, head_dim]`; query head h
       reads kv head h // (heads // kv_heads).
     lengths: int32 `[batch]`; every query token of row b sees cache positions
-      [0, lengths[b]) (no causality among the query tokens).
+      [starts[b], lengths[b]) (no causality among the query tokens).
+    starts: optional int32 `[batch]`, default zeros: the first cache position
+      row b sees (a left-padded cache's pad). Tiles wholly before starts[b]
+      are not read ("gpu") or not computed ("tpu").
     sm_scale: default head_dim ** -0.5.
     impl: None (auto: "pallas" on gpu/tpu, "xla" on cpu) | "pallas" |
       "interpret" | "xla".
@@ -211,8 +248,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
   Returns:
     out `[batch, q_len, heads, head_dim]` (q.dtype) and lse
-    `[batch, heads, q_len]` float32, natural log. lengths[b] == 0 gives
-    zeros and lse -inf.
+    `[batch, heads, q_len]` float32, natural log. An empty range
+    (starts[b] >= lengths[b], e.g. lengths[b] == 0) gives zeros and lse -inf.
   """
   reference.check_attention_shapes(q, k_cache, v_cache)
   if k_cache.dtype != v_cache.dtype:
@@ -225,6 +262,11 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   if lengths.shape != (batch,):
     raise ValueError(
         f"lengths must be int32 [batch={batch}]; got shape {lengths.shape}")
+  if starts is not None:
+    starts = jnp.asarray(starts, jnp.int32)
+    if starts.shape != (batch,):
+      raise ValueError(
+          f"starts must be int32 [batch={batch}]; got shape {starts.shape}")
   if sm_scale is None:
     sm_scale = head_dim ** -0.5
   if num_splits is not None and int(num_splits) < 1:
@@ -232,13 +274,16 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   impl = resolve_impl(impl)
   if impl == "xla":
     return reference.reference_decode_attention(
-        q, k_cache, v_cache, lengths, sm_scale=sm_scale)
+        q, k_cache, v_cache, lengths, starts=starts, sm_scale=sm_scale)
 
   target = resolve_target(impl)
   group = heads // kv_heads
   # Lengths above the cache size would read past it: clamp (the reference
-  # also sees at most kv_len keys, so results agree).
+  # also sees at most kv_len keys, so results agree). Likewise starts outside
+  # [0, kv_len] select the same positions as their clamped values.
   lengths = jnp.clip(lengths, 0, kv_len)
+  if starts is not None:
+    starts = jnp.clip(starts, 0, kv_len)
   bk = pick_block(block_k, 128 if head_dim <= 64 else 64, kv_len)
   kv_len_p = round_up(kv_len, bk)
   num_tiles = kv_len_p // bk
@@ -256,7 +301,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
       sm_scale=float(sm_scale), block_k=bk, num_splits=splits,
       split_len=kv_len_p // splits, rows=rows_p, target=target,
       interpret=impl == "interpret", num_warps=4,
-      num_stages=3 if head_dim <= 128 else 2)  # untuned: see kernel_bench
+      num_stages=3 if head_dim <= 128 else 2,  # untuned: see kernel_bench
+      has_starts=starts is not None)
 
   # Matmul operands in the cache dtype (mixed-dtype dots do not lower on
   # Triton); the cache is the big array, so it is never cast.
@@ -271,7 +317,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   if target == "tpu":
     k_p, v_p = jnp.swapaxes(k_p, 1, 2), jnp.swapaxes(v_p, 1, 2)
 
-  out_parts, lse_parts = _decode_call(cfg, lengths, q_rows, k_p, v_p)
+  out_parts, lse_parts = _decode_call(cfg, starts, lengths, q_rows, k_p, v_p)
   out, lse = merge_partials(out_parts, lse_parts[..., 0], axis=2)
   # out [b, kvh, rows_p, d_p] -> [b, q_len, heads, d]
   out = out[:, :, :rows, :head_dim].reshape(batch, kv_heads, q_len, group,

@@ -144,14 +144,16 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 def reference_decode_attention(q: jax.Array, k_cache: jax.Array,
                                v_cache: jax.Array, lengths: jax.Array, *,
+                               starts: Optional[jax.Array] = None,
                                sm_scale: Optional[float] = None
                                ) -> Tuple[jax.Array, jax.Array]:
   """Decode attention over a KV cache in plain jnp.
 
   q `[batch, q_len, heads, head_dim]`, caches `[batch, kv_len, kv_heads,
-  head_dim]`, lengths int32 `[batch]`: every query token of row b sees keys
-  [0, lengths[b]). Returns out `[batch, q_len, heads, head_dim]` (q.dtype) and
-  lse `[batch, heads, q_len]` float32 natural log.
+  head_dim]`, lengths and starts (default zeros) int32 `[batch]`: every query
+  token of row b sees keys [starts[b], lengths[b]). Returns out
+  `[batch, q_len, heads, head_dim]` (q.dtype) and lse `[batch, heads, q_len]`
+  float32 natural log; an empty range gives zeros and lse -inf.
   """
   check_attention_shapes(q, k_cache, v_cache)
   batch, q_len, _, head_dim = q.shape
@@ -162,6 +164,11 @@ def reference_decode_attention(q: jax.Array, k_cache: jax.Array,
   if sm_scale is None:
     sm_scale = head_dim ** -0.5
   kv_pos = jnp.arange(kv_len, dtype=jnp.int32)
-  allowed = jnp.broadcast_to((kv_pos[None, :] < lengths[:, None])[:, None, :],
-                             (batch, q_len, kv_len))
+  visible = kv_pos[None, :] < lengths[:, None]     # [batch, kv_len]
+  if starts is not None:
+    starts = jnp.asarray(starts, jnp.int32)
+    if starts.shape != (batch,):
+      raise ValueError(f"starts must be int32 [batch={batch}]; got {starts.shape}")
+    visible &= kv_pos[None, :] >= starts[:, None]
+  allowed = jnp.broadcast_to(visible[:, None, :], (batch, q_len, kv_len))
   return _masked_softmax_attention(q, k_cache, v_cache, allowed, sm_scale)

@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bt_jax.config import BlockConfig, VanillaConfig
+from bt_jax.config import BlockConfig, StackConfig, VanillaConfig
 from bt_jax.inference import (SamplingConfig, generate, make_stream_fns, prepare_prompts,
                               restrict_logits, sample_logits)
+from bt_jax.inference.caches import local_mask, padded_mask
+from bt_jax.layers import Attention
 from bt_jax.models import build_model, init_params
 
 VOCAB = 128
@@ -214,6 +216,49 @@ def test_pallas_local_block_kernel_in_interpret_mode(monkeypatch):
   got = jax.jit(pallas.apply)({"params": params}, tokens)
   assert 5 in calls                          # P + L - 1 = 5 positions per block
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+def test_pallas_decode_step_kernel_with_left_padding(monkeypatch):
+  """A decode step's Attention through the split-KV kernel itself
+  (interpreter) with per-row starts from a left-padded mask, against the xla
+  path. Masked slots hold random keys/values, so a wrong window shows."""
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+  real = pallas_kernels.decode_attention
+  calls = []
+
+  def interpret(*args, **kwargs):
+    calls.append(kwargs.get("starts") is not None)
+    # 16-slot tiles: a pad of 20 skips a whole tile and masks inside the next.
+    return real(*args, **{**kwargs, "impl": "interpret", "block_k": 16})
+
+  monkeypatch.setattr(pallas_kernels, "decode_attention", interpret)
+  stack = StackConfig(num_layers=1, width=64, head_dim=16)
+  batch, cache_len, read_len, slot = 4, 48, 40, 37
+  # Row 3's pad lies past the slot: it sees nothing (out is the bias only).
+  pad = jnp.array([0, 5, 20, 38], jnp.int32)
+  keys = jax.random.split(jax.random.key(5), 3)
+  x = jax.random.normal(keys[0], (batch, 1, stack.width))
+  shape = (batch, cache_len, stack.num_heads, stack.resolved_head_dim)
+  cache = {"key": jax.random.normal(keys[1], shape),
+           "value": jax.random.normal(keys[2], shape)}
+  positions = jnp.maximum(slot - pad, 0)[:, None]
+  masks = {"padded": padded_mask(pad, jnp.array([slot]), read_len),      # [batch, 1, read]
+           "local": local_mask(jnp.array([slot]), read_len)}             # [1, 1, read]
+  params = Attention(stack).init(jax.random.key(6), x, positions, mask=masks["padded"],
+                                 cache=cache, cache_index=slot)
+  for name, mask in masks.items():
+    outs = {}
+    for impl in ("xla", "pallas"):
+      layer = Attention(stack, attention_impl=impl)
+      outs[impl] = jax.jit(layer.apply)(params, x, positions, mask=mask, cache=cache,
+                                        cache_index=jnp.int32(slot))
+    assert calls and all(calls), name
+    calls.clear()
+    np.testing.assert_allclose(np.asarray(outs["pallas"][0]), np.asarray(outs["xla"][0]),
+                               atol=1e-5, rtol=1e-5, err_msg=name)
+    for part in ("key", "value"):
+      np.testing.assert_array_equal(np.asarray(outs["pallas"][1][part]),
+                                    np.asarray(outs["xla"][1][part]))
 
 
 def test_prompt_errors():

@@ -2,7 +2,9 @@
 
 Checks out and lse (exact to f32 rounding: distributed tree decode merges
 per-device results with this lse) on ragged lengths including 0 and a full
-cache, GQA, several query tokens, split counts, f32 and bf16.
+cache, GQA, several query tokens, split counts, f32 and bf16; and per-row
+`starts` (left-padded caches) including empty ranges, with the tiles the
+kernel must skip poisoned with NaN so that reading them fails the test.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import decode_attention, reference_decode_attention
+from pallas_kernels import (decode_attention, reference_attention,
+                            reference_decode_attention)
 from pallas_kernels._common import force_target
 from pallas_kernels.decode_attention import merge_partials
 
@@ -21,11 +24,11 @@ BATCH, Q_LEN, HEADS, KV_HEADS, KV_LEN, HEAD_DIM = 4, 3, 4, 2, 100, 32
 LENGTHS = jnp.array([0, 37, 100, 5], jnp.int32)
 
 
-def _inputs(dtype, seed=0):
+def _inputs(dtype, seed=0, batch=BATCH):
   kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-  q = jax.random.normal(kq, (BATCH, Q_LEN, HEADS, HEAD_DIM), jnp.float32)
-  k = jax.random.normal(kk, (BATCH, KV_LEN, KV_HEADS, HEAD_DIM), jnp.float32)
-  v = jax.random.normal(kv, (BATCH, KV_LEN, KV_HEADS, HEAD_DIM), jnp.float32)
+  q = jax.random.normal(kq, (batch, Q_LEN, HEADS, HEAD_DIM), jnp.float32)
+  k = jax.random.normal(kk, (batch, KV_LEN, KV_HEADS, HEAD_DIM), jnp.float32)
+  v = jax.random.normal(kv, (batch, KV_LEN, KV_HEADS, HEAD_DIM), jnp.float32)
   return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
@@ -102,15 +105,125 @@ def test_decode_tpu_variant_in_tpu_interpret_mode(f32_case):
   _check(out, lse, ref_out, ref_lse, atol=2e-6)
 
 
+# Per-row windows [start, length): row 0 is empty with start == length > 0,
+# row 5 is empty with start > length, row 3 starts on a tile boundary (16),
+# rows 1, 2 and 4 start at random offsets (row 1 and 4 past the first tiles).
+_rng = np.random.default_rng(0)
+S_LENGTHS = np.array([37, 100, 5, 64, 90, 3], np.int32)
+S_STARTS = np.array([37, _rng.integers(17, 99), _rng.integers(1, 5), 16,
+                     _rng.integers(33, 89), 9], np.int32)
+S_EMPTY = S_STARTS >= S_LENGTHS
+
+
+def _poison_skipped(cache, block_k):
+  """NaN in every cache position of a tile wholly before starts[b] or past
+  lengths[b]: the kernel must not read them. A read shows as NaN in out when
+  the tile shares a split with a visible position (always with one split); a
+  split that sees nothing else reports out 0, lse -inf whatever it read."""
+  pos = np.arange(KV_LEN)[None, :]
+  first = (S_STARTS // block_k * block_k)[:, None]
+  end = (-(-S_LENGTHS // block_k) * block_k)[:, None]
+  skipped = (pos < first) | (pos >= end)                 # [batch, kv_len]
+  return jnp.where(jnp.asarray(skipped)[:, :, None, None],
+                   jnp.asarray(np.nan, cache.dtype), cache)
+
+
+def _check_windows(out, lse, ref_out, ref_lse, atol):
+  """Like _check, for the S_* rows: empty rows give exactly 0 / -inf."""
+  assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
+  assert lse.shape == ref_lse.shape and lse.dtype == jnp.float32
+  out32, lse = np.asarray(out, np.float32), np.asarray(lse)
+  assert not np.any(np.isnan(out32)) and not np.any(np.isnan(lse))
+  assert np.all(out32[S_EMPTY] == 0.0)
+  np.testing.assert_array_equal(lse[S_EMPTY], -np.inf)
+  assert np.all(np.isfinite(lse[~S_EMPTY]))
+  ref32 = np.asarray(ref_out, np.float32)
+  out_err = np.abs(out32 - ref32)
+  lse_err = np.abs(lse[~S_EMPTY] - np.asarray(ref_lse)[~S_EMPTY])
+  print(f"  out: max_err={out_err.max():.2e} mean_err={out_err.mean():.2e}; "
+        f"lse: max_err={lse_err.max():.2e} mean_err={lse_err.mean():.2e}")
+  np.testing.assert_allclose(out32, ref32, atol=atol)
+  np.testing.assert_allclose(lse[~S_EMPTY], np.asarray(ref_lse)[~S_EMPTY],
+                             atol=2e-6, rtol=1e-6)
+
+
+def test_reference_with_starts_is_a_window_mask():
+  """reference_decode_attention(starts=...) equals reference_attention with
+  the explicit [start, length) mask (and changes the result: starts count)."""
+  q, k, v = _inputs(jnp.float32, seed=2, batch=len(S_LENGTHS))
+  pos = np.arange(KV_LEN)
+  window = (pos >= S_STARTS[:, None]) & (pos < S_LENGTHS[:, None])
+  mask = jnp.broadcast_to(jnp.asarray(window)[:, None], (len(S_LENGTHS),
+                                                           Q_LEN, KV_LEN))
+  want, want_lse = jax.jit(reference_attention)(q, k, v, mask=mask)
+  got, got_lse = jax.jit(reference_decode_attention)(q, k, v, S_LENGTHS,
+                                                     starts=S_STARTS)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(got_lse)[S_EMPTY], -np.inf)
+  np.testing.assert_allclose(np.asarray(got_lse)[~S_EMPTY],
+                             np.asarray(want_lse)[~S_EMPTY], rtol=1e-6)
+  no_starts, _ = jax.jit(reference_decode_attention)(q, k, v, S_LENGTHS)
+  assert not np.allclose(np.asarray(no_starts)[1], np.asarray(got)[1])
+
+
+@pytest.fixture(scope="module")
+def starts_case():
+  q, k, v = _inputs(jnp.float32, seed=2, batch=len(S_LENGTHS))
+  return (q, k, v), jax.jit(reference_decode_attention)(
+      q, k, v, S_LENGTHS, starts=S_STARTS)
+
+
+# 7 tiles of 16: one split, uneven splits (3), more splits than tiles (16).
+@pytest.mark.parametrize("num_splits", [1, 3, 16])
+def test_decode_starts_f32_matches_reference(starts_case, num_splits):
+  (q, k, v), (ref_out, ref_lse) = starts_case
+  run = jax.jit(lambda q, k, v, lengths, starts: decode_attention(
+      q, k, v, lengths, starts=starts, impl="interpret",
+      num_splits=num_splits, block_k=16))
+  out, lse = run(q, _poison_skipped(k, 16), _poison_skipped(v, 16),
+                 S_LENGTHS, S_STARTS)
+  print(f"\n[decode starts f32 splits={num_splits}]")
+  _check_windows(out, lse, ref_out, ref_lse, atol=2e-6)
+
+
+def test_decode_starts_bf16_matches_reference():
+  q, k, v = _inputs(jnp.bfloat16, seed=3, batch=len(S_LENGTHS))
+  ref_out, ref_lse = reference_decode_attention(q, k, v, S_LENGTHS,
+                                                starts=S_STARTS)
+  out, lse = jax.jit(lambda q, k, v, lengths, starts: decode_attention(
+      q, k, v, lengths, starts=starts, impl="interpret", block_k=32))(
+          q, _poison_skipped(k, 32), _poison_skipped(v, 32), S_LENGTHS,
+          S_STARTS)
+  print("\n[decode starts bf16 default splits]")
+  _check_windows(out, lse, ref_out, ref_lse, atol=2e-2)
+
+
+def test_decode_starts_tpu_variant_in_tpu_interpret_mode(starts_case):
+  from jax.experimental.pallas import tpu as pltpu
+  (q, k, v), (ref_out, ref_lse) = starts_case
+  # block_k 32: 4 tiles in 2 fixed chunks of 64 positions, so a start can lie
+  # in a later chunk (earlier chunks skip all tiles) or mid-chunk.
+  with force_target("tpu"), pltpu.force_tpu_interpret_mode():
+    out, lse = decode_attention(q, _poison_skipped(k, 32),
+                                _poison_skipped(v, 32), S_LENGTHS,
+                                starts=S_STARTS, impl="pallas", num_splits=2,
+                                block_k=32)
+  print("\n[decode starts tpu interpret]")
+  _check_windows(out, lse, ref_out, ref_lse, atol=2e-6)
+
+
+@pytest.mark.parametrize("with_starts", [False, True])
 @pytest.mark.parametrize("target,platform", [("gpu", "cuda"), ("tpu", "tpu")])
-def test_decode_lowers_for_accelerators(target, platform):
+def test_decode_lowers_for_accelerators(target, platform, with_starts):
   q = jax.ShapeDtypeStruct((8, 1, 32, 128), jnp.bfloat16)
   cache = jax.ShapeDtypeStruct((8, 4096, 8, 128), jnp.bfloat16)
   lengths = jax.ShapeDtypeStruct((8,), jnp.int32)
+  starts = lengths if with_starts else None
   with force_target(target):
-    lowered = jax.jit(lambda q, k, v, n: decode_attention(
-        q, k, v, n, impl="pallas")).trace(q, cache, cache, lengths).lower(
-            lowering_platforms=(platform,))
+    lowered = jax.jit(lambda q, k, v, n, s: decode_attention(
+        q, k, v, n, starts=s, impl="pallas")).trace(
+            q, cache, cache, lengths, starts).lower(
+                lowering_platforms=(platform,))
   marker = ("custom_call @__gpu$xla.gpu.triton" if target == "gpu"
             else "custom_call @tpu_custom_call")
   assert lowered.as_text().count(marker) == 1
@@ -122,3 +235,10 @@ def test_decode_errors():
     decode_attention(q, k, v, jnp.zeros((BATCH + 1,), jnp.int32))
   with pytest.raises(ValueError, match="num_splits must be >= 1"):
     decode_attention(q, k, v, LENGTHS, num_splits=0)
+  bad_starts = jnp.zeros((BATCH, 1), jnp.int32)
+  for impl in ("interpret", "xla"):
+    with pytest.raises(ValueError, match=r"starts must be int32 \[batch=4\]; "
+                       r"got shape \(4, 1\)"):
+      decode_attention(q, k, v, LENGTHS, starts=bad_starts, impl=impl)
+  with pytest.raises(ValueError, match=r"starts must be int32 \[batch=4\]"):
+    reference_decode_attention(q, k, v, LENGTHS, starts=jnp.zeros((3,)))
