@@ -32,6 +32,22 @@ def attention_mask(q_len: int, kv_len: int, *, causal: bool,
   return mask
 
 
+def visible_window(mask: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
+  """(starts, ends) int32 [batch]: the first visible slot and one past the last.
+
+  mask [batch|1, slots] bool, one contiguous run of True per row (not
+  checked: the caller's contract); a row with no True slot gives 0, 0.
+  """
+  mask = mask.astype(bool)
+  slots = mask.shape[-1]
+  seen = jnp.any(mask, axis=-1)
+  first = jnp.argmax(mask, axis=-1)
+  last_plus_one = slots - jnp.argmax(mask[:, ::-1], axis=-1)
+  starts = jnp.where(seen, first, 0).astype(jnp.int32)
+  ends = jnp.where(seen, last_plus_one, 0).astype(jnp.int32)
+  return jnp.broadcast_to(starts, (batch,)), jnp.broadcast_to(ends, (batch,))
+
+
 def xla_attention_with_lse(query, key, value, *, causal: bool = False,
                            local_block: Optional[int] = None, mask: Optional[jax.Array] = None,
                            scale: Optional[float] = None):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from bt_jax import axes
-from bt_jax.attention import dot_product_attention, xla_attention
+from bt_jax.attention import dot_product_attention, visible_window, xla_attention
 from bt_jax.config import StackConfig
 from bt_jax.distributed import sharded_cache
 
@@ -90,22 +90,6 @@ class Projection(nn.Module):
     return y + bias
 
 
-def _visible_run(mask: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
-  """(starts, ends) int32 [batch]: the first visible slot and one past the last.
-
-  mask [batch|1, slots] bool, one contiguous run of True per row (not
-  checked: the caller's contract); a row with no True slot gives 0, 0.
-  """
-  mask = mask.astype(bool)
-  slots = mask.shape[-1]
-  seen = jnp.any(mask, axis=-1)
-  first = jnp.argmax(mask, axis=-1)
-  last_plus_one = slots - jnp.argmax(mask[:, ::-1], axis=-1)
-  starts = jnp.where(seen, first, 0).astype(jnp.int32)
-  ends = jnp.where(seen, last_plus_one, 0).astype(jnp.int32)
-  return jnp.broadcast_to(starts, (batch,)), jnp.broadcast_to(ends, (batch,))
-
-
 class Attention(nn.Module):
   """Multi-head attention with rotary embeddings (self) or without (cross)."""
 
@@ -158,7 +142,8 @@ class Attention(nn.Module):
     if sharded is not None:
       # Inside `sharded_kv_cache(mesh)`: the cache is split over the mesh's
       # sequence axis (round-robin slots) and attended by Tree Attention.
-      out, new_cache = sharded.attend(query, key, value, cache, cache_index, mask)
+      out, new_cache = sharded.attend(query, key, value, cache, cache_index, mask,
+                                       decode_kernel=self.attention_impl == "pallas")
     elif cache is not None:
       new_cache = {
           "key": jax.lax.dynamic_update_slice_in_dim(
@@ -181,7 +166,7 @@ class Attention(nn.Module):
         # whole cache is passed (a slice would copy it every step): tiles
         # past each row's end are not read.
         import pallas_kernels  # pylint: disable=import-outside-toplevel
-        starts, ends = _visible_run(mask[:, 0], query.shape[0])
+        starts, ends = visible_window(mask[:, 0], query.shape[0])
         out, _ = pallas_kernels.decode_attention(query, new_cache["key"], new_cache["value"],
                                                  ends, starts=starts)
       else:

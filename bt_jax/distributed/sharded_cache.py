@@ -42,7 +42,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bt_jax import axes
-from bt_jax.attention import xla_attention_with_lse
+from bt_jax.attention import visible_window, xla_attention_with_lse
 from bt_jax.distributed.merge import allreduce_merge
 
 _ACTIVE: contextvars.ContextVar[Optional["ShardedKVCache"]] = contextvars.ContextVar(
@@ -123,7 +123,8 @@ class ShardedKVCache:
     return -(-length // self.num_shards) * self.num_shards
 
   def attend(self, query: jax.Array, key: jax.Array, value: jax.Array, cache: dict,
-             cache_index, mask: jax.Array) -> Tuple[jax.Array, dict]:
+             cache_index, mask: jax.Array, *, decode_kernel: bool = False
+             ) -> Tuple[jax.Array, dict]:
     """Writes key/value at logical slots cache_index.. and attends; see `Attention`.
 
     query [batch, q_len, heads, head_dim] and the new key/value [batch, q_len,
@@ -132,6 +133,13 @@ class ShardedKVCache:
     mask [batch|1, q_len, read_len] is in logical order and covers the first
     read_len logical slots. Returns (out [batch, q_len, heads, head_dim] in
     query.dtype, the new cache, still sharded).
+
+    decode_kernel (the models' attention_impl "pallas"): a single-query step
+    attends on each device with `pallas_kernels.decode_attention` over its
+    local window of slots (Pallas on GPU/TPU, its jnp reference on CPU). Each
+    row's mask must then be one contiguous run of logical slots [start, end),
+    as the decoders build; on device s it is the contiguous local run
+    [ceil((start - s) / p), ceil((end - s) / p)).
     """
     num_shards, axis = self.num_shards, self.axis
     cache_len = cache["key"].shape[1]
@@ -145,25 +153,40 @@ class ShardedKVCache:
     local_len = cache_len // num_shards
     read_local = -(-read_len // num_shards)
     logical = jnp.asarray(cache_index, jnp.int32) + jnp.arange(key.shape[1], dtype=jnp.int32)
+    use_kernel = decode_kernel and query.shape[1] == 1
+    # The kernel path takes each row's logical window; the masked path its mask.
+    window = visible_window(mask[:, 0], query.shape[0]) if use_kernel else None
 
-    def per_device(query, key, value, cache_key, cache_value, mask, logical):
+    def per_device(query, key, value, cache_key, cache_value, mask, window, logical):
       shard = lax.axis_index(axis)
       # Entries owned by other devices get an out-of-range index and are dropped.
       local = jnp.where(logical % num_shards == shard, logical // num_shards, local_len)
       cache_key = cache_key.at[:, local].set(key.astype(cache_key.dtype), mode="drop")
       cache_value = cache_value.at[:, local].set(value.astype(cache_value.dtype), mode="drop")
-      o, lse = masked_partial_attention(query, cache_key[:, :read_local].astype(query.dtype),
-                                        cache_value[:, :read_local].astype(query.dtype), mask)
+      if use_kernel:
+        import pallas_kernels  # pylint: disable=import-outside-toplevel
+        # Logical slot t = j * p + shard is local slot j: the window
+        # [start, end) is local [ceil((start - shard) / p), ceil((end - shard) / p)).
+        start, end = window
+        local_start = jnp.clip((start - shard + num_shards - 1) // num_shards, 0, read_local)
+        local_end = jnp.clip((end - shard + num_shards - 1) // num_shards, 0, read_local)
+        o, lse = pallas_kernels.decode_attention(query, cache_key, cache_value, local_end,
+                                                 starts=local_start)
+        o = o.astype(jnp.float32)
+      else:
+        o, lse = masked_partial_attention(query, cache_key[:, :read_local].astype(query.dtype),
+                                          cache_value[:, :read_local].astype(query.dtype), mask)
       out, _ = allreduce_merge(o, lse, axis)
       return out.astype(query.dtype), cache_key, cache_value
 
     kv_spec = P(None, axis)
+    masked = None if use_kernel else round_robin_mask(mask, num_shards)
     out, cache_key, cache_value = jax.shard_map(
         per_device, mesh=self.mesh,
-        in_specs=(P(), P(), P(), kv_spec, kv_spec, P(None, None, axis), P()),
-        out_specs=(P(), kv_spec, kv_spec))(
-            query, key, value, cache["key"], cache["value"],
-            round_robin_mask(mask, num_shards), logical)
+        in_specs=(P(), P(), P(), kv_spec, kv_spec, P(None, None, axis), P(), P()),
+        out_specs=(P(), kv_spec, kv_spec),
+        check_vma=not use_kernel)(   # Pallas calls inside shard_map need it off
+            query, key, value, cache["key"], cache["value"], masked, window, logical)
     return out, {"key": cache_key, "value": cache_value}
 
 
