@@ -373,3 +373,41 @@ def test_trained_workdir_serves_generate_and_eval_binaries(reference_run, tmp_pa
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "ppl" / "perplexity.json").read_text())
   assert math.isfinite(report["runs"][0]["perplexity"]) and report["runs"][0]["perplexity"] > 1
+
+
+def test_paper_experiment_file_trains_on_a_prepared_tfds_dataset(tmp_path):
+  """experiments/block_b4_5m.gin (the paper's model and recipe: bf16 compute,
+  AdamW, warmup + cosine) as shipped, on a TFDS array_record dataset made by
+  prepare_tfds and with a tokenizer.json from a path (as the Pythia one would
+  be), shrunk only in batch, length and steps."""
+  import sysconfig  # pylint: disable=g-import-not-at-top
+  stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  texts = tmp_path / "texts"
+  texts.mkdir()
+  for path in sorted((stdlib / "json").glob("*.py")) + sorted((stdlib / "email").glob("*.py"))[:12]:
+    (texts / f"{path.parent.name}_{path.stem}.txt").write_text(path.read_text(encoding="utf-8"))
+  tokenizer = data_lib.train_bpe([p.read_text() for p in texts.iterdir()], vocab_size=512)
+  tokenizer.save(str(tmp_path / "tokenizer.json"))
+  prepared = _run(["-m", "bt_jax.data.prepare_tfds", f"--input_glob={texts}/*.txt",
+                   f"--data_dir={tmp_path / 'tfds'}", "--name=tiny_pile"], timeout=120)
+  assert prepared.returncode == 0, prepared.stderr[-3000:]
+  workdir = tmp_path / "run"
+  result = _run(["-m", "bt_jax.train", "--gin_file=experiments/block_b4_5m.gin",
+                 f"--workdir={workdir}",
+                 "--gin_param=CORPUS = 'tfds:tiny_pile'",
+                 f"--gin_param=DATA_DIR = '{tmp_path / 'tfds'}'",
+                 f"--gin_param=TOKENIZER_PATH = '{tmp_path / 'tokenizer.json'}'",
+                 "--gin_param=BATCH_SIZE = 2", "--gin_param=STEPS = 2",
+                 "--gin_param=train.seq_len = 128", "--gin_param=train.warmup_steps = 1",
+                 "--gin_param=train.eval_every = 2", "--gin_param=train.eval_batches = 1",
+                 "--gin_param=train.log_every = 1", "--gin_param=train.checkpoint_every = 2",
+                 "--gin_param=train.progress_bar = False"], timeout=300)
+  assert result.returncode == 0, result.stderr[-4000:]
+  config = (workdir / "config.gin").read_text()
+  for binding in ("train.compute_dtype = 'bfloat16'", "train.adam_b2 = 0.95",
+                  "train.weight_decay = 0.1", "CORPUS = 'tfds:tiny_pile'"):
+    assert binding in config, binding
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["num_params"] == 33_846_272          # block_b4_5m, the paper's 33.9M
+  assert math.isfinite(summary["final_eval_loss"]) and summary["steps"] == 2
+  assert (workdir / "tokenizer.json").read_text() == (tmp_path / "tokenizer.json").read_text()
