@@ -15,6 +15,10 @@ import jax.numpy as jnp
 EMBEDDERS = ("lookup", "projection", "encoder")
 TOKEN_DECODERS = ("prefix", "summation", "cross_attention")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
+# Rematerialisation of each decoder layer in the backward pass (MaxText names):
+# "none" keeps every activation, "minimal" keeps only the matmul outputs,
+# "full" keeps only the layer inputs and recomputes the rest.
+REMAT_POLICIES = ("none", "minimal", "full")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -83,6 +87,7 @@ class _CommonConfig:
   attention_impl: str = "xla"
   init_std: float = 0.02
   pad_id: int = 0                # pad = eos (Pythia's <|endoftext|>)
+  remat: str = "none"            # REMAT_POLICIES: memory for compute in training
 
   def _validate_common(self):
     _check_positive("vocab_size", self.vocab_size)
@@ -90,6 +95,7 @@ class _CommonConfig:
     _check_choice("dtype", self.dtype, tuple(DTYPES))
     _check_choice("param_dtype", self.param_dtype, tuple(DTYPES))
     _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _check_choice("remat", self.remat, REMAT_POLICIES)
     if not 0 <= self.pad_id < self.vocab_size:
       raise ValueError(f"pad_id {self.pad_id} outside the vocabulary [0, {self.vocab_size})")
 

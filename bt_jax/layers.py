@@ -248,6 +248,7 @@ class DecoderStack(nn.Module):
   attention_impl: str = "xla"
   causal: bool = True
   cross_attention: bool = False
+  remat: str = "none"             # config.REMAT_POLICIES; applies without caches only
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, memory=None, mask=None, caches=None,
@@ -256,13 +257,19 @@ class DecoderStack(nn.Module):
     {"key", "value"} dict per layer, see `Attention`) is given."""
     x = x.astype(self.dtype)
     new_caches = []
+    layer_cls = DecoderLayer
+    if caches is None and self.remat != "none":
+      # Argument 7 (self is 0) is local_block, a Python int the layer branches on.
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                if self.remat == "minimal" else None)
+      layer_cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(7,))
     for i in range(self.stack.num_layers):
-      layer = DecoderLayer(self.stack, dtype=self.dtype, param_dtype=self.param_dtype,
-                           init_std=self.init_std, attention_impl=self.attention_impl,
-                           causal=self.causal, cross_attention=self.cross_attention,
-                           name=f"layer_{i}")
+      layer = layer_cls(self.stack, dtype=self.dtype, param_dtype=self.param_dtype,
+                        init_std=self.init_std, attention_impl=self.attention_impl,
+                        causal=self.causal, cross_attention=self.cross_attention,
+                        name=f"layer_{i}")
       if caches is None:
-        x = layer(x, positions, memory, mask, local_block=local_block)
+        x = layer(x, positions, memory, mask, None, None, local_block)
       else:
         x, cache = layer(x, positions, memory, mask, cache=caches[i], cache_index=cache_index)
         new_caches.append(cache)

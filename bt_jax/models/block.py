@@ -46,7 +46,7 @@ class Embedder(nn.Module):
                      name="token_embed", **kw)
     x = table(blocks).reshape(batch * num_blocks, block_len, cfg.encoder_width)
     x = DecoderStack(cfg.encoder_stack, init_std=cfg.init_std, attention_impl=cfg.attention_impl,
-                     causal=False, name="encoder", **kw)(x, jnp.arange(block_len))
+                     remat=cfg.remat, causal=False, name="encoder", **kw)(x, jnp.arange(block_len))
     flat = x.reshape(batch, num_blocks, block_len * cfg.encoder_width)
     return nn.Dense(cfg.block_width, name="projection",
                     kernel_init=normal_init(cfg.init_std, (axes.MLP, axes.EMBED)),
@@ -61,8 +61,8 @@ class BlockTransformer(nn.Module):
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
     self.embedder = Embedder(cfg, name="embedder")
     self.block_decoder = DecoderStack(cfg.block_stack, init_std=cfg.init_std,
-                                      attention_impl=cfg.attention_impl, causal=True,
-                                      name="block_decoder", **kw)
+                                      attention_impl=cfg.attention_impl, remat=cfg.remat,
+                                      causal=True, name="block_decoder", **kw)
     self.expansion = nn.Dense(
         cfg.num_expanded * cfg.token_width, name="expansion",
         kernel_init=normal_init(cfg.block_width ** -0.5, (axes.EMBED, axes.MLP)),
@@ -71,7 +71,8 @@ class BlockTransformer(nn.Module):
                                 embedding_init=normal_init(cfg.init_std, (axes.VOCAB, axes.EMBED)),
                                 **kw)
     self.token_decoder = DecoderStack(cfg.token_stack, init_std=cfg.init_std,
-                                      attention_impl=cfg.attention_impl, causal=True,
+                                      attention_impl=cfg.attention_impl, remat=cfg.remat,
+                                      causal=True,
                                       cross_attention=cfg.token_decoder == "cross_attention",
                                       name="token_decoder", **kw)
     self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head",

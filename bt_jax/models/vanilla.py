@@ -24,8 +24,8 @@ class VanillaLM(nn.Module):
                                 embedding_init=normal_init(cfg.init_std, (axes.VOCAB, axes.EMBED)),
                                 **kw)
     self.decoder = DecoderStack(cfg.stack, init_std=cfg.init_std,
-                                attention_impl=cfg.attention_impl, causal=True, name="decoder",
-                                **kw)
+                                attention_impl=cfg.attention_impl, remat=cfg.remat,
+                                causal=True, name="decoder", **kw)
     self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head",
                             kernel_init=normal_init(cfg.init_std, (axes.EMBED, axes.VOCAB)), **kw)
 

@@ -296,3 +296,32 @@ def test_too_long_for_context():
   model, params = model_and_params("vanilla")
   with pytest.raises(ValueError, match=r"sequence length 65 exceeds the model's context \(max_len 64\)"):
     token_logprobs(model, params, jnp.zeros((1, 65), jnp.int32))
+
+
+@pytest.mark.parametrize("name, remat", [("vanilla", "full"), ("encoder-prefix-L4", "minimal")])
+def test_remat_recomputes_the_same_loss_and_gradients(name, remat):
+  """Rematerialised layers: the same parameters, loss and gradients (an exact
+  recomputation), and the backward pass really holds checkpointed layers."""
+  model, params = model_and_params(name)
+  remat_model = build_model(dataclasses.replace(make_config(name), remat=remat))
+  assert (jax.tree.structure(init_params(remat_model, jax.random.key(0)))
+          == jax.tree.structure(params))
+  tokens = jax.random.randint(jax.random.key(3), (2, 32), 1, VOCAB)
+  mask = jnp.ones_like(tokens)
+
+  def loss_fn(m):
+    return lambda p: sequence_loss(m, p, tokens, mask)[0]
+
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn(model)))(params)
+  remat_loss, remat_grads = jax.jit(jax.value_and_grad(loss_fn(remat_model)))(params)
+  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss_fn(remat_model)))(params))
+  assert "checkpoint" in jaxpr or "remat" in jaxpr
+  assert "checkpoint" not in str(jax.make_jaxpr(jax.grad(loss_fn(model)))(params))
+
+
+def test_bad_remat_policy():
+  with pytest.raises(ValueError, match=r"unknown remat 'everything'; valid values are"):
+    VanillaConfig(**TINY_VANILLA, remat="everything")
