@@ -16,7 +16,6 @@ import numpy as np
 from absl import app, flags
 
 from bt_jax import gin_utils
-from bt_jax.config import BlockConfig
 from bt_jax.models import abstract_params, build_model
 
 FLAGS = flags.FLAGS

@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from bt_jax.jsonl import read_jsonl  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 DEFAULT_PNG = "loss_curves.png"
@@ -32,15 +34,7 @@ def read_metrics(workdir: str) -> list[dict]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"workdir {workdir!r} has no {METRICS_FILE}; expected a directory "
                             "written by `python -m bt_jax.train --workdir=...`")
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_number} is not valid JSON: {e}") from e
+  records = read_jsonl(path)
   if not records:
     raise ValueError(f"{path} has no records yet")
   return records

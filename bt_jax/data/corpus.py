@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import glob as glob_lib
 import hashlib
-import json
 import os
 import sysconfig
 from collections.abc import Sequence
+
+from bt_jax import jsonl
 
 TRAIN = "train"
 VALIDATION = "validation"
@@ -177,18 +178,11 @@ def is_jsonl(path: str) -> bool:
 def read_jsonl(path: str, text_field: str = "text") -> list[str]:
   """The `text_field` of each non-empty line of a JSON-lines file."""
   texts = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_number} is not valid JSON: {e}") from e
-      if not isinstance(record, dict) or text_field not in record:
-        fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise KeyError(f"{path}:{line_number} has no field {text_field!r} (has {fields})")
-      texts.append(str(record[text_field]))
+  for line_number, record in jsonl.read_jsonl(path, line_numbers=True):
+    if not isinstance(record, dict) or text_field not in record:
+      fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+      raise KeyError(f"{path}:{line_number} has no field {text_field!r} (has {fields})")
+    texts.append(str(record[text_field]))
   return texts
 
 

@@ -18,12 +18,13 @@ approximation of the harness's (see `hellaswag_doc_from_tfds`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from absl import logging
+
+from bt_jax.jsonl import read_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,21 +245,10 @@ _TFDS_CONVERTERS = {
 # Raw files.
 
 
-def _read_jsonl(path: str) -> list[dict]:
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_number} is not valid JSON ({e})") from None
-  return records
 
 
 def read_hellaswag_jsonl(path: str) -> list[MultipleChoiceDoc]:
-  return [hellaswag_doc(record, doc_id=str(i)) for i, record in enumerate(_read_jsonl(path))]
+  return [hellaswag_doc(record, doc_id=str(i)) for i, record in enumerate(read_jsonl(path))]
 
 
 def piqa_labels_path(jsonl_path: str) -> str:
@@ -270,7 +260,7 @@ def piqa_labels_path(jsonl_path: str) -> str:
 def read_piqa(jsonl_path: str, labels_path: Optional[str] = None) -> list[MultipleChoiceDoc]:
   """PIQA jsonl + its labels file (one integer a line); a `label` field in the
   jsonl records is used when there is no labels file."""
-  records = _read_jsonl(jsonl_path)
+  records = read_jsonl(jsonl_path)
   labels_path = labels_path or piqa_labels_path(jsonl_path)
   if os.path.exists(labels_path):
     with open(labels_path, encoding="utf-8") as f:
@@ -289,7 +279,7 @@ def read_piqa(jsonl_path: str, labels_path: Optional[str] = None) -> list[Multip
 
 
 def read_arc_jsonl(path: str) -> list[MultipleChoiceDoc]:
-  return [arc_doc(record) for record in _read_jsonl(path)]
+  return [arc_doc(record) for record in read_jsonl(path)]
 
 
 _RAW_READERS = {

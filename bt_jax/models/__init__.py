@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from bt_jax.config import BlockConfig, ModelConfig, VanillaConfig
 from bt_jax.models.block import BlockTransformer, Embedder
-from bt_jax.models.common import check_token_ids, is_concrete
+from bt_jax.models.common import check_token_ids
 from bt_jax.models.vanilla import VanillaLM
 
 __all__ = [
