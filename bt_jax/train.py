@@ -541,13 +541,18 @@ class _StopRequest:
       signal.signal(signal.SIGTERM, self._previous)
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      try:  # all hosts agree on the step through the preemption sync point
-        return bool(multihost_utils.reached_preemption_sync_point(step)) or self.requested.is_set()
-      except Exception:  # no preemption service: local signal only
-        return self.requested.is_set()
-    return self.requested.is_set()
+    """Whether to checkpoint and exit after `step`: the same answer on every host."""
+    if jax.process_count() == 1:
+      return self.requested.is_set()
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:  # the preemption notice of TPU / cloud schedulers, when the service runs
+      if multihost_utils.reached_preemption_sync_point(step):
+        return True
+    except Exception:  # pylint: disable=broad-except  (no preemption service)
+      pass
+    # A SIGTERM that reached any one host stops them all, at the same step.
+    local = np.int32(self.requested.is_set())
+    return bool(np.any(multihost_utils.process_allgather(local)))
 
 
 # ---------------------------------------------------------------------------
@@ -767,14 +772,17 @@ class _Loop:
           self.writer.write(record)
           if progress is not None:
             progress.set_postfix({k: f"{record[k]:.3f}" for k in ("train_loss", "eval_loss") if k in record})
-        stop = stop_request.should_stop(step) or step == cfg.stop_at_step
+        preempted = stop_request.should_stop(step)
+        stop = preempted or step == cfg.stop_at_step
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
           self._save(step)
         if record or stop:  # evals and saves do not count as training time
           self._reset_timer()
         if stop:
           logging.warning("stopping at step %d (%s); checkpoint saved in %s", step,
-                          "SIGTERM" if stop_request.requested.is_set() else "train.stop_at_step",
+                          ("SIGTERM" if stop_request.requested.is_set() else
+                           "SIGTERM or preemption on another host") if preempted
+                          else "train.stop_at_step",
                           self.checkpointer.directory)
           return step
       self._fetch()

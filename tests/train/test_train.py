@@ -411,3 +411,70 @@ def test_paper_experiment_file_trains_on_a_prepared_tfds_dataset(tmp_path):
   assert summary["num_params"] == 33_846_272          # block_b4_5m, the paper's 33.9M
   assert math.isfinite(summary["final_eval_loss"]) and summary["steps"] == 2
   assert (workdir / "tokenizer.json").read_text() == (tmp_path / "tokenizer.json").read_text()
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _two_process_run(run_gin, workdir, *params, sigterm_process=None, timeout=240):
+  """The binary as a 2-process (multi-host) job on CPU: jax.distributed with
+  gloo collectives, one device per process, one shared workdir.
+  sigterm_process: SIGTERM that process once both have logged a step."""
+  env = _env()
+  env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "bt_jax.train", f"--gin_file={run_gin}", f"--workdir={workdir}",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+       *[f"--gin_param={p}" for p in params]],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    if sigterm_process is not None:
+      metrics = workdir / train.METRICS_FILE
+      deadline = time.time() + timeout
+      while time.time() < deadline and all(p.poll() is None for p in procs):
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+          break
+        time.sleep(0.2)
+      procs[sigterm_process].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, stderr) in zip(procs, outputs):
+    assert p.returncode == 0, stderr[-4000:]
+  return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs], outputs
+
+
+@pytest.mark.multidevice
+def test_two_process_run_resumes_exactly_and_stops_together(run_gin, tmp_path):
+  """Multi-host through jax.distributed.initialize (2 CPU processes): both
+  processes end with the same summary; a run stopped at step 3 and resumed
+  logs the losses of the uninterrupted one; a SIGTERM to one process stops
+  both at the same step with a checkpoint."""
+  full, outputs = _two_process_run(run_gin, tmp_path / "full")
+  timing = ("wall_s", "tokens_per_s")
+  assert ({k: v for k, v in full[0].items() if k not in timing}
+          == {k: v for k, v in full[1].items() if k not in timing})
+  assert full[0]["step"] == STEPS and math.isfinite(full[0]["final_eval_loss"])
+  assert "process 1 of 2" in outputs[1][1] or "process 1 of 2" in outputs[1][0]
+  assert [r["step"] for r in _metrics(tmp_path / "full")] == list(range(1, STEPS + 1))
+
+  stopped, _ = _two_process_run(run_gin, tmp_path / "resumed", "train.stop_at_step = 3")
+  assert stopped[0]["stopped_at"] == stopped[1]["stopped_at"] == 3
+  _two_process_run(run_gin, tmp_path / "resumed")
+  assert _losses(tmp_path / "resumed", "train_loss") == _losses(tmp_path / "full", "train_loss")
+
+  preempted, outputs = _two_process_run(
+      run_gin, tmp_path / "sigterm", "train.steps = 100000", "train.checkpoint_every = 100000",
+      "train.eval_every = 100000", sigterm_process=1)
+  assert preempted[0]["stopped_at"] == preempted[1]["stopped_at"]
+  assert "SIGTERM or preemption on another host" in outputs[0][1]
+  assert checkpointing.Checkpointer(tmp_path / "sigterm", read_only=True).all_steps() == [
+      preempted[0]["stopped_at"]]
