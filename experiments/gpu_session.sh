@@ -49,12 +49,16 @@ step() {  # step NAME SECONDS COMMAND...: one check, its own time limit and log
   tail -n 25 "$OUT/$name.log"
 }
 
-step pallas_tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/pallas_kernels
+step pallas_tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/pallas_kernels
+# Generation with attention_impl "pallas" on the real kernels (flash prefill,
+# split-KV decode with per-row starts) against the full forward.
+step generate_pallas 60 python3 -m pytest -q -p no:cacheprovider tests/inference/test_generate.py \
+    -k "pallas"
 step kernel_bench 150 python3 -m experiments.kernel_bench --preset gpu \
     --peak_bw_gbs "$PEAK_BW" --out "$OUT/kernel_bench_gpu.json"
 step throughput_85m 200 python3 -m experiments.throughput --preset paper \
     --models block_b4_85m,vanilla_85m --scenarios prefill_heavy,decode_heavy \
     --batch_size auto --peak_bw_gbs "$PEAK_BW" --attention_impl pallas \
     --out "$OUT/throughput_85m.json"
-step tree_vs_ring 60 python3 -m experiments.tree_vs_ring --preset gpu --out "$OUT"
+step tree_vs_ring 40 python3 -m experiments.tree_vs_ring --preset gpu --out "$OUT"
 echo "done in $SECONDS s"
