@@ -10,7 +10,7 @@
 #       --implementation cp -d .whl gin-config==0.5.0
 # Then call the device tool with
 #   command: bash experiments/gpu_session.sh     carry: [".whl"]     timeout_s: 590
-# Results land in $OUT (JSON, text and a PNG), read-only under files_at.
+# Results land in $OUT (log.txt, three JSON files and a PNG), read-only under files_at.
 #
 # What it shows (issues 4, 5, 6): the Pallas kernels compile and pass their
 # tests on the GPU; kernel timings against XLA and cuDNN (goals: causal flash
@@ -37,16 +37,19 @@ esac
 {
   echo "gpu: $GPU (peak bandwidth assumed ${PEAK_BW} GB/s)"; date -u
   python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-} 2>&1 | tee "$OUT/device.txt"
+} 2>&1 | tee "$OUT/log.txt"
 
-step() {  # step NAME SECONDS COMMAND...: one check, its own time limit and log
+# At most 8 files come back from $OUT: every step logs into log.txt, and the
+# JSON / PNG outputs make four more.
+step() {  # step NAME SECONDS COMMAND...: one check, its own time limit
   local name=$1 limit=$2; shift 2
-  echo "=== $name (limit ${limit} s)"
+  echo "=== $name (limit ${limit} s)" | tee -a "$OUT/log.txt"
   local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > /tmp/step.log 2>&1
   local rc=$?
-  echo "=== $name: exit $rc after $((SECONDS - start)) s"
-  tail -n 25 "$OUT/$name.log"
+  grep -v "^[IW][0-9]\{4\} " /tmp/step.log >> "$OUT/log.txt"
+  echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/log.txt"
+  tail -n 25 /tmp/step.log
 }
 
 step pallas_tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/pallas_kernels
