@@ -208,6 +208,12 @@ def plot_loss_by_position(runs: Sequence[tuple[str, PositionLoss]], path: str, *
   plt.close(fig)
 
 
+def _tokenizer_key(tokenizer):
+  """What makes two tokenizers the same: their serialized form when they have one."""
+  to_json = getattr(tokenizer, "to_json", None)
+  return to_json() if callable(to_json) else id(tokenizer)
+
+
 def run_perplexity(runs: Sequence[tuple[str, nn.Module, Any, TokenizerLike]], data: str, *,
                    out_dir: Optional[str] = None, text_field: str = "text",
                    max_docs: Optional[int] = None, max_windows: Optional[int] = None,
@@ -225,10 +231,11 @@ def run_perplexity(runs: Sequence[tuple[str, nn.Module, Any, TokenizerLike]], da
     results.append((label, model, result))
     print(f"{label}: perplexity {result.perplexity:.3f} (loss {result.loss:.4f} nats) over "
           f"{result.num_tokens} tokens, {result.num_windows} windows of {result.context_len}")
-  if len({id(run[3]) for run in runs}) > 1:
-    print("note: the runs have their own tokenizers; positions and perplexities are per "
-          "token of each tokenizer, comparable only if the tokenizers are the same")
-  report = {"data": data, "bin_size": bin_size, "runs": [
+  same_tokenizer = len({_tokenizer_key(run[3]) for run in runs}) == 1
+  if not same_tokenizer:
+    print("note: the runs have different tokenizers; positions and perplexities are per "
+          "token of each tokenizer, so they are not directly comparable")
+  report = {"data": data, "bin_size": bin_size, "same_tokenizer": same_tokenizer, "runs": [
       result.to_json(bin_size, label=label, model_kind=model.config.kind)
       for label, model, result in results]}
   if out_dir:

@@ -56,5 +56,6 @@ def test_eval_perplexity(tmp_path):
        "--max_windows", "3")
   report = json.loads((tmp_path / "out" / "perplexity.json").read_text())
   assert [run["model_kind"] for run in report["runs"]] == ["vanilla", "block"]
+  assert report["same_tokenizer"]   # two loads of the same tokenizer.json content
   assert report["runs"][0]["num_windows"] == 3
   assert (tmp_path / "out" / "loss_by_position.png").exists()

@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
+from bt_jax.data.tokenizer import train_bpe
 from bt_jax.eval.perplexity import (PositionLoss, document_windows, loss_by_position,
                                     read_corpus, run_perplexity)
-from tests.eval.conftest import TOKENIZER_TEXTS, brute_force_logprobs, tiny_model
+from tests.eval.conftest import TOKENIZER_TEXTS, VOCAB_SIZE, brute_force_logprobs, tiny_model
 
 CONTEXT = 32
 
@@ -73,3 +74,13 @@ def test_run_perplexity_two_runs(tokenizer, tmp_path):
   assert saved["runs"][0]["bins"]["start"] == [0, 8, 16, 24]
   png = (tmp_path / "out" / "loss_by_position.png").read_bytes()
   assert png.startswith(b"\x89PNG")
+
+
+def test_run_perplexity_flags_different_tokenizers(tokenizer, tmp_path, capsys):
+  (tmp_path / "corpus.txt").write_text(" ".join(TOKENIZER_TEXTS))
+  other = train_bpe(TOKENIZER_TEXTS * 4, vocab_size=VOCAB_SIZE - 20)
+  runs = [("a", *tiny_model("vanilla"), tokenizer), ("b", *tiny_model("vanilla"), other)]
+  report = run_perplexity(runs, str(tmp_path / "*.txt"), context_len=CONTEXT, batch_size=4,
+                          bin_size=8, progress=False)
+  assert report["same_tokenizer"] is False
+  assert "different tokenizers" in capsys.readouterr().out
