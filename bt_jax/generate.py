@@ -63,8 +63,9 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
 
   max_new_tokens None: the rest of the context after the prompt, at most
   DEFAULT_MAX_NEW_TOKENS. sequence_devices > 1 shards the global KV cache over
-  that many devices (`bt_jax.distributed.sharded_cache`). Returns the generated text. Raises FileNotFoundError for a missing
-  checkpoint and ValueError for an empty prompt or one too long for the context.
+  that many devices (`bt_jax.distributed.sharded_cache`). Returns the
+  generated text. Raises FileNotFoundError for a missing checkpoint and
+  ValueError for an empty prompt or one too long for the context.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
