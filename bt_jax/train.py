@@ -540,8 +540,13 @@ class _StopRequest:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def should_stop(self, step: int) -> bool:
-    """Whether to checkpoint and exit after `step`: the same answer on every host."""
+  def should_stop(self, step: int, sync_point: bool) -> bool:
+    """Whether to checkpoint and exit after `step`: the same answer on every host.
+
+    With several hosts, a local SIGTERM is shared only at `sync_point` steps
+    (those the loop already waits for: logged, evaluated or checkpointed), so
+    the other steps keep dispatching asynchronously.
+    """
     if jax.process_count() == 1:
       return self.requested.is_set()
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -550,6 +555,8 @@ class _StopRequest:
         return True
     except Exception:  # pylint: disable=broad-except  (no preemption service)
       pass
+    if not sync_point:
+      return False
     # A SIGTERM that reached any one host stops them all, at the same step.
     local = np.int32(self.requested.is_set())
     return bool(np.any(multihost_utils.process_allgather(local)))
@@ -772,7 +779,8 @@ class _Loop:
           self.writer.write(record)
           if progress is not None:
             progress.set_postfix({k: f"{record[k]:.3f}" for k in ("train_loss", "eval_loss") if k in record})
-        preempted = stop_request.should_stop(step)
+        preempted = stop_request.should_stop(
+            step, sync_point=bool(record) or step % cfg.checkpoint_every == 0)
         stop = preempted or step == cfg.stop_at_step
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
           self._save(step)

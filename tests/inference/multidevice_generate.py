@@ -61,6 +61,15 @@ def check(name, fn):
     record(name, False, traceback.format_exc()[-2000:])
 
 
+def assert_same_generation(got, want) -> float:
+  """Same tokens and lengths, logits within LOGITS_ATOL; returns the max logit error."""
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+  err = float(np.max(np.abs(np.asarray(got.logits) - np.asarray(want.logits))))
+  assert err < LOGITS_ATOL, f"max |logit error| {err}"
+  return err
+
+
 def written_per_shard(cache) -> np.ndarray:
   """Slots holding a written key, per device: [num_devices] (layer 0's cache).
 
@@ -109,10 +118,7 @@ def check_model(name: str, mesh8, mesh3) -> None:
   check(f"{name}/p8/hlo_collectives", only_tree_collectives)
 
   def same_generation():
-    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
-    np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
-    err = float(np.max(np.abs(np.asarray(got.logits) - np.asarray(want.logits))))
-    assert err < LOGITS_ATOL, f"max |logit error| {err}"
+    err = assert_same_generation(got, want)
     record(f"{name}/p8/tokens_and_logits", True, f"max |logit error| {err:.2e}")
   check(f"{name}/p8/tokens_and_logits", same_generation)
 
@@ -153,9 +159,7 @@ def check_model(name: str, mesh8, mesh3) -> None:
     finally:
       pallas_kernels.decode_attention = original
     assert calls and all(calls), calls     # traced through the kernel, with starts
-    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
-    err = float(np.max(np.abs(np.asarray(got.logits) - np.asarray(want.logits))))
-    assert err < LOGITS_ATOL, f"max |logit error| {err}"
+    err = assert_same_generation(got, want)
     record(f"{name}/p8/pallas_decode_kernel", True, f"max |logit error| {err:.2e}")
   check(f"{name}/p8/pallas_decode_kernel", pallas_decode_kernel)
 

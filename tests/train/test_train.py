@@ -175,6 +175,15 @@ def test_grad_accumulation_and_bf16(run_gin, reference_run, tmp_path):
   train.train_and_evaluate(str(tmp_path / "accum"), model_config, cfg)
   got = _losses(tmp_path / "accum", "train_loss")
   np.testing.assert_allclose([got[1], got[2]], [want[1], want[2]], rtol=1e-5)
+  # The MFU estimate, with a peak given (CPUs have none to look up).
+  model_config, cfg, _ = train.configs_from_gin(
+      [run_gin], ["train.peak_flops_per_device = 1e12", "train.stop_at_step = 3"])
+  train.train_and_evaluate(str(tmp_path / "mfu"), model_config, cfg)
+  timed = [r for r in _metrics(tmp_path / "mfu") if "mfu" in r]
+  assert timed, "no record has an MFU estimate"
+  for r in timed:
+    assert 0 < r["mfu"] < 1
+    assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] * 1e12 / (1e12 * jax.device_count()))
   # Mixed precision: bf16 compute, f32 master weights (what the checkpoint holds).
   model_config, cfg, _ = train.configs_from_gin(
       [run_gin], ["train.compute_dtype = 'bfloat16'", "train.stop_at_step = 2"])
