@@ -35,8 +35,9 @@ def attention_mask(q_len: int, kv_len: int, *, causal: bool,
 def visible_window(mask: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
   """(starts, ends) int32 [batch]: the first visible slot and one past the last.
 
-  mask [batch|1, slots] bool, one contiguous run of True per row (not
-  checked: the caller's contract); a row with no True slot gives 0, 0.
+  mask [batch|1, slots] bool; a row with no True slot gives 0, 0. The window
+  covers the row's True slots exactly only when they form one contiguous run,
+  which `mask_is_window` checks.
   """
   mask = mask.astype(bool)
   slots = mask.shape[-1]
@@ -46,6 +47,16 @@ def visible_window(mask: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
   starts = jnp.where(seen, first, 0).astype(jnp.int32)
   ends = jnp.where(seen, last_plus_one, 0).astype(jnp.int32)
   return jnp.broadcast_to(starts, (batch,)), jnp.broadcast_to(ends, (batch,))
+
+
+def mask_is_window(mask: jax.Array, starts: jax.Array, ends: jax.Array) -> jax.Array:
+  """Scalar bool: every row's True slots are exactly [starts, ends).
+
+  mask [batch|1, slots]; starts/ends from `visible_window`. False when some
+  row's run has a hole, i.e. when the window would attend masked slots.
+  """
+  count = jnp.sum(mask.astype(jnp.int32), axis=-1)
+  return jnp.all(count == ends - starts)
 
 
 def xla_attention_with_lse(query, key, value, *, causal: bool = False,

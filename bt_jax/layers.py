@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from bt_jax import axes
-from bt_jax.attention import dot_product_attention, visible_window, xla_attention
+from bt_jax.attention import (dot_product_attention, mask_is_window, visible_window,
+                              xla_attention)
 from bt_jax.config import StackConfig
 from bt_jax.distributed import sharded_cache
 
@@ -122,9 +123,9 @@ class Attention(nn.Module):
     (out, new_cache) is returned. With attention_impl "pallas", a
     single-query cached step (length 1, the decode step) runs the split-KV
     decode kernel (`pallas_kernels.decode_attention`) over each row's window
-    of slots: every row's mask must then be one contiguous run of True slots
-    (or none), as `bt_jax.inference.caches.padded_mask` / `local_mask` build;
-    slots inside the run that the mask leaves False would be attended.
+    of slots when every row's mask is one contiguous run of True slots (or
+    none), as `bt_jax.inference.caches.padded_mask` / `local_mask` build;
+    any other mask falls back to the masked jnp path (checked at run time).
     Inside `sharded_kv_cache(mesh)` the cache is
     kept sharded over the mesh's sequence axis (`bt_jax.distributed.sharded_cache`).
     `local_block` S: attention stays inside consecutive runs of S positions.
@@ -159,22 +160,34 @@ class Attention(nn.Module):
                                     causal=False, impl=self.attention_impl,
                                     mask=jnp.broadcast_to(mask[..., :length],
                                                           (query.shape[0], length, length)))
-      elif self.attention_impl == "pallas" and length == 1:
-        # The decode step: each row sees one run of slots [start, end) (left
-        # padding, then the causal edge), which the split-KV decode kernel
-        # takes as per-row starts/lengths; it skips the padded tiles. The
-        # whole cache is passed (a slice would copy it every step): tiles
-        # past each row's end are not read.
-        import pallas_kernels  # pylint: disable=import-outside-toplevel
-        starts, ends = visible_window(mask[:, 0], query.shape[0])
-        out, _ = pallas_kernels.decode_attention(query, new_cache["key"], new_cache["value"],
-                                                 ends, starts=starts)
       else:
-        # A few queries against a masked cache: the jnp path (any mask).
-        read_len = mask.shape[-1]   # static: later slots are not read at all
-        out = xla_attention(query, new_cache["key"][:, :read_len].astype(query.dtype),
-                            new_cache["value"][:, :read_len].astype(query.dtype),
-                            causal=False, mask=mask)
+        def masked_attention():
+          # A few queries against a masked cache: the jnp path (any mask).
+          read_len = mask.shape[-1]   # static: later slots are not read at all
+          return xla_attention(query, new_cache["key"][:, :read_len].astype(query.dtype),
+                               new_cache["value"][:, :read_len].astype(query.dtype),
+                               causal=False, mask=mask)
+
+        if self.attention_impl == "pallas" and length == 1:
+          # The decode step: each row sees one run of slots [start, end) (left
+          # padding, then the causal edge), which the split-KV decode kernel
+          # takes as per-row starts/lengths; it skips the padded tiles. The
+          # whole cache is passed (a slice would copy it every step): tiles
+          # past each row's end are not read. A mask whose True slots are not
+          # one run per row (a hole the window would attend) takes the jnp
+          # path instead, so any mask stays exact.
+          import pallas_kernels  # pylint: disable=import-outside-toplevel
+          starts, ends = visible_window(mask[:, 0], query.shape[0])
+
+          def kernel_attention():
+            out, _ = pallas_kernels.decode_attention(
+                query, new_cache["key"], new_cache["value"], ends, starts=starts)
+            return out.astype(query.dtype)
+
+          out = jax.lax.cond(mask_is_window(mask[:, 0], starts, ends), kernel_attention,
+                             masked_attention)
+        else:
+          out = masked_attention()
     else:
       out = dot_product_attention(query, key, value, causal=self.causal and memory is None,
                                   impl=self.attention_impl, mask=mask, local_block=local_block)

@@ -42,7 +42,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bt_jax import axes
-from bt_jax.attention import visible_window, xla_attention_with_lse
+from bt_jax.attention import mask_is_window, visible_window, xla_attention_with_lse
 from bt_jax.distributed.merge import allreduce_merge
 
 _ACTIVE: contextvars.ContextVar[Optional["ShardedKVCache"]] = contextvars.ContextVar(
@@ -136,10 +136,11 @@ class ShardedKVCache:
 
     decode_kernel (the models' attention_impl "pallas"): a single-query step
     attends on each device with `pallas_kernels.decode_attention` over its
-    local window of slots (Pallas on GPU/TPU, its jnp reference on CPU). Each
-    row's mask must then be one contiguous run of logical slots [start, end),
-    as the decoders build; on device s it is the contiguous local run
-    [ceil((start - s) / p), ceil((end - s) / p)).
+    local window of slots (Pallas on GPU/TPU, its jnp reference on CPU) when
+    each row's mask is one contiguous run of logical slots [start, end), as
+    the decoders build; on device s that is the contiguous local run
+    [ceil((start - s) / p), ceil((end - s) / p)). Any other mask takes the
+    masked path (checked at run time).
     """
     num_shards, axis = self.num_shards, self.axis
     cache_len = cache["key"].shape[1]
@@ -154,8 +155,13 @@ class ShardedKVCache:
     read_local = -(-read_len // num_shards)
     logical = jnp.asarray(cache_index, jnp.int32) + jnp.arange(key.shape[1], dtype=jnp.int32)
     use_kernel = decode_kernel and query.shape[1] == 1
-    # The kernel path takes each row's logical window; the masked path its mask.
-    window = visible_window(mask[:, 0], query.shape[0]) if use_kernel else None
+    # The kernel path takes each row's logical window, when the mask is one
+    # run per row (checked at run time); otherwise the masked path its mask.
+    if use_kernel:
+      start, end = visible_window(mask[:, 0], query.shape[0])
+      window = (start, end, mask_is_window(mask[:, 0], start, end))
+    else:
+      window = None
 
     def per_device(query, key, value, cache_key, cache_value, mask, window, logical):
       shard = lax.axis_index(axis)
@@ -163,24 +169,32 @@ class ShardedKVCache:
       local = jnp.where(logical % num_shards == shard, logical // num_shards, local_len)
       cache_key = cache_key.at[:, local].set(key.astype(cache_key.dtype), mode="drop")
       cache_value = cache_value.at[:, local].set(value.astype(cache_value.dtype), mode="drop")
+
+      def masked_partial():
+        return masked_partial_attention(query, cache_key[:, :read_local].astype(query.dtype),
+                                        cache_value[:, :read_local].astype(query.dtype), mask)
+
       if use_kernel:
         import pallas_kernels  # pylint: disable=import-outside-toplevel
-        # Logical slot t = j * p + shard is local slot j: the window
-        # [start, end) is local [ceil((start - shard) / p), ceil((end - shard) / p)).
-        start, end = window
-        local_start = jnp.clip((start - shard + num_shards - 1) // num_shards, 0, read_local)
-        local_end = jnp.clip((end - shard + num_shards - 1) // num_shards, 0, read_local)
-        o, lse = pallas_kernels.decode_attention(query, cache_key, cache_value, local_end,
-                                                 starts=local_start)
-        o = o.astype(jnp.float32)
+        start, end, is_window = window
+
+        def kernel_partial():
+          # Logical slot t = j * p + shard is local slot j: the window
+          # [start, end) is local [ceil((start - shard) / p), ceil((end - shard) / p)).
+          local_start = jnp.clip((start - shard + num_shards - 1) // num_shards, 0, read_local)
+          local_end = jnp.clip((end - shard + num_shards - 1) // num_shards, 0, read_local)
+          o, lse = pallas_kernels.decode_attention(query, cache_key, cache_value, local_end,
+                                                   starts=local_start)
+          return o.astype(jnp.float32), lse
+
+        o, lse = lax.cond(is_window, kernel_partial, masked_partial)
       else:
-        o, lse = masked_partial_attention(query, cache_key[:, :read_local].astype(query.dtype),
-                                          cache_value[:, :read_local].astype(query.dtype), mask)
+        o, lse = masked_partial()
       out, _ = allreduce_merge(o, lse, axis)
       return out.astype(query.dtype), cache_key, cache_value
 
     kv_spec = P(None, axis)
-    masked = None if use_kernel else round_robin_mask(mask, num_shards)
+    masked = round_robin_mask(mask, num_shards)
     out, cache_key, cache_value = jax.shard_map(
         per_device, mesh=self.mesh,
         in_specs=(P(), P(), P(), kv_spec, kv_spec, P(None, None, axis), P(), P()),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import re
 import sys
@@ -25,9 +26,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import pallas_kernels
 
+from bt_jax.attention import xla_attention
 from bt_jax.config import BlockConfig, VanillaConfig
-from bt_jax.distributed import make_sequence_mesh, to_logical_order
+from bt_jax.distributed import (ShardedKVCache, make_sequence_mesh, physical_slots,
+                                to_logical_order)
 from bt_jax.inference import generate, generate_fn, make_stream_fns, prepare_prompts
+from bt_jax.inference.caches import padded_mask
 from bt_jax.models import build_model, init_params
 
 # Neither is a multiple of L_B = 4 (the last block is cut). The block model
@@ -206,6 +210,45 @@ def check_model(name: str, mesh8, mesh3) -> None:
   check(f"{name}/p8/stream_cache_sharded_and_even", streamed_cache)
 
 
+def check_kernel_path_with_holes(mesh8) -> None:
+  """attend(decode_kernel=True) with a mask whose runs have holes: the kernel
+  would attend the whole window, so the step must take the masked path; the
+  result equals unsharded masked attention, and differs from the same window
+  without the holes (so the check can fail)."""
+  def run():
+    batch, heads, head_dim, cache_len, read_len, slot = 3, 4, 16, 32, 30, 27
+    keys = jax.random.split(jax.random.key(11), 5)
+    query = jax.random.normal(keys[0], (batch, 1, heads, head_dim))
+    new_key = jax.random.normal(keys[1], (batch, 1, heads, head_dim))
+    new_value = jax.random.normal(keys[2], (batch, 1, heads, head_dim))
+    logical = {"key": jax.random.normal(keys[3], (batch, cache_len, heads, head_dim)),
+               "value": jax.random.normal(keys[4], (batch, cache_len, heads, head_dim))}
+    placed = physical_slots(jnp.arange(cache_len), cache_len, 8)
+    sharding = NamedSharding(mesh8, P(None, "sequence"))
+    cache = {k: jax.device_put(jnp.zeros_like(v).at[:, placed].set(v), sharding)
+             for k, v in logical.items()}
+    pad = jnp.array([0, 3, 9], jnp.int32)
+    window = padded_mask(pad, jnp.array([slot]), read_len)          # [batch, 1, read]
+    holes = window.at[:2, 0, 12:17].set(False)
+    sharded = ShardedKVCache(mesh8)
+    outs = {}
+    for name, mask in (("window", window), ("holes", holes)):
+      got, _ = jax.jit(functools.partial(sharded.attend, decode_kernel=True))(
+          query, new_key, new_value, cache, jnp.int32(slot), mask)
+      full = {k: v.at[:, slot].set(n[:, 0]) for (k, v), n in
+              zip(logical.items(), (new_key, new_value))}
+      want = xla_attention(query, full["key"][:, :read_len], full["value"][:, :read_len],
+                           causal=False, mask=mask)
+      err = float(jnp.max(jnp.abs(got - want)))
+      assert err < 1e-5, (name, err)
+      outs[name] = want
+    gap = float(jnp.max(jnp.abs(outs["holes"][:2] - outs["window"][:2])))
+    assert gap > 1e-3, gap
+    record("attend/p8/kernel_path_mask_with_holes", True,
+           f"max error {err:.2e}; holes change rows 0-1 by {gap:.2f}")
+  check("attend/p8/kernel_path_mask_with_holes", run)
+
+
 def main() -> int:
   started = time.time()
   if len(jax.devices()) < 8:
@@ -216,6 +259,7 @@ def main() -> int:
   mesh3 = make_sequence_mesh(3)
   for name in CONFIGS:
     check_model(name, mesh8, mesh3 if name == "vanilla" else None)
+  check_kernel_path_with_holes(mesh8)
   failed = [r for r in RESULTS if not r["ok"]]
   print(json.dumps(dict(summary=True, checks=len(RESULTS), failed=len(failed),
                         seconds=round(time.time() - started, 1))), flush=True)

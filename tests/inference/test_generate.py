@@ -244,8 +244,12 @@ def test_pallas_decode_step_kernel_with_left_padding(monkeypatch):
   positions = jnp.maximum(slot - pad, 0)[:, None]
   masks = {"padded": padded_mask(pad, jnp.array([slot]), read_len),      # [batch, 1, read]
            "local": local_mask(jnp.array([slot]), read_len)}             # [1, 1, read]
+  # Holes inside rows 0 and 1's runs: the window [start, end) would attend
+  # them, so this mask must take the masked path (checked at run time).
+  masks["holes"] = masks["padded"].at[:2, 0, 10:14].set(False)
   params = Attention(stack).init(jax.random.key(6), x, positions, mask=masks["padded"],
                                  cache=cache, cache_index=slot)
+  results = {}
   for name, mask in masks.items():
     outs = {}
     for impl in ("xla", "pallas"):
@@ -259,6 +263,10 @@ def test_pallas_decode_step_kernel_with_left_padding(monkeypatch):
     for part in ("key", "value"):
       np.testing.assert_array_equal(np.asarray(outs["pallas"][1][part]),
                                     np.asarray(outs["xla"][1][part]))
+    results[name] = np.asarray(outs["xla"][0])
+  # The holes matter: over the same window without them, rows 0-1 differ.
+  assert np.abs(results["holes"][:2] - results["padded"][:2]).max() > 1e-3
+  np.testing.assert_array_equal(results["holes"][2:], results["padded"][2:])
 
 
 def test_prompt_errors():

@@ -115,7 +115,8 @@ def test_sharded_generation_matches_unsharded_on_8_devices():
   """Vanilla and Block (L_B = 4) on 8 (and 3) CPU devices: same tokens, logits
   within 1e-4, cache split 1/p per device, shards filled evenly; with
   attention_impl "pallas" each device's decode step runs the interpret-mode
-  split-KV kernel over its local window, with the same result."""
+  split-KV kernel over its local window, with the same result; a decode mask
+  with holes takes the masked path and stays exact."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   env["JAX_PLATFORMS"] = "cpu"
@@ -132,4 +133,4 @@ def test_sharded_generation_matches_unsharded_on_8_devices():
   assert result.returncode == 0 and summary and not failed, (
       f"rc={result.returncode}\nfailed: {json.dumps(failed, indent=1)}\n"
       f"stderr tail:\n{result.stderr[-3000:]}")
-  assert summary[0]["checks"] == 11, lines   # every check ran (none silently skipped)
+  assert summary[0]["checks"] == 12, lines   # every check ran (none silently skipped)
