@@ -29,13 +29,13 @@ import dataclasses
 import functools
 import json
 import platform
-import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
+from experiments.timing import time_call
 from pallas_kernels import (decode_attention, flash_attention,
                             reference_attention, reference_decode_attention)
 
@@ -84,18 +84,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         decode=[DecodeShape(b, q, t, 32, 8, 128)
                 for b in (1, 8) for t in (4096, 32768) for q in (1, 4)]),
 }
-
-
-def _time(fn: Callable, args, warmup: int, repeats: int) -> Dict[str, float]:
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return dict(median_ms=1e3 * statistics.median(times),
-              min_ms=1e3 * min(times))
 
 
 def _kernel_impl() -> str:
@@ -180,7 +168,7 @@ def bench_flash(shape: FlashShape, dtype, warmup: int, repeats: int,
         flops = 3.5 * fwd_flops
       args = (q, k, v) if mode == "fwd" else (q, k, v, d_out)
       try:
-        record.update(_time(fn, args, warmup, repeats))
+        record.update(time_call(fn, args, warmup, repeats))
         record["tflops"] = flops / (record["median_ms"] * 1e-3) / 1e12
       except Exception as error:  # an unsupported baseline must not stop the sweep
         record["skipped"] = f"failed: {type(error).__name__}: {error}"[:300]
@@ -263,8 +251,8 @@ def bench_decode(shape: DecodeShape, dtype, warmup: int, repeats: int,
       records.append(record)
       continue
     try:
-      record.update(_time(jax.jit(attention), (q, k, v, lengths), warmup,
-                          repeats))
+      record.update(time_call(jax.jit(attention), (q, k, v, lengths), warmup,
+                              repeats))
       record["gbs"] = bytes_read / (record["median_ms"] * 1e-3) / 1e9
       if peak_bw_gbs:
         record["frac_peak_bw"] = record["gbs"] / peak_bw_gbs

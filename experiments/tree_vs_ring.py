@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 PRESETS = {
@@ -73,19 +72,6 @@ def force_host_devices(count: int) -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def time_call(fn, args, warmup, repeats):
-  import jax
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return dict(median_ms=1e3 * statistics.median(times),
-              min_ms=1e3 * min(times))
-
-
 def run(config):
   if config["preset"] == "cpu":
     force_host_devices(max(config["devices"] + [8]))
@@ -96,6 +82,7 @@ def run(config):
                                   make_sequence_mesh,
                                   make_sharded_decode_attention,
                                   make_two_level_mesh)
+  from experiments.timing import time_call
   from bt_jax.distributed.hlo_traffic import formula_traffic
   from pallas_kernels import decode_attention
 
