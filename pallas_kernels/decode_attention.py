@@ -3,7 +3,8 @@
 Public entry point: `decode_attention`; reference:
 `reference.reference_decode_attention` (the "xla" impl).
 
-The kernel grid is (batch, kv_heads, splits). Every program takes the
+The kernel grid is (batch, kv_heads, splits) (on TPU with a fourth axis
+walking the tiles of a split). Every (batch, kv head, split) takes the
 `group * q_len` query rows that read one kv head (so GQA turns decode into a
 real [rows, head_dim] x [head_dim, block_k] matmul and each K/V byte is read
 once), runs an online softmax over its chunk of the cache, and writes a
@@ -15,18 +16,26 @@ per-device results of this function.
 Row b attends over cache positions [starts[b], lengths[b]) (starts default
 to 0; a left-padded generation cache passes its per-row pad as starts).
 
-How the cache is chunked:
-  * "gpu" (Triton, and interpret on CPU): chunks follow each row's actual
-    range (the tiles from starts[b] // block_k up to the one holding
-    lengths[b] - 1, split in `splits` equal runs of tiles), so a half-empty
-    or left-padded cache keeps every split busy and no tile wholly outside
-    the range is read. The cache keeps the model's
+How the cache is chunked: on both targets chunks follow each row's actual
+range (the tiles from starts[b] // block_k up to the one holding
+lengths[b] - 1, split in `splits` equal runs of tiles), so a half-empty or
+left-padded cache keeps every split busy and no tile wholly outside the range
+is read.
+  * "gpu" (Triton, and interpret on CPU): each program loops over its run of
+    tiles, loading them from the whole cache row. The cache keeps the model's
     [batch, kv_len, kv_heads, head_dim] layout: no copy of the cache is made
     when kv_len is a multiple of block_k and head_dim a power of two.
-  * "tpu" (Mosaic): fixed chunks of kv_len / splits (BlockSpecs must be
-    static); tiles wholly before starts[b] or past lengths[b] are skipped but
-    still fetched by the pipeline, and the cache is moved to
-    [batch, kv_heads, kv_len, head_dim] (a copy) so blocks are tile-aligned.
+  * "tpu" (Mosaic): BlockSpecs are static, so the grid is
+    (batch, kv_heads, splits, ceil(tiles / splits)), one K and V tile per
+    step, with m, l and the output accumulated in VMEM scratch along the
+    last ("arbitrary") axis. lengths (and starts) are scalar-prefetched into
+    SMEM and the K/V index map clamps each step's tile into the row's valid
+    tiles, so steps past a split's run map to a tile already in VMEM and the
+    pipeline fetches nothing for them (the trick of jax's paged attention
+    kernels); they only pay the fixed cost of a grid step. An empty row
+    still reads one tile per kv head. The cache is moved to
+    [batch, kv_heads, kv_len, head_dim] (a copy of the whole cache per call)
+    so blocks are tile-aligned.
 
 Without `starts` the kernel is traced without them (no extra operand, no
 extra mask): the lengths-only kernel is unchanged.
@@ -58,7 +67,8 @@ class DecodeConfig:
   sm_scale: float
   block_k: int
   num_splits: int
-  split_len: int        # "tpu": cache positions per split (static chunks)
+  num_tiles: int        # cache tiles of block_k positions (padded kv_len)
+  tiles_per_split: int  # "tpu": grid steps per split, ceil(tiles / splits)
   rows: int             # padded group * q_len
   target: str
   interpret: bool
@@ -67,78 +77,154 @@ class DecodeConfig:
   has_starts: bool      # False: positions start at 0 (no starts operand)
 
 
-def _decode_kernel(*refs, cfg: DecodeConfig):
+def _split_tiles(start, length, split, *, block_k: int, num_splits: int):
+  """The tiles of one row and of one split of it.
+
+  Row b's valid tiles are [first, end): those holding a position in
+  [start, length) (start None: 0, traced without it). They are split in
+  `num_splits` equal runs of ceil(valid / num_splits) tiles; split s takes
+  [lo, hi), empty (hi == lo) past the end or for an empty row. starts and
+  lengths are clamped to [0, kv_len] by the caller, so every division here is
+  of a non-negative number.
+
+  Returns (first, end, lo, hi) int32 scalars (end < first for some empty rows).
+  """
+  end_tile = lax.div(length + (block_k - 1), block_k)
+  if start is None:
+    first_tile, num_valid = jnp.int32(0), end_tile
+  else:
+    first_tile = lax.div(start, block_k)
+    num_valid = jnp.maximum(end_tile - first_tile, 0)
+  tiles_per_split = lax.div(num_valid + (num_splits - 1), num_splits)
+  lo = first_tile + split * tiles_per_split   # first_tile 0: folded away
+  hi = jnp.minimum(lo + tiles_per_split, end_tile)
+  return first_tile, end_tile, lo, jnp.maximum(hi, lo)
+
+
+def _tpu_kv_tile_index(start, length, split, t, *, block_k: int,
+                       num_splits: int, num_tiles: int):
+  """The K/V tile that grid step (b, h, split, t) of the "tpu" kernel maps.
+
+  Step t of a split computes tile lo + t while that is below hi
+  (`_split_tiles`). Every other step maps to a tile a neighbouring step also
+  holds: the index is clamped to the split's last tile and then into the
+  row's valid tiles [first, end - 1], so along the grid of one (b, h) the
+  index never decreases and takes exactly the valid tiles, each on a run of
+  consecutive steps. The pipeline fetches a block only when its index
+  changes, so the tiles wholly outside [start, length) are never read; an
+  empty row still reads one tile per kv head (a block must be mapped). The
+  final clamp to num_tiles - 1 keeps an empty row with start == padded
+  kv_len in bounds.
+  """
+  first, end, lo, hi = _split_tiles(start, length, split, block_k=block_k,
+                                    num_splits=num_splits)
+  tile = jnp.minimum(lo + t, hi - 1)
+  tile = jnp.clip(tile, first, jnp.maximum(end - 1, first))
+  return jnp.minimum(tile, num_tiles - 1)
+
+
+def _online_softmax_step(carry, q, k, v, position, start, length, scale):
+  """One tile of the online softmax (base 2): q [rows, d], k/v [block_k, d],
+  position int32 [rows, block_k]; carry (acc [rows, d], m [rows, 1],
+  l [rows, 1]) f32. start None: no lower bound."""
+  acc, m_prev, l_prev = carry
+  s = dot_nt(q, k) * scale  # [rows, block_k]
+  allowed = position < length
+  if start is not None:
+    allowed &= position >= start
+  s = jnp.where(allowed, s, MASK_VALUE)
+  m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+  p = jnp.where(allowed, jnp.exp2(s - m_next), 0.0)
+  alpha = jnp.exp2(m_prev - m_next)
+  l_next = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+  acc = alpha * acc + dot_nn(p.astype(v.dtype), v)
+  return acc, m_next, l_next
+
+
+def _finish(o_ref, lse_ref, acc, m_i, l_i):
+  """Normalised partial out and natural-log lse; an empty split: out 0,
+  lse -inf (weight 0 in the merge)."""
+  seen = l_i > 0.0
+  l_safe = jnp.where(seen, l_i, 1.0)
+  o_ref[...] = jnp.where(seen, acc / l_safe, 0.0).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
+
+
+def _initial_carry(rows: int, head_dim: int):
+  return (jnp.zeros((rows, head_dim), jnp.float32),
+          jnp.full((rows, 1), MASK_VALUE, jnp.float32),
+          jnp.zeros((rows, 1), jnp.float32))
+
+
+def _gpu_decode_kernel(*refs, cfg: DecodeConfig):
   # [starts_ref,] lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref.
-  # q_ref/o_ref [rows, d]; k_ref/v_ref [kv_len, d] ("gpu": the whole cache row)
-  # or [split_len, d] ("tpu": this split's chunk); lse_ref [rows, 1].
+  # q_ref/o_ref [rows, d]; k_ref/v_ref [kv_len, d] (the whole cache row);
+  # lse_ref [rows, 1]. Grid (batch, kv_heads, splits).
   if cfg.has_starts:
     starts_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    start = starts_ref[()]
   else:
-    starts_ref = None
     lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    start = None
   block_k = cfg.block_k
-  batch_index = pl.program_id(0)
-  split = pl.program_id(2)
-  # starts/lengths are clamped to [0, kv_len] by the caller, so every
-  # division below is of a non-negative number except where noted.
-  if cfg.target == "gpu":
-    length = lengths_ref[()]
-    end_tile = lax.div(length + (block_k - 1), block_k)
-    if cfg.has_starts:
-      start = starts_ref[()]
-      first_tile = lax.div(start, block_k)
-      num_tiles = jnp.maximum(end_tile - first_tile, 0)
-    else:
-      first_tile, num_tiles = jnp.int32(0), end_tile
-    tiles_per_split = lax.div(num_tiles + (cfg.num_splits - 1), cfg.num_splits)
-    lo = first_tile + split * tiles_per_split   # first_tile 0: folded away
-    hi = jnp.minimum(lo + tiles_per_split, end_tile)
-    base = jnp.int32(0)  # k_ref position 0 is cache position 0
-  else:
-    length = lengths_ref[batch_index]
-    start = starts_ref[batch_index] if cfg.has_starts else None
-    base = split * cfg.split_len
-    chunk_tiles = cfg.split_len // block_k
-    # Tiles of this chunk that hold a position in [start, length); start -
-    # base may be negative, where truncating division still clips to 0.
-    lo = (jnp.clip(lax.div(start - base, block_k), 0, chunk_tiles)
-          if cfg.has_starts else jnp.int32(0))
-    hi = jnp.clip(lax.div(length - base + (block_k - 1), block_k), 0,
-                  chunk_tiles)
-  hi = jnp.maximum(hi, lo)
-
+  length = lengths_ref[()]
+  _, _, lo, hi = _split_tiles(start, length, pl.program_id(2),
+                              block_k=block_k, num_splits=cfg.num_splits)
   q = q_ref[...]
   rows = q.shape[0]
   scale = cfg.sm_scale * LOG2E
 
   def body(kb, carry):
-    acc, m_prev, l_prev = carry
     k_start = pl.multiple_of(kb * block_k, block_k)
     kv_slice = pl.ds(k_start, block_k)
-    s = dot_nt(q, k_ref[kv_slice, :]) * scale  # [rows, block_k]
-    position = base + k_start + lax.broadcasted_iota(jnp.int32,
-                                                     (rows, block_k), 1)
-    allowed = position < length
-    if cfg.has_starts:
-      allowed &= position >= start
-    s = jnp.where(allowed, s, MASK_VALUE)
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.where(allowed, jnp.exp2(s - m_next), 0.0)
-    alpha = jnp.exp2(m_prev - m_next)
-    l_next = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    v = v_ref[kv_slice, :]
-    acc = alpha * acc + dot_nn(p.astype(v.dtype), v)
-    return acc, m_next, l_next
+    position = k_start + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+    return _online_softmax_step(carry, q, k_ref[kv_slice, :],
+                                v_ref[kv_slice, :], position, start, length,
+                                scale)
 
-  head_dim = q_ref.shape[-1]
-  carry = (jnp.zeros((rows, head_dim), jnp.float32),
-           jnp.full((rows, 1), MASK_VALUE, jnp.float32),
-           jnp.zeros((rows, 1), jnp.float32))
-  acc, m_i, l_i = lax.fori_loop(lo, hi, body, carry)
-  seen = l_i > 0.0  # an empty split: out 0, lse -inf (weight 0 in the merge)
-  l_safe = jnp.where(seen, l_i, 1.0)
-  o_ref[...] = jnp.where(seen, acc / l_safe, 0.0).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
+  acc, m_i, l_i = lax.fori_loop(lo, hi, body,
+                                _initial_carry(rows, q_ref.shape[-1]))
+  _finish(o_ref, lse_ref, acc, m_i, l_i)
+
+
+def _tpu_decode_kernel(*refs, cfg: DecodeConfig):
+  # Scalar prefetch (SMEM, whole [batch]): [starts_ref,] lengths_ref; then
+  # q_ref/o_ref [rows, d], k_ref/v_ref [block_k, d] (the tile of
+  # `_tpu_kv_tile_index`), lse_ref [rows, 1]; scratch acc [rows, d],
+  # m/l [rows, 1] f32. Grid (batch, kv_heads, splits, tiles_per_split).
+  if cfg.has_starts:
+    starts_ref, lengths_ref, *refs = refs
+  else:
+    starts_ref = None
+    lengths_ref, *refs = refs
+  q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref = refs
+  block_k = cfg.block_k
+  batch_index, t = pl.program_id(0), pl.program_id(3)
+  length = lengths_ref[batch_index]
+  start = starts_ref[batch_index] if cfg.has_starts else None
+  _, _, lo, hi = _split_tiles(start, length, pl.program_id(2),
+                              block_k=block_k, num_splits=cfg.num_splits)
+  tile = lo + t
+
+  @pl.when(t == 0)
+  def _init():
+    acc, m_i, l_i = _initial_carry(*acc_ref.shape)
+    acc_ref[...], m_ref[...], l_ref[...] = acc, m_i, l_i
+
+  @pl.when(tile < hi)  # then k_ref/v_ref hold this tile (see the index map)
+  def _compute():
+    q = q_ref[...]
+    rows = q.shape[0]
+    position = tile * block_k + lax.broadcasted_iota(jnp.int32,
+                                                      (rows, block_k), 1)
+    acc, m_i, l_i = _online_softmax_step(
+        (acc_ref[...], m_ref[...], l_ref[...]), q, k_ref[...], v_ref[...],
+        position, start, length, cfg.sm_scale * LOG2E)
+    acc_ref[...], m_ref[...], l_ref[...] = acc, m_i, l_i
+
+  @pl.when(t == cfg.tiles_per_split - 1)
+  def _write():
+    _finish(o_ref, lse_ref, acc_ref[...], m_ref[...], l_ref[...])
 
 
 def _decode_call(cfg: DecodeConfig, starts, lengths, q_rows, k_cache,
@@ -150,38 +236,74 @@ def _decode_call(cfg: DecodeConfig, starts, lengths, q_rows, k_cache,
   """
   batch, kv_heads, rows, head_dim = q_rows.shape
   splits = cfg.num_splits
-  if cfg.target == "gpu":
-    kv_len = k_cache.shape[1]
-    lengths_spec = pl.BlockSpec((None,), lambda b, h, s: (b,))
-    kv_spec = pl.BlockSpec((None, kv_len, None, head_dim),
-                           lambda b, h, s: (b, 0, h, 0))
-  else:
-    from jax.experimental.pallas import tpu as pltpu
-    # Scalars live in SMEM on TPU; the kernel indexes the whole array.
-    lengths_spec = pl.BlockSpec(memory_space=pltpu.SMEM)
-    kv_spec = pl.BlockSpec((None, None, cfg.split_len, head_dim),
-                           lambda b, h, s: (b, h, s, 0))
+  # starts travel exactly like lengths.
+  scalars = (starts, lengths) if cfg.has_starts else (lengths,)
+  out_shape = [
+      jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim),
+                           jnp.float32),
+      jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, 1), jnp.float32)]
+  if cfg.target == "tpu":
+    return _tpu_decode_call(cfg, scalars, q_rows, k_cache, v_cache, out_shape)
+  kv_len = k_cache.shape[1]
+  lengths_spec = pl.BlockSpec((None,), lambda b, h, s: (b,))
+  kv_spec = pl.BlockSpec((None, kv_len, None, head_dim),
+                         lambda b, h, s: (b, 0, h, 0))
   q_spec = pl.BlockSpec((None, None, rows, head_dim),
                         lambda b, h, s: (b, h, 0, 0))
   o_spec = pl.BlockSpec((None, None, None, rows, head_dim),
                         lambda b, h, s: (b, h, s, 0, 0))
   lse_spec = pl.BlockSpec((None, None, None, rows, 1),
                           lambda b, h, s: (b, h, s, 0, 0))
-  # starts travel exactly like lengths.
-  scalar_specs = [lengths_spec] * (2 if cfg.has_starts else 1)
-  scalars = (starts, lengths) if cfg.has_starts else (lengths,)
   return pl.pallas_call(
-      functools.partial(_decode_kernel, cfg=cfg),
+      functools.partial(_gpu_decode_kernel, cfg=cfg),
       grid=(batch, kv_heads, splits),
-      in_specs=[*scalar_specs, q_spec, kv_spec, kv_spec],
+      in_specs=[*[lengths_spec] * len(scalars), q_spec, kv_spec, kv_spec],
       out_specs=[o_spec, lse_spec],
-      out_shape=[
-          jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim),
-                               jnp.float32),
-          jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, 1),
-                               jnp.float32)],
+      out_shape=out_shape,
       compiler_params=compiler_params(cfg.target, 3, cfg.num_warps,
                                       cfg.num_stages),
+      interpret=cfg.interpret,
+      name="decode_attention",
+  )(*scalars, q_rows, k_cache, v_cache)
+
+
+def _tpu_decode_call(cfg: DecodeConfig, scalars, q_rows, k_cache, v_cache,
+                     out_shape):
+  """The "tpu" pallas_call: scalars are prefetched to SMEM and steer the K/V
+  index map, so tiles outside a row's range are not fetched."""
+  from jax.experimental.pallas import tpu as pltpu
+  batch, kv_heads, rows, head_dim = q_rows.shape
+  has_starts = cfg.has_starts
+
+  def kv_index(b, h, s, t, *scalar_refs):
+    start = scalar_refs[0][b] if has_starts else None
+    tile = _tpu_kv_tile_index(start, scalar_refs[-1][b], s, t,
+                              block_k=cfg.block_k, num_splits=cfg.num_splits,
+                              num_tiles=cfg.num_tiles)
+    return b, h, tile, 0
+
+  q_spec = pl.BlockSpec((None, None, rows, head_dim),
+                        lambda b, h, s, t, *_: (b, h, 0, 0))
+  kv_spec = pl.BlockSpec((None, None, cfg.block_k, head_dim), kv_index)
+  o_spec = pl.BlockSpec((None, None, None, rows, head_dim),
+                        lambda b, h, s, t, *_: (b, h, s, 0, 0))
+  lse_spec = pl.BlockSpec((None, None, None, rows, 1),
+                          lambda b, h, s, t, *_: (b, h, s, 0, 0))
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=len(scalars),
+      grid=(batch, kv_heads, cfg.num_splits, cfg.tiles_per_split),
+      in_specs=[q_spec, kv_spec, kv_spec],
+      out_specs=[o_spec, lse_spec],
+      scratch_shapes=[pltpu.VMEM((rows, head_dim), jnp.float32),
+                      pltpu.VMEM((rows, 1), jnp.float32),
+                      pltpu.VMEM((rows, 1), jnp.float32)])
+  return pl.pallas_call(
+      functools.partial(_tpu_decode_kernel, cfg=cfg),
+      grid_spec=grid_spec,
+      out_shape=out_shape,
+      # The tile axis carries the scratch accumulators: sequential.
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel",) * 3 + ("arbitrary",)),
       interpret=cfg.interpret,
       name="decode_attention",
   )(*scalars, q_rows, k_cache, v_cache)
@@ -212,13 +334,6 @@ def _default_splits(batch: int, kv_heads: int, num_tiles: int) -> int:
   return max(1, min(num_tiles, -(-target_programs // (batch * kv_heads))))
 
 
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-  for candidate in range(min(n, limit), 0, -1):
-    if n % candidate == 0:
-      return candidate
-  return 1
-
-
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      lengths: jax.Array, *, starts: Optional[jax.Array] = None,
                      sm_scale: Optional[float] = None,
@@ -236,15 +351,17 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
       [starts[b], lengths[b]) (no causality among the query tokens).
     starts: optional int32 `[batch]`, default zeros: the first cache position
       row b sees (a left-padded cache's pad). Tiles wholly before starts[b]
-      are not read ("gpu") or not computed ("tpu").
+      are not read.
     sm_scale: default head_dim ** -0.5.
     impl: None (auto: "pallas" on gpu/tpu, "xla" on cpu) | "pallas" |
       "interpret" | "xla".
     num_splits: chunks the cache is split into (default: enough programs to
-      fill a large GPU). On TPU rounded down to a divisor of the tile count.
+      fill a large GPU), at most the tile count. On TPU lowered to the fewest
+      splits of ceil(tiles / num_splits) tiles each.
     block_k: cache positions per tile (power of two >= 16; default 128 for
       head_dim <= 64, else 64, so 3 pipelined K and V tiles fit in shared
-      memory).
+      memory; on TPU 512, since there every tile is one grid step, with a
+      fixed cost of its own).
 
   Returns:
     out `[batch, q_len, heads, head_dim]` (q.dtype) and lse
@@ -284,23 +401,31 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   lengths = jnp.clip(lengths, 0, kv_len)
   if starts is not None:
     starts = jnp.clip(starts, 0, kv_len)
-  bk = pick_block(block_k, 128 if head_dim <= 64 else 64, kv_len)
+  if target == "tpu":
+    default_block = 512  # one grid step per tile: amortise its fixed cost
+  else:
+    default_block = 128 if head_dim <= 64 else 64
+  bk = pick_block(block_k, default_block, kv_len)
   kv_len_p = round_up(kv_len, bk)
   num_tiles = kv_len_p // bk
   splits = (_default_splits(batch, kv_heads, num_tiles) if num_splits is None
             else min(int(num_splits), num_tiles))
+  tiles_per_split = -(-num_tiles // splits)
   if target == "tpu":
-    splits = _largest_divisor_at_most(num_tiles, splits)
+    # Fewest splits with this many grid steps each: a split every row would
+    # leave empty is no program, not `tiles_per_split` idle grid steps.
+    splits = -(-num_tiles // tiles_per_split)
   d_p = padded_head_dim(head_dim, target)
-  # Query rows of one kv head, ordered (q token, group member); >= 16 rows so
-  # the tile is a legal matmul operand on every backend.
+  # Query rows of one kv head, ordered (q token, group member), padded so the
+  # tile is a legal matmul operand: a power of two >= 16 for Triton, a
+  # multiple of 8 (the f32 sublane count) for Mosaic.
   rows = group * q_len
   rows_p = max(16, pl.next_power_of_2(rows)) if target == "gpu" else round_up(
       rows, 8)
   cfg = DecodeConfig(
       sm_scale=float(sm_scale), block_k=bk, num_splits=splits,
-      split_len=kv_len_p // splits, rows=rows_p, target=target,
-      interpret=impl == "interpret", num_warps=4,
+      num_tiles=num_tiles, tiles_per_split=tiles_per_split, rows=rows_p,
+      target=target, interpret=impl == "interpret", num_warps=4,
       num_stages=3 if head_dim <= 128 else 2,  # untuned: see kernel_bench
       has_starts=starts is not None)
 

@@ -4,10 +4,16 @@ Checks out and lse (exact to f32 rounding: distributed tree decode merges
 per-device results with this lse) on ragged lengths including 0 and a full
 cache, GQA, several query tokens, split counts, f32 and bf16; and per-row
 `starts` (left-padded caches) including empty ranges, with the tiles the
-kernel must skip poisoned with NaN so that reading them fails the test.
+kernel must skip poisoned with NaN so that reading them fails the test; and
+that the "tpu" kernel's K/V index map makes the pipeline fetch only the
+tiles in [starts, lengths) (the map itself over the whole grid, and the
+copies the TPU interpreter makes).
 """
 
 from __future__ import annotations
+
+import collections
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +23,9 @@ import pytest
 from pallas_kernels import (decode_attention, reference_attention,
                             reference_decode_attention)
 from pallas_kernels._common import force_target
-from pallas_kernels.decode_attention import merge_partials
+from pallas_kernels.decode_attention import (_split_tiles,
+                                             _tpu_kv_tile_index,
+                                             merge_partials)
 
 # kv_len 100 is not a multiple of the 16-wide tiles used here (padded tail).
 BATCH, Q_LEN, HEADS, KV_HEADS, KV_LEN, HEAD_DIM = 4, 3, 4, 2, 100, 32
@@ -201,8 +209,8 @@ def test_decode_starts_bf16_matches_reference():
 def test_decode_starts_tpu_variant_in_tpu_interpret_mode(starts_case):
   from jax.experimental.pallas import tpu as pltpu
   (q, k, v), (ref_out, ref_lse) = starts_case
-  # block_k 32: 4 tiles in 2 fixed chunks of 64 positions, so a start can lie
-  # in a later chunk (earlier chunks skip all tiles) or mid-chunk.
+  # block_k 32: 4 tiles, each row's valid ones in 2 runs of 2 grid steps, so
+  # a split may hold one valid tile, or none (its steps all clamped).
   with force_target("tpu"), pltpu.force_tpu_interpret_mode():
     out, lse = decode_attention(q, _poison_skipped(k, 32),
                                 _poison_skipped(v, 32), S_LENGTHS,
@@ -242,3 +250,173 @@ def test_decode_errors():
       decode_attention(q, k, v, LENGTHS, starts=bad_starts, impl=impl)
   with pytest.raises(ValueError, match=r"starts must be int32 \[batch=4\]"):
     reference_decode_attention(q, k, v, LENGTHS, starts=jnp.zeros((3,)))
+
+
+# The "tpu" kernel's K/V index map (scalar prefetch, 4-D grid): tiles outside
+# a row's [start, length) are never fetched.
+
+
+def _valid_tiles(start, length, block_k):
+  """Tiles holding a position in [start, length) (start None: 0)."""
+  first = 0 if start is None else start // block_k
+  return list(range(first, -(-length // block_k)))
+
+
+def _simulate_tpu_grid(starts, lengths, *, block_k, num_tiles, num_splits,
+                       kv_heads=2):
+  """Walks the "tpu" grid in order and returns, per row, the K/V tiles the
+  pipeline fetches (a block is fetched when its index differs from the
+  previous step's) and the tiles the kernel computes (in grid order)."""
+  tiles_per_split = -(-num_tiles // num_splits)
+  num_splits = -(-num_tiles // tiles_per_split)  # as decode_attention does
+  grid = np.stack(np.meshgrid(np.arange(len(lengths)), np.arange(kv_heads),
+                              np.arange(num_splits),
+                              np.arange(tiles_per_split), indexing="ij"),
+                  -1).reshape(-1, 4)
+  b, h, s, t = (jnp.asarray(grid[:, i], jnp.int32) for i in range(4))
+  length = jnp.asarray(lengths, jnp.int32)[b]
+  start = None if starts is None else jnp.asarray(starts, jnp.int32)[b]
+  kw = dict(block_k=block_k, num_splits=num_splits)
+  tile = np.asarray(jax.vmap(functools.partial(
+      _tpu_kv_tile_index, num_tiles=num_tiles, **kw))(start, length, s, t))
+  _, _, lo, hi = jax.vmap(functools.partial(_split_tiles, **kw))(
+      start, length, s)
+  computed = np.asarray(lo + t < hi)
+  # The kernel computes tile lo + t and must find exactly that one in VMEM.
+  np.testing.assert_array_equal(tile[computed], np.asarray(lo + t)[computed])
+  assert np.all((tile >= 0) & (tile < num_tiles))
+  fetched, used = [], []
+  previous = None
+  for row in range(len(lengths)):
+    fetched.append([])
+    used.append([])
+    for step in np.flatnonzero(grid[:, 0] == row):
+      block = (row, grid[step, 1], tile[step])
+      if block != previous:
+        fetched[row].append((grid[step, 1], tile[step]))
+      if computed[step]:
+        used[row].append((grid[step, 1], tile[step]))
+      previous = block
+  return fetched, used
+
+
+# block_k 16, kv_len 200 (13 tiles, the last partial) and 208 (exactly 13:
+# start == kv_len puts the first tile at 13, past the last).
+@pytest.mark.parametrize("num_splits", [1, 3, 5, 13])
+@pytest.mark.parametrize("with_starts", [True, False])
+def test_tpu_kv_index_map_fetches_only_valid_tiles(num_splits, with_starts):
+  block_k, num_tiles, kv_heads = 16, 13, 2
+  starts = np.array([70, 0, 150, 0, 192, 200, 208, 31, 16], np.int32)
+  lengths = np.array([170, 200, 100, 0, 197, 200, 208, 33, 208], np.int32)
+  if not with_starts:
+    starts = None
+  fetched, used = _simulate_tpu_grid(starts, lengths, block_k=block_k,
+                                     num_tiles=num_tiles,
+                                     num_splits=num_splits, kv_heads=kv_heads)
+  total = 0
+  for row, length in enumerate(lengths):
+    start = None if starts is None else int(starts[row])
+    valid = _valid_tiles(start, int(length), block_k)
+    want = [(h, tile) for h in range(kv_heads) for tile in valid]
+    # Every valid tile is computed exactly once per kv head, in order.
+    assert used[row] == want, (row, used[row])
+    if valid:
+      # One fetch per valid tile: the skipped ones cost no HBM traffic.
+      assert fetched[row] == want, (row, fetched[row])
+    else:
+      # An empty row maps to one (in-bounds) tile per kv head.
+      assert [h for h, _ in fetched[row]] == list(range(kv_heads))
+    total += len(fetched[row])
+  # The old static-chunk kernel fetched every tile of every (row, kv head).
+  print(f"\n[tpu index map splits={num_splits} starts={with_starts}] "
+        f"{total} tile fetches, {len(lengths) * kv_heads * num_tiles} before")
+
+
+def test_tpu_variant_pipeline_fetches_only_valid_tiles(monkeypatch):
+  """The same, observed in the TPU interpreter: it copies an input block from
+  HBM only when the block index changes, like the Mosaic pipeline. Parallel
+  grid axes run in a random order there, so a split may re-fetch the tile
+  its predecessor held: this checks which tiles are read, not how often."""
+  from jax.experimental.pallas import tpu as pltpu
+  ipc = pytest.importorskip(
+      "jax._src.pallas.mosaic.interpret.interpret_pallas_call")
+  if not hasattr(ipc, "get"):
+    pytest.skip("TPU interpreter internals changed (no get)")
+  original_get = ipc.get
+  reads = collections.defaultdict(list)
+
+  def recording_get(*args, input_name=None, **kwargs):
+    if input_name is not None:  # a block copied in for a grid step
+      reads[input_name].append(tuple(int(i) for i in args[6]))
+    return original_get(*args, input_name=input_name, **kwargs)
+
+  monkeypatch.setattr(ipc, "get", recording_get)
+  block_k, kv_len, kv_heads = 16, 160, 2      # 10 tiles; shapes used only here
+  starts = np.array([70, 0, 150, 0, 33], np.int32)
+  lengths = np.array([150, 160, 100, 0, 47], np.int32)
+  rng = np.random.default_rng(7)
+  q = rng.standard_normal((5, 1, 4, 16), np.float32)
+  k = rng.standard_normal((5, kv_len, kv_heads, 16), np.float32)
+  v = rng.standard_normal((5, kv_len, kv_heads, 16), np.float32)
+  with force_target("tpu"), pltpu.force_tpu_interpret_mode():
+    out, lse = decode_attention(q, k, v, lengths, starts=starts,
+                                impl="pallas", num_splits=3, block_k=block_k)
+    jax.block_until_ready((out, lse))
+  if len(reads) != 3:
+    pytest.skip(f"TPU interpreter internals changed (inputs {list(reads)})")
+  _, k_reads, v_reads = (reads[name] for name in sorted(reads))  # q, k, v
+  assert k_reads == v_reads
+  num_valid = 0
+  for row, (start, length) in enumerate(zip(starts, lengths)):
+    valid = _valid_tiles(int(start), int(length), block_k)
+    num_valid += len(valid) * kv_heads
+    for h in range(kv_heads):
+      tiles = {tile for b, hh, tile, _ in k_reads if (b, hh) == (row, h)}
+      if valid:
+        assert tiles == set(valid), (row, h, sorted(tiles))
+      else:
+        assert len(tiles) == 1, (row, h, sorted(tiles))
+  print(f"\n[tpu interpret pipeline] {len(k_reads)} K tile fetches "
+        f"({num_valid} valid tiles, "
+        f"{len(lengths) * kv_heads * kv_len // block_k} in the cache)")
+  ref_out, ref_lse = jax.jit(reference_decode_attention)(q, k, v, lengths,
+                                                         starts=starts)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=2e-6)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-6,
+                             rtol=1e-6)
+
+
+# Odd sizes: kv_len 200 (7 tiles of 32, the last partial), head_dim 40,
+# GQA group 3 with 2 query tokens (6 rows, padded to 8). Rows: mid-tile
+# start and end, full, start > length, length 0, one valid tile (fewer than
+# the splits), start == length == kv_len (empty, inside the last tile).
+W_STARTS = np.array([70, 0, 150, 0, 192, 200], np.int32)
+W_LENGTHS = np.array([170, 200, 100, 0, 197, 200], np.int32)
+
+
+def test_decode_tpu_variant_odd_sizes_gqa():
+  from jax.experimental.pallas import tpu as pltpu
+  batch, kv_len, block_k = len(W_LENGTHS), 200, 32
+  rng = np.random.default_rng(11)
+  q, k, v = (rng.standard_normal(shape, np.float32)
+             for shape in [(batch, 2, 6, 40)] + [(batch, kv_len, 2, 40)] * 2)
+  empty = W_STARTS >= W_LENGTHS
+  pos = np.arange(kv_len)[None, :]
+  skipped = ((pos < (W_STARTS // block_k * block_k)[:, None])
+             | (pos >= (-(-W_LENGTHS // block_k) * block_k)[:, None]))
+  poison = lambda x: np.where(skipped[:, :, None, None], np.nan, x)
+  ref_out, ref_lse = jax.jit(reference_decode_attention)(
+      q, k, v, W_LENGTHS, starts=W_STARTS)
+  with force_target("tpu"), pltpu.force_tpu_interpret_mode():
+    out, lse = decode_attention(q, poison(k), poison(v), W_LENGTHS,
+                                starts=W_STARTS, impl="pallas", num_splits=5,
+                                block_k=block_k)
+  assert out.dtype == jnp.float32 and lse.shape == (batch, 6, 2)
+  out, lse = np.asarray(out), np.asarray(lse)
+  assert not np.any(np.isnan(out)) and not np.any(np.isnan(lse))
+  assert np.all(out[empty] == 0.0)
+  np.testing.assert_array_equal(lse[empty], -np.inf)
+  assert np.all(np.isfinite(lse[~empty]))
+  np.testing.assert_allclose(out, np.asarray(ref_out), atol=2e-6)
+  np.testing.assert_allclose(lse[~empty], np.asarray(ref_lse)[~empty],
+                             atol=2e-6, rtol=1e-6)
