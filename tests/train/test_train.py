@@ -358,7 +358,9 @@ def test_trained_workdir_serves_generate_and_eval_binaries(reference_run, tmp_pa
                  "--max_new_tokens=8", "--temperature=0"], timeout=240)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip() == tokenizer.decode(want_ids).strip()   # greedy: the same text
+  # No orbax lines: neither its INFO chatter nor the read-only restore warnings.
   assert "/orbax/" not in result.stderr and "Finished load" not in result.stderr
+  assert "checkpoint_manager.py" not in result.stderr, result.stderr[-2000:]
   # The KV cache split over 2 devices (tree-merged partials): the same greedy text.
   result = _run(["-m", "bt_jax.generate", f"--workdir={workdir}", f"--prompt={prompt}",
                  "--max_new_tokens=8", "--temperature=0", "--sequence_devices=2"],
