@@ -138,13 +138,16 @@ def load_model_config(workdir: str | os.PathLike) -> config_lib.ModelConfig:
 
 
 def load_for_inference(workdir: str | os.PathLike, step: Optional[int] = None, *,
-                       sharding: Optional[jax.sharding.Sharding] = None):
+                       sharding: Any = None):
   """(model, params, tokenizer) from a training workdir: the latest (or the given) step.
 
   Reads DIR/model_config.json, DIR/tokenizer.json and only the `params` item of
   the checkpoint (no optimizer state, no data state). Params keep the dtype they
-  were trained with (f32 master weights) and are placed on `sharding` (default:
-  the first local device). The model's compute dtype is the one trained with;
+  were trained with (f32 master weights) and are restored straight onto
+  `sharding`: one Sharding for every leaf (default: the first local device), a
+  pytree of them, or a `bt_jax.eval.sharding.EvalSharding` (each parameter
+  placed on its mesh by the training rules, so no device holds the whole model
+  unless the rules replicate it). The model's compute dtype is the one trained with;
   make a variant with `build_model(dataclasses.replace(model.config, dtype=...))`.
   Raises FileNotFoundError naming the workdir when something is missing.
   """
@@ -174,9 +177,16 @@ def load_for_inference(workdir: str | os.PathLike, step: Optional[int] = None, *
       raise FileNotFoundError(
           f"workdir {workdir!r} has no checkpoint for step {step}; saved steps: {sorted(steps)}")
     model = build_model(model_config)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          abstract_params(model))
+    abstract = abstract_params(model)
+    if hasattr(sharding, "param_shardings"):      # an EvalSharding: by the mesh rules
+      shardings = sharding.param_shardings(model)
+    elif sharding is None or isinstance(sharding, jax.sharding.Sharding):
+      one = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree.map(lambda _: one, abstract)
+    else:                                         # a pytree of shardings
+      shardings = sharding
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
     params, _ = checkpointer.restore(step, target)
   finally:
     checkpointer.close()

@@ -29,6 +29,10 @@ _MAX_DOCS = flags.DEFINE_integer("max_docs", None, "Read at most N documents.")
 _MAX_WINDOWS = flags.DEFINE_integer("max_windows", None, "Score at most N windows.")
 _CONTEXT_LEN = flags.DEFINE_integer("context_len", None,
                                     "Window length (default: each model's max_len).")
+_MESH_SHAPE = flags.DEFINE_string(
+    "mesh_shape", "auto", "Devices to evaluate on: 'auto' (every local device data-parallel "
+    "when there are several), 'none' (one device), or data,fsdp,tensor sizes such as 2,2,2 "
+    "(parameters placed by the training rules, batches split over data x fsdp).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Windows per batch.")
 _BIN_SIZE = flags.DEFINE_integer("bin_size", 64, "Positions per smoothing bin.")
 
@@ -40,14 +44,17 @@ def _label(workdir, model):
 def main(argv):
   del argv
   from bt_jax.checkpointing import load_for_inference  # pylint: disable=g-import-not-at-top
+  from bt_jax.eval.sharding import eval_sharding_from_flag  # pylint: disable=g-import-not-at-top
+  sharding = eval_sharding_from_flag(_MESH_SHAPE.value)
   runs = []
   for workdir in filter(None, [_WORKDIR.value, _COMPARE_WORKDIR.value]):
-    model, params, tokenizer = load_for_inference(workdir)
+    model, params, tokenizer = load_for_inference(workdir, sharding=sharding)
     runs.append((_label(workdir, model), model, params, tokenizer))
   run_perplexity(
       runs, _DATA.value, out_dir=_OUT_DIR.value or os.path.join(_WORKDIR.value, "perplexity"),
       text_field=_TEXT_FIELD.value, max_docs=_MAX_DOCS.value, max_windows=_MAX_WINDOWS.value,
-      context_len=_CONTEXT_LEN.value, batch_size=_BATCH_SIZE.value, bin_size=_BIN_SIZE.value)
+      context_len=_CONTEXT_LEN.value, batch_size=_BATCH_SIZE.value, bin_size=_BIN_SIZE.value,
+      sharding=sharding)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ _LIMIT = flags.DEFINE_integer("limit", None, "Score only the first N docs of eac
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows per batch.")
 _MAX_BATCH_TOKENS = flags.DEFINE_integer(
     "max_batch_tokens", None, "Cap rows x length per batch (fewer rows for long buckets).")
+_MESH_SHAPE = flags.DEFINE_string(
+    "mesh_shape", "auto", "Devices to evaluate on: 'auto' (every local device data-parallel "
+    "when there are several), 'none' (one device), or data,fsdp,tensor sizes such as 2,2,2 "
+    "(parameters placed by the training rules, batches split over data x fsdp).")
 _OUT = flags.DEFINE_string("out", None, "JSON output (default WORKDIR/zero_shot.json).")
 _PER_DOC = flags.DEFINE_bool("per_doc", False, "Also write every choice's log-likelihood.")
 
@@ -36,13 +40,15 @@ _PER_DOC = flags.DEFINE_bool("per_doc", False, "Also write every choice's log-li
 def main(argv):
   del argv
   from bt_jax.checkpointing import load_for_inference  # pylint: disable=g-import-not-at-top
+  from bt_jax.eval.sharding import eval_sharding_from_flag  # pylint: disable=g-import-not-at-top
   task_paths = parse_task_flags(_TASK.value, _DATA.value)
-  model, params, tokenizer = load_for_inference(_WORKDIR.value)
+  sharding = eval_sharding_from_flag(_MESH_SHAPE.value)
+  model, params, tokenizer = load_for_inference(_WORKDIR.value, sharding=sharding)
   run_zero_shot(
       model, params, tokenizer, task_paths, limit=_LIMIT.value, split=_SPLIT.value,
       batch_size=_BATCH_SIZE.value, max_batch_tokens=_MAX_BATCH_TOKENS.value,
       out=_OUT.value or os.path.join(_WORKDIR.value, "zero_shot.json"),
-      per_doc=_PER_DOC.value, metadata={"workdir": _WORKDIR.value})
+      per_doc=_PER_DOC.value, metadata={"workdir": _WORKDIR.value}, sharding=sharding)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from bt_jax import config as config_lib
 from bt_jax import data as data_lib
 from bt_jax import gin_utils
 from bt_jax import logging_utils
+from bt_jax.mesh import batch_axes, data_parallel_size, make_mesh, with_logical_rules
 from bt_jax.models import build_model, sequence_loss
 
 METRICS_FILE = "metrics.jsonl"
@@ -240,34 +241,6 @@ def make_optimizer(hyperparams) -> optax.GradientTransformation:
 # Mesh and shardings
 
 
-def make_mesh(mesh_shape: Sequence[int], devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
-  devices = list(devices if devices is not None else jax.devices())
-  shape = list(mesh_shape)
-  if -1 in shape:
-    rest = math.prod(s for s in shape if s != -1)
-    if len(devices) % rest:
-      raise ValueError(f"mesh_shape {tuple(mesh_shape)} does not divide the {len(devices)} devices")
-    shape[shape.index(-1)] = len(devices) // rest
-  if math.prod(shape) != len(devices):
-    raise ValueError(f"mesh_shape {tuple(mesh_shape)} (axes {axes.MESH_AXES}) needs "
-                     f"{math.prod(shape)} devices but there are {len(devices)}; use -1 for one axis "
-                     "to take the remaining devices")
-  return jax.make_mesh(tuple(shape), axes.MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices)
-
-
-def _batch_axes(rules) -> Any:
-  return dict(rules).get(axes.BATCH)
-
-
-def _data_parallel_size(mesh: jax.sharding.Mesh, rules) -> int:
-  batch_axes = _batch_axes(rules)
-  if batch_axes is None:
-    return 1
-  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-  return math.prod(mesh.shape[a] for a in batch_axes)
-
-
 @dataclasses.dataclass(frozen=True)
 class _StepFunctions:
   init: Any            # rng -> state, placed on state_shardings
@@ -342,21 +315,13 @@ def _step_functions(model: nn.Module, mesh: jax.sharding.Mesh, rules: tuple) -> 
   state_shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 nn.unbox(boxed), state_shardings)
-  batch_axes = _batch_axes(rules)
+  batch_names = batch_axes(rules)
   P = jax.sharding.PartitionSpec
-  train_batch = jax.sharding.NamedSharding(mesh, P(None, batch_axes, None))
-  eval_batch = jax.sharding.NamedSharding(mesh, P(batch_axes, None))
+  train_batch = jax.sharding.NamedSharding(mesh, P(None, batch_names, None))
+  eval_batch = jax.sharding.NamedSharding(mesh, P(batch_names, None))
   replicated = jax.sharding.NamedSharding(mesh, P())
 
-  def with_rules(fn):
-    """Traces fn with the mesh and the logical axis rules active, so the
-    models' `nn.with_logical_constraint` calls shard the activations."""
-    @functools.wraps(fn)
-    def wrapped(*args):
-      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
-        return fn(*args)
-    return wrapped
-
+  with_rules = functools.partial(with_logical_rules, mesh=mesh, rules=rules)
   init = jax.jit(lambda rng: nn.unbox(_init_state(model, rng)), out_shardings=state_shardings)
   train_step = jax.jit(
       with_rules(functools.partial(_train_step, model, state_shardings["params"])),
@@ -633,7 +598,7 @@ def _prepare(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfi
   mesh = make_mesh(cfg.mesh_shape)
   rules = tuple(axes.DEFAULT_RULES)
   num_processes = jax.process_count()
-  data_parallel = _data_parallel_size(mesh, rules)
+  data_parallel = data_parallel_size(mesh, rules)
   eval_batch_size = cfg.eval_batch_size or cfg.micro_batch_size
   for name, size in (("micro batch (batch_size / grad_accum)", cfg.micro_batch_size),
                      ("eval batch", eval_batch_size)):

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from bt_jax.eval.sharding import EvalSharding
 from bt_jax.eval.scoring import TokenizerLike
 from bt_jax.models import token_logprobs
 
@@ -145,9 +146,12 @@ def _window_nll(model, params, tokens, mask):
 def loss_by_position(model: nn.Module, params: Any, tokenizer: TokenizerLike,
                      texts: Sequence[str], *, context_len: Optional[int] = None,
                      batch_size: int = 8, max_windows: Optional[int] = None,
-                     prepend_eos: bool = True, progress: bool = True) -> PositionLoss:
+                     prepend_eos: bool = True, progress: bool = True,
+                     sharding: Optional[EvalSharding] = None) -> PositionLoss:
   """Next-token loss by position over windows of `context_len` (default: the
-  model's context). All batches share one shape [batch_size, context_len]."""
+  model's context). All batches share one shape [batch_size, context_len].
+  With `sharding` the params are placed on its mesh and each batch is split
+  over its data-parallel axes (batch_size rounded up to a multiple of them)."""
   context_len = context_len or model.config.max_len
   if not 2 <= context_len <= model.config.max_len:
     raise ValueError(f"context_len {context_len} must be in [2, {model.config.max_len}] "
@@ -160,7 +164,13 @@ def loss_by_position(model: nn.Module, params: Any, tokenizer: TokenizerLike,
   if not windows:
     raise ValueError("the corpus gives no window of at least 2 tokens")
   vocab_size = model.config.vocab_size
-  nll_fn = jax.jit(functools.partial(_window_nll, model))
+  nll_fn = functools.partial(_window_nll, model)
+  if sharding is None:
+    nll_fn = jax.jit(nll_fn)
+  else:
+    params = sharding.place_params(model, params)
+    nll_fn = sharding.jit(nll_fn, model, num_batch_args=2)
+    batch_size = sharding.rows(batch_size)
   loss_sum = np.zeros(context_len, np.float64)
   count = np.zeros(context_len, np.int64)
   starts = range(0, len(windows), batch_size)
@@ -218,7 +228,8 @@ def run_perplexity(runs: Sequence[tuple[str, nn.Module, Any, TokenizerLike]], da
                    out_dir: Optional[str] = None, text_field: str = "text",
                    max_docs: Optional[int] = None, max_windows: Optional[int] = None,
                    context_len: Optional[int] = None, batch_size: int = 8, bin_size: int = 64,
-                   prepend_eos: bool = True, progress: bool = True) -> dict[str, Any]:
+                   prepend_eos: bool = True, progress: bool = True,
+                   sharding: Optional[EvalSharding] = None) -> dict[str, Any]:
   """Loss by position for each (label, model, params, tokenizer) on the corpus
   `data`; prints a summary and, with out_dir, writes perplexity.json and
   loss_by_position.png (all runs on one plot)."""
@@ -227,7 +238,7 @@ def run_perplexity(runs: Sequence[tuple[str, nn.Module, Any, TokenizerLike]], da
   for label, model, params, tokenizer in runs:
     result = loss_by_position(model, params, tokenizer, texts, context_len=context_len,
                               batch_size=batch_size, max_windows=max_windows,
-                              prepend_eos=prepend_eos, progress=progress)
+                              prepend_eos=prepend_eos, progress=progress, sharding=sharding)
     results.append((label, model, result))
     print(f"{label}: perplexity {result.perplexity:.3f} (loss {result.loss:.4f} nats) over "
           f"{result.num_tokens} tokens, {result.num_windows} windows of {result.context_len}")

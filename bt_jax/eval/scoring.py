@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bt_jax.config import BlockConfig
+from bt_jax.eval.sharding import EvalSharding
 from bt_jax.models import block_aligned, token_logprobs
 
 
@@ -133,10 +134,15 @@ def _score_batch(model, with_greedy, params, tokens, mask, target):
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_score_batch(model: nn.Module, with_greedy: bool):
-  """One jitted function per (model, with_greedy), shared by all scorers, so a
-  second scorer of the same model (the lm-eval adapter, say) compiles nothing new."""
-  return jax.jit(functools.partial(_score_batch, model, with_greedy))
+def _jitted_score_batch(model: nn.Module, with_greedy: bool,
+                        sharding: Optional[EvalSharding] = None):
+  """One jitted function per (model, with_greedy, sharding), shared by all
+  scorers, so a second scorer of the same model (the lm-eval adapter, say)
+  compiles nothing new."""
+  fn = functools.partial(_score_batch, model, with_greedy)
+  if sharding is None:
+    return jax.jit(fn)
+  return sharding.jit(fn, model, num_batch_args=3)
 
 
 class LoglikelihoodScorer:
@@ -144,27 +150,33 @@ class LoglikelihoodScorer:
 
   Rows per batch: `batch_size`, reduced for long buckets so that
   rows * bucket_length <= max_batch_tokens (when given). Every batch of a
-  bucket has the same shape; missing rows are dummies.
+  bucket has the same shape; missing rows are dummies. With `sharding`
+  (`bt_jax.eval.sharding.EvalSharding`) the params are placed on its mesh by
+  the training rules and each batch is split over its data-parallel axes
+  (rows rounded up to a multiple of them).
   """
 
   def __init__(self, model: nn.Module, params: Any, *, batch_size: int = 32,
                max_batch_tokens: Optional[int] = None, min_bucket: int = 32,
-               with_greedy: bool = False):
+               with_greedy: bool = False, sharding: Optional[EvalSharding] = None):
     if batch_size <= 0:
       raise ValueError(f"batch_size must be positive, got {batch_size}")
     self.model = model
-    self.params = params
+    self.sharding = sharding
+    self.params = params if sharding is None else sharding.place_params(model, params)
     self.max_len = model.config.max_len
     self.batch_size = batch_size
     self.max_batch_tokens = max_batch_tokens
     self.buckets = bucket_lengths(self.max_len, min_bucket)
     self.with_greedy = with_greedy
-    self._score = _jitted_score_batch(model, with_greedy)
+    self._score = _jitted_score_batch(model, with_greedy, sharding)
 
   def rows_for(self, bucket: int) -> int:
     if self.max_batch_tokens is None:
-      return self.batch_size
-    return max(1, min(self.batch_size, self.max_batch_tokens // bucket))
+      rows = self.batch_size
+    else:
+      rows = max(1, min(self.batch_size, self.max_batch_tokens // bucket))
+    return rows if self.sharding is None else self.sharding.rows(rows)
 
   def __call__(self, requests: Sequence[ScoreRequest], *, progress: bool = True,
                desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,8 @@ _RUNNER = textwrap.dedent("""
     from tests.eval.conftest import TOKENIZER_TEXTS, VOCAB_SIZE, tiny_model
     from bt_jax.data.tokenizer import train_bpe
 
-    def load_for_inference(workdir):
+    def load_for_inference(workdir, sharding=None):
+      assert sharding is None, sharding   # one CPU device: --mesh_shape auto is None
       kind = "block" if "block" in workdir else "vanilla"
       return (*tiny_model(kind), train_bpe(TOKENIZER_TEXTS * 4, vocab_size=VOCAB_SIZE))
 

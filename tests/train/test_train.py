@@ -384,6 +384,26 @@ def test_trained_workdir_serves_generate_and_eval_binaries(reference_run, tmp_pa
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "ppl" / "perplexity.json").read_text())
   assert math.isfinite(report["runs"][0]["perplexity"]) and report["runs"][0]["perplexity"] > 1
+  # On 2 devices, parameters restored straight onto a (1, 2, 1) mesh (FSDP-split)
+  # and batches split 2 ways by default: the same perplexity.
+  for mesh_shape in ("auto", "1,2,1"):
+    out_dir = tmp_path / f"ppl_{mesh_shape.replace(',', 'x')}"
+    result = _run(["-m", "bt_jax.eval_perplexity", f"--workdir={workdir}",
+                   f"--data={tmp_path / '*.txt'}", f"--out_dir={out_dir}", "--bin_size=16",
+                   f"--mesh_shape={mesh_shape}"], timeout=240, devices=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = json.loads((out_dir / "perplexity.json").read_text())["runs"][0]
+    assert sharded["num_tokens"] == report["runs"][0]["num_tokens"], mesh_shape
+    assert abs(sharded["perplexity"] / report["runs"][0]["perplexity"] - 1) < 1e-5, mesh_shape
+
+  # In process: the restore onto a mesh's shardings gives the same values.
+  from bt_jax.eval.sharding import eval_sharding_from_flag  # pylint: disable=g-import-not-at-top
+  sharding = eval_sharding_from_flag("1,1,1")
+  _, placed, _ = checkpointing.load_for_inference(str(workdir), sharding=sharding)
+  for x, y, s in zip(jax.tree.leaves(params), jax.tree.leaves(placed),
+                     jax.tree.leaves(sharding.param_shardings(model))):
+    assert y.sharding == s
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_paper_experiment_file_trains_on_a_prepared_tfds_dataset(tmp_path):
