@@ -29,6 +29,7 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from bt_jax.eval.scoring import LoglikelihoodScorer, ScoreRequest
+from bt_jax.eval.sharding import eval_sharding_from_flag
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -57,34 +58,38 @@ class BtJaxLM(TemplateLM):
   Give either `workdir` (a trained run, loaded with
   `bt_jax.checkpointing.load_for_inference`) or `model`, `params` and
   `tokenizer`. `with_greedy` computes the harness's `is_greedy` (one extra
-  forward pass per batch); multiple-choice tasks do not use it.
+  forward pass per batch); multiple-choice tasks do not use it. `mesh_shape`
+  is the eval binaries' flag: "auto" (every local device data-parallel when
+  there are several), "none", or "D,F,T" (see `bt_jax.eval.sharding`).
   """
 
   def __init__(self, workdir: Optional[str] = None, *, model=None, params=None, tokenizer=None,
                batch_size: Any = DEFAULT_BATCH_SIZE, max_batch_tokens: Any = None,
-               min_bucket: Any = 32, with_greedy: Any = True, **harness_kwargs: Any):
+               min_bucket: Any = 32, with_greedy: Any = True, mesh_shape: str = "auto",
+               **harness_kwargs: Any):
     super().__init__()
     # The harness passes device / max_batch_size; JAX places arrays itself.
     unused = {k: v for k, v in harness_kwargs.items() if k not in ("device", "max_batch_size")}
     if unused:
       raise TypeError(f"unknown BtJaxLM arguments {sorted(unused)}; valid ones are workdir, "
-                      "batch_size, max_batch_tokens, min_bucket, with_greedy")
+                      "batch_size, max_batch_tokens, min_bucket, with_greedy, mesh_shape")
+    sharding = eval_sharding_from_flag(str(mesh_shape))
     if workdir is not None:
       if model is not None or params is not None or tokenizer is not None:
         raise ValueError("give either workdir or model/params/tokenizer, not both")
       from bt_jax.checkpointing import load_for_inference  # pylint: disable=g-import-not-at-top
-      model, params, tokenizer = load_for_inference(workdir)
+      model, params, tokenizer = load_for_inference(workdir, sharding=sharding)
     elif model is None or params is None or tokenizer is None:
       raise ValueError("BtJaxLM needs workdir=DIR, or all of model, params and tokenizer")
     if isinstance(with_greedy, str):
       with_greedy = with_greedy.lower() in ("1", "true", "yes")
     self.model = model
-    self.params = params
     self.bt_tokenizer = tokenizer
     self.scorer = LoglikelihoodScorer(
         model, params, batch_size=_parse_batch_size(batch_size),
         max_batch_tokens=int(max_batch_tokens) if max_batch_tokens else None,
-        min_bucket=int(min_bucket), with_greedy=bool(with_greedy))
+        min_bucket=int(min_bucket), with_greedy=bool(with_greedy), sharding=sharding)
+    self.params = self.scorer.params   # placed on the mesh when there is one
 
   @property
   def eot_token_id(self) -> int:

@@ -3,6 +3,7 @@ task data comes from a hub, unreachable here)."""
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -49,6 +50,21 @@ def test_loglikelihoods_equal_native(adapter, tokenizer):
   native_lls = [ll for name in task_docs for lls in native[name].loglikelihoods for ll in lls]
   np.testing.assert_allclose([ll for ll, _ in results], native_lls, rtol=1e-6, atol=1e-6)
   assert all(isinstance(g, bool) for _, g in results)
+
+
+def test_adapter_on_a_mesh(tokenizer):
+  """mesh_shape="1,1,1": params placed by the mesh rules, the same scores."""
+  model, params = tiny_model("vanilla")
+  plain = BtJaxLM(model=model, params=params, tokenizer=tokenizer, batch_size="4",
+                  mesh_shape="none")
+  meshed = BtJaxLM(model=model, params=params, tokenizer=tokenizer, batch_size="4",
+                   mesh_shape="1,1,1")
+  assert meshed.scorer.sharding is not None and plain.scorer.sharding is None
+  assert all(hasattr(x.sharding, "spec") for x in jax.tree.leaves(meshed.params))
+  task_docs = {"piqa": tasks.load_task("piqa", FIXTURES)}
+  want = plain.loglikelihood(_instances(task_docs), disable_tqdm=True)
+  got = meshed.loglikelihood(_instances(task_docs), disable_tqdm=True)
+  np.testing.assert_allclose([ll for ll, _ in got], [ll for ll, _ in want], rtol=1e-6)
 
 
 def test_harness_tokenisation_equals_native(adapter, tokenizer):
@@ -100,6 +116,8 @@ def test_constructor_errors(tokenizer):
     BtJaxLM(tokenizer=tokenizer)
   with pytest.raises(TypeError, match="unknown BtJaxLM arguments \\['pretrained'\\]"):
     BtJaxLM(pretrained="gpt2")
+  with pytest.raises(ValueError, match="mesh_shape '2,2' must be 3 comma-separated ints"):
+    BtJaxLM(tokenizer=tokenizer, mesh_shape="2,2")
 
 
 _PIQA_TASK_YAML = """\
