@@ -27,6 +27,12 @@ n logical slots is reading the first ceil(n / p) local slots on each device,
 so a decode loop that reads only the filled part of the cache (`read_slots`)
 stays cheap. Masks, cache indices and positions stay in logical order: the
 layout is private to this module. `to_logical_order` undoes it (for tests).
+
+Batch. With `batch_axis` (the decoders use the mesh's `data` axis when it has
+one, e.g. `make_sequence_mesh(8, data_devices=2)`: a 2 x 4 data x sequence
+mesh) the rows are split too: each device holds its rows' part of its cache
+shard, the tree all-reduce runs within each row group, and the batch must be
+a multiple of the data axis.
 """
 
 from __future__ import annotations
@@ -101,6 +107,7 @@ class ShardedKVCache:
 
   mesh: Mesh
   axis: str = axes.MESH_SEQUENCE
+  batch_axis: Optional[str] = None   # also split the rows (batch) over this axis
 
   def __post_init__(self):
     if self.axis not in self.mesh.axis_names:
@@ -108,15 +115,36 @@ class ShardedKVCache:
           f"the mesh has no {self.axis!r} axis to shard the KV cache over; its axes are "
           f"{tuple(self.mesh.axis_names)} (make one with "
           f"bt_jax.distributed.make_sequence_mesh(num_devices, axis_name={self.axis!r}))")
+    if self.batch_axis is not None and (self.batch_axis not in self.mesh.axis_names
+                                        or self.batch_axis == self.axis):
+      raise ValueError(f"batch_axis={self.batch_axis!r} must be a mesh axis other than "
+                       f"{self.axis!r}; the mesh's axes are {tuple(self.mesh.axis_names)}")
 
   @property
   def num_shards(self) -> int:
     return self.mesh.shape[self.axis]
 
   @property
+  def batch_shards(self) -> int:
+    """How many ways the rows are split (1 without a batch axis)."""
+    return 1 if self.batch_axis is None else self.mesh.shape[self.batch_axis]
+
+  @property
   def cache_sharding(self) -> NamedSharding:
-    """[batch, cache_len, heads, head_dim] split on cache_len, whole elsewhere."""
-    return NamedSharding(self.mesh, P(None, self.axis))
+    """[batch, cache_len, heads, head_dim] split on cache_len (and on batch
+    over `batch_axis`), whole elsewhere."""
+    return NamedSharding(self.mesh, P(self.batch_axis, self.axis))
+
+  @property
+  def rows_sharding(self) -> NamedSharding:
+    """Per-row arrays [batch, ...]: split over `batch_axis`, else replicated."""
+    return NamedSharding(self.mesh, P(self.batch_axis))
+
+  def check_batch(self, batch: int) -> None:
+    if batch % self.batch_shards:
+      raise ValueError(f"a batch of {batch} rows cannot be split evenly over the "
+                       f"{self.batch_shards} devices of mesh axis {self.batch_axis!r}; "
+                       f"use a multiple of {self.batch_shards} rows")
 
   def padded_cache_len(self, length: int) -> int:
     """The smallest multiple of the shard count that holds `length` slots."""
@@ -128,8 +156,9 @@ class ShardedKVCache:
     """Writes key/value at logical slots cache_index.. and attends; see `Attention`.
 
     query [batch, q_len, heads, head_dim] and the new key/value [batch, q_len,
-    kv_heads, head_dim] are replicated; cache {"key", "value"} [batch,
-    cache_len, kv_heads, head_dim] is round-robin and sharded on cache_len;
+    kv_heads, head_dim] are replicated (split by rows over `batch_axis` when
+    there is one); cache {"key", "value"} [batch, cache_len, kv_heads,
+    head_dim] is round-robin and sharded on cache_len (and on batch);
     mask [batch|1, q_len, read_len] is in logical order and covers the first
     read_len logical slots. Returns (out [batch, q_len, heads, head_dim] in
     query.dtype, the new cache, still sharded).
@@ -142,9 +171,12 @@ class ShardedKVCache:
     [ceil((start - s) / p), ceil((end - s) / p)). Any other mask takes the
     masked path (checked at run time).
     """
-    num_shards, axis = self.num_shards, self.axis
-    cache_len = cache["key"].shape[1]
+    num_shards, axis, rows = self.num_shards, self.axis, self.batch_axis
+    batch, cache_len = cache["key"].shape[:2]
     read_len = mask.shape[-1]
+    self.check_batch(batch)
+    if rows is not None:   # a mask shared by the rows is split with them
+      mask = jnp.broadcast_to(mask, (batch,) + mask.shape[1:])
     if cache_len % num_shards:
       raise ValueError(f"a KV cache of {cache_len} slots cannot be split evenly over the "
                        f"{num_shards} devices of mesh axis {axis!r}; allocate "
@@ -193,12 +225,14 @@ class ShardedKVCache:
       out, _ = allreduce_merge(o, lse, axis)
       return out.astype(query.dtype), cache_key, cache_value
 
-    kv_spec = P(None, axis)
+    kv_spec = P(rows, axis)
     masked = round_robin_mask(mask, num_shards)
+    window_spec = (P(rows), P(rows), P()) if use_kernel else P()
     out, cache_key, cache_value = jax.shard_map(
         per_device, mesh=self.mesh,
-        in_specs=(P(), P(), P(), kv_spec, kv_spec, P(None, None, axis), P(), P()),
-        out_specs=(P(), kv_spec, kv_spec),
+        in_specs=(P(rows), P(rows), P(rows), kv_spec, kv_spec, P(rows, None, axis),
+                  window_spec, P()),
+        out_specs=(P(rows), kv_spec, kv_spec),
         check_vma=not use_kernel)(   # Pallas calls inside shard_map need it off
             query, key, value, cache["key"], cache["value"], masked, window, logical)
     return out, {"key": cache_key, "value": cache_value}
@@ -210,14 +244,15 @@ def active_sharded_kv_cache() -> Optional[ShardedKVCache]:
 
 
 @contextlib.contextmanager
-def sharded_kv_cache(mesh: Optional[Mesh], axis: str = axes.MESH_SEQUENCE
-                     ) -> Iterator[Optional[ShardedKVCache]]:
-  """Within the block, cached attention shards its cache over mesh axis `axis`.
+def sharded_kv_cache(mesh: Optional[Mesh], axis: str = axes.MESH_SEQUENCE,
+                     batch_axis: Optional[str] = None) -> Iterator[Optional[ShardedKVCache]]:
+  """Within the block, cached attention shards its cache over mesh axis `axis`
+  (and its rows over `batch_axis`, when given).
 
   mesh=None is a no-op (and also switches sharding off inside an outer block),
   so callers can write `with sharded_kv_cache(maybe_mesh):`.
   """
-  sharding = None if mesh is None else ShardedKVCache(mesh, axis)
+  sharding = None if mesh is None else ShardedKVCache(mesh, axis, batch_axis)
   token = _ACTIVE.set(sharding)
   try:
     yield sharding

@@ -18,7 +18,8 @@ vanilla cache, the block decoder's cache) sharded over the mesh's `sequence`
 axis in round-robin slot order, attended by Tree Attention
 (`bt_jax.distributed.sharded_cache`); the Block Transformer's token decoder
 and its local cache stay unsharded. `align_prompt` left-pads a batch so that
-the global cache splits evenly over the devices.
+the global cache splits evenly over the devices. A mesh with a `data` axis
+also splits the rows over it (caches, local caches and per-row state alike).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from bt_jax import axes
 from bt_jax.config import BlockConfig, VanillaConfig
 from bt_jax.distributed.sharded_cache import ShardedKVCache, sharded_kv_cache
 from bt_jax.inference import caches as caches_lib
@@ -47,7 +49,11 @@ class _GlobalCache:
 
   def __init__(self, mesh: Optional[Mesh]):
     # Checks the mesh now (a missing axis is a ValueError), not at trace time.
-    self.sharding = None if mesh is None else ShardedKVCache(mesh)
+    # A mesh with a `data` axis also splits the rows over it.
+    self.sharding = None
+    if mesh is not None:
+      batch_axis = axes.MESH_DATA if axes.MESH_DATA in mesh.axis_names else None
+      self.sharding = ShardedKVCache(mesh, batch_axis=batch_axis)
 
   @staticmethod
   def cache_len(carry) -> int:
@@ -58,7 +64,17 @@ class _GlobalCache:
     """Around the model calls that read or write the global cache."""
     if self.sharding is None:
       return contextlib.nullcontext()
-    return sharded_kv_cache(self.sharding.mesh, self.sharding.axis)
+    return sharded_kv_cache(self.sharding.mesh, self.sharding.axis, self.sharding.batch_axis)
+
+  def constrain_rows(self, tree):
+    """Per-row arrays ([batch, ...]) split over the mesh's data axis, if any;
+    checks that the batch splits evenly. Unsharded, or without a data axis: as is."""
+    if self.sharding is None or self.sharding.batch_axis is None:
+      return tree
+    def constrain(x):
+      self.sharding.check_batch(x.shape[0])
+      return jax.lax.with_sharding_constraint(x, self.sharding.rows_sharding)
+    return jax.tree.map(constrain, tree)
 
   def _init_global_cache(self, stack, batch: int, cache_len: int):
     cache = caches_lib.init_stack_cache(stack, batch, cache_len, self.config.compute_dtype)
@@ -171,7 +187,8 @@ class BlockDecoder(_GlobalCache):
     batch = context.shape[0]
     block_len, local_len = cfg.block_len, cfg.token_decoder_len
     expanded = self._apply(params, BlockTransformer.expand, context)   # [batch, E, width]
-    local = caches_lib.init_stack_cache(cfg.token_stack, batch, local_len, cfg.compute_dtype)
+    local = self.constrain_rows(
+        caches_lib.init_stack_cache(cfg.token_stack, batch, local_len, cfg.compute_dtype))
     memory = None
     if cfg.token_decoder == "prefix":
       first = expanded                                   # positions 0 .. P-1

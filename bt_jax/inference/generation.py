@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bt_jax import axes
 from bt_jax.config import BlockConfig, ModelConfig
 from bt_jax.inference.decoding import decoder_for
 from bt_jax.inference.sampling import SamplingConfig, sample_logits
@@ -125,20 +126,24 @@ def _init_state(model: nn.Module, params, tokens, pad, rng, eos_id=-1, *, max_ne
   config = model.config
   num_steps = num_steps_for(config, max_new_tokens)
   tokens, pad = decoder.align_prompt(tokens, pad, num_steps)
+  tokens, pad = decoder.constrain_rows((tokens, pad))   # split by rows on a data axis
   batch = tokens.shape[0]
   out_len = num_steps * decoder.tokens_per_step
-  state = {
-      "carry": decoder.prefill(params, tokens, pad, num_steps),
-      "step": jnp.int32(0),
+  rows = {
       "pad": pad,
-      "rng": rng,
-      "eos_id": jnp.asarray(eos_id, jnp.int32),     # -1: no EOS
       "done": jnp.zeros((batch,), bool),
       "lengths": jnp.zeros((batch,), jnp.int32),
       "tokens": jnp.full((batch, out_len), config.pad_id, jnp.int32),
   }
   if keep_logits:
-    state["logits"] = jnp.zeros((batch, out_len, config.vocab_size), jnp.float32)
+    rows["logits"] = jnp.zeros((batch, out_len, config.vocab_size), jnp.float32)
+  state = {
+      "carry": decoder.prefill(params, tokens, pad, num_steps),
+      "step": jnp.int32(0),
+      "rng": rng,
+      "eos_id": jnp.asarray(eos_id, jnp.int32),     # -1: no EOS
+      **decoder.constrain_rows(rows),
+  }
   return state
 
 
@@ -268,12 +273,22 @@ def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], *, max_
   """Generates up to max_new_tokens after each prompt (lists of token ids).
 
   mesh: a mesh with a `sequence` axis to shard the global KV cache over
-  (sharded generation, same tokens); None keeps everything on one device.
+  (sharded generation, same tokens); with a `data` axis too, the rows are
+  split over it (the batch is padded with copies of the first prompt up to a
+  multiple of its size, and those rows dropped from the output). None keeps
+  everything on one device.
   """
+  num_prompts = len(prompts)
+  row_groups = 1 if mesh is None else dict(mesh.shape).get(axes.MESH_DATA, 1)
+  if num_prompts and num_prompts % row_groups:
+    prompts = list(prompts) + [prompts[0]] * (row_groups - num_prompts % row_groups)
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
   fn = generate_fn(model, max_new_tokens, sampling, return_logits, segments, mesh)
-  return fn(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(seed),
-            -1 if eos_id is None else eos_id)
+  out = fn(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(seed),
+           -1 if eos_id is None else eos_id)
+  if len(prompts) == num_prompts:
+    return out
+  return jax.tree.map(lambda x: x[:num_prompts], out)
 
 
 @functools.lru_cache(maxsize=16)

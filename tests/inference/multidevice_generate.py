@@ -209,39 +209,64 @@ def check_model(name: str, mesh8, mesh3) -> None:
            f"cache_len {cache_len}, {front} front slots, written per device {fills}")
   check(f"{name}/p8/stream_cache_sharded_and_even", streamed_cache)
 
+  def data_and_sequence():
+    # A 2 x 4 (data, sequence) mesh: rows split in two groups, each group's
+    # cache over 4 devices; the same tokens and logits. 3 prompts are padded
+    # to 4 rows by generate and the extra row dropped.
+    mesh24 = make_sequence_mesh(4, data_devices=2)
+    got = generate(model, params, PROMPTS, max_new_tokens=max_new, return_logits=True,
+                   mesh=mesh24)
+    err = assert_same_generation(got, want)
+    three = generate(model, params, PROMPTS[:3], max_new_tokens=max_new, mesh=mesh24)
+    np.testing.assert_array_equal(np.asarray(three.tokens), np.asarray(want.tokens)[:3])
+    np.testing.assert_array_equal(np.asarray(three.lengths), np.asarray(want.lengths)[:3])
+    start, _, _ = make_stream_fns(model, max_new, mesh=mesh24)
+    state = start(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(0))
+    for layer in state["carry"]["cache"]:
+      for array in layer.values():
+        assert array.sharding.spec == P("data", "sequence"), array.sharding
+        shapes = {s.data.shape for s in array.addressable_shards}
+        assert shapes == {(array.shape[0] // 2, array.shape[1] // 4) + array.shape[2:]}, shapes
+    assert state["tokens"].sharding.spec == P("data"), state["tokens"].sharding
+    record(f"{name}/d2s4/rows_and_cache_split", True,
+           f"max |logit error| {err:.2e}; cache shard {sorted(shapes)[0]}")
+  check(f"{name}/d2s4/rows_and_cache_split", data_and_sequence)
+
 
 def check_kernel_path_with_holes(mesh8) -> None:
   """attend(decode_kernel=True) with a mask whose runs have holes: the kernel
   would attend the whole window, so the step must take the masked path; the
   result equals unsharded masked attention, and differs from the same window
-  without the holes (so the check can fail)."""
+  without the holes (so the check can fail). On p = 8 and on a 2 x 4 data x
+  sequence mesh (rows split too)."""
   def run():
-    batch, heads, head_dim, cache_len, read_len, slot = 3, 4, 16, 32, 30, 27
+    batch, heads, head_dim, cache_len, read_len, slot = 4, 4, 16, 32, 30, 27
     keys = jax.random.split(jax.random.key(11), 5)
     query = jax.random.normal(keys[0], (batch, 1, heads, head_dim))
     new_key = jax.random.normal(keys[1], (batch, 1, heads, head_dim))
     new_value = jax.random.normal(keys[2], (batch, 1, heads, head_dim))
     logical = {"key": jax.random.normal(keys[3], (batch, cache_len, heads, head_dim)),
                "value": jax.random.normal(keys[4], (batch, cache_len, heads, head_dim))}
-    placed = physical_slots(jnp.arange(cache_len), cache_len, 8)
-    sharding = NamedSharding(mesh8, P(None, "sequence"))
-    cache = {k: jax.device_put(jnp.zeros_like(v).at[:, placed].set(v), sharding)
-             for k, v in logical.items()}
-    pad = jnp.array([0, 3, 9], jnp.int32)
+    pad = jnp.array([0, 3, 9, 1], jnp.int32)
     window = padded_mask(pad, jnp.array([slot]), read_len)          # [batch, 1, read]
     holes = window.at[:2, 0, 12:17].set(False)
-    sharded = ShardedKVCache(mesh8)
     outs = {}
-    for name, mask in (("window", window), ("holes", holes)):
-      got, _ = jax.jit(functools.partial(sharded.attend, decode_kernel=True))(
-          query, new_key, new_value, cache, jnp.int32(slot), mask)
-      full = {k: v.at[:, slot].set(n[:, 0]) for (k, v), n in
-              zip(logical.items(), (new_key, new_value))}
-      want = xla_attention(query, full["key"][:, :read_len], full["value"][:, :read_len],
-                           causal=False, mask=mask)
-      err = float(jnp.max(jnp.abs(got - want)))
-      assert err < 1e-5, (name, err)
-      outs[name] = want
+    # On the 8-device sequence mesh, and on a 2 x 4 data x sequence mesh.
+    for sharded in (ShardedKVCache(mesh8),
+                    ShardedKVCache(make_sequence_mesh(4, data_devices=2), batch_axis="data")):
+      placed = physical_slots(jnp.arange(cache_len), cache_len, sharded.num_shards)
+      cache = {k: jax.device_put(jnp.zeros_like(v).at[:, placed].set(v), sharded.cache_sharding)
+               for k, v in logical.items()}
+      for name, mask in (("window", window), ("holes", holes)):
+        got, _ = jax.jit(functools.partial(sharded.attend, decode_kernel=True))(
+            query, new_key, new_value, cache, jnp.int32(slot), mask)
+        full = {k: v.at[:, slot].set(n[:, 0]) for (k, v), n in
+                zip(logical.items(), (new_key, new_value))}
+        want = xla_attention(query, full["key"][:, :read_len], full["value"][:, :read_len],
+                             causal=False, mask=mask)
+        err = float(jnp.max(jnp.abs(got - want)))
+        assert err < 1e-5, (name, dict(sharded.mesh.shape), err)
+        outs[name] = want
     gap = float(jnp.max(jnp.abs(outs["holes"][:2] - outs["window"][:2])))
     assert gap > 1e-3, gap
     record("attend/p8/kernel_path_mask_with_holes", True,

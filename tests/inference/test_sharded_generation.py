@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from bt_jax.attention import xla_attention
 from bt_jax.config import VanillaConfig
-from bt_jax.distributed import (ShardedKVCache, masked_partial_attention, merge_many,
-                                physical_slots, round_robin_mask, to_logical_order)
+from bt_jax.distributed import (ShardedKVCache, make_sequence_mesh, masked_partial_attention,
+                                merge_many, physical_slots, round_robin_mask, to_logical_order)
 from bt_jax.inference import generate, generate_fn, make_stream_fns
 from bt_jax.models import build_model
 
@@ -110,13 +110,28 @@ def test_a_mesh_without_a_sequence_axis_is_an_error():
     ShardedKVCache(mesh)
 
 
+def test_data_axis_errors_name_the_bad_value():
+  mesh = make_sequence_mesh(1)
+  with pytest.raises(ValueError, match=r"batch_axis='data' must be a mesh axis other than "
+                                       r"'sequence'; the mesh's axes are \('sequence',\)"):
+    ShardedKVCache(mesh, batch_axis="data")
+  with pytest.raises(ValueError, match=r"data_devices must be in \[1, 1\]; got 2"):
+    make_sequence_mesh(1, data_devices=2)
+  two_axes = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "sequence"),
+                  axis_types=(AxisType.Auto,) * 2)
+  sharded = ShardedKVCache(two_axes, batch_axis="data")
+  assert sharded.batch_shards == 1 and sharded.cache_sharding.spec == P("data", "sequence")
+  sharded.check_batch(3)   # one row group: any batch
+
+
 @pytest.mark.multidevice
 def test_sharded_generation_matches_unsharded_on_8_devices():
   """Vanilla and Block (L_B = 4) on 8 (and 3) CPU devices: same tokens, logits
   within 1e-4, cache split 1/p per device, shards filled evenly; with
   attention_impl "pallas" each device's decode step runs the interpret-mode
   split-KV kernel over its local window, with the same result; a decode mask
-  with holes takes the masked path and stays exact."""
+  with holes takes the masked path and stays exact; on a 2 x 4 data x
+  sequence mesh the rows are split too, with the same result."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   env["JAX_PLATFORMS"] = "cpu"
@@ -133,4 +148,4 @@ def test_sharded_generation_matches_unsharded_on_8_devices():
   assert result.returncode == 0 and summary and not failed, (
       f"rc={result.returncode}\nfailed: {json.dumps(failed, indent=1)}\n"
       f"stderr tail:\n{result.stderr[-3000:]}")
-  assert summary[0]["checks"] == 12, lines   # every check ran (none silently skipped)
+  assert summary[0]["checks"] == 14, lines   # every check ran (none silently skipped)
