@@ -117,7 +117,8 @@ class Attention(nn.Module):
 
     With `cache` ({"key", "value"}: [batch, cache_len, heads, head_dim]) the new
     keys/values are written at slots cache_index .. cache_index + length - 1
-    (cache_index: a scalar shared by the batch), the queries attend over the
+    (cache_index: a scalar shared by the batch, or int32 [batch], a slot per
+    row, as speculative decoding needs), the queries attend over the
     first `read_len` slots of the cache under `mask` [batch|1, length, read_len]
     (read_len <= cache_len; the mask must encode causality and padding), and
     (out, new_cache) is returned. With attention_impl "pallas", a
@@ -143,14 +144,14 @@ class Attention(nn.Module):
     if sharded is not None:
       # Inside `sharded_kv_cache(mesh)`: the cache is split over the mesh's
       # sequence axis (round-robin slots) and attended by Tree Attention.
+      if jnp.ndim(cache_index) != 0:
+        raise ValueError("a sharded KV cache takes one cache_index for the batch; got an "
+                         f"array of shape {jnp.shape(cache_index)}")
       out, new_cache = sharded.attend(query, key, value, cache, cache_index, mask,
                                        decode_kernel=self.attention_impl == "pallas")
     elif cache is not None:
-      new_cache = {
-          "key": jax.lax.dynamic_update_slice_in_dim(
-              cache["key"], key.astype(cache["key"].dtype), cache_index, axis=1),
-          "value": jax.lax.dynamic_update_slice_in_dim(
-              cache["value"], value.astype(cache["value"].dtype), cache_index, axis=1)}
+      new_cache = {"key": write_cache(cache["key"], key, cache_index),
+                   "value": write_cache(cache["value"], value, cache_index)}
       length = query.shape[1]
       if isinstance(cache_index, int) and cache_index == 0 and length > 1:
         # Prefill into an empty cache: the queries see only the keys written
@@ -196,6 +197,16 @@ class Attention(nn.Module):
         kernel_axes=(axes.HEADS, axes.KV, axes.EMBED), bias_axes=(axes.EMBED,),
         dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std, name="out")(out)
     return out if cache is None else (out, new_cache)
+
+
+def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
+  """cache [batch, slots, ...] with new [batch, q, ...] written at slots
+  index .. index + q - 1: index a scalar, or int32 [batch] (one per row)."""
+  new = new.astype(cache.dtype)
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=1)
+  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(
+      cache, new, index)
 
 
 class Mlp(nn.Module):

@@ -40,19 +40,30 @@ class VanillaLM(nn.Module):
     return logits.astype(jnp.float32)
 
   def decode(self, tokens: jax.Array, positions: jax.Array, caches, cache_index,
-             mask: jax.Array, last_only: bool = False):
+             mask: jax.Array, last_only: bool = False, return_hidden: bool = False):
     """Cached forward (inference): prefill or one step.
 
-    tokens [batch, q] are written at cache slots cache_index .. cache_index + q - 1;
-    positions [batch, q] are their token positions (slot minus the row's left
-    pad); mask [batch, q, cache_len] says which cache slots each query sees.
+    tokens [batch, q] are written at cache slots cache_index .. cache_index + q - 1
+    (cache_index a scalar, or int32 [batch]: a slot per row); positions
+    [batch, q] are their token positions (slot minus the row's left pad); mask
+    [batch, q, cache_len] says which cache slots each query sees.
     caches: one {"key", "value"} [batch, cache_len, heads, head_dim] per layer.
     Returns (f32 logits [batch, q, vocab], new caches); with last_only the
-    logits of the last query only ([batch, 1, vocab]: a prefill needs no more).
+    logits of the last query only ([batch, 1, vocab]: a prefill needs no more);
+    with return_hidden also the final-norm hidden states of those queries
+    (what a ReDrafter draft head reads), as a third element.
     """
     x = self.token_embed(tokens)
     hidden, caches = self.decoder(x, positions, mask=mask, caches=caches,
                                   cache_index=cache_index)
     if last_only:
       hidden = hidden[:, -1:]
-    return self.lm_head(hidden).astype(jnp.float32), caches
+    logits = self.lm_head(hidden).astype(jnp.float32)
+    return (logits, caches, hidden) if return_hidden else (logits, caches)
+
+  def hidden_states(self, tokens: jax.Array) -> jax.Array:
+    """tokens [batch, length] -> final-norm hidden states [batch, length, width]
+    (training a draft head on a frozen base model)."""
+    check_token_ids(tokens, self.config.vocab_size)
+    x = self.token_embed(tokens)
+    return self.decoder(x, jnp.arange(tokens.shape[1]))

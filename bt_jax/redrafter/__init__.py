@@ -1,0 +1,21 @@
+"""ReDrafter: a recurrent draft head on the base model's hidden state, beam
+search over drafts, dynamic tree attention that dedupes shared prefixes, and
+greedy verification (spec: ../shared/spec/redrafter.md).
+
+    drafter = DraftHead(DrafterConfig.for_base(model.config, draft_len=4))
+    drafter_params, _ = train_drafter(model, params, drafter, batches, steps=500)
+    out = speculative_generate(model, params, drafter, drafter_params, prompts,
+                               max_new_tokens=64, beam_width=4)
+"""
+
+from bt_jax.redrafter.drafter import DrafterConfig, DraftHead, init_drafter, teacher_forcing_loss
+from bt_jax.redrafter.speculative import (SpeculativeOutput, drafter_draft_fn,
+                                          speculative_generate, speculative_generate_fn)
+from bt_jax.redrafter.train import distillation_batches, train_drafter
+from bt_jax.redrafter.tree import PackedTree, batched_pack_beams, beam_search, pack_beams
+
+__all__ = [
+    "DraftHead", "DrafterConfig", "PackedTree", "SpeculativeOutput", "batched_pack_beams",
+    "beam_search", "drafter_draft_fn", "init_drafter", "pack_beams", "speculative_generate",
+    "speculative_generate_fn", "teacher_forcing_loss", "distillation_batches", "train_drafter",
+]

@@ -1,0 +1,221 @@
+"""Greedy speculative decoding with a ReDrafter draft head (spec
+"Verification"), compiled end to end: prefill, then a `lax.while_loop` of
+draft -> dedupe -> one base-LM forward over the packed tree -> accept.
+
+Per step and row: the drafter's beam search proposes M beams of g_0 and C
+draft tokens; the beams are deduplicated into one packed sequence
+(`tree.pack_beams`) that the base LM scores in a single cached forward, each
+packed token seeing the committed context and its own ancestors, at position
+context length + depth. The accepted length of a beam is its number of
+leading drafts equal to the base LM's argmax; the row commits g_0 and the
+best beam's accepted drafts (accepted + 1 tokens), the base LM's own argmax
+after them becomes the next g_0 and its hidden state the next h. The packed
+forward wrote every packed token's K/V after the context: the chosen beam's
+are moved into place, the rest lie beyond the committed length, unseen, and
+are overwritten by the next step. Rows advance by different lengths (a cache
+slot per row).
+
+The output equals plain greedy decoding (`bt_jax.inference.generate` at
+temperature 0) up to argmax ties; tests check it token for token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bt_jax.config import VanillaConfig
+from bt_jax.inference import caches as caches_lib
+from bt_jax.inference.generation import prepare_prompts
+from bt_jax.models.vanilla import VanillaLM
+from bt_jax.redrafter.drafter import DraftHead
+from bt_jax.redrafter.tree import batched_pack_beams, beam_search
+
+# draft_fn(hidden [B, H], g0 [B], n_out [B], step) -> beams int32 [B, M, C+1], g0 first.
+DraftFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeOutput:
+  """tokens [batch, max_new_tokens] (pad_id after a row's end); lengths
+  [batch] (EOS included); steps: base-LM forwards after the prefill (scalar);
+  row_steps [batch]: the steps each row was active; accepted [batch]: draft
+  tokens accepted in all (tokens per step of a row = lengths / row_steps)."""
+
+  tokens: jax.Array
+  lengths: jax.Array
+  steps: jax.Array
+  row_steps: jax.Array
+  accepted: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    SpeculativeOutput, data_fields=["tokens", "lengths", "steps", "row_steps", "accepted"],
+    meta_fields=[])
+
+
+def drafter_draft_fn(drafter: DraftHead, drafter_params, embed_table: jax.Array, *,
+                     beam_width: int) -> DraftFn:
+  """The draft function of a trained draft head: its beam search."""
+  def draft(hidden, g0, n_out, step):
+    del n_out, step
+    beams, _ = beam_search(drafter, drafter_params, hidden, g0, embed_table,
+                           beam_width=beam_width, draft_len=drafter.config.draft_len)
+    return beams
+  return draft
+
+
+def _gather_slots(cache: jax.Array, slots: jax.Array) -> jax.Array:
+  """cache [B, S, ...], slots int32 [B, n] -> [B, n, ...]."""
+  return jax.vmap(lambda c, s: jnp.take(c, s, axis=0))(cache, slots)
+
+
+def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: int,
+               max_new_tokens: int, params, tokens, pad, eos_id):
+  cfg: VanillaConfig = model.config
+  batch, prompt_len = tokens.shape
+  depth_len = draft_len + 1
+  packed_len = num_beams * depth_len
+  cache_len = prompt_len + max_new_tokens + depth_len + packed_len
+  out_len = max_new_tokens + depth_len
+
+  def apply(*args, **kwargs):
+    return model.apply({"params": params}, *args, method=VanillaLM.decode, **kwargs)
+
+  # Prefill: the prompt's K/V, g_0 and h from its last position.
+  cache = caches_lib.init_stack_cache(cfg.stack, batch, cache_len, cfg.compute_dtype)
+  slots = jnp.arange(prompt_len)
+  logits, cache, hidden = apply(tokens, slots[None, :] - pad[:, None], cache, 0,
+                                caches_lib.padded_mask(pad, slots, cache_len), True, True)
+  state = {
+      "cache": cache,
+      "length": jnp.full((batch,), prompt_len, jnp.int32),     # committed cache slots
+      "g0": jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32),
+      "hidden": hidden[:, -1],
+      "out": jnp.full((batch, out_len), cfg.pad_id, jnp.int32),
+      "n_out": jnp.zeros((batch,), jnp.int32),
+      "done": jnp.zeros((batch,), bool),
+      "step": jnp.int32(0),
+      "row_steps": jnp.zeros((batch,), jnp.int32),
+      "accepted": jnp.zeros((batch,), jnp.int32),
+  }
+  cache_slots = jnp.arange(cache_len)
+  rows = jnp.arange(batch)
+
+  def step(state):
+    length, done = state["length"], state["done"]
+    beams = draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"])
+    beams = beams.astype(jnp.int32)
+    tree = batched_pack_beams(beams)
+    # Each packed token sees the committed context [pad, length) and, among
+    # the packed slots [length, length + P), its ancestors and itself.
+    context = (cache_slots[None, :] >= pad[:, None]) & (cache_slots[None, :] < length[:, None])
+    relative = cache_slots[None, :] - length[:, None]                      # [B, S]
+    in_tree = (relative >= 0) & (relative < packed_len)
+    tree_visible = jnp.take_along_axis(
+        tree.mask, jnp.broadcast_to(jnp.clip(relative, 0, packed_len - 1)[:, None, :],
+                                    (batch, packed_len, cache_len)), axis=2)
+    mask = context[:, None, :] | (tree_visible & in_tree[:, None, :])
+    positions = (length - pad)[:, None] + tree.depth
+    logits, cache, hidden = apply(tree.tokens, positions, state["cache"], length, mask,
+                                  False, True)
+    predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)              # [B, P]
+    beam_predicted = jax.vmap(lambda p, u: p[u])(predicted, tree.unpacker)  # [B, M, D]
+    matches = beam_predicted[:, :, :draft_len] == beams[:, :, 1:]
+    accepted = jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1)   # [B, M]
+    best = jnp.argmax(accepted, axis=-1)                                    # first of the longest
+    num_accepted = accepted[rows, best]
+    best_slots = tree.unpacker[rows, best]                                  # [B, D] packed index
+    # Move the chosen beam's K/V from its packed slots to length .. length + C.
+    cache = [{name: jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(
+                  c, n, i, axis=0))(array, _gather_slots(array, length[:, None] + best_slots),
+                                    length)
+              for name, array in layer.items()} for layer in cache]
+    committed = beams[rows, best]                                           # [B, D], g0 first
+    next_at = best_slots[rows, num_accepted]                                # packed index
+    new_g0 = predicted[rows, next_at]
+    new_hidden = hidden[rows, next_at]
+    # Output: g0 and the accepted drafts; cut at the first EOS and at max_new.
+    keep = jnp.arange(depth_len)[None, :] <= num_accepted[:, None]
+    is_eos = (committed == eos_id) & keep
+    has_eos = jnp.any(is_eos, axis=-1)
+    count = jnp.where(has_eos, jnp.argmax(is_eos, axis=-1) + 1, num_accepted + 1)
+    count = jnp.minimum(count, max_new_tokens - state["n_out"])
+    count = jnp.where(done, 0, count)
+    # (Written whole: what lies past a row's n_out is cut at the end.)
+    out = jax.vmap(lambda o, c, i: jax.lax.dynamic_update_slice_in_dim(o, c, i, axis=0))(
+        state["out"], committed, state["n_out"])
+    n_out = state["n_out"] + count
+    new_done = done | has_eos | (n_out >= max_new_tokens)
+    active = ~done
+    return {
+        "cache": cache,
+        "length": jnp.where(active, length + num_accepted + 1, length),
+        "g0": jnp.where(active, new_g0, state["g0"]),
+        "hidden": jnp.where(active[:, None], new_hidden, state["hidden"]),
+        "out": out,
+        "n_out": n_out,
+        "done": new_done,
+        "step": state["step"] + 1,
+        "row_steps": state["row_steps"] + active.astype(jnp.int32),
+        "accepted": state["accepted"] + jnp.where(active, num_accepted, 0),
+    }
+
+  def cond(state):
+    return ~jnp.all(state["done"]) & (state["step"] < max_new_tokens)
+
+  state = jax.lax.while_loop(cond, step, state)
+  positions = jnp.arange(max_new_tokens)[None, :]
+  tokens_out = jnp.where(positions < state["n_out"][:, None], state["out"][:, :max_new_tokens],
+                         cfg.pad_id)
+  return SpeculativeOutput(tokens=tokens_out, lengths=state["n_out"], steps=state["step"],
+                           row_steps=state["row_steps"], accepted=state["accepted"])
+
+
+def speculative_generate_fn(model: nn.Module, draft_fn: DraftFn, *, num_beams: int,
+                            draft_len: int, max_new_tokens: int):
+  """The jitted loop: f(params, tokens [B, prompt_len], pad [B], eos_id) ->
+  SpeculativeOutput. draft_fn must return [B, num_beams, draft_len + 1]."""
+  if not isinstance(model, VanillaLM):
+    raise TypeError(f"speculative decoding needs a VanillaLM base model; got "
+                    f"{type(model).__name__}")
+  for name, value in (("num_beams", num_beams), ("draft_len", draft_len),
+                      ("max_new_tokens", max_new_tokens)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive integer; got {value!r}")
+  return jax.jit(functools.partial(_speculate, model, draft_fn, num_beams, draft_len,
+                                   max_new_tokens))
+
+
+def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_params,
+                         prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                         beam_width: int = 4, eos_id: Optional[int] = None
+                         ) -> SpeculativeOutput:
+  """Greedy generation of up to max_new_tokens after each prompt, drafted by
+  `drafter` (beam search of `beam_width` beams of drafter.config.draft_len
+  tokens) and verified by the base model: the same tokens as greedy
+  `bt_jax.inference.generate`, in fewer base-model forwards."""
+  speculative_generate_fn(model, lambda *a: None, num_beams=beam_width,
+                          draft_len=drafter.config.draft_len,
+                          max_new_tokens=max_new_tokens)      # checks the arguments
+  batch = prepare_prompts(prompts, model.config, max_new_tokens)
+  fn = _cached_fn(model, drafter, beam_width, max_new_tokens)
+  return fn(params, drafter_params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad),
+            jnp.int32(-1 if eos_id is None else eos_id))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_fn(model: VanillaLM, drafter: DraftHead, beam_width: int, max_new_tokens: int):
+  """One compile per (model, drafter, beams, max_new): the drafter's params
+  are an argument, not a closure constant."""
+  def run(params, drafter_params, tokens, pad, eos_id):
+    draft_fn = drafter_draft_fn(drafter, drafter_params, params["token_embed"]["embedding"],
+                                beam_width=beam_width)
+    return _speculate(model, draft_fn, beam_width, drafter.config.draft_len, max_new_tokens,
+                      params, tokens, pad, eos_id)
+  return jax.jit(run)
