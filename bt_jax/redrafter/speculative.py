@@ -177,17 +177,20 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
                            row_steps=state["row_steps"], accepted=state["accepted"])
 
 
+def _check(model, **sizes) -> None:
+  if not isinstance(model, VanillaLM):
+    raise TypeError(f"speculative decoding needs a VanillaLM base model; got "
+                    f"{type(model).__name__}")
+  for name, value in sizes.items():
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
 def speculative_generate_fn(model: nn.Module, draft_fn: DraftFn, *, num_beams: int,
                             draft_len: int, max_new_tokens: int):
   """The jitted loop: f(params, tokens [B, prompt_len], pad [B], eos_id) ->
   SpeculativeOutput. draft_fn must return [B, num_beams, draft_len + 1]."""
-  if not isinstance(model, VanillaLM):
-    raise TypeError(f"speculative decoding needs a VanillaLM base model; got "
-                    f"{type(model).__name__}")
-  for name, value in (("num_beams", num_beams), ("draft_len", draft_len),
-                      ("max_new_tokens", max_new_tokens)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be a positive integer; got {value!r}")
+  _check(model, num_beams=num_beams, draft_len=draft_len, max_new_tokens=max_new_tokens)
   return jax.jit(functools.partial(_speculate, model, draft_fn, num_beams, draft_len,
                                    max_new_tokens))
 
@@ -200,9 +203,10 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
   `drafter` (beam search of `beam_width` beams of drafter.config.draft_len
   tokens) and verified by the base model: the same tokens as greedy
   `bt_jax.inference.generate`, in fewer base-model forwards."""
-  speculative_generate_fn(model, lambda *a: None, num_beams=beam_width,
-                          draft_len=drafter.config.draft_len,
-                          max_new_tokens=max_new_tokens)      # checks the arguments
+  _check(model, beam_width=beam_width, max_new_tokens=max_new_tokens)
+  if beam_width > drafter.config.vocab_size:
+    raise ValueError(f"beam_width {beam_width} exceeds the vocabulary "
+                     f"({drafter.config.vocab_size})")
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
   fn = _cached_fn(model, drafter, beam_width, max_new_tokens)
   return fn(params, drafter_params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad),

@@ -1,0 +1,239 @@
+"""ReDrafter: tree packing, beam search, teacher forcing, speculative decoding.
+
+References: the spec's worked example and brute force for the packing, a
+NumPy beam search for the drafter's, explicit per-position cross-entropies
+for the loss, and plain greedy `generate` for speculative decoding (token for
+token).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bt_jax.config import VanillaConfig
+from bt_jax.inference import generate
+from bt_jax.models import build_model, init_params
+from bt_jax.redrafter import (DraftHead, DrafterConfig, beam_search, distillation_batches,
+                              init_drafter, pack_beams, speculative_generate,
+                              speculative_generate_fn, teacher_forcing_loss, train_drafter)
+
+# init_std 0.3: peaked distributions, so greedy argmaxes are not near-ties.
+BASE = VanillaConfig(num_layers=2, width=32, head_dim=16, vocab_size=128, max_len=128,
+                     init_std=0.3)
+# Ragged: a one-token prompt, lengths 7, 5 and 8.
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [1, 2, 3, 4, 5], [20, 21, 22, 23, 24, 25, 26, 27]]
+
+
+@functools.lru_cache(maxsize=1)
+def _base():
+  model = build_model(BASE)
+  return model, init_params(model, jax.random.key(0))
+
+
+def test_pack_beams_spec_example():
+  beams = jnp.array([[91, 92, 93, 95], [91, 92, 94, 96], [91, 92, 93, 97]])
+  tree = pack_beams(beams)
+  np.testing.assert_array_equal(tree.prefix_tree, [[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 2]])
+  np.testing.assert_array_equal(tree.unpacker, [[0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 2, 6]])
+  assert int(tree.num_valid) == 7                   # instead of 12
+  np.testing.assert_array_equal(np.asarray(tree.tokens)[np.asarray(tree.unpacker)], beams)
+  np.testing.assert_array_equal(tree.depth[:7], [0, 1, 2, 3, 2, 3, 3])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pack_beams_against_brute_force(seed):
+  """Random beams over 3 symbols (many shared prefixes): one packed token per
+  distinct prefix, each seeing exactly the packed tokens that are its prefixes."""
+  rng = np.random.default_rng(seed)
+  beams = rng.integers(0, 3, size=(6, 4))
+  beams[:, 0] = 7                                    # g0 is shared by construction
+  tree = jax.jit(pack_beams)(jnp.asarray(beams))
+  tokens, unpacker = np.asarray(tree.tokens), np.asarray(tree.unpacker)
+  np.testing.assert_array_equal(tokens[unpacker], beams)
+  prefixes = {tuple(b[:d + 1]) for b in beams for d in range(4)}
+  assert int(tree.num_valid) == len(prefixes)
+  # The prefix each packed token stands for, from the unpacker.
+  stands_for = {}
+  for i, d in itertools.product(range(6), range(4)):
+    stands_for.setdefault(int(unpacker[i, d]), tuple(beams[i, :d + 1]))
+    assert stands_for[int(unpacker[i, d])] == tuple(beams[i, :d + 1])
+  mask = np.asarray(tree.mask)
+  for p in range(24):
+    for q in range(24):
+      want = (p in stands_for and q in stands_for
+              and stands_for[p][:len(stands_for[q])] == stands_for[q])
+      assert mask[p, q] == want, (p, q)
+  # Topological: a token's ancestors come before it.
+  assert all(q <= p for p, q in zip(*np.nonzero(mask)))
+
+
+def _numpy_beam_search(drafter, params, hidden, g0, table, beam_width, draft_len):
+  """Beam search with explicit loops over beams and candidates (float64 scores)."""
+  step = jax.jit(functools.partial(drafter.apply, method=drafter.step))
+  logits_fn = jax.jit(functools.partial(drafter.apply, method=drafter.logits))
+  beams = [((int(g0),), 0.0, np.zeros(drafter.config.hidden_dim, np.float32))]
+  for _ in range(draft_len):
+    candidates = []
+    for tokens, score, state in beams:
+      state = np.asarray(step({"params": params}, state[None], table[tokens[-1]][None]))[0]
+      logits = np.asarray(logits_fn({"params": params}, hidden[None], state[None]))[0]
+      log_q = logits - np.log(np.sum(np.exp(logits.astype(np.float64) - logits.max()))) \
+          - logits.max()
+      candidates += [(tokens + (v,), score + float(log_q[v]), state) for v in range(len(log_q))]
+    candidates.sort(key=lambda c: -c[1])
+    beams = candidates[:beam_width]
+  return np.array([b[0] for b in beams]), np.array([b[1] for b in beams])
+
+
+def test_beam_search_matches_a_numpy_reference():
+  config = DrafterConfig(vocab_size=11, hidden_dim=8, embed_dim=6, draft_len=3)
+  drafter = DraftHead(config)
+  params = init_drafter(drafter, jax.random.key(3))
+  table = np.asarray(jax.random.normal(jax.random.key(4), (11, 6)))
+  hidden = np.asarray(jax.random.normal(jax.random.key(5), (2, 8)))
+  g0 = np.array([4, 9])
+  beams, scores = jax.jit(functools.partial(beam_search, drafter, beam_width=4, draft_len=3))(
+      params, jnp.asarray(hidden), jnp.asarray(g0), jnp.asarray(table))
+  for row in range(2):
+    want_beams, want_scores = _numpy_beam_search(drafter, params, hidden[row], g0[row], table,
+                                                 4, 3)
+    np.testing.assert_array_equal(np.asarray(beams)[row], want_beams)
+    np.testing.assert_allclose(np.asarray(scores)[row], want_scores, rtol=1e-5, atol=1e-5)
+  # Only beam 0 starts alive: one step gives the 4 most likely, distinct tokens.
+  one, _ = beam_search(drafter, params, jnp.asarray(hidden), jnp.asarray(g0),
+                       jnp.asarray(table), beam_width=4, draft_len=1)
+  state = drafter.apply({"params": params}, jnp.zeros((2, 8)), jnp.asarray(table)[g0],
+                        method=drafter.step)
+  logits = drafter.apply({"params": params}, jnp.asarray(hidden), state, method=drafter.logits)
+  np.testing.assert_array_equal(np.asarray(one)[:, :, 1],
+                                np.argsort(-np.asarray(logits), axis=-1)[:, :4])
+
+
+def test_teacher_forcing_loss_against_explicit_positions():
+  model, params = _base()
+  drafter = DraftHead(DrafterConfig.for_base(BASE, draft_len=3))
+  dparams = init_drafter(drafter, jax.random.key(1))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 128, size=(2, 9)).astype(np.int32)
+  mask = np.ones((2, 9), np.int32)
+  mask[1, 6:] = 0
+  hidden = model.apply({"params": params}, jnp.asarray(tokens), method=model.hidden_states)
+  table = params["token_embed"]["embedding"]
+  loss, aux = teacher_forcing_loss(drafter, dparams, hidden, table, jnp.asarray(tokens),
+                                   jnp.asarray(mask))
+  # Explicit: at position t, step i feeds tokens t+1 .. t+1+i and predicts t+2+i.
+  sums, counts = np.zeros(3), np.zeros(3)
+  for b, t in itertools.product(range(2), range(9)):
+    for i in range(3):
+      target = t + 2 + i
+      if target >= 9 or not mask[b, target] or not mask[b, t]:
+        continue
+      inputs = jnp.take(table, jnp.asarray(tokens[b, t + 1:t + 2 + i]), axis=0)[None]
+      logits = np.asarray(drafter.apply({"params": dparams}, hidden[b, t][None], inputs))[0, -1]
+      logits = logits.astype(np.float64)
+      sums[i] += np.log(np.sum(np.exp(logits - logits.max()))) + logits.max() \
+          - logits[tokens[b, target]]
+      counts[i] += 1
+  np.testing.assert_allclose(np.asarray(aux["count_i"]), counts)
+  np.testing.assert_allclose(np.asarray(aux["loss_i"]), sums / counts, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), np.sum(sums / counts), rtol=1e-5)
+
+
+def test_speculative_equals_greedy_with_an_untrained_drafter():
+  """Nothing accepted, still exact: one token per step, EOS per row."""
+  model, params = _base()
+  drafter = DraftHead(DrafterConfig.for_base(BASE, draft_len=3))
+  dparams = init_drafter(drafter, jax.random.key(1))
+  want = generate(model, params, PROMPTS, max_new_tokens=12)
+  got = speculative_generate(model, params, drafter, dparams, PROMPTS, max_new_tokens=12,
+                             beam_width=3)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+  eos = int(np.asarray(want.tokens)[2, 4])
+  want = generate(model, params, PROMPTS, max_new_tokens=12, eos_id=eos)
+  got = speculative_generate(model, params, drafter, dparams, PROMPTS, max_new_tokens=12,
+                             beam_width=3, eos_id=eos)
+  assert np.asarray(want.lengths).min() < 12
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+
+
+def test_speculative_with_oracle_drafts_accepts_and_stays_exact():
+  """Drafts built from the true greedy continuation, with row- and step-
+  dependent corruptions and beams that share prefixes: rows accept different
+  lengths each step (and from different beams), the K/V of the chosen beam
+  must land in the right cache slots, and the output must stay exact."""
+  model, params = _base()
+  max_new, draft_len, num_beams = 20, 4, 4
+  want = generate(model, params, PROMPTS, max_new_tokens=max_new)
+  reference = jnp.pad(jnp.asarray(want.tokens), ((0, 0), (0, draft_len + 1)))
+
+  def draft_fn(hidden, g0, n_out, step):
+    del hidden
+    rows = jnp.arange(g0.shape[0])
+    window = jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, draft_len + 1))(
+        reference, n_out)
+    true = window.at[:, 0].set(g0)
+    wrong_at = 1 + (rows + step) % draft_len                 # beam 0 breaks here
+    depth = jnp.arange(draft_len + 1)[None, :]
+    beam0 = jnp.where(depth == wrong_at[:, None], (true + 1) % BASE.vocab_size, true)
+    beam1 = jnp.where((rows % 2 == 0)[:, None], true,       # even rows: all correct
+                      jnp.where(depth >= 2, (true + 2) % BASE.vocab_size, true))
+    beam2 = jnp.where(depth >= 3, (true + 3) % BASE.vocab_size, beam0)   # shares beam0's start
+    beam3 = jnp.where(depth >= 1, (true * 7 + 5) % BASE.vocab_size, true)
+    return jnp.stack([beam0, beam1, beam2, beam3], axis=1)
+
+  fn = speculative_generate_fn(model, draft_fn, num_beams=num_beams, draft_len=draft_len,
+                               max_new_tokens=max_new)
+  from bt_jax.inference import prepare_prompts  # pylint: disable=import-outside-toplevel
+  batch = prepare_prompts(PROMPTS, BASE, max_new)
+  got = fn(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jnp.int32(-1))
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+  row_steps, accepted = np.asarray(got.row_steps), np.asarray(got.accepted)
+  # Even rows accept every draft: 5 tokens a step, 4 steps for 20 tokens.
+  assert row_steps[0] == row_steps[2] == 4, row_steps
+  assert (row_steps[1::2] > 4).all() and (accepted[1::2] > 0).all(), (row_steps, accepted)
+  assert int(got.steps) == row_steps.max()
+
+
+def test_distilled_drafter_gets_accepted():
+  """A drafter trained briefly on the base model's own greedy continuations
+  (distillation): more than one token per base-model forward, same output."""
+  model, params = _base()
+  drafter = DraftHead(DrafterConfig.for_base(BASE, draft_len=3))
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, 128, size=rng.integers(1, 8)).tolist() for _ in range(48)]
+  batches = distillation_batches(model, params, prompts, continuation_len=20, batch_size=16)
+  dparams, history = train_drafter(model, params, drafter, batches, steps=200,
+                                   learning_rate=3e-3, progress=False)
+  assert history[-1]["loss"] < 0.5 * history[0]["loss"], (history[0], history[-1])
+  test_prompts = [rng.integers(1, 128, size=rng.integers(1, 8)).tolist() for _ in range(6)]
+  want = generate(model, params, test_prompts, max_new_tokens=20)
+  got = speculative_generate(model, params, drafter, dparams, test_prompts, max_new_tokens=20,
+                             beam_width=4)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  tokens_per_step = np.asarray(got.lengths).sum() / np.asarray(got.row_steps).sum()
+  assert tokens_per_step > 1.5, tokens_per_step
+
+
+def test_errors_name_the_bad_value():
+  model, params = _base()
+  drafter = DraftHead(DrafterConfig.for_base(BASE, draft_len=2))
+  dparams = init_drafter(drafter, jax.random.key(0))
+  with pytest.raises(ValueError, match="beam_width must be a positive integer; got 0"):
+    speculative_generate(model, params, drafter, dparams, PROMPTS, max_new_tokens=4,
+                         beam_width=0)
+  with pytest.raises(ValueError, match="beam_width 200 exceeds the vocabulary"):
+    speculative_generate(model, params, drafter, dparams, PROMPTS, max_new_tokens=4,
+                         beam_width=200)
+  with pytest.raises(ValueError, match="DrafterConfig.draft_len must be positive; got 0"):
+    DrafterConfig.for_base(BASE, draft_len=0)
+  with pytest.raises(TypeError, match="needs a VanillaLM base model"):
+    speculative_generate_fn(object(), None, num_beams=2, draft_len=2, max_new_tokens=2)
