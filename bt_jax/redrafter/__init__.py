@@ -10,12 +10,14 @@ greedy verification (spec: ../shared/spec/redrafter.md).
 
 from bt_jax.redrafter.drafter import DrafterConfig, DraftHead, init_drafter, teacher_forcing_loss
 from bt_jax.redrafter.speculative import (SpeculativeOutput, drafter_draft_fn,
-                                          speculative_generate, speculative_generate_fn)
+                                          drafter_generate_fn, speculative_generate,
+                                          speculative_generate_fn)
 from bt_jax.redrafter.train import distillation_batches, train_drafter
 from bt_jax.redrafter.tree import PackedTree, batched_pack_beams, beam_search, pack_beams
 
 __all__ = [
     "DraftHead", "DrafterConfig", "PackedTree", "SpeculativeOutput", "batched_pack_beams",
-    "beam_search", "drafter_draft_fn", "init_drafter", "pack_beams", "speculative_generate",
-    "speculative_generate_fn", "teacher_forcing_loss", "distillation_batches", "train_drafter",
+    "beam_search", "distillation_batches", "drafter_draft_fn", "drafter_generate_fn",
+    "init_drafter", "pack_beams", "speculative_generate", "speculative_generate_fn",
+    "teacher_forcing_loss", "train_drafter",
 ]

@@ -208,15 +208,18 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
     raise ValueError(f"beam_width {beam_width} exceeds the vocabulary "
                      f"({drafter.config.vocab_size})")
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
-  fn = _cached_fn(model, drafter, beam_width, max_new_tokens)
+  fn = drafter_generate_fn(model, drafter, beam_width, max_new_tokens)
   return fn(params, drafter_params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad),
             jnp.int32(-1 if eos_id is None else eos_id))
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_fn(model: VanillaLM, drafter: DraftHead, beam_width: int, max_new_tokens: int):
-  """One compile per (model, drafter, beams, max_new): the drafter's params
-  are an argument, not a closure constant."""
+def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
+                        max_new_tokens: int):
+  """The jitted loop with the draft head's beam search: f(params,
+  drafter_params, tokens, pad, eos_id) -> SpeculativeOutput. Cached: one
+  compile per (model, drafter, beams, max_new); the drafter's params are an
+  argument, not a closure constant."""
   def run(params, drafter_params, tokens, pad, eos_id):
     draft_fn = drafter_draft_fn(drafter, drafter_params, params["token_embed"]["embedding"],
                                 beam_width=beam_width)

@@ -9,6 +9,7 @@ token).
 from __future__ import annotations
 
 import functools
+import json
 import itertools
 
 import jax
@@ -237,3 +238,21 @@ def test_errors_name_the_bad_value():
     DrafterConfig.for_base(BASE, draft_len=0)
   with pytest.raises(TypeError, match="needs a VanillaLM base model"):
     speculative_generate_fn(object(), None, num_beams=2, draft_len=2, max_new_tokens=2)
+
+
+def test_benchmark_smoke(tmp_path):
+  """experiments.redrafter_bench end to end on a random-weight model: the
+  drafter trains, both decoders are timed, the tokens agree, JSON is written."""
+  from experiments import redrafter_bench  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "redrafter.json"
+  report = redrafter_bench.main(["--train_steps", "4", "--distill_prompts", "8",
+                                 "--train_batch", "4", "--batch_sizes", "2",
+                                 "--max_new_tokens", "8", "--prompt_len", "8",
+                                 "--repeats", "1", "--draft_len", "2", "--beam_width", "2",
+                                 "--out", str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+  (record,) = report["results"]
+  assert record["same_tokens_as_greedy"] and record["batch_size"] == 2
+  assert 1.0 <= record["tokens_per_step"] <= 3.0
+  assert record["speedup"] == pytest.approx(record["greedy_ms"] / record["speculative_ms"])
+  assert report["meta"]["weights"] == "random"
