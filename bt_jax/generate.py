@@ -38,6 +38,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("sequence_devices", 1,
                        "Split the KV cache over this many devices (a `sequence` mesh axis; "
                        "Tree Attention merges the per-device partials). 1 = unsharded.")
+  flags.DEFINE_string("drafter", None,
+                      "A ReDrafter draft head (python -m bt_jax.train_drafter) for a vanilla "
+                      "run: greedy speculative decoding (needs --temperature 0), the same text "
+                      "in fewer base-model steps; printed at the end, with the steps taken.")
+  flags.DEFINE_integer("beam_width", 4, "Beams the draft head proposes per step (--drafter).")
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
@@ -58,14 +63,19 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
 def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] = None,
                     temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
                     seed: int = 0, step: Optional[int] = None, chunk_tokens: int = 16,
-                    sequence_devices: int = 1, out: TextIO = sys.stdout) -> str:
+                    sequence_devices: int = 1, drafter: Optional[str] = None,
+                    beam_width: int = 4, out: TextIO = sys.stdout,
+                    err: TextIO = sys.stderr) -> str:
   """Generates a continuation of `prompt`, writing it to `out` as it is made.
 
   max_new_tokens None: the rest of the context after the prompt, at most
   DEFAULT_MAX_NEW_TOKENS. sequence_devices > 1 shards the global KV cache over
-  that many devices (`bt_jax.distributed.sharded_cache`). Returns the
-  generated text. Raises FileNotFoundError for a missing checkpoint and
-  ValueError for an empty prompt or one too long for the context.
+  that many devices (`bt_jax.distributed.sharded_cache`). drafter: the
+  folder of a ReDrafter draft head: greedy speculative decoding (the same
+  text as greedy decoding), written when done, with its step count on `err`.
+  Returns the generated text. Raises FileNotFoundError for a missing
+  checkpoint and ValueError for an empty prompt or one too long for the
+  context, or a drafter that does not fit.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -80,6 +90,10 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
   sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
   if chunk_tokens < 1:
     raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens}")
+  if drafter is not None and (temperature != 0 or sequence_devices != 1):
+    raise ValueError("speculative decoding (--drafter) is greedy and unsharded here: pass "
+                     f"--temperature 0 and --sequence_devices 1 (got {temperature} and "
+                     f"{sequence_devices})")
   mesh = None
   if sequence_devices != 1:
     if not 1 <= sequence_devices <= jax.device_count():
@@ -106,6 +120,9 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
   if max_new_tokens is None:
     max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, config.max_len - aligned)
   batch = prepare_prompts([ids], config, max_new_tokens)   # checks prompt + new tokens
+  if drafter is not None:
+    return _speculative(model, params, tokenizer, ids, drafter, beam_width, max_new_tokens,
+                        out, err)
   start, resume, finish = make_stream_fns(model, max_new_tokens, sampling, mesh=mesh)
   state = start(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(seed),
                 tokenizer.eos_id)
@@ -136,6 +153,31 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
   return text
 
 
+def _speculative(model, params, tokenizer, ids, drafter_dir, beam_width, max_new_tokens,
+                 out, err) -> str:
+  """Greedy speculative decoding with a saved draft head; the text at the end."""
+  # pylint: disable=import-outside-toplevel
+  from bt_jax.models.vanilla import VanillaLM
+  from bt_jax.redrafter import load_drafter, speculative_generate
+  from bt_jax.redrafter.checkpoint import check_drafter_fits
+  # pylint: enable=import-outside-toplevel
+  if not isinstance(model, VanillaLM):
+    raise ValueError(f"--drafter needs a vanilla base model; this run is {model.config.kind}")
+  drafter, drafter_params, _ = load_drafter(drafter_dir)
+  check_drafter_fits(drafter, model.config)
+  result = speculative_generate(model, params, drafter, drafter_params, [ids],
+                                max_new_tokens=max_new_tokens, beam_width=beam_width,
+                                eos_id=tokenizer.eos_id)
+  length = int(result.lengths[0])
+  text = tokenizer.decode([int(t) for t in result.tokens[0, :length] if t != tokenizer.eos_id])
+  out.write(text + "\n")
+  out.flush()
+  steps = int(result.row_steps[0])
+  err.write(f"speculative: {length} tokens in {steps} base-model steps "
+            f"({length / max(steps, 1):.2f} tokens per step)\n")
+  return text
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -146,7 +188,8 @@ def main(argv):
     stream_generate(FLAGS.workdir, prompt, max_new_tokens=FLAGS.max_new_tokens,
                     temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                     seed=FLAGS.seed, step=FLAGS.step, chunk_tokens=FLAGS.chunk_tokens,
-                    sequence_devices=FLAGS.sequence_devices)
+                    sequence_devices=FLAGS.sequence_devices, drafter=FLAGS.drafter,
+                    beam_width=FLAGS.beam_width)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -26,7 +26,7 @@ import argparse
 import json
 import platform
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
@@ -35,28 +35,9 @@ import numpy as np
 from bt_jax.data import load_corpus
 from bt_jax.inference import generate_fn, prepare_prompts
 from bt_jax.models.vanilla import VanillaLM
-from bt_jax.redrafter import (DraftHead, DrafterConfig, distillation_batches, drafter_generate_fn,
-                              train_drafter)
+from bt_jax.redrafter import (DraftHead, DrafterConfig, corpus_windows, distillation_batches,
+                              drafter_generate_fn, train_drafter)
 from experiments.timing import time_call
-
-
-def _windows(tokenizer, docs, count: int, length: int, rng) -> List[List[int]]:
-  """`count` random windows of `length` tokens from documents long enough."""
-  encoded = []
-  for i in rng.permutation(len(docs)):
-    ids = tokenizer.encode(docs[int(i)])
-    if len(ids) > length:
-      encoded.append(ids)
-    if len(encoded) >= max(8, count // 4):
-      break
-  if not encoded:
-    raise ValueError(f"no document of the corpus has more than {length} tokens")
-  out = []
-  for _ in range(count):
-    ids = encoded[rng.integers(len(encoded))]
-    start = int(rng.integers(0, len(ids) - length))
-    out.append(ids[start:start + length])
-  return out
 
 
 def _load(workdir):
@@ -104,7 +85,7 @@ def main(argv=None) -> Dict[str, Any]:
   train_docs, valid_docs = load_corpus("stdlib", "train"), load_corpus("stdlib", "validation")
   drafter = DraftHead(DrafterConfig.for_base(model.config, draft_len=args.draft_len))
   t0 = time.perf_counter()
-  prompts = _windows(tokenizer, train_docs, args.distill_prompts, args.prompt_len, rng)
+  prompts = corpus_windows(tokenizer, train_docs, args.distill_prompts, args.prompt_len, rng)
   batches = distillation_batches(model, params, prompts, continuation_len=args.max_new_tokens,
                                  batch_size=args.train_batch, seed=args.seed)
   drafter_params, history = train_drafter(model, params, drafter, batches,
@@ -118,7 +99,7 @@ def main(argv=None) -> Dict[str, Any]:
   records = []
   greedy_cache = {}
   for batch_size in batch_sizes:
-    eval_prompts = _windows(tokenizer, valid_docs, batch_size, args.prompt_len, rng)
+    eval_prompts = corpus_windows(tokenizer, valid_docs, batch_size, args.prompt_len, rng)
     batch = prepare_prompts(eval_prompts, model.config, args.max_new_tokens)
     tokens, pad = jnp.asarray(batch.tokens), jnp.asarray(batch.pad)
     greedy = greedy_cache.setdefault(batch_size, generate_fn(model, args.max_new_tokens))

@@ -74,6 +74,27 @@ def train_drafter(model: VanillaLM, params, drafter: DraftHead,
   return drafter_params, history
 
 
+def corpus_windows(tokenizer, documents: Sequence[str], count: int, length: int,
+                   rng: np.random.Generator) -> list[list[int]]:
+  """`count` random windows of `length` tokens from documents longer than that
+  (prompts to distill on, or to evaluate with)."""
+  encoded = []
+  for i in rng.permutation(len(documents)):
+    ids = tokenizer.encode(documents[int(i)])
+    if len(ids) > length:
+      encoded.append(ids)
+    if len(encoded) >= max(8, count // 4):
+      break
+  if not encoded:
+    raise ValueError(f"no document of the corpus has more than {length} tokens")
+  out = []
+  for _ in range(count):
+    ids = encoded[rng.integers(len(encoded))]
+    start = int(rng.integers(0, len(ids) - length))
+    out.append(list(ids[start:start + length]))
+  return out
+
+
 def distillation_batches(model: VanillaLM, params, prompts: Sequence[Sequence[int]], *,
                          continuation_len: int, batch_size: int, seed: int = 0,
                          eos_id: Optional[int] = None):

@@ -256,3 +256,12 @@ def test_benchmark_smoke(tmp_path):
   assert 1.0 <= record["tokens_per_step"] <= 3.0
   assert record["speedup"] == pytest.approx(record["greedy_ms"] / record["speculative_ms"])
   assert report["meta"]["weights"] == "random"
+
+
+def test_a_drafter_for_another_model_is_an_error():
+  from bt_jax.redrafter.checkpoint import check_drafter_fits  # pylint: disable=import-outside-toplevel
+  drafter = DraftHead(DrafterConfig(vocab_size=100, hidden_dim=32, embed_dim=32))
+  with pytest.raises(ValueError, match="made for vocab 100 and width 32; this base model has "
+                                       "vocab 128 and width 32"):
+    check_drafter_fits(drafter, BASE)
+  check_drafter_fits(DraftHead(DrafterConfig.for_base(BASE)), BASE)
