@@ -40,9 +40,12 @@ def define_flags() -> None:
                        "Tree Attention merges the per-device partials). 1 = unsharded.")
   flags.DEFINE_string("drafter", None,
                       "A ReDrafter draft head (python -m bt_jax.train_drafter) for a vanilla "
-                      "run: greedy speculative decoding (needs --temperature 0), the same text "
-                      "in fewer base-model steps; printed at the end, with the steps taken.")
-  flags.DEFINE_integer("beam_width", 4, "Beams the draft head proposes per step (--drafter).")
+                      "run: speculative decoding, printed at the end with the base-model steps "
+                      "taken. --temperature 0: beam search and greedy verification (the same "
+                      "text as greedy decoding); otherwise speculative sampling of one sampled "
+                      "draft (distributed as plain sampling).")
+  flags.DEFINE_integer("beam_width", None, "Beams the draft head proposes per step "
+                       "(--drafter; default 4 at temperature 0, 1 when sampling).")
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
@@ -64,15 +67,16 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
                     temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
                     seed: int = 0, step: Optional[int] = None, chunk_tokens: int = 16,
                     sequence_devices: int = 1, drafter: Optional[str] = None,
-                    beam_width: int = 4, out: TextIO = sys.stdout,
+                    beam_width: Optional[int] = None, out: TextIO = sys.stdout,
                     err: TextIO = sys.stderr) -> str:
   """Generates a continuation of `prompt`, writing it to `out` as it is made.
 
   max_new_tokens None: the rest of the context after the prompt, at most
   DEFAULT_MAX_NEW_TOKENS. sequence_devices > 1 shards the global KV cache over
   that many devices (`bt_jax.distributed.sharded_cache`). drafter: the
-  folder of a ReDrafter draft head: greedy speculative decoding (the same
-  text as greedy decoding), written when done, with its step count on `err`.
+  folder of a ReDrafter draft head: speculative decoding (greedy at
+  temperature 0: the same text as greedy decoding; speculative sampling
+  otherwise), written when done, with its step count on `err`.
   Returns the generated text. Raises FileNotFoundError for a missing
   checkpoint and ValueError for an empty prompt or one too long for the
   context, or a drafter that does not fit.
@@ -90,10 +94,9 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
   sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
   if chunk_tokens < 1:
     raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens}")
-  if drafter is not None and (temperature != 0 or sequence_devices != 1):
-    raise ValueError("speculative decoding (--drafter) is greedy and unsharded here: pass "
-                     f"--temperature 0 and --sequence_devices 1 (got {temperature} and "
-                     f"{sequence_devices})")
+  if drafter is not None and sequence_devices != 1:
+    raise ValueError("speculative decoding (--drafter) runs on one device: pass "
+                     f"--sequence_devices 1 (got {sequence_devices})")
   mesh = None
   if sequence_devices != 1:
     if not 1 <= sequence_devices <= jax.device_count():
@@ -122,7 +125,7 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
   batch = prepare_prompts([ids], config, max_new_tokens)   # checks prompt + new tokens
   if drafter is not None:
     return _speculative(model, params, tokenizer, ids, drafter, beam_width, max_new_tokens,
-                        out, err)
+                        sampling, seed, out, err)
   start, resume, finish = make_stream_fns(model, max_new_tokens, sampling, mesh=mesh)
   state = start(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(seed),
                 tokenizer.eos_id)
@@ -154,8 +157,8 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
 
 
 def _speculative(model, params, tokenizer, ids, drafter_dir, beam_width, max_new_tokens,
-                 out, err) -> str:
-  """Greedy speculative decoding with a saved draft head; the text at the end."""
+                 sampling, seed, out, err) -> str:
+  """Speculative decoding with a saved draft head; the text at the end."""
   # pylint: disable=import-outside-toplevel
   from bt_jax.models.vanilla import VanillaLM
   from bt_jax.redrafter import load_drafter, speculative_generate
@@ -167,7 +170,7 @@ def _speculative(model, params, tokenizer, ids, drafter_dir, beam_width, max_new
   check_drafter_fits(drafter, model.config)
   result = speculative_generate(model, params, drafter, drafter_params, [ids],
                                 max_new_tokens=max_new_tokens, beam_width=beam_width,
-                                eos_id=tokenizer.eos_id)
+                                eos_id=tokenizer.eos_id, sampling=sampling, seed=seed)
   length = int(result.lengths[0])
   text = tokenizer.decode([int(t) for t in result.tokens[0, :length] if t != tokenizer.eos_id])
   out.write(text + "\n")

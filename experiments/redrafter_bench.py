@@ -105,7 +105,7 @@ def main(argv=None) -> Dict[str, Any]:
     greedy = greedy_cache.setdefault(batch_size, generate_fn(model, args.max_new_tokens))
     greedy_args = (params, tokens, pad, jax.random.key(0))
     spec = drafter_generate_fn(model, drafter, args.beam_width, args.max_new_tokens)
-    spec_args = (params, drafter_params, tokens, pad, jnp.int32(-1))
+    spec_args = (params, drafter_params, tokens, pad, jnp.int32(-1), jax.random.key(0))
     want, got = greedy(*greedy_args), spec(*spec_args)
     same = bool(np.array_equal(np.asarray(want.tokens), np.asarray(got.tokens)))
     greedy_time = time_call(greedy, greedy_args, warmup=1, repeats=args.repeats)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from bt_jax.config import VanillaConfig
 from bt_jax.inference import caches as caches_lib
 from bt_jax.inference.generation import prepare_prompts
+from bt_jax.inference.sampling import SamplingConfig, restrict_logits
 from bt_jax.models.vanilla import VanillaLM
 from bt_jax.redrafter.drafter import DraftHead
 from bt_jax.redrafter.tree import batched_pack_beams, beam_search
@@ -70,14 +71,77 @@ def drafter_draft_fn(drafter: DraftHead, drafter_params, embed_table: jax.Array,
   return draft
 
 
+def sampled_draft_fn(drafter: DraftHead, drafter_params, embed_table: jax.Array,
+                     sampling: SamplingConfig):
+  """A draft sampled from the draft head, token by token, from its logits
+  restricted like the target's (temperature, top-k, top-p): f(hidden, g0,
+  n_out, step, key) -> (beams [B, 1, C+1], q log-probs [B, C, V] of the
+  distributions each draft token was drawn from)."""
+  def draft(hidden, g0, n_out, step, key):
+    del n_out, step
+    apply = functools.partial(drafter.apply, {"params": drafter_params})
+    state = jnp.zeros(hidden.shape[:-1] + (drafter.config.hidden_dim,), hidden.dtype)
+    previous, tokens, q_logprobs = g0, [g0], []
+    for t in range(drafter.config.draft_len):
+      state = apply(state, jnp.take(embed_table, previous, axis=0), method=drafter.step)
+      log_q = jax.nn.log_softmax(restrict_logits(apply(hidden, state, method=drafter.logits),
+                                                 sampling), axis=-1)
+      previous = jax.random.categorical(jax.random.fold_in(key, t), log_q, axis=-1)
+      previous = previous.astype(jnp.int32)
+      tokens.append(previous)
+      q_logprobs.append(log_q)
+    return jnp.stack(tokens, axis=1)[:, None], jnp.stack(q_logprobs, axis=1)
+  return draft
+
+
+def _accept_sampled(logits, unpacker, draft, q_logprobs, sampling, key):
+  """Speculative sampling of one draft (exact for the target distribution).
+
+  logits [B, P, V] of the packed tokens, unpacker [B, D] (the draft's packed
+  slots), draft [B, D] (g0 first), q_logprobs [B, C, V]. Draft token i is
+  accepted with probability min(1, p(x)/q(x)) (both normalised); at the
+  first rejection the next token is drawn from normalise(max(p - q, 0)), and
+  if all are accepted from p after the last. Returns (best = 0 [B],
+  accepted [B], next token [B])."""
+  batch, depth_len = draft.shape
+  draft_len = depth_len - 1
+  target = jax.vmap(lambda l, u: l[u])(logits, unpacker)                  # [B, D, V]
+  p_log = jax.nn.log_softmax(restrict_logits(target, sampling), axis=-1)
+  drafted = draft[:, 1:]                                                  # [B, C]
+  p_x = jnp.take_along_axis(p_log[:, :draft_len], drafted[:, :, None], axis=-1)[..., 0]
+  q_x = jnp.take_along_axis(q_logprobs, drafted[:, :, None], axis=-1)[..., 0]
+  u = jax.random.uniform(jax.random.fold_in(key, 0), (batch, draft_len))
+  accept = jnp.log(u) < p_x - q_x
+  num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=-1), axis=-1)
+  rows = jnp.arange(batch)
+  p_next = jnp.exp(p_log[rows, num_accepted])                             # [B, V]
+  q_next = jnp.exp(jnp.concatenate([q_logprobs, jnp.full_like(q_logprobs[:, :1], -jnp.inf)],
+                                   axis=1)[rows, num_accepted])           # 0 after the last
+  residual = jnp.maximum(p_next - q_next, 0.0)
+  # p == q leaves no residual mass (then nothing was rejected for cause): use p.
+  residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_next)
+  next_token = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(residual), axis=-1)
+  return jnp.zeros((batch,), jnp.int32), num_accepted, next_token.astype(jnp.int32)
+
+
 def _gather_slots(cache: jax.Array, slots: jax.Array) -> jax.Array:
   """cache [B, S, ...], slots int32 [B, n] -> [B, n, ...]."""
   return jax.vmap(lambda c, s: jnp.take(c, s, axis=0))(cache, slots)
 
 
 def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: int,
-               max_new_tokens: int, params, tokens, pad, eos_id):
+               max_new_tokens: int, params, tokens, pad, eos_id,
+               sampling: Optional[SamplingConfig] = None, rng: Optional[jax.Array] = None):
+  """The loop; sampling None (or greedy) verifies greedily, otherwise by
+  speculative sampling of one sampled draft (see `sampled_draft_fn`): draft_fn
+  then also takes a key and returns (beams [B, 1, C+1], q log-probs [B, C, V])."""
   cfg: VanillaConfig = model.config
+  sampled = sampling is not None and not sampling.greedy
+  if sampled and num_beams != 1:
+    raise ValueError(f"speculative sampling verifies one sampled draft; got {num_beams} beams "
+                     "(use beam_width=1)")
+  if sampled and rng is None:
+    raise ValueError("speculative sampling needs an rng key")
   batch, prompt_len = tokens.shape
   depth_len = draft_len + 1
   packed_len = num_beams * depth_len
@@ -92,10 +156,16 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
   slots = jnp.arange(prompt_len)
   logits, cache, hidden = apply(tokens, slots[None, :] - pad[:, None], cache, 0,
                                 caches_lib.padded_mask(pad, slots, cache_len), True, True)
+  if sampled:
+    prefill_key, rng = jax.random.split(rng)
+    first = jax.random.categorical(prefill_key, restrict_logits(logits[:, -1], sampling),
+                                   axis=-1)
+  else:
+    first = jnp.argmax(logits[:, -1], axis=-1)
   state = {
       "cache": cache,
       "length": jnp.full((batch,), prompt_len, jnp.int32),     # committed cache slots
-      "g0": jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32),
+      "g0": first.astype(jnp.int32),
       "hidden": hidden[:, -1],
       "out": jnp.full((batch, out_len), cfg.pad_id, jnp.int32),
       "n_out": jnp.zeros((batch,), jnp.int32),
@@ -109,7 +179,12 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
 
   def step(state):
     length, done = state["length"], state["done"]
-    beams = draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"])
+    if sampled:
+      key = jax.random.fold_in(rng, state["step"])
+      beams, q_logprobs = draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"],
+                                   jax.random.fold_in(key, 0))
+    else:
+      beams = draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"])
     beams = beams.astype(jnp.int32)
     tree = batched_pack_beams(beams)
     # Each packed token sees the committed context [pad, length) and, among
@@ -124,12 +199,17 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
     positions = (length - pad)[:, None] + tree.depth
     logits, cache, hidden = apply(tree.tokens, positions, state["cache"], length, mask,
                                   False, True)
-    predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)              # [B, P]
-    beam_predicted = jax.vmap(lambda p, u: p[u])(predicted, tree.unpacker)  # [B, M, D]
-    matches = beam_predicted[:, :, :draft_len] == beams[:, :, 1:]
-    accepted = jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1)   # [B, M]
-    best = jnp.argmax(accepted, axis=-1)                                    # first of the longest
-    num_accepted = accepted[rows, best]
+    if sampled:
+      best, num_accepted, new_g0 = _accept_sampled(
+          logits, tree.unpacker[:, 0], beams[:, 0], q_logprobs, sampling,
+          jax.random.fold_in(key, 1))
+    else:
+      predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)            # [B, P]
+      beam_predicted = jax.vmap(lambda p, u: p[u])(predicted, tree.unpacker)  # [B, M, D]
+      matches = beam_predicted[:, :, :draft_len] == beams[:, :, 1:]
+      accepted = jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1)  # [B, M]
+      best = jnp.argmax(accepted, axis=-1)                                  # first of the longest
+      num_accepted = accepted[rows, best]
     best_slots = tree.unpacker[rows, best]                                  # [B, D] packed index
     # Move the chosen beam's K/V from its packed slots to length .. length + C.
     cache = [{name: jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(
@@ -138,7 +218,8 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
               for name, array in layer.items()} for layer in cache]
     committed = beams[rows, best]                                           # [B, D], g0 first
     next_at = best_slots[rows, num_accepted]                                # packed index
-    new_g0 = predicted[rows, next_at]
+    if not sampled:
+      new_g0 = predicted[rows, next_at]
     new_hidden = hidden[rows, next_at]
     # Output: g0 and the accepted drafts; cut at the first EOS and at max_new.
     keep = jnp.arange(depth_len)[None, :] <= num_accepted[:, None]
@@ -197,32 +278,49 @@ def speculative_generate_fn(model: nn.Module, draft_fn: DraftFn, *, num_beams: i
 
 def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_params,
                          prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                         beam_width: int = 4, eos_id: Optional[int] = None
+                         beam_width: Optional[int] = None, eos_id: Optional[int] = None,
+                         sampling: SamplingConfig = SamplingConfig(), seed: int = 0
                          ) -> SpeculativeOutput:
-  """Greedy generation of up to max_new_tokens after each prompt, drafted by
-  `drafter` (beam search of `beam_width` beams of drafter.config.draft_len
-  tokens) and verified by the base model: the same tokens as greedy
-  `bt_jax.inference.generate`, in fewer base-model forwards."""
+  """Generation of up to max_new_tokens after each prompt, drafted by
+  `drafter` and verified by the base model in one forward per step.
+
+  Greedy `sampling` (the default): beam search of `beam_width` (default 4)
+  beams of drafter.config.draft_len tokens, greedy verification: the same
+  tokens as greedy `bt_jax.inference.generate`. Otherwise speculative
+  sampling of one draft sampled from the drafter (beam_width must be 1 or
+  None): every token is distributed as the base model's, restricted by
+  `sampling` (temperature, top-k, top-p); `seed` picks the draws.
+  """
+  if beam_width is None:
+    beam_width = 4 if sampling.greedy else 1
   _check(model, beam_width=beam_width, max_new_tokens=max_new_tokens)
   if beam_width > drafter.config.vocab_size:
     raise ValueError(f"beam_width {beam_width} exceeds the vocabulary "
                      f"({drafter.config.vocab_size})")
+  if not sampling.greedy and beam_width != 1:
+    raise ValueError(f"speculative sampling verifies one sampled draft; got beam_width "
+                     f"{beam_width} (use 1, or temperature 0 for beam search)")
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
-  fn = drafter_generate_fn(model, drafter, beam_width, max_new_tokens)
+  fn = drafter_generate_fn(model, drafter, beam_width, max_new_tokens, sampling)
   return fn(params, drafter_params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad),
-            jnp.int32(-1 if eos_id is None else eos_id))
+            jnp.int32(-1 if eos_id is None else eos_id), jax.random.key(seed))
 
 
 @functools.lru_cache(maxsize=16)
 def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
-                        max_new_tokens: int):
-  """The jitted loop with the draft head's beam search: f(params,
-  drafter_params, tokens, pad, eos_id) -> SpeculativeOutput. Cached: one
-  compile per (model, drafter, beams, max_new); the drafter's params are an
-  argument, not a closure constant."""
-  def run(params, drafter_params, tokens, pad, eos_id):
-    draft_fn = drafter_draft_fn(drafter, drafter_params, params["token_embed"]["embedding"],
-                                beam_width=beam_width)
+                        max_new_tokens: int, sampling: SamplingConfig = SamplingConfig()):
+  """The jitted loop with the draft head: f(params, drafter_params, tokens,
+  pad, eos_id, rng) -> SpeculativeOutput (beam search and greedy
+  verification, or one sampled draft and speculative sampling; see
+  `speculative_generate`). Cached: one compile per (model, drafter, beams,
+  max_new, sampling); the drafter's params are an argument, not a closure
+  constant."""
+  def run(params, drafter_params, tokens, pad, eos_id, rng):
+    table = params["token_embed"]["embedding"]
+    if sampling.greedy:
+      draft_fn = drafter_draft_fn(drafter, drafter_params, table, beam_width=beam_width)
+    else:
+      draft_fn = sampled_draft_fn(drafter, drafter_params, table, sampling)
     return _speculate(model, draft_fn, beam_width, drafter.config.draft_len, max_new_tokens,
-                      params, tokens, pad, eos_id)
+                      params, tokens, pad, eos_id, sampling, rng)
   return jax.jit(run)

@@ -73,9 +73,12 @@ def test_train_drafter_then_generate_with_it(vanilla_workdir, tmp_path):
   assert spec.stdout == plain.stdout
   assert "base-model steps" in spec.stderr and "tokens per step" in spec.stderr
 
+  sampled = _run("bt_jax.generate", f"--workdir={vanilla_workdir}", f"--prompt={prompt}",
+                 "--max_new_tokens=24", "--temperature=0.8", "--seed=3", f"--drafter={out}")
+  assert sampled.returncode == 0 and "tokens per step" in sampled.stderr, sampled.stderr[-2000:]
   bad = _run("bt_jax.generate", f"--workdir={vanilla_workdir}", f"--prompt={prompt}",
-             f"--drafter={out}")          # default temperature 0.8
-  assert bad.returncode == 1 and "pass --temperature 0" in bad.stderr
+             f"--drafter={out}", "--sequence_devices=2")
+  assert bad.returncode == 1 and "pass --sequence_devices 1" in bad.stderr
   missing = _run("bt_jax.generate", f"--workdir={vanilla_workdir}", f"--prompt={prompt}",
                  "--temperature=0", f"--drafter={tmp_path / 'nowhere'}")
   assert missing.returncode == 1 and "holds no trained drafter" in missing.stderr
