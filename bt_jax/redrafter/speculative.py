@@ -1,5 +1,5 @@
-"""Greedy speculative decoding with a ReDrafter draft head (spec
-"Verification"), compiled end to end: prefill, then a `lax.while_loop` of
+"""Speculative decoding with a ReDrafter draft head (spec "Verification"),
+compiled end to end: prefill, then a `lax.while_loop` of
 draft -> dedupe -> one base-LM forward over the packed tree -> accept.
 
 Per step and row: the drafter's beam search proposes M beams of g_0 and C
@@ -17,6 +17,11 @@ slot per row).
 
 The output equals plain greedy decoding (`bt_jax.inference.generate` at
 temperature 0) up to argmax ties; tests check it token for token.
+
+With a sampling config that is not greedy, each step instead drafts one
+sequence sampled from the drafter (`sampled_draft_fn`) and accepts it by
+speculative sampling (`_accept_sampled`), so that every token is distributed
+as plain sampling from the base model under that config.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from bt_jax.models.vanilla import VanillaLM
 from bt_jax.redrafter.drafter import DraftHead
 from bt_jax.redrafter.tree import batched_pack_beams, beam_search
 
-# draft_fn(hidden [B, H], g0 [B], n_out [B], step) -> beams int32 [B, M, C+1], g0 first.
+# draft_fn(hidden [B, H], g0 [B], n_out [B], step) -> beams int32 [B, M, C+1], g0 first
+# (greedy verification; for speculative sampling see `sampled_draft_fn`).
 DraftFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
