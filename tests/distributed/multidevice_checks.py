@@ -10,9 +10,7 @@ oracle `full_decode_attention_reference`.
 
 from __future__ import annotations
 
-import json
 import sys
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -24,19 +22,12 @@ from bt_jax.distributed import (collective_traffic,
                                 make_sequence_mesh,
                                 make_sharded_decode_attention,
                                 make_two_level_mesh, tree_decode_attention)
+from tests.multidevice import check, record, summary
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM, KV_LEN = 5, 4, 2, 16, 64
 # Row lengths on 8 shards of 8 keys: full, ragged inside shard 1 (shards 2-7
 # empty), exactly one shard, ragged in the last shard, no key at all.
 LENGTHS = np.array([64, 13, 8, 61, 0], np.int32)
-
-RESULTS = []
-
-
-def record(name, ok, detail=""):
-  RESULTS.append(dict(name=name, ok=bool(ok), detail=str(detail)))
-  print(json.dumps(RESULTS[-1]), flush=True)
-
 
 def make_inputs(q_len, dtype=jnp.float32, seed=0):
   keys = jax.random.split(jax.random.key(seed), 3)
@@ -68,13 +59,6 @@ def compare(name, got, want, atol):
     if np.any(out[empty] != 0):
       problems.append("empty rows have nonzero output")
   record(name, not problems, "; ".join(problems) or "ok")
-
-
-def check(name, fn):
-  try:
-    fn()
-  except Exception:  # recorded, so that one failure does not hide the others
-    record(name, False, traceback.format_exc(limit=4))
 
 
 def sharded_methods_agree():
@@ -183,11 +167,8 @@ def main():
   check("seq8/tree/user_shard_map", per_shard_lengths_api)
   check("seq8/tree/interpret", tree_with_pallas_interpret)
   check("hlo_traffic", hlo_traffic_matches_formulas)
-  failed = [r["name"] for r in RESULTS if not r["ok"]]
-  print(json.dumps(dict(summary=True, checks=len(RESULTS), failed=failed)),
-        flush=True)
-  sys.exit(1 if failed else 0)
+  return summary()
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

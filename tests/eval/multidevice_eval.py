@@ -9,10 +9,7 @@ line, and exits 1 if any check failed.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
-import traceback
 
 import jax
 import numpy as np
@@ -23,6 +20,7 @@ from bt_jax.eval.scoring import LoglikelihoodScorer, ScoreRequest
 from bt_jax.eval.sharding import EvalSharding, eval_sharding_from_flag
 from bt_jax.mesh import make_mesh
 from bt_jax.models import build_model, init_params
+from tests.multidevice import check, record, summary
 
 VOCAB = 128
 CONFIGS = {
@@ -31,21 +29,6 @@ CONFIGS = {
                             token_layers=2, token_width=64, max_len=64, init_std=0.3),
 }
 MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x4x2": (1, 4, 2)}
-RESULTS = []
-
-
-def record(name, ok, detail=""):
-  RESULTS.append(dict(name=name, ok=bool(ok), detail=str(detail)))
-  print(json.dumps(RESULTS[-1]), flush=True)
-
-
-def check(name, fn):
-  try:
-    fn()
-  except Exception:  # pylint: disable=broad-except
-    record(name, False, traceback.format_exc()[-3000:])
-
-
 class CharTokenizer:
   """Bytes as tokens (ids 2..VOCAB-1); enough to make windows of real text."""
   eos_id = 1
@@ -134,17 +117,13 @@ def check_flag():
 
 
 def main() -> int:
-  started = time.time()
   if len(jax.devices()) < 8:
     record("devices", False, f"need 8 devices, have {len(jax.devices())}")
     return 1
   for name, config in CONFIGS.items():
     check_model(name, config)
   check_flag()
-  failed = [r for r in RESULTS if not r["ok"]]
-  print(json.dumps(dict(summary=True, checks=len(RESULTS), failed=len(failed),
-                        seconds=round(time.time() - started, 1))), flush=True)
-  return 1 if failed else 0
+  return summary()
 
 
 if __name__ == "__main__":

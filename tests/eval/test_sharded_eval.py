@@ -6,19 +6,12 @@ forced-device flag must never be set in the pytest process.
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import pytest
 
 from bt_jax.eval.sharding import EvalSharding, eval_sharding_from_flag
 from bt_jax.mesh import make_mesh, parse_mesh_shape
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.multidevice import run_check_script
 
 
 def test_one_device_flags_and_errors():
@@ -40,20 +33,4 @@ def test_sharded_eval_matches_one_device_on_8_devices():
   """Vanilla and Block (L_B = 4) on meshes 8x1x1, 2x2x2 and 1x4x2: the same
   log-likelihoods, greedy flags and perplexity as one device, parameters
   really split when fsdp x tensor > 1; the --mesh_shape flag and its errors."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-  script = "tests/eval/multidevice_eval.py"
-  try:
-    result = subprocess.run([sys.executable, script], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
-  except subprocess.TimeoutExpired as e:
-    pytest.fail(f"{script} timed out after 300 s; output so far:\n{e.stdout}\n{e.stderr}")
-  lines = [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")]
-  failed = [l for l in lines if not l.get("ok", True)]
-  summary = [l for l in lines if l.get("summary")]
-  assert result.returncode == 0 and summary and not failed, (
-      f"rc={result.returncode}\nfailed: {json.dumps(failed, indent=1)}\n"
-      f"stderr tail:\n{result.stderr[-3000:]}")
-  assert summary[0]["checks"] == 7, lines   # every check ran (none silently skipped)
+  run_check_script("tests/eval/multidevice_eval.py", checks=7)

@@ -13,11 +13,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import re
 import sys
-import time
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +30,7 @@ from bt_jax.distributed import (ShardedKVCache, make_sequence_mesh, physical_slo
 from bt_jax.inference import generate, generate_fn, make_stream_fns, prepare_prompts
 from bt_jax.inference.caches import padded_mask
 from bt_jax.models import build_model, init_params
+from tests.multidevice import check, record, summary
 
 # Neither is a multiple of L_B = 4 (the last block is cut). The block model
 # makes 18 blocks: with the prompt, 24 cache slots, 3 per device on 8 devices.
@@ -49,21 +47,6 @@ CONFIGS = {
     "vanilla": VanillaConfig(num_layers=2, width=32, head_dim=16, **TINY),
     "block-L4": BlockConfig(block_len=4, **BLOCK),
 }
-
-RESULTS = []
-
-
-def record(name, ok, detail=""):
-  RESULTS.append(dict(name=name, ok=bool(ok), detail=str(detail)))
-  print(json.dumps(RESULTS[-1]), flush=True)
-
-
-def check(name, fn):
-  try:
-    fn()
-  except Exception:  # pylint: disable=broad-except
-    record(name, False, traceback.format_exc()[-2000:])
-
 
 def assert_same_generation(got, want) -> float:
   """Same tokens and lengths, logits within LOGITS_ATOL; returns the max logit error."""
@@ -275,7 +258,6 @@ def check_kernel_path_with_holes(mesh8) -> None:
 
 
 def main() -> int:
-  started = time.time()
   if len(jax.devices()) < 8:
     record("devices", False, f"need 8 devices, have {len(jax.devices())}; set XLA_FLAGS="
            "--xla_force_host_platform_device_count=8")
@@ -285,10 +267,7 @@ def main() -> int:
   for name in CONFIGS:
     check_model(name, mesh8, mesh3 if name == "vanilla" else None)
   check_kernel_path_with_holes(mesh8)
-  failed = [r for r in RESULTS if not r["ok"]]
-  print(json.dumps(dict(summary=True, checks=len(RESULTS), failed=len(failed),
-                        seconds=round(time.time() - started, 1))), flush=True)
-  return 1 if failed else 0
+  return summary()
 
 
 if __name__ == "__main__":

@@ -8,12 +8,6 @@ multi-device process can hang on 2 cores.
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +20,7 @@ from bt_jax.distributed import (ShardedKVCache, make_sequence_mesh, masked_parti
                                 merge_many, physical_slots, round_robin_mask, to_logical_order)
 from bt_jax.inference import generate, generate_fn, make_stream_fns
 from bt_jax.models import build_model
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.multidevice import run_check_script
 
 
 @pytest.mark.parametrize("cache_len,num_shards", [(12, 4), (24, 8), (9, 3), (5, 1)])
@@ -132,20 +125,4 @@ def test_sharded_generation_matches_unsharded_on_8_devices():
   split-KV kernel over its local window, with the same result; a decode mask
   with holes takes the masked path and stays exact; on a 2 x 4 data x
   sequence mesh the rows are split too, with the same result."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-  script = "tests/inference/multidevice_generate.py"
-  try:
-    result = subprocess.run([sys.executable, script], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
-  except subprocess.TimeoutExpired as e:
-    pytest.fail(f"{script} timed out after 300 s; output so far:\n{e.stdout}\n{e.stderr}")
-  lines = [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")]
-  failed = [l for l in lines if not l.get("ok", True)]
-  summary = [l for l in lines if l.get("summary")]
-  assert result.returncode == 0 and summary and not failed, (
-      f"rc={result.returncode}\nfailed: {json.dumps(failed, indent=1)}\n"
-      f"stderr tail:\n{result.stderr[-3000:]}")
-  assert summary[0]["checks"] == 14, lines   # every check ran (none silently skipped)
+  run_check_script("tests/inference/multidevice_generate.py", checks=14)
