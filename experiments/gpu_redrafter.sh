@@ -6,16 +6,8 @@
 # experiments.redrafter_bench against it: tokens per base-model step and the
 # wall-clock speedup of speculative over greedy decoding, side by side, where a
 # decode step is memory-bound. Not yet run on a GPU as of 2026-11-30.
-set -uo pipefail
-OUT=${OUT:-out/gpu_redrafter}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+OUT_DEFAULT=out/gpu_redrafter
+source "$(dirname "$0")/gpu_env.sh"
 {
   nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1; date -u
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"

@@ -17,16 +17,8 @@
 # fwd+bwd at 2048/d64/bf16 >= XLA; decode >= 70% of HBM bandwidth); the 85M
 # pair's prefill-heavy and decode-heavy throughput (paper, H100: block 85M
 # 59.0k and 134.7k tokens/s); tree vs ring on the one GPU (p = 1 only).
-set -uo pipefail
-OUT=${OUT:-out/gpu_session}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+OUT_DEFAULT=out/gpu_session
+source "$(dirname "$0")/gpu_env.sh"
 
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 case "$GPU" in
