@@ -179,7 +179,9 @@ def load_for_inference(workdir: str | os.PathLike, step: Optional[int] = None, *
     model = build_model(model_config)
     abstract = abstract_params(model)
     if hasattr(sharding, "param_shardings"):      # an EvalSharding: by the mesh rules
+      from bt_jax.eval.sharding import check_divisible  # pylint: disable=g-import-not-at-top
       shardings = sharding.param_shardings(model)
+      check_divisible(abstract, shardings)
     elif sharding is None or isinstance(sharding, jax.sharding.Sharding):
       one = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       shardings = jax.tree.map(lambda _: one, abstract)

@@ -29,7 +29,7 @@ stays cheap. Masks, cache indices and positions stay in logical order: the
 layout is private to this module. `to_logical_order` undoes it (for tests).
 
 Batch. With `batch_axis` (the decoders use the mesh's `data` axis when it has
-one, e.g. `make_sequence_mesh(8, data_devices=2)`: a 2 x 4 data x sequence
+one, e.g. `make_sequence_mesh(4, data_devices=2)`: a 2 x 4 data x sequence
 mesh) the rows are split too: each device holds its rows' part of its cache
 shard, the tree all-reduce runs within each row group, and the batch must be
 a multiple of the data axis.
