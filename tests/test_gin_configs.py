@@ -17,6 +17,7 @@ GIN_FILES = sorted(str(p.relative_to(gin_utils.GIN_DIR))
 # The training binary registers its run-level configurable `train` on import
 # (gin at the edges, as in T5X).
 from bt_jax import train as train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bt_jax import train_drafter  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Run procedures meant to be included after a model file: they bind `train`
 # only, so they build a TrainConfig but no model.
@@ -31,8 +32,18 @@ def test_gin_dir_has_every_paper_config():
   assert expected <= names, sorted(expected - names)
 
 
+# Draft-head training (bt_jax.train_drafter): binds `drafter_train` only.
+DRAFTER_FILES = {"runs/drafter.gin"}
+
+
 @pytest.mark.parametrize("gin_file", GIN_FILES)
 def test_gin_file_parses_and_builds_abstractly(gin_file):
+  if gin_file in DRAFTER_FILES:
+    config, operative = train_drafter.config_from_gin([gin_file], [])
+    assert config == train_drafter.DrafterTrainConfig()   # the file states the defaults
+    assert "drafter_train.steps = 600" in operative
+    gin.clear_config()
+    return
   gin_utils.parse_gin([gin_file])
   if gin_file.startswith(("runs/", "experiments/")):
     train_config = train_lib.GinTrainConfig()  # every run binding names a TrainConfig field

@@ -50,14 +50,18 @@ def vanilla_workdir(tmp_path_factory):
 
 def test_train_drafter_then_generate_with_it(vanilla_workdir, tmp_path):
   out = tmp_path / "drafter"
-  result = _run("bt_jax.train_drafter", f"--workdir={vanilla_workdir}", f"--out={out}",
-                "--steps=6", "--num_prompts=8", "--prompt_len=16", "--continuation_len=16",
-                "--batch_size=4", "--draft_len=3")
+  bindings = [f"drafter_train.out = '{out}'", "drafter_train.steps = 6",
+              "drafter_train.num_prompts = 8", "drafter_train.prompt_len = 16",
+              "drafter_train.continuation_len = 16", "drafter_train.batch_size = 4",
+              "drafter_train.draft_len = 3"]
+  result = _run("bt_jax.train_drafter", f"--workdir={vanilla_workdir}",
+                "--gin_file=runs/drafter.gin", *[f"--gin_param={b}" for b in bindings])
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   assert summary["out"] == str(out) and np.isfinite(summary["final_loss"])
   metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in metrics] == list(range(1, 7))
+  assert "drafter_train.steps = 6" in (out / "config.gin").read_text()
   drafter, params, meta = load_drafter(str(out))
   assert drafter.config.draft_len == 3 and drafter.config.vocab_size == 384
   assert meta["steps"] == 6 and meta["base_workdir"] == str(vanilla_workdir)
@@ -79,6 +83,9 @@ def test_train_drafter_then_generate_with_it(vanilla_workdir, tmp_path):
   bad = _run("bt_jax.generate", f"--workdir={vanilla_workdir}", f"--prompt={prompt}",
              f"--drafter={out}", "--sequence_devices=2")
   assert bad.returncode == 1 and "pass --sequence_devices 1" in bad.stderr
+  bad_gin = _run("bt_jax.train_drafter", f"--workdir={vanilla_workdir}",
+                 "--gin_param=drafter_train.steps = 0")
+  assert bad_gin.returncode == 1 and "drafter_train.steps must be positive; got 0" in bad_gin.stderr
   missing = _run("bt_jax.generate", f"--workdir={vanilla_workdir}", f"--prompt={prompt}",
                  "--temperature=0", f"--drafter={tmp_path / 'nowhere'}")
   assert missing.returncode == 1 and "holds no trained drafter" in missing.stderr
