@@ -71,27 +71,20 @@ def config_from_gin(gin_files, gin_params):
 def train(workdir: str, cfg: DrafterTrainConfig, operative_config: str = "") -> dict:
   """Trains and saves the draft head; returns the summary printed by the binary."""
   # pylint: disable=import-outside-toplevel
-  import numpy as np
-
   from bt_jax import checkpointing
   from bt_jax.data import load_corpus
   from bt_jax.models.vanilla import VanillaLM
-  from bt_jax.redrafter import (DraftHead, DrafterConfig, corpus_windows,
-                                distillation_batches, save_drafter, train_drafter)
+  from bt_jax.redrafter import distill_drafter, save_drafter
   # pylint: enable=import-outside-toplevel
   model, params, tokenizer = checkpointing.load_for_inference(workdir)
   if not isinstance(model, VanillaLM):
     raise ValueError(f"{workdir} holds a {model.config.kind} model; the draft head drafts for "
                      "a vanilla base model")
-  drafter = DraftHead(DrafterConfig.for_base(model.config, draft_len=cfg.draft_len))
-  rng = np.random.default_rng(cfg.seed)
-  prompts = corpus_windows(tokenizer, load_corpus(cfg.corpus, "train"), cfg.num_prompts,
-                           cfg.prompt_len, rng)
-  batches = distillation_batches(model, params, prompts, continuation_len=cfg.continuation_len,
-                                 batch_size=cfg.batch_size, seed=cfg.seed,
-                                 eos_id=tokenizer.eos_id)
-  drafter_params, history = train_drafter(model, params, drafter, batches, steps=cfg.steps,
-                                          learning_rate=cfg.learning_rate, seed=cfg.seed)
+  drafter, drafter_params, history = distill_drafter(
+      model, params, tokenizer, load_corpus(cfg.corpus, "train"), draft_len=cfg.draft_len,
+      num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len,
+      continuation_len=cfg.continuation_len, batch_size=cfg.batch_size, steps=cfg.steps,
+      learning_rate=cfg.learning_rate, seed=cfg.seed)
   out = cfg.out or os.path.join(workdir, "drafter")
   save_drafter(out, drafter, drafter_params, metadata={
       "base_workdir": os.path.abspath(workdir), **dataclasses.asdict(cfg), "out": out,

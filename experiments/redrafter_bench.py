@@ -35,8 +35,7 @@ import numpy as np
 from bt_jax.data import load_corpus
 from bt_jax.inference import generate_fn, prepare_prompts
 from bt_jax.models.vanilla import VanillaLM
-from bt_jax.redrafter import (DraftHead, DrafterConfig, corpus_windows, distillation_batches,
-                              drafter_generate_fn, train_drafter)
+from bt_jax.redrafter import corpus_windows, distill_drafter, drafter_generate_fn
 from experiments.timing import time_call
 
 
@@ -83,26 +82,23 @@ def main(argv=None) -> Dict[str, Any]:
 
   model, params, tokenizer, weights = _load(args.workdir)
   train_docs, valid_docs = load_corpus("stdlib", "train"), load_corpus("stdlib", "validation")
-  drafter = DraftHead(DrafterConfig.for_base(model.config, draft_len=args.draft_len))
   t0 = time.perf_counter()
-  prompts = corpus_windows(tokenizer, train_docs, args.distill_prompts, args.prompt_len, rng)
-  batches = distillation_batches(model, params, prompts, continuation_len=args.max_new_tokens,
-                                 batch_size=args.train_batch, seed=args.seed)
-  drafter_params, history = train_drafter(model, params, drafter, batches,
-                                          steps=args.train_steps,
-                                          learning_rate=args.learning_rate)
+  drafter, drafter_params, history = distill_drafter(
+      model, params, tokenizer, train_docs, draft_len=args.draft_len,
+      num_prompts=args.distill_prompts, prompt_len=args.prompt_len,
+      continuation_len=args.max_new_tokens, batch_size=args.train_batch,
+      steps=args.train_steps, learning_rate=args.learning_rate, seed=args.seed)
   train_seconds = time.perf_counter() - t0
   print(f"drafter: {args.train_steps} steps in {train_seconds:.0f} s, loss "
         f"{history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, top-1 accuracy per draft "
         f"step {[round(a, 3) for a in history[-1]['acc_i']]}")
 
   records = []
-  greedy_cache = {}
   for batch_size in batch_sizes:
     eval_prompts = corpus_windows(tokenizer, valid_docs, batch_size, args.prompt_len, rng)
     batch = prepare_prompts(eval_prompts, model.config, args.max_new_tokens)
     tokens, pad = jnp.asarray(batch.tokens), jnp.asarray(batch.pad)
-    greedy = greedy_cache.setdefault(batch_size, generate_fn(model, args.max_new_tokens))
+    greedy = generate_fn(model, args.max_new_tokens)   # cached: one compile per shape
     greedy_args = (params, tokens, pad, jax.random.key(0))
     spec = drafter_generate_fn(model, drafter, args.beam_width, args.max_new_tokens)
     spec_args = (params, drafter_params, tokens, pad, jnp.int32(-1), jax.random.key(0))

@@ -114,17 +114,23 @@ class VanillaDecoder(_GlobalCache):
     with self._global_scope():
       return self.model.apply({"params": params}, *args, method=VanillaLM.decode)
 
-  def prefill(self, params, tokens: jax.Array, pad: jax.Array, num_steps: int):
+  def prefill(self, params, tokens: jax.Array, pad: jax.Array, num_steps: int,
+              return_hidden: bool = False):
     """One pass over the prompt fills slots [0, prompt_len); the cache has
-    room for num_steps more. carry: next-token logits and the cache."""
+    room for num_steps more. carry: next-token logits and the cache (and with
+    return_hidden the last position's final-norm hidden state, what a
+    ReDrafter draft head reads)."""
     batch, prompt_len = tokens.shape
     cache_len = prompt_len + num_steps
     cache = self._init_global_cache(self.config.stack, batch, cache_len)
     slots = jnp.arange(prompt_len)
     positions = slots[None, :] - pad[:, None]
     mask = caches_lib.padded_mask(pad, slots, cache_len)
-    logits, cache = self._apply(params, tokens, positions, cache, 0, mask, True)
-    return {"logits": logits[:, -1], "cache": cache, "prompt_len": jnp.int32(prompt_len)}
+    out = self._apply(params, tokens, positions, cache, 0, mask, True, return_hidden)
+    carry = {"logits": out[0][:, -1], "cache": out[1], "prompt_len": jnp.int32(prompt_len)}
+    if return_hidden:
+      carry["hidden"] = out[2][:, -1]
+    return carry
 
   def step(self, params, carry, step, pad, sample: Sampler, keep_logits: bool,
            read_slots: int):

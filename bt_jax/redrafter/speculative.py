@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from bt_jax.config import VanillaConfig
-from bt_jax.inference import caches as caches_lib
+from bt_jax.inference.decoding import VanillaDecoder
 from bt_jax.inference.generation import prepare_prompts
 from bt_jax.inference.sampling import SamplingConfig, restrict_logits
 from bt_jax.models.vanilla import VanillaLM
@@ -157,22 +157,20 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
   def apply(*args, **kwargs):
     return model.apply({"params": params}, *args, method=VanillaLM.decode, **kwargs)
 
-  # Prefill: the prompt's K/V, g_0 and h from its last position.
-  cache = caches_lib.init_stack_cache(cfg.stack, batch, cache_len, cfg.compute_dtype)
-  slots = jnp.arange(prompt_len)
-  logits, cache, hidden = apply(tokens, slots[None, :] - pad[:, None], cache, 0,
-                                caches_lib.padded_mask(pad, slots, cache_len), True, True)
+  # Prefill (the plain decoder's): the prompt's K/V, g_0 and h from its last position.
+  prefill = VanillaDecoder(model).prefill(params, tokens, pad, cache_len - prompt_len,
+                                          return_hidden=True)
   if sampled:
     prefill_key, rng = jax.random.split(rng)
-    first = jax.random.categorical(prefill_key, restrict_logits(logits[:, -1], sampling),
+    first = jax.random.categorical(prefill_key, restrict_logits(prefill["logits"], sampling),
                                    axis=-1)
   else:
-    first = jnp.argmax(logits[:, -1], axis=-1)
+    first = jnp.argmax(prefill["logits"], axis=-1)
   state = {
-      "cache": cache,
+      "cache": prefill["cache"],
       "length": jnp.full((batch,), prompt_len, jnp.int32),     # committed cache slots
       "g0": first.astype(jnp.int32),
-      "hidden": hidden[:, -1],
+      "hidden": prefill["hidden"],
       "out": jnp.full((batch, out_len), cfg.pad_id, jnp.int32),
       "n_out": jnp.zeros((batch,), jnp.int32),
       "done": jnp.zeros((batch,), bool),

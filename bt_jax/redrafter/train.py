@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from bt_jax.inference import generate
 from bt_jax.models.vanilla import VanillaLM
-from bt_jax.redrafter.drafter import DraftHead, init_drafter, teacher_forcing_loss
+from bt_jax.redrafter.drafter import DrafterConfig, DraftHead, init_drafter, teacher_forcing_loss
 
 
 def make_optimizer(learning_rate: float, steps: int, weight_decay: float = 0.0,
@@ -31,7 +31,11 @@ def make_optimizer(learning_rate: float, steps: int, weight_decay: float = 0.0,
 
 
 @functools.lru_cache(maxsize=8)
-def _train_step(model: VanillaLM, drafter: DraftHead, optimizer: optax.GradientTransformation):
+def _train_step(model: VanillaLM, drafter: DraftHead, learning_rate: float, steps: int):
+  """(optimizer, jitted step): cached on hashable settings, so a second run
+  with the same model, drafter and schedule compiles nothing new."""
+  optimizer = make_optimizer(learning_rate, steps)
+
   def step(drafter_params, opt_state, params, tokens, mask):
     hidden = model.apply({"params": params}, tokens, method=VanillaLM.hidden_states)
     embed_table = params["token_embed"]["embedding"]
@@ -39,7 +43,7 @@ def _train_step(model: VanillaLM, drafter: DraftHead, optimizer: optax.GradientT
         drafter, drafter_params, hidden, embed_table, tokens, mask)
     updates, opt_state = optimizer.update(grads, opt_state, drafter_params)
     return optax.apply_updates(drafter_params, updates), opt_state, loss, aux
-  return jax.jit(step, donate_argnums=(0, 1))
+  return optimizer, jax.jit(step, donate_argnums=(0, 1))
 
 
 def train_drafter(model: VanillaLM, params, drafter: DraftHead,
@@ -56,10 +60,9 @@ def train_drafter(model: VanillaLM, params, drafter: DraftHead,
     raise ValueError(f"steps must be positive; got {steps}")
   if drafter_params is None:
     drafter_params = init_drafter(drafter, jax.random.key(seed))
-  optimizer = make_optimizer(learning_rate, steps)
+  optimizer, step_fn = _train_step(model, drafter, float(learning_rate), int(steps))
   opt_state = optimizer.init(drafter_params)
-  step_fn = _train_step(model, drafter, optimizer)
-  history = []
+  metrics = []   # device arrays: read once at the end, so no step waits on the host
   iterator = iter(batches)
   for i in tqdm(range(steps), desc="drafter", disable=not progress, unit="step"):
     try:
@@ -68,10 +71,31 @@ def train_drafter(model: VanillaLM, params, drafter: DraftHead,
       raise ValueError(f"the batches ran out after {i} of {steps} steps") from None
     drafter_params, opt_state, loss, aux = step_fn(drafter_params, opt_state, params,
                                                    jnp.asarray(tokens), jnp.asarray(mask))
-    history.append({"step": i + 1, "loss": float(loss),
-                    "loss_i": np.asarray(aux["loss_i"]).tolist(),
-                    "acc_i": np.asarray(aux["acc_i"]).tolist()})
+    metrics.append((loss, aux["loss_i"], aux["acc_i"]))
+  history = [{"step": i + 1, "loss": float(loss), "loss_i": loss_i.tolist(),
+              "acc_i": acc_i.tolist()}
+             for i, (loss, loss_i, acc_i) in enumerate(jax.device_get(metrics))]
   return drafter_params, history
+
+
+def distill_drafter(model: VanillaLM, params, tokenizer, documents: Sequence[str], *,
+                    draft_len: int, num_prompts: int, prompt_len: int, continuation_len: int,
+                    batch_size: int, steps: int, learning_rate: float, seed: int = 0,
+                    progress: bool = True) -> tuple[DraftHead, Any, list[dict]]:
+  """The distillation recipe end to end: `num_prompts` windows of `prompt_len`
+  tokens from `documents`, the base model's greedy continuations of
+  `continuation_len` tokens (stopping at the tokenizer's EOS), then
+  `train_drafter`. Returns (drafter, drafter_params, history)."""
+  drafter = DraftHead(DrafterConfig.for_base(model.config, draft_len=draft_len))
+  rng = np.random.default_rng(seed)
+  prompts = corpus_windows(tokenizer, documents, num_prompts, prompt_len, rng)
+  batches = distillation_batches(model, params, prompts, continuation_len=continuation_len,
+                                 batch_size=batch_size, seed=seed,
+                                 eos_id=getattr(tokenizer, "eos_id", None))
+  drafter_params, history = train_drafter(model, params, drafter, batches, steps=steps,
+                                          learning_rate=learning_rate, seed=seed,
+                                          progress=progress)
+  return drafter, drafter_params, history
 
 
 def corpus_windows(tokenizer, documents: Sequence[str], count: int, length: int,
