@@ -173,6 +173,16 @@ def loss_by_position(model: nn.Module, params: Any, tokenizer: TokenizerLike,
     batch_size = sharding.rows(batch_size)
   loss_sum = np.zeros(context_len, np.float64)
   count = np.zeros(context_len, np.int64)
+  pending = None   # the previous batch's results, read after the next is dispatched
+
+  def collect(nll, valid, real_rows):
+    nonlocal loss_sum, count
+    nll = np.asarray(nll, np.float64)
+    valid = np.array(valid)
+    valid[real_rows:] = False  # dummy rows
+    loss_sum += np.where(valid, nll, 0.0).sum(axis=0)
+    count += valid.sum(axis=0)
+
   starts = range(0, len(windows), batch_size)
   for start in tqdm(starts, desc="perplexity", disable=not progress, unit="batch"):
     chunk = windows[start:start + batch_size]
@@ -185,12 +195,11 @@ def loss_by_position(model: nn.Module, params: Any, tokenizer: TokenizerLike,
     if tokens.max() >= vocab_size:
       raise ValueError(f"token id {tokens.max()} is outside the model vocabulary (valid "
                        f"0..{vocab_size - 1}); does the tokenizer match the model?")
-    nll, valid = nll_fn(params, tokens, mask)
-    nll = np.asarray(nll, np.float64)
-    valid = np.array(valid)
-    valid[len(chunk):] = False  # dummy rows
-    loss_sum += np.where(valid, nll, 0.0).sum(axis=0)
-    count += valid.sum(axis=0)
+    result = (*nll_fn(params, tokens, mask), len(chunk))
+    if pending is not None:
+      collect(*pending)   # the host builds the next batch while the device computes
+    pending = result
+  collect(*pending)
   return PositionLoss(context_len=context_len, loss_sum=loss_sum, count=count,
                       num_windows=len(windows), num_docs=len(texts))
 

@@ -202,6 +202,14 @@ class LoglikelihoodScorer:
 
     loglikelihoods = np.zeros(len(requests), np.float64)
     greedy = np.zeros(len(requests), bool)
+    pending = None   # the previous batch's results, read after the next is dispatched
+
+    def collect(indices, sums, hits):
+      sums, hits = np.asarray(sums), np.asarray(hits)
+      for row, index in enumerate(indices):
+        loglikelihoods[index] = sums[row]
+        greedy[index] = hits[row]
+
     for bucket, rows, indices in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
       tokens = np.zeros((rows, bucket), np.int32)
       mask = np.zeros((rows, bucket), np.int32)
@@ -212,9 +220,10 @@ class LoglikelihoodScorer:
         tokens[row, :len(window)] = window
         mask[row, :len(window)] = 1
         target[row, start:len(window)] = True
-      sums, hits = self._score(self.params, tokens, mask, target)
-      sums, hits = np.asarray(sums), np.asarray(hits)
-      for row, index in enumerate(indices):
-        loglikelihoods[index] = sums[row]
-        greedy[index] = hits[row]
+      result = (indices, *self._score(self.params, tokens, mask, target))
+      if pending is not None:
+        collect(*pending)   # the host builds the next batch while the device computes
+      pending = result
+    if pending is not None:
+      collect(*pending)
     return loglikelihoods, greedy
