@@ -37,8 +37,6 @@ import functools
 import json
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -57,13 +55,14 @@ from bt_jax import config as config_lib
 from bt_jax import data as data_lib
 from bt_jax import gin_utils
 from bt_jax import logging_utils
+from bt_jax import run_utils
 from bt_jax.mesh import batch_axes, data_parallel_size, make_mesh, with_logical_rules
 from bt_jax.models import build_model, sequence_loss
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = run_utils.METRICS_FILE
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.gin"
-TB_DIR = "tb"
+TB_DIR = run_utils.TB_DIR
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (device_kind prefixes).
 PEAK_FLOPS = (
@@ -434,97 +433,10 @@ def _replicated_to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, j
 # Logging
 
 
-class _MetricWriter:
-  """metrics.jsonl + TensorBoard (tensorboardX), written by process 0 only."""
-
-  def __init__(self, workdir: str, resume_step: int, enabled: bool):
-    self.enabled = enabled
-    self.path = os.path.join(workdir, METRICS_FILE)
-    self._tb = None
-    if not enabled:
-      return
-    # Drop records past the restored step: they belong to the interrupted attempt.
-    kept = []
-    if os.path.exists(self.path):
-      with open(self.path, encoding="utf-8") as f:
-        for line in f:
-          try:
-            if json.loads(line)["step"] <= resume_step:
-              kept.append(line if line.endswith("\n") else line + "\n")
-          except (ValueError, KeyError, TypeError):
-            continue
-    with open(self.path, "w", encoding="utf-8") as f:
-      f.writelines(kept)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
-
-  def write(self, record: dict[str, Any]) -> None:
-    if not self.enabled:
-      return
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
-    step = record["step"]
-    for key, value in record.items():
-      if key == "step":
-        continue
-      if isinstance(value, list):
-        for i, v in enumerate(value):
-          self._tb.add_scalar(f"{key}/{i}", v, step)
-      else:
-        self._tb.add_scalar(key, value, step)
-    self._tb.flush()
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-
-
 def _by_position(nll, tokens) -> Optional[list[float]]:
   if nll is None:
     return None
   return [float(n / max(t, 1.0)) for n, t in zip(nll, tokens)]
-
-
-class _StopRequest:
-  """SIGTERM (preemption) asks the loop to checkpoint and exit after the current step."""
-
-  def __init__(self):
-    self.requested = threading.Event()
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested.set()
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def should_stop(self, step: int, sync_point: bool) -> bool:
-    """Whether to checkpoint and exit after `step`: the same answer on every host.
-
-    With several hosts, a local SIGTERM is shared only at `sync_point` steps
-    (those the loop already waits for: logged, evaluated or checkpointed), so
-    the other steps keep dispatching asynchronously.
-    """
-    if jax.process_count() == 1:
-      return self.requested.is_set()
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    try:  # the preemption notice of TPU / cloud schedulers, when the service runs
-      if multihost_utils.reached_preemption_sync_point(step):
-        return True
-    except Exception:  # pylint: disable=broad-except  (no preemption service)
-      pass
-    if not sync_point:
-      return False
-    # A SIGTERM that reached any one host stops them all, at the same step.
-    local = np.int32(self.requested.is_set())
-    return bool(np.any(multihost_utils.process_allgather(local)))
 
 
 # ---------------------------------------------------------------------------
@@ -653,7 +565,7 @@ class _Loop:
   before anything is logged or checkpointed.
   """
 
-  def __init__(self, run: _Run, checkpointer: checkpointing.Checkpointer, writer: _MetricWriter,
+  def __init__(self, run: _Run, checkpointer: checkpointing.Checkpointer, writer: run_utils.MetricWriter,
                state, start_step: int, last_good_step: Optional[int]):
     self.run = run
     self.cfg = run.cfg
@@ -723,7 +635,7 @@ class _Loop:
   def __call__(self, progress=None) -> Optional[int]:
     """Trains to cfg.steps; returns the step it stopped at early, or None."""
     cfg, fns = self.cfg, self.run.fns
-    with _StopRequest() as stop_request:
+    with run_utils.StopRequest() as stop_request:
       for step in range(self.start_step + 1, cfg.steps + 1):
         self.state, metrics = fns.train_step(self.state, self._next_batch(), self.run.hyperparams)
         self.pending.append((step, metrics))
@@ -793,7 +705,7 @@ def train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg: 
   logging.info("%s model, %s parameters; mesh %s; %d steps of %d x %d tokens", run.model_config.kind,
                f"{run.num_params:,}", dict(run.mesh.shape), cfg.steps, cfg.batch_size, run.seq_len)
 
-  writer = _MetricWriter(run.workdir, start_step, is_main)
+  writer = run_utils.MetricWriter(run.workdir, start_step, is_main)
   progress = None
   if is_main and cfg.progress_bar:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top

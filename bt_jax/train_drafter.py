@@ -9,9 +9,20 @@ model continue each greedily for `continuation_len` tokens, and trains the
 draft head on those texts by teacher forcing (the paper's distillation
 recipe; AdamW, warmup + cosine). Every setting is a field of
 `drafter_train` (DrafterTrainConfig below; gin_configs/runs/drafter.gin holds
-the recipe). Writes `out` (default WORKDIR/drafter): drafter.json, params/,
-config.gin (the operative config) and metrics.jsonl (loss and top-1 accuracy
-per draft step, every step). Use it with
+the recipe). Writes `out` (default WORKDIR/drafter):
+
+    drafter_train.json   the recipe, checked when a rerun resumes
+    config.gin           the operative gin config
+    distill_data.npz     the distillation texts (made once; a resumed run reuses them)
+    checkpoints/<step>/  orbax: drafter params, optimizer state, step (the newest
+                         `keep_checkpoints`, every `checkpoint_every` steps)
+    metrics.jsonl, tb/   loss and top-1 accuracy per draft step, every step
+    drafter.json, params/   the trained drafter, written at the end (drafter.json
+                         last, atomically: a folder with it is complete)
+
+Rerunning the same command resumes from the newest checkpoint and continues
+exactly as an uninterrupted run; SIGTERM checkpoints after the current step
+and exits 0 (the summary then has "stopped_at"). Use the drafter with
 `python -m bt_jax.generate --workdir WORKDIR --drafter DIR --temperature 0`.
 """
 
@@ -43,14 +54,25 @@ class DrafterTrainConfig:
   learning_rate: float = 3e-3      # peak; AdamW, 10% warmup, cosine
   seed: int = 0                    # windows, batches and init
   out: Optional[str] = None        # default WORKDIR/drafter
+  checkpoint_every: int = 100      # steps between checkpoints (OUT/checkpoints)
+  keep_checkpoints: int = 2        # the newest ones kept
+  stop_at_step: Optional[int] = None   # checkpoint and stop there (then rerun to resume)
 
   def __post_init__(self):
     for name in ("steps", "draft_len", "num_prompts", "prompt_len", "continuation_len",
-                 "batch_size"):
+                 "batch_size", "checkpoint_every", "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"drafter_train.{name} must be positive; got {getattr(self, name)}")
     if not self.learning_rate > 0:
       raise ValueError(f"drafter_train.learning_rate must be positive; got {self.learning_rate}")
+    if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.steps:
+      raise ValueError(f"drafter_train.stop_at_step must be in [1, steps={self.steps}]; got "
+                       f"{self.stop_at_step}")
+
+  def recipe(self) -> dict:
+    """The fields a resumed run must share with the one it resumes."""
+    skip = ("out", "checkpoint_every", "keep_checkpoints", "stop_at_step")
+    return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
 # Gin at the edge (as bt_jax.train registers `train`): `drafter_train.*` bindings.
@@ -68,33 +90,97 @@ def config_from_gin(gin_files, gin_params):
   return config, gin.operative_config_str()
 
 
-def train(workdir: str, cfg: DrafterTrainConfig, operative_config: str = "") -> dict:
-  """Trains and saves the draft head; returns the summary printed by the binary."""
+RECIPE_FILE = "drafter_train.json"
+
+
+def _check_resumable(out: str, cfg: DrafterTrainConfig, base_workdir: str) -> None:
+  """A rerun into an OUT that already has a run's checkpoints resumes it: the
+  recipe (and the base model) must be the same; else an error naming what
+  differs. Records the recipe for a fresh run."""
   # pylint: disable=import-outside-toplevel
   from bt_jax import checkpointing
+  from bt_jax.redrafter.train import DISTILL_DATA_FILE
+  # pylint: enable=import-outside-toplevel
+  path = os.path.join(out, RECIPE_FILE)
+  data = os.path.join(out, DISTILL_DATA_FILE)
+  want = {**cfg.recipe(), "base_workdir": os.path.abspath(base_workdir)}
+  started = os.path.isdir(checkpointing.checkpoint_dir(out)) or os.path.isfile(data)
+  if os.path.isfile(path) and started:
+    with open(path, encoding="utf-8") as f:
+      have = json.load(f)
+    differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if differ:
+      raise ValueError(
+          f"{out} holds a drafter run with another recipe, which this run would resume: "
+          + ", ".join(f"{k} {have.get(k)!r} there, {want.get(k)!r} now" for k in differ)
+          + "; pass another drafter_train.out or delete the directory")
+  elif os.path.isdir(checkpointing.checkpoint_dir(out)):
+    raise ValueError(f"{out} holds drafter checkpoints but no {RECIPE_FILE} to check them "
+                     "against; pass another drafter_train.out or delete the directory")
+  else:
+    os.makedirs(out, exist_ok=True)
+    if os.path.isfile(data):   # texts of an unknown recipe: made again
+      os.remove(data)
+    checkpointing.write_text_atomic(path, json.dumps(want, indent=2, sort_keys=True))
+
+
+def train(workdir: str, cfg: DrafterTrainConfig, operative_config: str = "") -> dict:
+  """Trains (or resumes) and saves the draft head; returns the summary the
+  binary prints (with "stopped_at" when SIGTERM or stop_at_step stopped it
+  after a checkpoint; rerun the same command to resume)."""
+  # pylint: disable=import-outside-toplevel
+  from bt_jax import checkpointing, run_utils
   from bt_jax.data import load_corpus
   from bt_jax.models.vanilla import VanillaLM
   from bt_jax.redrafter import distill_drafter, save_drafter
   # pylint: enable=import-outside-toplevel
-  model, params, tokenizer = checkpointing.load_for_inference(workdir)
-  if not isinstance(model, VanillaLM):
-    raise ValueError(f"{workdir} holds a {model.config.kind} model; the draft head drafts for "
-                     "a vanilla base model")
-  drafter, drafter_params, history = distill_drafter(
-      model, params, tokenizer, load_corpus(cfg.corpus, "train"), draft_len=cfg.draft_len,
-      num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len,
-      continuation_len=cfg.continuation_len, batch_size=cfg.batch_size, steps=cfg.steps,
-      learning_rate=cfg.learning_rate, seed=cfg.seed)
-  out = cfg.out or os.path.join(workdir, "drafter")
-  save_drafter(out, drafter, drafter_params, metadata={
+  out = os.path.abspath(cfg.out or os.path.join(workdir, "drafter"))
+  with run_utils.StopRequest() as stop_request:   # from the start: SIGTERM while distilling too
+    model, params, tokenizer = checkpointing.load_for_inference(workdir)
+    if not isinstance(model, VanillaLM):
+      raise ValueError(f"{workdir} holds a {model.config.kind} model; the draft head drafts for "
+                       "a vanilla base model")
+    _check_resumable(out, cfg, workdir)
+    if operative_config:
+      checkpointing.write_text_atomic(os.path.join(out, "config.gin"), operative_config)
+    writer = run_utils.MetricWriter(out, _latest_step(out), enabled=True)
+    try:
+      drafter, result = distill_drafter(
+          model, params, tokenizer, load_corpus(cfg.corpus, "train"), draft_len=cfg.draft_len,
+          num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len,
+          continuation_len=cfg.continuation_len, batch_size=cfg.batch_size, steps=cfg.steps,
+          learning_rate=cfg.learning_rate, seed=cfg.seed, run_dir=out,
+          checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+          stop_at_step=cfg.stop_at_step, stop_request=stop_request, metrics_writer=writer)
+    finally:
+      writer.close()
+  last = _last_record(out)
+  summary = {"out": out, "resumed_from": result.start_step, "step": last["step"],
+             "final_loss": last["loss"], "final_acc_i": last["acc_i"]}
+  if result.stopped_at is not None:
+    return {**summary, "stopped_at": result.stopped_at}
+  save_drafter(out, drafter, result.params, metadata={
       "base_workdir": os.path.abspath(workdir), **dataclasses.asdict(cfg), "out": out,
-      "final_loss": history[-1]["loss"], "final_acc_i": history[-1]["acc_i"]})
-  checkpointing.write_text_atomic(os.path.join(out, "metrics.jsonl"),
-                                  "".join(json.dumps(r) + "\n" for r in history))
-  if operative_config:
-    checkpointing.write_text_atomic(os.path.join(out, "config.gin"), operative_config)
-  return {"out": out, "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
-          "final_acc_i": history[-1]["acc_i"]}
+      "final_loss": last["loss"], "final_acc_i": last["acc_i"]})
+  return summary
+
+
+def _latest_step(out: str) -> int:
+  """The newest checkpointed step in OUT (0 for none)."""
+  from bt_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(checkpointing.checkpoint_dir(out)):
+    return 0
+  checkpointer = checkpointing.Checkpointer(out, read_only=True, async_save=False)
+  try:
+    return checkpointer.latest_step() or 0
+  finally:
+    checkpointer.close()
+
+
+def _last_record(out: str) -> dict:
+  from bt_jax import run_utils  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(out, run_utils.METRICS_FILE), encoding="utf-8") as f:
+    return json.loads(f.read().splitlines()[-1])
 
 
 def define_flags() -> None:

@@ -83,11 +83,12 @@ def main(argv=None) -> Dict[str, Any]:
   model, params, tokenizer, weights = _load(args.workdir)
   train_docs, valid_docs = load_corpus("stdlib", "train"), load_corpus("stdlib", "validation")
   t0 = time.perf_counter()
-  drafter, drafter_params, history = distill_drafter(
+  drafter, result = distill_drafter(
       model, params, tokenizer, train_docs, draft_len=args.draft_len,
       num_prompts=args.distill_prompts, prompt_len=args.prompt_len,
       continuation_len=args.max_new_tokens, batch_size=args.train_batch,
       steps=args.train_steps, learning_rate=args.learning_rate, seed=args.seed)
+  drafter_params, history = result.params, result.history
   train_seconds = time.perf_counter() - t0
   print(f"drafter: {args.train_steps} steps in {train_seconds:.0f} s, loss "
         f"{history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, top-1 accuracy per draft "

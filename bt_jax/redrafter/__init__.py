@@ -13,13 +13,16 @@ from bt_jax.redrafter.speculative import (SpeculativeOutput, drafter_draft_fn,
                                           drafter_generate_fn, sampled_draft_fn,
                                           speculative_generate, speculative_generate_fn)
 from bt_jax.redrafter.checkpoint import load_drafter, save_drafter
-from bt_jax.redrafter.train import (corpus_windows, distill_drafter, distillation_batches,
-                                    train_drafter)
+from bt_jax.redrafter.train import (DistillationData, DrafterTrainResult, corpus_windows,
+                                    distill_drafter, distillation_batches,
+                                    run_drafter_training, train_drafter)
 from bt_jax.redrafter.tree import PackedTree, batched_pack_beams, beam_search, pack_beams
 
 __all__ = [
-    "DraftHead", "DrafterConfig", "PackedTree", "SpeculativeOutput", "batched_pack_beams",
-    "beam_search", "corpus_windows", "distill_drafter", "distillation_batches", "drafter_draft_fn", "drafter_generate_fn",
-    "init_drafter", "load_drafter", "pack_beams", "sampled_draft_fn", "save_drafter", "speculative_generate", "speculative_generate_fn",
-    "teacher_forcing_loss", "train_drafter",
+    "DistillationData", "DraftHead", "DrafterConfig", "DrafterTrainResult", "PackedTree",
+    "SpeculativeOutput", "batched_pack_beams", "beam_search", "corpus_windows",
+    "distill_drafter", "distillation_batches", "drafter_draft_fn", "drafter_generate_fn",
+    "init_drafter", "load_drafter", "pack_beams", "run_drafter_training", "sampled_draft_fn",
+    "save_drafter", "speculative_generate", "speculative_generate_fn", "teacher_forcing_loss",
+    "train_drafter",
 ]

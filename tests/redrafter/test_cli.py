@@ -89,3 +89,85 @@ def test_train_drafter_then_generate_with_it(vanilla_workdir, tmp_path):
   missing = _run("bt_jax.generate", f"--workdir={vanilla_workdir}", f"--prompt={prompt}",
                  "--temperature=0", f"--drafter={tmp_path / 'nowhere'}")
   assert missing.returncode == 1 and "holds no trained drafter" in missing.stderr
+
+
+def _drafter_config(out, **overrides):
+  from bt_jax.train_drafter import DrafterTrainConfig  # pylint: disable=import-outside-toplevel
+  settings = dict(out=str(out), steps=6, num_prompts=8, prompt_len=16, continuation_len=16,
+                  batch_size=4, draft_len=3, checkpoint_every=2, learning_rate=3e-3)
+  return DrafterTrainConfig(**{**settings, **overrides})
+
+
+def _records(out):
+  return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_drafter_training_resumes_exactly(vanilla_workdir, tmp_path, monkeypatch):
+  from bt_jax import train_drafter  # pylint: disable=import-outside-toplevel
+  from bt_jax.redrafter.train import DistillationData  # pylint: disable=import-outside-toplevel
+  whole = train_drafter.train(str(vanilla_workdir), _drafter_config(tmp_path / "whole"))
+  assert whole["step"] == 6 and whole["resumed_from"] == 0 and "stopped_at" not in whole
+  _, want_params, _ = load_drafter(str(tmp_path / "whole"))
+  want = _records(tmp_path / "whole")
+  assert [r["step"] for r in want] == list(range(1, 7))
+
+  out = tmp_path / "resumed"
+  stopped = train_drafter.train(str(vanilla_workdir), _drafter_config(out, stop_at_step=3))
+  assert stopped["stopped_at"] == 3 and stopped["step"] == 3
+  assert not (out / "drafter.json").exists()          # not a finished drafter
+  assert checkpointing.Checkpointer(out, read_only=True).all_steps() == [2, 3]
+  assert [r["step"] for r in _records(out)] == [1, 2, 3]
+  with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:   # an uncheckpointed step
+    f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
+
+  def no_generation(*args, **kwargs):
+    raise AssertionError("a resumed run must reuse distill_data.npz")
+  monkeypatch.setattr(DistillationData, "generate", classmethod(no_generation))
+  resumed = train_drafter.train(str(vanilla_workdir), _drafter_config(out))
+  assert resumed["resumed_from"] == 3 and resumed["step"] == 6 and "stopped_at" not in resumed
+  _, got_params, meta = load_drafter(str(out))
+  for got_leaf, want_leaf in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
+    np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf))
+  assert _records(out) == want                        # losses and accuracies, step by step
+  assert meta["final_loss"] == want[-1]["loss"] == resumed["final_loss"]
+  assert checkpointing.Checkpointer(out, read_only=True).all_steps() == [4, 6]   # keep 2
+
+  with pytest.raises(ValueError, match=r"another recipe.*learning_rate 0.003 there, 0.01 now"):
+    train_drafter.train(str(vanilla_workdir), _drafter_config(out, learning_rate=1e-2))
+  with pytest.raises(ValueError, match=r"drafter_train.stop_at_step must be in \[1, steps=6\]"):
+    _drafter_config(out, stop_at_step=7)
+
+
+def test_train_drafter_sigterm_checkpoints_and_exits_cleanly(vanilla_workdir, tmp_path):
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "drafter"
+  bindings = [f"drafter_train.out = '{out}'", "drafter_train.steps = 1000000",
+              "drafter_train.checkpoint_every = 1000000", "drafter_train.num_prompts = 8",
+              "drafter_train.prompt_len = 16", "drafter_train.continuation_len = 16",
+              "drafter_train.batch_size = 4", "drafter_train.draft_len = 2"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  proc = subprocess.Popen([sys.executable, "-m", "bt_jax.train_drafter",
+                           f"--workdir={vanilla_workdir}",
+                           *[f"--gin_param={b}" for b in bindings]],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not (
+        out / "distill_data.npz").exists():
+      time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(3)      # into the training loop (a SIGTERM before it stops after step 1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "stopping at step" in stderr and "SIGTERM" in stderr
+  stopped_at = json.loads(stdout.strip().splitlines()[-1])["stopped_at"]
+  assert stopped_at >= 1
+  assert checkpointing.Checkpointer(out, read_only=True).all_steps() == [stopped_at]
+  assert [r["step"] for r in _records(out)] == list(range(1, stopped_at + 1))
+  assert not (out / "drafter.json").exists()
