@@ -42,8 +42,8 @@ def define_flags() -> None:
                       "A ReDrafter draft head (python -m bt_jax.train_drafter) for a vanilla "
                       "run: speculative decoding, printed at the end with the base-model steps "
                       "taken. --temperature 0: beam search and greedy verification (the same "
-                      "text as greedy decoding); otherwise speculative sampling of one sampled "
-                      "draft (distributed as plain sampling).")
+                      "text as greedy decoding); otherwise --beam_width drafts sampled from the "
+                      "drafter and recursive rejection sampling (distributed as plain sampling).")
   flags.DEFINE_integer("beam_width", None, "Beams the draft head proposes per step "
                        "(--drafter; default 4 at temperature 0, 1 when sampling).")
 

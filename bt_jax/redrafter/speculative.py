@@ -18,10 +18,14 @@ slot per row).
 The output equals plain greedy decoding (`bt_jax.inference.generate` at
 temperature 0) up to argmax ties; tests check it token for token.
 
-With a sampling config that is not greedy, each step instead drafts one
-sequence sampled from the drafter (`sampled_draft_fn`) and accepts it by
-speculative sampling (`_accept_sampled`), so that every token is distributed
-as plain sampling from the base model under that config.
+With a sampling config that is not greedy, each step instead drafts M
+sequences sampled independently from the drafter (`sampled_draft_fn`), packs
+them the same way and accepts by recursive rejection sampling over the
+candidates (`_accept_sampled`, exact for i.i.d. candidates): at each depth
+the drafts that still follow the accepted path are tried in turn, each
+against the residual the previous rejections left, so that every token is
+distributed as plain sampling from the base model under that config. With
+M = 1 this is the usual speculative sampling of one draft.
 """
 
 from __future__ import annotations
@@ -78,56 +82,106 @@ def drafter_draft_fn(drafter: DraftHead, drafter_params, embed_table: jax.Array,
 
 
 def sampled_draft_fn(drafter: DraftHead, drafter_params, embed_table: jax.Array,
-                     sampling: SamplingConfig):
-  """A draft sampled from the draft head, token by token, from its logits
-  restricted like the target's (temperature, top-k, top-p): f(hidden, g0,
-  n_out, step, key) -> (beams [B, 1, C+1], q log-probs [B, C, V] of the
-  distributions each draft token was drawn from)."""
+                     sampling: SamplingConfig, beam_width: int = 1):
+  """M = beam_width drafts sampled independently from the draft head, token
+  by token, from its logits restricted like the target's (temperature,
+  top-k, top-p): f(hidden, g0, n_out, step, key) -> (beams [B, M, C+1] with
+  g0 first, q log-probs [B, M, C, V] of the distributions each draft token
+  was drawn from). Each beam and depth draws with its own key; drafts that
+  share a prefix share the drafter state, so q(.|prefix) is the same for
+  them."""
   def draft(hidden, g0, n_out, step, key):
     del n_out, step
     apply = functools.partial(drafter.apply, {"params": drafter_params})
-    state = jnp.zeros(hidden.shape[:-1] + (drafter.config.hidden_dim,), hidden.dtype)
-    previous, tokens, q_logprobs = g0, [g0], []
+    batch = g0.shape[0]
+    state = jnp.zeros((batch, beam_width, drafter.config.hidden_dim), hidden.dtype)
+    h = jnp.broadcast_to(hidden[:, None], (batch, beam_width, hidden.shape[-1]))
+    previous = jnp.broadcast_to(g0[:, None], (batch, beam_width)).astype(jnp.int32)
+    tokens, q_logprobs = [previous], []
     for t in range(drafter.config.draft_len):
       state = apply(state, jnp.take(embed_table, previous, axis=0), method=drafter.step)
-      log_q = jax.nn.log_softmax(restrict_logits(apply(hidden, state, method=drafter.logits),
-                                                 sampling), axis=-1)
-      previous = jax.random.categorical(jax.random.fold_in(key, t), log_q, axis=-1)
-      previous = previous.astype(jnp.int32)
+      log_q = jax.nn.log_softmax(restrict_logits(apply(h, state, method=drafter.logits),
+                                                 sampling), axis=-1)     # [B, M, V]
+      keys = jax.random.split(jax.random.fold_in(key, t), beam_width)
+      previous = jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1),
+                          in_axes=(0, 1), out_axes=1)(keys, log_q).astype(jnp.int32)
       tokens.append(previous)
       q_logprobs.append(log_q)
-    return jnp.stack(tokens, axis=1)[:, None], jnp.stack(q_logprobs, axis=1)
+    return jnp.stack(tokens, axis=2), jnp.stack(q_logprobs, axis=2)
   return draft
 
 
-def _accept_sampled(logits, unpacker, draft, q_logprobs, sampling, key):
-  """Speculative sampling of one draft (exact for the target distribution).
+def _residual(p: jax.Array, q: jax.Array) -> jax.Array:
+  """normalise(max(p - q, 0)), the target after a rejected candidate; p
+  itself where that has no mass (p == q: then no rejection was for cause)."""
+  residual = jnp.maximum(p - q, 0.0)
+  mass = jnp.sum(residual, axis=-1, keepdims=True)
+  return jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p)
 
-  logits [B, P, V] of the packed tokens, unpacker [B, D] (the draft's packed
-  slots), draft [B, D] (g0 first), q_logprobs [B, C, V]. Draft token i is
-  accepted with probability min(1, p(x)/q(x)) (both normalised); at the
-  first rejection the next token is drawn from normalise(max(p - q, 0)), and
-  if all are accepted from p after the last. Returns (best = 0 [B],
-  accepted [B], next token [B])."""
-  batch, depth_len = draft.shape
+
+def _accept_sampled_row(logits, unpacker, beams, q_logprobs, sampling, key):
+  """One row of `_accept_sampled`: logits [P, V], unpacker [M, D], beams
+  [M, D], q_logprobs [M, C, V]."""
+  num_beams, depth_len = beams.shape
   draft_len = depth_len - 1
-  target = jax.vmap(lambda l, u: l[u])(logits, unpacker)                  # [B, D, V]
-  p_log = jax.nn.log_softmax(restrict_logits(target, sampling), axis=-1)
-  drafted = draft[:, 1:]                                                  # [B, C]
-  p_x = jnp.take_along_axis(p_log[:, :draft_len], drafted[:, :, None], axis=-1)[..., 0]
-  q_x = jnp.take_along_axis(q_logprobs, drafted[:, :, None], axis=-1)[..., 0]
-  u = jax.random.uniform(jax.random.fold_in(key, 0), (batch, draft_len))
-  accept = jnp.log(u) < p_x - q_x
-  num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=-1), axis=-1)
-  rows = jnp.arange(batch)
-  p_next = jnp.exp(p_log[rows, num_accepted])                             # [B, V]
-  q_next = jnp.exp(jnp.concatenate([q_logprobs, jnp.full_like(q_logprobs[:, :1], -jnp.inf)],
-                                   axis=1)[rows, num_accepted])           # 0 after the last
-  residual = jnp.maximum(p_next - q_next, 0.0)
-  # p == q leaves no residual mass (then nothing was rejected for cause): use p.
-  residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_next)
-  next_token = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(residual), axis=-1)
-  return jnp.zeros((batch,), jnp.int32), num_accepted, next_token.astype(jnp.int32)
+  p_packed = jax.nn.softmax(restrict_logits(logits, sampling), axis=-1)     # [P, V] f32
+  q_probs = jnp.exp(q_logprobs.astype(jnp.float32))                         # [M, C, V]
+  uniforms = jax.random.uniform(jax.random.fold_in(key, 0), (draft_len, num_beams))
+
+  def depth_step(d, carry):
+    alive, num_accepted, stopped, final_p = carry
+    first = jnp.argmax(alive)                    # alive beams share the node and q
+    p = p_packed[unpacker[first, d]]
+    q = q_probs[first, d]
+    candidates = beams[:, d + 1]
+
+    def try_beam(inner, m):
+      p_now, taken, token = inner
+      x = candidates[m]
+      tried = alive[m] & ~taken
+      accept = tried & (uniforms[d, m] * q[x] < p_now[x])   # u < p(x) / q(x)
+      p_now = jnp.where(tried & ~accept, _residual(p_now, q), p_now)
+      return (p_now, taken | accept, jnp.where(accept, x, token)), None
+
+    (p_now, taken, token), _ = jax.lax.scan(
+        try_beam, (p, jnp.bool_(False), jnp.int32(0)), jnp.arange(num_beams))
+    advance = ~stopped & taken
+    reject_all = ~stopped & ~taken
+    return (jnp.where(advance, alive & (candidates == token), alive),
+            num_accepted + advance.astype(jnp.int32),
+            stopped | reject_all,
+            jnp.where(reject_all, p_now, final_p))
+
+  alive = jnp.ones((num_beams,), bool)
+  alive, num_accepted, stopped, final_p = jax.lax.fori_loop(
+      0, draft_len, depth_step,
+      (alive, jnp.int32(0), jnp.bool_(False), jnp.zeros_like(p_packed[0])))
+  best = jnp.argmax(alive).astype(jnp.int32)     # holds the whole accepted path
+  # All drafts accepted: the bonus token from p after the last.
+  final_p = jnp.where(stopped, final_p, p_packed[unpacker[best, draft_len]])
+  log_final = jnp.where(final_p > 0, jnp.log(jnp.where(final_p > 0, final_p, 1.0)), -jnp.inf)
+  next_token = jax.random.categorical(jax.random.fold_in(key, 1), log_final)
+  return best, num_accepted, next_token.astype(jnp.int32)
+
+
+def _accept_sampled(logits, unpacker, beams, q_logprobs, sampling, key):
+  """Recursive rejection sampling over M i.i.d. sampled drafts (exact for
+  the target distribution; with M = 1 plain speculative sampling).
+
+  logits [B, P, V] of the packed tokens, unpacker [B, M, D], beams [B, M, D]
+  (g0 first), q_logprobs [B, M, C, V]. At depth d the alive drafts are those
+  whose tokens 1..d are the accepted path (at first all); p is the target's
+  restricted, normalised distribution at that node, q the drafter's there.
+  The alive drafts are tried in order: draft m's token x at depth d+1 is
+  accepted with probability min(1, p(x)/q(x)); on rejection p becomes
+  normalise(max(p - q, 0)) for the next. An acceptance appends x and keeps
+  the alive drafts with x at depth d+1; when all are rejected the next token
+  is drawn from the last residual; after C acceptances, from p after the
+  last. Returns (best [B]: a draft holding the accepted path, accepted [B],
+  next token [B])."""
+  keys = jax.random.split(key, logits.shape[0])
+  return jax.vmap(lambda l, u, b, q, k: _accept_sampled_row(l, u, b, q, sampling, k))(
+      logits, unpacker, beams, q_logprobs, keys)
 
 
 def _gather_slots(cache: jax.Array, slots: jax.Array) -> jax.Array:
@@ -139,13 +193,11 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
                max_new_tokens: int, params, tokens, pad, eos_id,
                sampling: Optional[SamplingConfig] = None, rng: Optional[jax.Array] = None):
   """The loop; sampling None (or greedy) verifies greedily, otherwise by
-  speculative sampling of one sampled draft (see `sampled_draft_fn`): draft_fn
-  then also takes a key and returns (beams [B, 1, C+1], q log-probs [B, C, V])."""
+  recursive rejection sampling over sampled drafts (see `sampled_draft_fn`,
+  `_accept_sampled`): draft_fn then also takes a key and returns (beams
+  [B, M, C+1], q log-probs [B, M, C, V])."""
   cfg: VanillaConfig = model.config
   sampled = sampling is not None and not sampling.greedy
-  if sampled and num_beams != 1:
-    raise ValueError(f"speculative sampling verifies one sampled draft; got {num_beams} beams "
-                     "(use beam_width=1)")
   if sampled and rng is None:
     raise ValueError("speculative sampling needs an rng key")
   batch, prompt_len = tokens.shape
@@ -190,6 +242,9 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
     else:
       beams = draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"])
     beams = beams.astype(jnp.int32)
+    if beams.shape[1:] != (num_beams, depth_len):
+      raise ValueError(f"draft_fn returned beams of shape {beams.shape}; expected "
+                       f"[batch, {num_beams}, {depth_len}] (num_beams, draft_len + 1)")
     tree = batched_pack_beams(beams)
     # Each packed token sees the committed context [pad, length) and, among
     # the packed slots [length, length + P), its ancestors and itself.
@@ -205,8 +260,7 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
                                   False, True)
     if sampled:
       best, num_accepted, new_g0 = _accept_sampled(
-          logits, tree.unpacker[:, 0], beams[:, 0], q_logprobs, sampling,
-          jax.random.fold_in(key, 1))
+          logits, tree.unpacker, beams, q_logprobs, sampling, jax.random.fold_in(key, 1))
     else:
       predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)            # [B, P]
       beam_predicted = jax.vmap(lambda p, u: p[u])(predicted, tree.unpacker)  # [B, M, D]
@@ -290,20 +344,20 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
 
   Greedy `sampling` (the default): beam search of `beam_width` (default 4)
   beams of drafter.config.draft_len tokens, greedy verification: the same
-  tokens as greedy `bt_jax.inference.generate`. Otherwise speculative
-  sampling of one draft sampled from the drafter (beam_width must be 1 or
-  None): every token is distributed as the base model's, restricted by
-  `sampling` (temperature, top-k, top-p); `seed` picks the draws.
+  tokens as greedy `bt_jax.inference.generate`. Otherwise `beam_width`
+  (default 1) drafts sampled independently from the drafter and recursive
+  rejection sampling over them: every token is distributed as the base
+  model's, restricted by `sampling` (temperature, top-k, top-p); more drafts
+  accept more tokens per step (in expectation), never change the
+  distribution. `seed` picks the draws.
   """
   if beam_width is None:
     beam_width = 4 if sampling.greedy else 1
   _check(model, beam_width=beam_width, max_new_tokens=max_new_tokens)
-  if beam_width > drafter.config.vocab_size:
+  if sampling.greedy and beam_width > drafter.config.vocab_size:
+    # Beam search keeps distinct beams (sampled drafts may repeat).
     raise ValueError(f"beam_width {beam_width} exceeds the vocabulary "
                      f"({drafter.config.vocab_size})")
-  if not sampling.greedy and beam_width != 1:
-    raise ValueError(f"speculative sampling verifies one sampled draft; got beam_width "
-                     f"{beam_width} (use 1, or temperature 0 for beam search)")
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
   fn = drafter_generate_fn(model, drafter, beam_width, max_new_tokens, sampling)
   return fn(params, drafter_params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad),
@@ -315,7 +369,8 @@ def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
                         max_new_tokens: int, sampling: SamplingConfig = SamplingConfig()):
   """The jitted loop with the draft head: f(params, drafter_params, tokens,
   pad, eos_id, rng) -> SpeculativeOutput (beam search and greedy
-  verification, or one sampled draft and speculative sampling; see
+  verification, or beam_width sampled drafts and recursive rejection
+  sampling; see
   `speculative_generate`). Cached: one compile per (model, drafter, beams,
   max_new, sampling); the drafter's params are an argument, not a closure
   constant."""
@@ -324,7 +379,8 @@ def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
     if sampling.greedy:
       draft_fn = drafter_draft_fn(drafter, drafter_params, table, beam_width=beam_width)
     else:
-      draft_fn = sampled_draft_fn(drafter, drafter_params, table, sampling)
+      draft_fn = sampled_draft_fn(drafter, drafter_params, table, sampling,
+                                  beam_width=beam_width)
     return _speculate(model, draft_fn, beam_width, drafter.config.draft_len, max_new_tokens,
                       params, tokens, pad, eos_id, sampling, rng)
   return jax.jit(run)

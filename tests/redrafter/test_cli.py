@@ -78,7 +78,8 @@ def test_train_drafter_then_generate_with_it(vanilla_workdir, tmp_path):
   assert "base-model steps" in spec.stderr and "tokens per step" in spec.stderr
 
   sampled = _run("bt_jax.generate", f"--workdir={vanilla_workdir}", f"--prompt={prompt}",
-                 "--max_new_tokens=24", "--temperature=0.8", "--seed=3", f"--drafter={out}")
+                 "--max_new_tokens=24", "--temperature=0.8", "--seed=3", f"--drafter={out}",
+                 "--beam_width=3")     # three sampled drafts, recursive rejection sampling
   assert sampled.returncode == 0 and "tokens per step" in sampled.stderr, sampled.stderr[-2000:]
   bad = _run("bt_jax.generate", f"--workdir={vanilla_workdir}", f"--prompt={prompt}",
              f"--drafter={out}", "--sequence_devices=2")
