@@ -59,6 +59,37 @@ def mask_is_window(mask: jax.Array, starts: jax.Array, ends: jax.Array) -> jax.A
   return jnp.all(count == ends - starts)
 
 
+def split_context_and_new(mask: jax.Array, cache_index, length: int, batch: int):
+  """Splits a cached multi-query mask into a context window and a new-token part.
+
+  mask [batch|1, length, read_len] over cache slots; the `length` queries'
+  own keys were just written at slots cache_index .. cache_index + length - 1
+  (cache_index scalar or int32 [batch]). Returns (starts, ends, new_mask, ok):
+  starts/ends int32 [batch], the window of context slots (< cache_index) the
+  queries see; new_mask bool [batch, length, length], what each query sees of
+  the new keys (a tree mask for speculative verification, causal for a chunk);
+  ok, a scalar bool: the mask is exactly that, i.e. every query sees the same
+  one contiguous run of context slots and nothing past the new keys. Then
+  attention = merge(window attention over the cache, attention over the new
+  keys under new_mask) (`bt_jax.distributed.merge.merge_pair`).
+  """
+  mask = jnp.broadcast_to(mask.astype(bool), (batch,) + mask.shape[1:])
+  read_len = mask.shape[-1]
+  index = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (batch,))
+  slots = jnp.arange(read_len)[None, None, :]
+  context = mask & (slots < index[:, None, None])
+  starts, ends = visible_window(context[:, 0], batch)
+  new_slots = index[:, None] + jnp.arange(length)[None, :]                 # [batch, length]
+  readable = new_slots < read_len
+  new_mask = jnp.take_along_axis(
+      mask, jnp.broadcast_to(jnp.minimum(new_slots, read_len - 1)[:, None, :],
+                             (batch, length, length)), axis=2) & readable[:, None, :]
+  beyond = slots >= (index + length)[:, None, None]
+  ok = (mask_is_window(context[:, 0], starts, ends)
+        & jnp.all(context == context[:, :1]) & ~jnp.any(mask & beyond))
+  return starts, ends, new_mask, ok
+
+
 def xla_attention_with_lse(query, key, value, *, causal: bool = False,
                            local_block: Optional[int] = None, mask: Optional[jax.Array] = None,
                            scale: Optional[float] = None):

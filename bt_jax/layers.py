@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from bt_jax import axes
-from bt_jax.attention import (dot_product_attention, mask_is_window, visible_window,
-                              xla_attention)
+from bt_jax.attention import (dot_product_attention, mask_is_window, split_context_and_new,
+                              visible_window, xla_attention, xla_attention_with_lse)
 from bt_jax.config import StackConfig
 from bt_jax.distributed import sharded_cache
+from bt_jax.distributed.merge import merge_pair
 
 Dtype = Any
 
@@ -91,6 +92,11 @@ class Projection(nn.Module):
     return y + bias
 
 
+# The most queries a cached multi-query step sends to the decode kernel (one
+# tile of rows per head); more take the masked jnp path.
+MAX_SPLIT_QUERIES = 128
+
+
 class Attention(nn.Module):
   """Multi-head attention with rotary embeddings (self) or without (cross)."""
 
@@ -127,6 +133,11 @@ class Attention(nn.Module):
     of slots when every row's mask is one contiguous run of True slots (or
     none), as `bt_jax.inference.caches.padded_mask` / `local_mask` build;
     any other mask falls back to the masked jnp path (checked at run time).
+    A cached step of 2..MAX_SPLIT_QUERIES queries after a context (a packed
+    draft tree in speculative verification) runs the same kernel over the
+    context window all its queries share, merged by log-sum-exp with jnp
+    attention over its own new keys under their mask (tree or causal); see
+    `bt_jax.attention.split_context_and_new`, also checked at run time.
     Inside `sharded_kv_cache(mesh)` the cache is
     kept sharded over the mesh's sequence axis (`bt_jax.distributed.sharded_cache`).
     `local_block` S: attention stays inside consecutive runs of S positions.
@@ -187,6 +198,28 @@ class Attention(nn.Module):
 
           out = jax.lax.cond(mask_is_window(mask[:, 0], starts, ends), kernel_attention,
                              masked_attention)
+        elif self.attention_impl == "pallas" and length <= MAX_SPLIT_QUERIES:
+          # A few queries with their own new keys (speculative verification of
+          # a packed draft tree, a chunk): the decode kernel over the context
+          # window every query shares, merged by lse with attention over the
+          # `length` new keys under their own mask (tree or causal). Masks of
+          # another form take the jnp path (checked at run time). The kernel
+          # holds all the queries of a head in one tile: at most 128 rows.
+          import pallas_kernels  # pylint: disable=import-outside-toplevel
+          starts, ends, new_mask, split_ok = split_context_and_new(
+              mask, cache_index, length, query.shape[0])
+
+          def split_attention():
+            context_out, context_lse = pallas_kernels.decode_attention(
+                query, new_cache["key"], new_cache["value"], ends, starts=starts)
+            # The new keys as the cache holds them (its dtype), read in the query's.
+            own_key = key.astype(cache["key"].dtype).astype(query.dtype)
+            own_value = value.astype(cache["value"].dtype).astype(query.dtype)
+            own_out, own_lse = xla_attention_with_lse(query, own_key, own_value, mask=new_mask)
+            out, _ = merge_pair(context_out, context_lse, own_out, own_lse)
+            return out.astype(query.dtype)
+
+          out = jax.lax.cond(split_ok, split_attention, masked_attention)
         else:
           out = masked_attention()
     else:

@@ -269,6 +269,72 @@ def test_pallas_decode_step_kernel_with_left_padding(monkeypatch):
   np.testing.assert_array_equal(results["holes"][2:], results["padded"][2:])
 
 
+def test_pallas_multi_query_step_splits_context_and_new_keys(monkeypatch):
+  """A cached step of several queries (a packed draft tree, a causal chunk)
+  with "pallas": the decode kernel (interpreter) over the shared context
+  window merged with attention over the new keys, against the xla path, with
+  a slot per row; masks of another form take the jnp path. A kernel made
+  wrong on purpose changes exactly the outputs of the split masks, so the
+  split path is the one that ran for them."""
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+  from bt_jax.attention import split_context_and_new  # pylint: disable=import-outside-toplevel
+  real = pallas_kernels.decode_attention
+  offset = {"value": 0.0}
+
+  def interpret(*args, **kwargs):
+    out, lse = real(*args, **{**kwargs, "impl": "interpret", "block_k": 16})
+    return out + offset["value"], lse
+
+  monkeypatch.setattr(pallas_kernels, "decode_attention", interpret)
+  stack = StackConfig(num_layers=1, width=64, head_dim=16)
+  batch, cache_len, length = 3, 48, 5
+  pad = jnp.array([0, 6, 19], jnp.int32)
+  index = jnp.array([30, 21, 40], jnp.int32)          # a committed length per row
+  keys = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(keys[0], (batch, length, stack.width))
+  shape = (batch, cache_len, stack.num_heads, stack.resolved_head_dim)
+  cache = {"key": jax.random.normal(keys[1], shape),
+           "value": jax.random.normal(keys[2], shape)}
+  depth = jnp.array([0, 1, 2, 1, 2])
+  positions = (index - pad)[:, None] + depth[None, :]
+  # The spec's example tree: 0 <- 1 <- 2, 0 <- 3 <- 4 (each sees its ancestors).
+  tree = jnp.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 0],
+                    [1, 0, 0, 1, 1]], bool)
+  slots = jnp.arange(cache_len)
+  context = (slots[None, :] >= pad[:, None]) & (slots[None, :] < index[:, None])   # [b, S]
+  relative = slots[None, :] - index[:, None]
+
+  def with_new(new_part):      # new_part [length, length] -> mask [b, length, S]
+    visible = new_part[:, jnp.clip(relative, 0, length - 1)]            # [length, b, S]
+    inside = (relative >= 0) & (relative < length)
+    return context[:, None, :] | (jnp.transpose(visible, (1, 0, 2)) & inside[:, None, :])
+
+  masks = {"tree": with_new(tree), "causal": with_new(jnp.tril(jnp.ones((5, 5), bool)))}
+  masks["holes"] = masks["tree"].at[0, :, 10:12].set(False)
+  masks["per-query"] = masks["tree"].at[1, 2, 8].set(False)             # one query differs
+  masks["beyond"] = masks["tree"].at[2, :, 46].set(True)                # past the new keys
+  split = {"tree": True, "causal": True, "holes": False, "per-query": False, "beyond": False}
+  params = Attention(stack).init(jax.random.key(8), x, positions, mask=masks["tree"],
+                                 cache=cache, cache_index=index)
+  # One compile each (the mask is an argument; the offset is read when tracing).
+  fns = {impl: jax.jit(Attention(stack, attention_impl="xla" if impl == "xla" else "pallas").apply)
+         for impl in ("xla", "pallas", "broken")}
+  for name, mask in masks.items():
+    ok = split_context_and_new(mask, index, length, batch)[3]
+    assert bool(ok) == split[name], name
+    outs = {}
+    for impl, shift in (("xla", 0.0), ("pallas", 0.0), ("broken", 1.0)):
+      offset["value"] = shift
+      outs[impl] = fns[impl](params, x, positions, mask=mask, cache=cache, cache_index=index)
+    np.testing.assert_allclose(np.asarray(outs["pallas"][0]), np.asarray(outs["xla"][0]),
+                               atol=1e-5, rtol=1e-5, err_msg=name)
+    for part in ("key", "value"):
+      np.testing.assert_array_equal(np.asarray(outs["pallas"][1][part]),
+                                    np.asarray(outs["xla"][1][part]))
+    changed = np.abs(np.asarray(outs["broken"][0]) - np.asarray(outs["xla"][0])).max() > 1e-3
+    assert changed == split[name], name
+
+
 def test_prompt_errors():
   config = CONFIGS["block-L4"]
   with pytest.raises(ValueError, match="prompt 1 is empty"):

@@ -165,14 +165,29 @@ def test_speculative_equals_greedy_with_an_untrained_drafter():
   np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
 
 
-def test_speculative_with_oracle_drafts_accepts_and_stays_exact():
+@pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
+def test_speculative_with_oracle_drafts_accepts_and_stays_exact(attention_impl, monkeypatch):
   """Drafts built from the true greedy continuation, with row- and step-
   dependent corruptions and beams that share prefixes: rows accept different
   lengths each step (and from different beams), the K/V of the chosen beam
-  must land in the right cache slots, and the output must stay exact."""
+  must land in the right cache slots, and the output must stay exact. With
+  "pallas" the packed verify runs the split-KV decode kernel (interpreter)
+  over the context merged with the tree part (`split_context_and_new`)."""
   model, params = _base()
   max_new, draft_len, num_beams = 20, 4, 4
   want = generate(model, params, PROMPTS, max_new_tokens=max_new)
+  query_lengths = []
+  if attention_impl == "pallas":
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    import pallas_kernels  # pylint: disable=import-outside-toplevel
+    real = pallas_kernels.decode_attention
+
+    def interpret(q, *args, **kwargs):
+      query_lengths.append(q.shape[1])
+      return real(q, *args, **{**kwargs, "impl": "interpret", "block_k": 16})
+
+    monkeypatch.setattr(pallas_kernels, "decode_attention", interpret)
+    model = build_model(dataclasses.replace(BASE, attention_impl="pallas"))
   reference = jnp.pad(jnp.asarray(want.tokens), ((0, 0), (0, draft_len + 1)))
 
   def draft_fn(hidden, g0, n_out, step):
@@ -202,6 +217,8 @@ def test_speculative_with_oracle_drafts_accepts_and_stays_exact():
   assert row_steps[0] == row_steps[2] == 4, row_steps
   assert (row_steps[1::2] > 4).all() and (accepted[1::2] > 0).all(), (row_steps, accepted)
   assert int(got.steps) == row_steps.max()
+  if attention_impl == "pallas":   # the packed tree's 20 queries went to the kernel
+    assert num_beams * (draft_len + 1) in query_lengths, query_lengths
 
 
 def test_distilled_drafter_gets_accepted():
