@@ -2,7 +2,8 @@
 
     python -m experiments.redrafter_bench --workdir /tmp/qs_vanilla \
         [--draft_len 4] [--beam_width 4] [--train_steps 600] [--batch_sizes 1,4] \
-        [--prompt_len 32] [--max_new_tokens 64] --out /tmp/redrafter.json
+        [--prompt_len 32] [--max_new_tokens 64] [--temperature 1.0] [--sample_beams 1,4] \
+        --out /tmp/redrafter.json
 
 1. Loads a trained vanilla run (`--workdir`: checkpoint and tokenizer); without
    one, a random-weight vanilla_tiny on a byte tokenizer (whose greedy text
@@ -14,6 +15,10 @@
    `generate` and `speculative_generate` (compiled, warm-up, repeats; the
    median), checks that both give the same tokens, and reports tokens/s,
    tokens per base-model step and the speedup.
+4. Then speculative sampling (`--sample_beams` drafts sampled per step,
+   recursive rejection sampling) against plain sampling at `--temperature`:
+   tokens per step, tokens/s and the speedup (the outputs are random, equal
+   in distribution, so only rates compare).
 
 Prints a table and writes JSON. CPU timings measure a compute-bound device
 (the verify forward over the packed tree costs more there than on a GPU,
@@ -33,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bt_jax.data import load_corpus
-from bt_jax.inference import generate_fn, prepare_prompts
+from bt_jax.inference import SamplingConfig, generate_fn, prepare_prompts
 from bt_jax.models.vanilla import VanillaLM
 from bt_jax.redrafter import corpus_windows, distill_drafter, drafter_generate_fn
 from experiments.timing import time_call
@@ -73,6 +78,11 @@ def main(argv=None) -> Dict[str, Any]:
   parser.add_argument("--prompt_len", type=int, default=32)
   parser.add_argument("--max_new_tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--temperature", type=float, default=1.0,
+                      help="for the sampling comparison (with --sample_beams)")
+  parser.add_argument("--sample_beams", default="1,4",
+                      help="drafts per step to time speculative sampling with, against plain "
+                           "sampling at --temperature ('' to skip)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
@@ -94,7 +104,8 @@ def main(argv=None) -> Dict[str, Any]:
         f"{history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, top-1 accuracy per draft "
         f"step {[round(a, 3) for a in history[-1]['acc_i']]}")
 
-  records = []
+  sample_beams = [int(m) for m in args.sample_beams.split(",") if m.strip()]
+  records, sampling_records = [], []
   for batch_size in batch_sizes:
     eval_prompts = corpus_windows(tokenizer, valid_docs, batch_size, args.prompt_len, rng)
     batch = prepare_prompts(eval_prompts, model.config, args.max_new_tokens)
@@ -117,6 +128,26 @@ def main(argv=None) -> Dict[str, Any]:
         speculative_tokens_per_s=generated / (spec_time["median_ms"] * 1e-3))
     record["speedup"] = record["greedy_ms"] / record["speculative_ms"]
     records.append(record)
+    if sample_beams:
+      sampling = SamplingConfig(temperature=args.temperature)
+      plain = generate_fn(model, args.max_new_tokens, sampling)
+      plain_time = time_call(plain, greedy_args, warmup=1, repeats=args.repeats)
+      plain_tokens = int(np.asarray(plain(*greedy_args).lengths).sum())
+      for beams in sample_beams:
+        sampled = drafter_generate_fn(model, drafter, beams, args.max_new_tokens, sampling)
+        out = sampled(*spec_args)
+        sampled_time = time_call(sampled, spec_args, warmup=1, repeats=args.repeats)
+        made = int(np.asarray(out.lengths).sum())
+        sample_record = dict(
+            batch_size=batch_size, drafts=beams, temperature=args.temperature,
+            tokens_per_step=made / max(1, int(np.asarray(out.row_steps).sum())),
+            base_steps=int(out.steps), sampling_ms=plain_time["median_ms"],
+            speculative_ms=sampled_time["median_ms"],
+            sampling_tokens_per_s=plain_tokens / (plain_time["median_ms"] * 1e-3),
+            speculative_tokens_per_s=made / (sampled_time["median_ms"] * 1e-3))
+        sample_record["speedup"] = (sample_record["speculative_tokens_per_s"]
+                                    / sample_record["sampling_tokens_per_s"])
+        sampling_records.append(sample_record)
 
   header = (f"{'batch':>5} {'same':>5} {'tok/step':>8} {'steps':>11} {'greedy ms':>10} "
             f"{'spec ms':>9} {'speedup':>8}")
@@ -126,6 +157,17 @@ def main(argv=None) -> Dict[str, Any]:
     print(f"{r['batch_size']:>5} {str(r['same_tokens_as_greedy']):>5} "
           f"{r['tokens_per_step']:>8.2f} {r['base_steps']:>4} vs {r['greedy_steps']:<4} "
           f"{r['greedy_ms']:>10.1f} {r['speculative_ms']:>9.1f} {r['speedup']:>7.2f}x")
+  if sampling_records:
+    print(f"speculative sampling at temperature {args.temperature} against plain sampling "
+          "(tokens/s: generated lengths differ by EOS)")
+    header = (f"{'batch':>5} {'drafts':>6} {'tok/step':>8} {'steps':>5} {'plain ms':>9} "
+              f"{'spec ms':>9} {'speedup':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in sampling_records:
+      print(f"{r['batch_size']:>5} {r['drafts']:>6} {r['tokens_per_step']:>8.2f} "
+            f"{r['base_steps']:>5} {r['sampling_ms']:>9.1f} {r['speculative_ms']:>9.1f} "
+            f"{r['speedup']:>7.2f}x")
   device = jax.devices()[0]
   report = dict(
       meta=dict(device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__,
@@ -134,7 +176,7 @@ def main(argv=None) -> Dict[str, Any]:
                 **{k: v for k, v in vars(args).items() if k not in ("out", "workdir")}),
       drafter=dict(first_loss=history[0]["loss"], final_loss=history[-1]["loss"],
                    final_acc_i=history[-1]["acc_i"]),
-      results=records)
+      results=records, sampling=sampling_records)
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=1)

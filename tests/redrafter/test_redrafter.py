@@ -274,13 +274,18 @@ def test_benchmark_smoke(tmp_path):
                                  "--train_batch", "4", "--batch_sizes", "2",
                                  "--max_new_tokens", "8", "--prompt_len", "8",
                                  "--repeats", "1", "--draft_len", "2", "--beam_width", "2",
-                                 "--out", str(out)])
+                                 "--sample_beams", "2", "--out", str(out)])
   assert json.loads(out.read_text()) == json.loads(json.dumps(report))
   (record,) = report["results"]
   assert record["same_tokens_as_greedy"] and record["batch_size"] == 2
   assert 1.0 <= record["tokens_per_step"] <= 3.0
   assert record["speedup"] == pytest.approx(record["greedy_ms"] / record["speculative_ms"])
   assert report["meta"]["weights"] == "random"
+  (sampled,) = report["sampling"]
+  assert sampled["drafts"] == 2 and sampled["temperature"] == 1.0
+  assert 1.0 <= sampled["tokens_per_step"] <= 3.0
+  assert sampled["speedup"] == pytest.approx(sampled["speculative_tokens_per_s"]
+                                             / sampled["sampling_tokens_per_s"])
 
 
 def test_a_drafter_for_another_model_is_an_error():
