@@ -92,6 +92,27 @@ class Projection(nn.Module):
     return y + bias
 
 
+class Embed(nn.Embed):
+  """nn.Embed whose lookup keeps the table split over its vocabulary.
+
+  The table is (VOCAB, EMBED): vocab over the tensor axis, embed over fsdp.
+  Before the lookup it is gathered over fsdp only (FSDP's weight all-gather)
+  and stays split by vocabulary, so XLA partitions the lookup Megatron-style:
+  each tensor shard takes the rows it holds (zeros elsewhere) and the shards
+  are summed. Without this, the table split both ways and the ids split over
+  (data, fsdp) share the fsdp axis, and XLA falls back to "involuntary full
+  rematerialization" of the gathered activations. Same parameters and
+  results as nn.Embed (a no-op outside a mesh).
+  """
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+      raise ValueError(f"embedding ids must be integers; got {inputs.dtype}")
+    (table,) = self.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
+    table = nn.with_logical_constraint(table, (axes.VOCAB, None))
+    return jnp.take(table, inputs, axis=0)
+
+
 # The most queries a cached multi-query step sends to the decode kernel (one
 # tile of rows per head); more take the masked jnp path.
 MAX_SPLIT_QUERIES = 128

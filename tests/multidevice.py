@@ -45,12 +45,18 @@ def summary() -> int:
   return 1 if failed else 0
 
 
+# XLA's word for a resharding it could only do by replicating the array
+# first: a sharding bug (e.g. the embedding lookup before bt_jax.layers.Embed).
+SHARDING_WARNINGS = ("Involuntary full rematerialization",)
+
+
 def run_check_script(script: str, *, checks: Optional[int] = None,
                      min_checks: Optional[int] = None, timeout: int = 300,
                      devices: int = 8) -> list[dict]:
   """Runs tests/<script> with `devices` forced CPU devices and asserts that it
   passed every check and ran `checks` (or at least `min_checks`) of them, so
-  that none was skipped silently. Returns the check records."""
+  that none was skipped silently, and that XLA printed none of
+  SHARDING_WARNINGS. Returns the check records."""
   import pytest  # pylint: disable=import-outside-toplevel
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -67,6 +73,8 @@ def run_check_script(script: str, *, checks: Optional[int] = None,
   assert result.returncode == 0 and found and not failed, (
       f"rc={result.returncode}\nfailed: {json.dumps(failed, indent=1)}\n"
       f"stderr tail:\n{result.stderr[-3000:]}")
+  warned = [w for w in SHARDING_WARNINGS if w in result.stderr]
+  assert not warned, f"XLA warned {warned}:\n{result.stderr[-3000:]}"
   ran = found[0]["checks"]
   if checks is not None:
     assert ran == checks, (ran, lines)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from bt_jax import axes
 from bt_jax.config import BlockConfig
-from bt_jax.layers import DecoderStack, normal_init, zeros_init
+from bt_jax.layers import DecoderStack, Embed, normal_init, zeros_init
 from bt_jax.models.common import check_token_ids
 
 
@@ -31,18 +31,18 @@ class Embedder(nn.Module):
     emb_init = normal_init(cfg.init_std, (axes.VOCAB, axes.EMBED))
     if cfg.embedder == "lookup":
       # Concatenate L embeddings of width block_width / L: no projection, no norm.
-      table = nn.Embed(cfg.vocab_size, cfg.block_width // block_len, embedding_init=emb_init,
+      table = Embed(cfg.vocab_size, cfg.block_width // block_len, embedding_init=emb_init,
                        name="lookup", **kw)
       return table(blocks).reshape(batch, num_blocks, cfg.block_width)
     if cfg.embedder == "projection":
-      table = nn.Embed(cfg.vocab_size, cfg.block_width, embedding_init=emb_init,
+      table = Embed(cfg.vocab_size, cfg.block_width, embedding_init=emb_init,
                        name="token_embed", **kw)
       flat = table(blocks).reshape(batch, num_blocks, block_len * cfg.block_width)
       return nn.Dense(cfg.block_width, name="projection",
                       kernel_init=normal_init(cfg.init_std, (axes.MLP, axes.EMBED)),
                       bias_init=zeros_init((axes.EMBED,)), **kw)(flat)
     # encoder: a small bidirectional transformer over each block's tokens.
-    table = nn.Embed(cfg.vocab_size, cfg.encoder_width, embedding_init=emb_init,
+    table = Embed(cfg.vocab_size, cfg.encoder_width, embedding_init=emb_init,
                      name="token_embed", **kw)
     x = table(blocks).reshape(batch * num_blocks, block_len, cfg.encoder_width)
     x = DecoderStack(cfg.encoder_stack, init_std=cfg.init_std, attention_impl=cfg.attention_impl,
@@ -67,7 +67,7 @@ class BlockTransformer(nn.Module):
         cfg.num_expanded * cfg.token_width, name="expansion",
         kernel_init=normal_init(cfg.block_width ** -0.5, (axes.EMBED, axes.MLP)),
         bias_init=zeros_init((axes.MLP,)), **kw)
-    self.token_embed = nn.Embed(cfg.vocab_size, cfg.token_width, name="token_embed",
+    self.token_embed = Embed(cfg.vocab_size, cfg.token_width, name="token_embed",
                                 embedding_init=normal_init(cfg.init_std, (axes.VOCAB, axes.EMBED)),
                                 **kw)
     self.token_decoder = DecoderStack(cfg.token_stack, init_std=cfg.init_std,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from bt_jax import axes
 from bt_jax.config import VanillaConfig
-from bt_jax.layers import DecoderStack, normal_init
+from bt_jax.layers import DecoderStack, Embed, normal_init
 from bt_jax.models.common import check_token_ids
 
 
@@ -20,7 +20,7 @@ class VanillaLM(nn.Module):
   def setup(self):
     cfg = self.config
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
-    self.token_embed = nn.Embed(cfg.vocab_size, cfg.width, name="token_embed",
+    self.token_embed = Embed(cfg.vocab_size, cfg.width, name="token_embed",
                                 embedding_init=normal_init(cfg.init_std, (axes.VOCAB, axes.EMBED)),
                                 **kw)
     self.decoder = DecoderStack(cfg.stack, init_std=cfg.init_std,

@@ -26,6 +26,7 @@ from bt_jax import data as data_lib
 from bt_jax import train
 from bt_jax.config import BlockConfig
 from bt_jax.models import build_model, init_params, sequence_loss
+from tests.multidevice import SHARDING_WARNINGS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -201,6 +202,8 @@ def test_sharded_run_matches_single_device(run_gin, reference_run, tmp_path):
   result = _run(["tests/train/multidevice_train.py", run_gin, str(tmp_path)], timeout=420, devices=8)
   assert result.returncode == 0, result.stderr[-4000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
+  for warning in SHARDING_WARNINGS:   # e.g. the embedding lookup resharded by replication
+    assert warning not in result.stderr, result.stderr[-3000:]
   assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
   assert report["params_sharded"] > report["params_total"] // 2
   assert report["opt_sharded"] > report["params_sharded"]  # Adam's mu and nu follow the params
