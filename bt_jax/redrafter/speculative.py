@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bt_jax.config import VanillaConfig
 from bt_jax.inference.decoding import VanillaDecoder
@@ -337,8 +338,8 @@ def speculative_generate_fn(model: nn.Module, draft_fn: DraftFn, *, num_beams: i
 def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_params,
                          prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                          beam_width: Optional[int] = None, eos_id: Optional[int] = None,
-                         sampling: SamplingConfig = SamplingConfig(), seed: int = 0
-                         ) -> SpeculativeOutput:
+                         sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                         mesh: Optional[Mesh] = None) -> SpeculativeOutput:
   """Generation of up to max_new_tokens after each prompt, drafted by
   `drafter` and verified by the base model in one forward per step.
 
@@ -350,6 +351,12 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
   model's, restricted by `sampling` (temperature, top-k, top-p); more drafts
   accept more tokens per step (in expectation), never change the
   distribution. `seed` picks the draws.
+
+  mesh: a mesh with a `data` axis (its other axes of size 1): the rows, with
+  their caches and loop state, are split over it and the parameters
+  replicated (data-parallel decoding: the same tokens as on one device). The
+  batch is padded with copies of the first prompt up to a multiple of the
+  axis size, and those rows dropped from the output.
   """
   if beam_width is None:
     beam_width = 4 if sampling.greedy else 1
@@ -358,22 +365,58 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
     # Beam search keeps distinct beams (sampled drafts may repeat).
     raise ValueError(f"beam_width {beam_width} exceeds the vocabulary "
                      f"({drafter.config.vocab_size})")
+  num_prompts = len(prompts)
+  row_groups = _data_axis_size(mesh)
+  if num_prompts and num_prompts % row_groups:
+    prompts = list(prompts) + [prompts[0]] * (row_groups - num_prompts % row_groups)
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
-  fn = drafter_generate_fn(model, drafter, beam_width, max_new_tokens, sampling)
-  return fn(params, drafter_params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad),
-            jnp.int32(-1 if eos_id is None else eos_id), jax.random.key(seed))
+  fn = drafter_generate_fn(model, drafter, beam_width, max_new_tokens, sampling, mesh)
+  args = (params, drafter_params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad),
+          jnp.int32(-1 if eos_id is None else eos_id), jax.random.key(seed))
+  if mesh is not None:   # arrays committed to one device cannot enter a mesh computation
+    args = jax.device_put(args, _in_shardings(mesh))
+  out = fn(*args)
+  if len(prompts) == num_prompts:
+    return out
+  return dataclasses.replace(out, **{name: getattr(out, name)[:num_prompts]
+                                     for name in ("tokens", "lengths", "row_steps", "accepted")})
+
+
+def _data_axis_size(mesh: Optional[Mesh]) -> int:
+  """Rows are split this many ways; a mesh without a `data` axis, or with
+  other axes larger than 1, is an error naming them."""
+  if mesh is None:
+    return 1
+  shape = dict(mesh.shape)
+  if "data" not in shape:
+    raise ValueError(f"speculative decoding splits rows over a `data` mesh axis; the mesh has "
+                     f"axes {shape}")
+  others = {k: v for k, v in shape.items() if k != "data" and v > 1}
+  if others:
+    raise ValueError(f"speculative decoding shards only the rows (`data`); the mesh also "
+                     f"splits {others}: give those axes size 1")
+  return shape["data"]
+
+
+def _in_shardings(mesh: Mesh):
+  replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return (replicated, replicated, rows, rows, replicated, replicated)
 
 
 @functools.lru_cache(maxsize=16)
 def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
-                        max_new_tokens: int, sampling: SamplingConfig = SamplingConfig()):
+                        max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                        mesh: Optional[Mesh] = None):
   """The jitted loop with the draft head: f(params, drafter_params, tokens,
   pad, eos_id, rng) -> SpeculativeOutput (beam search and greedy
   verification, or beam_width sampled drafts and recursive rejection
-  sampling; see
-  `speculative_generate`). Cached: one compile per (model, drafter, beams,
-  max_new, sampling); the drafter's params are an argument, not a closure
-  constant."""
+  sampling; see `speculative_generate`). Cached: one compile per (model,
+  drafter, beams, max_new, sampling, mesh); the drafter's params are an
+  argument, not a closure constant. With `mesh` (see `speculative_generate`)
+  the rows are split over its `data` axis; the arguments must be placed by
+  `_in_shardings(mesh)` (tokens and pad split, the rest replicated)."""
+  _data_axis_size(mesh)
+
   def run(params, drafter_params, tokens, pad, eos_id, rng):
     table = params["token_embed"]["embedding"]
     if sampling.greedy:
@@ -383,4 +426,9 @@ def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
                                   beam_width=beam_width)
     return _speculate(model, draft_fn, beam_width, drafter.config.draft_len, max_new_tokens,
                       params, tokens, pad, eos_id, sampling, rng)
-  return jax.jit(run)
+  if mesh is None:
+    return jax.jit(run)
+  replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  out = SpeculativeOutput(tokens=rows, lengths=rows, steps=replicated, row_steps=rows,
+                          accepted=rows)
+  return jax.jit(run, in_shardings=_in_shardings(mesh), out_shardings=out)

@@ -469,3 +469,14 @@ def test_multi_draft_acceptance_is_exact_on_fixed_tables(monkeypatch):
   monkeypatch.setattr(speculative, "_residual", lambda p, q: p)
   emitted, _ = _accept_on_tables(3, samples)
   assert _tables_tv(emitted) > 0.1, _tables_tv(emitted)
+
+
+@pytest.mark.multidevice
+def test_data_parallel_speculative_decoding_on_8_devices():
+  """Rows split over a `data` mesh axis of 8 forced CPU devices (ragged
+  prompts padded to 8 rows): greedy with 4 beams and sampling with 2 drafts
+  give one device's tokens, lengths and steps; the compiled loop holds a
+  fraction of the one-device temporaries; bad meshes are errors naming the
+  axes."""
+  from tests.multidevice import run_check_script  # pylint: disable=import-outside-toplevel
+  run_check_script("tests/redrafter/multidevice_speculative.py", checks=4, timeout=300)
