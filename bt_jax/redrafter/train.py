@@ -9,6 +9,7 @@ as released (lr 1e-3).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -149,15 +150,13 @@ def run_drafter_training(model: VanillaLM, params, drafter: DraftHead, batches, 
     pending.clear()
 
   stopped_at = None
-  # SIGTERM is caught only when there is a checkpoint to save (and none is
-  # installed by the caller); an in-memory run keeps the default handler.
-  own_request = stop_request is None and checkpointer is not None
-  request = run_utils.StopRequest() if own_request else stop_request
-  try:
-    if own_request:
-      request.__enter__()
-    bar = tqdm(total=steps, initial=start_step, desc="drafter", disable=not progress,
-               unit="step")
+  with contextlib.ExitStack() as cleanup:
+    if checkpointer is not None:
+      cleanup.callback(checkpointer.close)     # waits for the last save
+      if stop_request is None:                 # SIGTERM is caught only with a checkpoint to save
+        stop_request = cleanup.enter_context(run_utils.StopRequest())
+    bar = cleanup.enter_context(tqdm(total=steps, initial=start_step, desc="drafter",
+                                     disable=not progress, unit="step"))
     for step in range(start_step + 1, steps + 1):
       try:
         tokens, mask = next(iterator)
@@ -167,8 +166,8 @@ def run_drafter_training(model: VanillaLM, params, drafter: DraftHead, batches, 
                                                      jnp.asarray(tokens), jnp.asarray(mask))
       pending.append((step, (loss, aux["loss_i"], aux["acc_i"])))
       bar.update(1)
-      stop = step == stop_at_step or (request is not None and checkpointer is not None and
-                                      request.should_stop(step, step % checkpoint_every == 0))
+      stop = step == stop_at_step or (checkpointer is not None and stop_request.should_stop(
+          step, sync_point=step % checkpoint_every == 0))
       if checkpointer is not None and (step % checkpoint_every == 0 or step == steps or stop):
         flush()
         checkpointer.save(step, drafter_params, {"step": jnp.int32(step), "opt_state": opt_state})
@@ -178,13 +177,7 @@ def run_drafter_training(model: VanillaLM, params, drafter: DraftHead, batches, 
                         "stop_at_step" if step == stop_at_step else "SIGTERM",
                         f"; checkpoint saved in {checkpointer.directory}" if checkpointer else "")
         break
-    bar.close()
     flush()
-  finally:
-    if own_request:
-      request.__exit__(None, None, None)
-    if checkpointer is not None:
-      checkpointer.close()
   return DrafterTrainResult(drafter_params, history, start_step, stopped_at)
 
 
