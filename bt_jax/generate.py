@@ -94,9 +94,6 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
   sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
   if chunk_tokens < 1:
     raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens}")
-  if drafter is not None and sequence_devices != 1:
-    raise ValueError("speculative decoding (--drafter) runs on one device: pass "
-                     f"--sequence_devices 1 (got {sequence_devices})")
   mesh = None
   if sequence_devices != 1:
     if not 1 <= sequence_devices <= jax.device_count():
@@ -125,7 +122,7 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
   batch = prepare_prompts([ids], config, max_new_tokens)   # checks prompt + new tokens
   if drafter is not None:
     return _speculative(model, params, tokenizer, ids, drafter, beam_width, max_new_tokens,
-                        sampling, seed, out, err)
+                        sampling, seed, out, err, mesh)
   start, resume, finish = make_stream_fns(model, max_new_tokens, sampling, mesh=mesh)
   state = start(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(seed),
                 tokenizer.eos_id)
@@ -157,8 +154,9 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
 
 
 def _speculative(model, params, tokenizer, ids, drafter_dir, beam_width, max_new_tokens,
-                 sampling, seed, out, err) -> str:
-  """Speculative decoding with a saved draft head; the text at the end."""
+                 sampling, seed, out, err, mesh=None) -> str:
+  """Speculative decoding with a saved draft head (the KV cache split over
+  `mesh`'s sequence axis when given); the text at the end."""
   # pylint: disable=import-outside-toplevel
   from bt_jax.models.vanilla import VanillaLM
   from bt_jax.redrafter import load_drafter, speculative_generate
@@ -170,7 +168,8 @@ def _speculative(model, params, tokenizer, ids, drafter_dir, beam_width, max_new
   check_drafter_fits(drafter, model.config)
   result = speculative_generate(model, params, drafter, drafter_params, [ids],
                                 max_new_tokens=max_new_tokens, beam_width=beam_width,
-                                eos_id=tokenizer.eos_id, sampling=sampling, seed=seed)
+                                eos_id=tokenizer.eos_id, sampling=sampling, seed=seed,
+                                mesh=mesh)
   length = int(result.lengths[0])
   text = tokenizer.decode([int(t) for t in result.tokens[0, :length] if t != tokenizer.eos_id])
   out.write(text + "\n")

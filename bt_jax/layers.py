@@ -176,9 +176,6 @@ class Attention(nn.Module):
     if sharded is not None:
       # Inside `sharded_kv_cache(mesh)`: the cache is split over the mesh's
       # sequence axis (round-robin slots) and attended by Tree Attention.
-      if jnp.ndim(cache_index) != 0:
-        raise ValueError("a sharded KV cache takes one cache_index for the batch; got an "
-                         f"array of shape {jnp.shape(cache_index)}")
       out, new_cache = sharded.attend(query, key, value, cache, cache_index, mask,
                                        decode_kernel=self.attention_impl == "pallas")
     elif cache is not None:

@@ -185,7 +185,13 @@ class ShardedKVCache:
       raise ValueError(f"the mask reads {read_len} slots of a {cache_len}-slot cache")
     local_len = cache_len // num_shards
     read_local = -(-read_len // num_shards)
-    logical = jnp.asarray(cache_index, jnp.int32) + jnp.arange(key.shape[1], dtype=jnp.int32)
+    index = jnp.asarray(cache_index, jnp.int32)
+    per_row = index.ndim == 1            # a slot per row (speculative decoding)
+    if per_row and index.shape != (batch,):
+      raise ValueError(f"cache_index must be a scalar or int32 [batch={batch}]; got shape "
+                       f"{index.shape}")
+    new_slots = jnp.arange(key.shape[1], dtype=jnp.int32)
+    logical = index[:, None] + new_slots[None, :] if per_row else index + new_slots
     use_kernel = decode_kernel and query.shape[1] == 1
     # The kernel path takes each row's logical window, when the mask is one
     # run per row (checked at run time); otherwise the masked path its mask.
@@ -199,8 +205,12 @@ class ShardedKVCache:
       shard = lax.axis_index(axis)
       # Entries owned by other devices get an out-of-range index and are dropped.
       local = jnp.where(logical % num_shards == shard, logical // num_shards, local_len)
-      cache_key = cache_key.at[:, local].set(key.astype(cache_key.dtype), mode="drop")
-      cache_value = cache_value.at[:, local].set(value.astype(cache_value.dtype), mode="drop")
+      if per_row:    # local [rows here, q]: each row writes its own slots
+        at = (jnp.arange(local.shape[0])[:, None], local)
+      else:
+        at = (slice(None), local)
+      cache_key = cache_key.at[at].set(key.astype(cache_key.dtype), mode="drop")
+      cache_value = cache_value.at[at].set(value.astype(cache_value.dtype), mode="drop")
 
       def masked_partial():
         return masked_partial_attention(query, cache_key[:, :read_local].astype(query.dtype),
@@ -231,11 +241,39 @@ class ShardedKVCache:
     out, cache_key, cache_value = jax.shard_map(
         per_device, mesh=self.mesh,
         in_specs=(P(rows), P(rows), P(rows), kv_spec, kv_spec, P(rows, None, axis),
-                  window_spec, P()),
+                  window_spec, P(rows) if per_row else P()),
         out_specs=(P(rows), kv_spec, kv_spec),
         check_vma=not use_kernel)(   # Pallas calls inside shard_map need it off
             query, key, value, cache["key"], cache["value"], masked, window, logical)
     return out, {"key": cache_key, "value": cache_value}
+
+
+  def move_slots(self, cache: jax.Array, source: jax.Array, target: jax.Array) -> jax.Array:
+    """cache[b, target[b, i]] = cache[b, source[b, i]] in logical slots, on
+    a round-robin cache sharded as `cache_sharding` ([batch, cache_len, ...]).
+
+    Each device contributes the source entries it holds (zeros elsewhere), a
+    psum over the axis gives every device all of them (batch x n entries,
+    not the cache), and each writes the targets it holds. What speculative
+    decoding needs to keep the accepted draft's K/V after the context.
+    """
+    num_shards, axis, rows = self.num_shards, self.axis, self.batch_axis
+    local_len = cache.shape[1] // num_shards
+
+    def per_device(cache, source, target):
+      shard = lax.axis_index(axis)
+      row = jnp.arange(cache.shape[0])[:, None]
+      mine = source % num_shards == shard
+      taken = cache[row, jnp.where(mine, source // num_shards, 0)]          # [b, n, ...]
+      expand = (slice(None), slice(None)) + (None,) * (cache.ndim - 2)
+      taken = jnp.where(mine[expand], taken, jnp.zeros_like(taken))
+      entries = lax.psum(taken, axis)
+      local = jnp.where(target % num_shards == shard, target // num_shards, local_len)
+      return cache.at[row, local].set(entries, mode="drop")
+
+    return jax.shard_map(per_device, mesh=self.mesh,
+                         in_specs=(P(rows, axis), P(rows), P(rows)),
+                         out_specs=P(rows, axis))(cache, source, target)
 
 
 def active_sharded_kv_cache() -> Optional[ShardedKVCache]:

@@ -114,6 +114,12 @@ class VanillaDecoder(_GlobalCache):
     with self._global_scope():
       return self.model.apply({"params": params}, *args, method=VanillaLM.decode)
 
+  def apply_decode(self, params, *args):
+    """`VanillaLM.decode(*args)` on this decoder's global cache (sharded over
+    the mesh's `sequence` axis when it has a mesh): for callers that drive
+    the cache themselves, like ReDrafter's verify step."""
+    return self._apply(params, *args)
+
   def prefill(self, params, tokens: jax.Array, pad: jax.Array, num_steps: int,
               return_hidden: bool = False):
     """One pass over the prompt fills slots [0, prompt_len); the cache has

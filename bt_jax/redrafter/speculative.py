@@ -192,7 +192,8 @@ def _gather_slots(cache: jax.Array, slots: jax.Array) -> jax.Array:
 
 def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: int,
                max_new_tokens: int, params, tokens, pad, eos_id,
-               sampling: Optional[SamplingConfig] = None, rng: Optional[jax.Array] = None):
+               sampling: Optional[SamplingConfig] = None, rng: Optional[jax.Array] = None,
+               mesh: Optional[Mesh] = None):
   """The loop; sampling None (or greedy) verifies greedily, otherwise by
   recursive rejection sampling over sampled drafts (see `sampled_draft_fn`,
   `_accept_sampled`): draft_fn then also takes a key and returns (beams
@@ -201,18 +202,19 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
   sampled = sampling is not None and not sampling.greedy
   if sampled and rng is None:
     raise ValueError("speculative sampling needs an rng key")
-  batch, prompt_len = tokens.shape
   depth_len = draft_len + 1
   packed_len = num_beams * depth_len
-  cache_len = prompt_len + max_new_tokens + depth_len + packed_len
+  # A mesh with a `sequence` axis: the KV cache is split over it (round-robin
+  # slots, Tree Attention; see bt_jax.distributed.sharded_cache).
+  decoder = VanillaDecoder(model, mesh if _sequence_axis_size(mesh) else None)
+  after_prompt = max_new_tokens + depth_len + packed_len
+  tokens, pad = decoder.align_prompt(tokens, pad, after_prompt)   # slots split evenly
+  batch, prompt_len = tokens.shape
+  cache_len = prompt_len + after_prompt
   out_len = max_new_tokens + depth_len
 
-  def apply(*args, **kwargs):
-    return model.apply({"params": params}, *args, method=VanillaLM.decode, **kwargs)
-
   # Prefill (the plain decoder's): the prompt's K/V, g_0 and h from its last position.
-  prefill = VanillaDecoder(model).prefill(params, tokens, pad, cache_len - prompt_len,
-                                          return_hidden=True)
+  prefill = decoder.prefill(params, tokens, pad, after_prompt, return_hidden=True)
   if sampled:
     prefill_key, rng = jax.random.split(rng)
     first = jax.random.categorical(prefill_key, restrict_logits(prefill["logits"], sampling),
@@ -257,8 +259,8 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
                                     (batch, packed_len, cache_len)), axis=2)
     mask = context[:, None, :] | (tree_visible & in_tree[:, None, :])
     positions = (length - pad)[:, None] + tree.depth
-    logits, cache, hidden = apply(tree.tokens, positions, state["cache"], length, mask,
-                                  False, True)
+    logits, cache, hidden = decoder.apply_decode(params, tree.tokens, positions,
+                                                 state["cache"], length, mask, False, True)
     if sampled:
       best, num_accepted, new_g0 = _accept_sampled(
           logits, tree.unpacker, beams, q_logprobs, sampling, jax.random.fold_in(key, 1))
@@ -271,10 +273,16 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
       num_accepted = accepted[rows, best]
     best_slots = tree.unpacker[rows, best]                                  # [B, D] packed index
     # Move the chosen beam's K/V from its packed slots to length .. length + C.
-    cache = [{name: jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(
-                  c, n, i, axis=0))(array, _gather_slots(array, length[:, None] + best_slots),
-                                    length)
-              for name, array in layer.items()} for layer in cache]
+    if decoder.sharding is None:
+      cache = [{name: jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(
+                    c, n, i, axis=0))(array, _gather_slots(array, length[:, None] + best_slots),
+                                      length)
+                for name, array in layer.items()} for layer in cache]
+    else:       # across devices: only the moved entries travel
+      source = length[:, None] + best_slots
+      target = length[:, None] + jnp.arange(depth_len)[None, :]
+      cache = [{name: decoder.sharding.move_slots(array, source, target)
+                for name, array in layer.items()} for layer in cache]
     committed = beams[rows, best]                                           # [B, D], g0 first
     next_at = best_slots[rows, num_accepted]                                # packed index
     if not sampled:
@@ -352,11 +360,13 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
   accept more tokens per step (in expectation), never change the
   distribution. `seed` picks the draws.
 
-  mesh: a mesh with a `data` axis (its other axes of size 1): the rows, with
-  their caches and loop state, are split over it and the parameters
-  replicated (data-parallel decoding: the same tokens as on one device). The
-  batch is padded with copies of the first prompt up to a multiple of the
-  axis size, and those rows dropped from the output.
+  mesh: a mesh with a `data` axis, a `sequence` axis or both (other axes of
+  size 1), parameters replicated: the rows, with their caches and loop state,
+  are split over `data` (the batch is padded with copies of the first prompt
+  up to a multiple of the axis size, and those rows dropped from the
+  output), and each row's KV cache over `sequence` (round-robin slots,
+  attended by Tree Attention; the accepted draft's K/V move between devices
+  as entries, not caches). The same tokens as on one device.
   """
   if beam_width is None:
     beam_width = 4 if sampling.greedy else 1
@@ -382,24 +392,38 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
                                      for name in ("tokens", "lengths", "row_steps", "accepted")})
 
 
-def _data_axis_size(mesh: Optional[Mesh]) -> int:
-  """Rows are split this many ways; a mesh without a `data` axis, or with
-  other axes larger than 1, is an error naming them."""
+def _check_mesh(mesh: Optional[Mesh]) -> None:
+  """A mesh splits rows over `data` and the KV cache over `sequence`; one
+  without either, or with other axes larger than 1, is an error naming them."""
   if mesh is None:
-    return 1
+    return
   shape = dict(mesh.shape)
-  if "data" not in shape:
-    raise ValueError(f"speculative decoding splits rows over a `data` mesh axis; the mesh has "
-                     f"axes {shape}")
-  others = {k: v for k, v in shape.items() if k != "data" and v > 1}
+  if "data" not in shape and "sequence" not in shape:
+    raise ValueError(f"speculative decoding splits rows over a `data` mesh axis and the KV "
+                     f"cache over a `sequence` axis; the mesh has axes {shape}")
+  others = {k: v for k, v in shape.items() if k not in ("data", "sequence") and v > 1}
   if others:
-    raise ValueError(f"speculative decoding shards only the rows (`data`); the mesh also "
-                     f"splits {others}: give those axes size 1")
-  return shape["data"]
+    raise ValueError(f"speculative decoding shards only the rows (`data`) and the KV cache "
+                     f"(`sequence`); the mesh also splits {others}: give those axes size 1")
+
+
+def _data_axis_size(mesh: Optional[Mesh]) -> int:
+  """Rows are split this many ways."""
+  _check_mesh(mesh)
+  return 1 if mesh is None else dict(mesh.shape).get("data", 1)
+
+
+def _sequence_axis_size(mesh: Optional[Mesh]) -> int:
+  """The KV cache is split this many ways (0: no sequence axis)."""
+  return 0 if mesh is None else dict(mesh.shape).get("sequence", 0)
+
+
+def _rows_spec(mesh: Mesh) -> P:
+  return P("data") if "data" in mesh.axis_names else P()
 
 
 def _in_shardings(mesh: Mesh):
-  replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, _rows_spec(mesh))
   return (replicated, replicated, rows, rows, replicated, replicated)
 
 
@@ -415,7 +439,7 @@ def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
   argument, not a closure constant. With `mesh` (see `speculative_generate`)
   the rows are split over its `data` axis; the arguments must be placed by
   `_in_shardings(mesh)` (tokens and pad split, the rest replicated)."""
-  _data_axis_size(mesh)
+  _check_mesh(mesh)
 
   def run(params, drafter_params, tokens, pad, eos_id, rng):
     table = params["token_embed"]["embedding"]
@@ -425,10 +449,10 @@ def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
       draft_fn = sampled_draft_fn(drafter, drafter_params, table, sampling,
                                   beam_width=beam_width)
     return _speculate(model, draft_fn, beam_width, drafter.config.draft_len, max_new_tokens,
-                      params, tokens, pad, eos_id, sampling, rng)
+                      params, tokens, pad, eos_id, sampling, rng, mesh)
   if mesh is None:
     return jax.jit(run)
-  replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, _rows_spec(mesh))
   out = SpeculativeOutput(tokens=rows, lengths=rows, steps=replicated, row_steps=rows,
                           accepted=rows)
   return jax.jit(run, in_shardings=_in_shardings(mesh), out_shardings=out)

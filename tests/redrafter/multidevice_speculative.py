@@ -39,15 +39,28 @@ def main() -> int:
   dparams, _ = train_drafter(model, params, drafter, batches, steps=60, learning_rate=3e-3,
                              progress=False)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  meshes = {
+      "data8": mesh,
+      # The KV cache split over 8 devices (Tree Attention), and 2 row groups
+      # x 4 cache shards.
+      "sequence8": jax.make_mesh((8,), ("sequence",), axis_types=(AxisType.Auto,)),
+      "data2xsequence4": jax.make_mesh((2, 4), ("data", "sequence"),
+                                       axis_types=(AxisType.Auto,) * 2),
+  }
   settings = {"greedy-4beams": (SamplingConfig(), 4),
               "sampled-2drafts": (SamplingConfig(temperature=1.0), 2)}
-  for name, (sampling, beams) in settings.items():
-    def same_as_one_device(name=name, sampling=sampling, beams=beams):
+  cases = [(m, s) for m in meshes for s in settings]
+  for mesh_name, setting in cases:
+    name = f"{mesh_name} {setting}"
+    sampling, beams = settings[setting]
+
+    def same_as_one_device(name=name, sampling=sampling, beams=beams, mesh=meshes[mesh_name]):
       kwargs = dict(max_new_tokens=MAX_NEW, beam_width=beams, sampling=sampling, seed=3,
                     eos_id=None)
       # One device, on the batch the mesh run pads to (the padded rows also
       # decide how many steps the loop takes), cut to the real rows.
-      padded = PROMPTS + [PROMPTS[0]] * 2
+      groups = dict(mesh.shape).get("data", 1)
+      padded = PROMPTS + [PROMPTS[0]] * (-len(PROMPTS) % groups)
       want = speculative_generate(model, params, drafter, dparams, padded, **kwargs)
       got = speculative_generate(model, params, drafter, dparams, PROMPTS, mesh=mesh, **kwargs)
       for field in ("tokens", "lengths", "row_steps", "accepted"):
@@ -61,10 +74,10 @@ def main() -> int:
              f"accepted per row {accepted.tolist()}, steps {int(want.steps)}")
     check(f"{name}: same as one device", same_as_one_device)
 
-  def rows_are_split():
-    # The compiled loop's per-device buffers: the caches and state of 1 row
-    # of 8, so far less temporary memory than the one-device loop's.
-    tokens = np.zeros((8, 8), np.int32)
+  def split_memory(name, mesh, long_prompt):
+    # The compiled loop's per-device temporaries: 1 row of 8, so far less
+    # than one device's.
+    tokens = np.ones((8, long_prompt), np.int32)
     pad = np.zeros((8,), np.int32)
     args = (params, dparams, tokens, pad, np.int32(-1), jax.random.key(0))
     one = drafter_generate_fn(model, drafter, 4, MAX_NEW).lower(*args).compile()
@@ -73,29 +86,45 @@ def main() -> int:
     split = drafter_generate_fn(model, drafter, 4, MAX_NEW, mesh=mesh).lower(*placed).compile()
     one_temp = one.memory_analysis().temp_size_in_bytes
     split_temp = split.memory_analysis().temp_size_in_bytes
-    out = split(*placed)
-    assert out.tokens.sharding.spec[0] == "data", out.tokens.sharding
+    split(*placed)
     assert split_temp < one_temp / 2, (split_temp, one_temp)
-    record("rows split over the data axis", True,
-           f"temp bytes per device {split_temp} vs {one_temp} on one device")
-  check("rows split over the data axis", rows_are_split)
+    record(name, True, f"temp bytes per device {split_temp} vs {one_temp} on one device")
+  check("rows split over the data axis",
+        lambda: split_memory("rows split over the data axis", mesh, 8))
+
+  def cache_is_split():
+    # The compiled loop carries each device's eighth of the cache (round-robin
+    # slots), never the whole cache: prompt 96 + 16 new + 4 (g0 and 3 drafts)
+    # + 16 packed slots = 132, padded to 136 = 8 x 17 slots.
+    seq_mesh = meshes["sequence8"]
+    args = (params, dparams, np.ones((8, 96), np.int32), np.zeros((8,), np.int32),
+            np.int32(-1), jax.random.key(0))
+    from bt_jax.redrafter.speculative import _in_shardings  # pylint: disable=import-outside-toplevel
+    placed = jax.device_put(args, _in_shardings(seq_mesh))
+    text = drafter_generate_fn(model, drafter, 4, MAX_NEW, mesh=seq_mesh).lower(
+        *placed).compile().as_text()
+    heads, head_dim = BASE.stack.num_heads, BASE.stack.resolved_head_dim
+    local, whole = f"f32[8,17,{heads},{head_dim}]", f"f32[8,136,{heads},{head_dim}]"
+    assert local in text and whole not in text, (local in text, whole in text)
+    record("cache split over the sequence axis", True, f"{local} per device, no {whole}")
+  check("cache split over the sequence axis", cache_is_split)
 
   def errors():
-    bad = jax.make_mesh((2, 4), ("data", "sequence"), axis_types=(AxisType.Auto,) * 2)
+    bad = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
     try:
       speculative_generate(model, params, drafter, dparams, PROMPTS, max_new_tokens=4, mesh=bad)
     except ValueError as e:
-      assert "shards only the rows" in str(e) and "'sequence': 4" in str(e), e
+      assert "shards only the rows" in str(e) and "'tensor': 4" in str(e), e
     else:
-      raise AssertionError("a mesh splitting the sequence was accepted")
-    no_data = jax.make_mesh((8,), ("sequence",), axis_types=(AxisType.Auto,))
+      raise AssertionError("a mesh splitting the model was accepted")
+    no_axes = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
     try:
       speculative_generate(model, params, drafter, dparams, PROMPTS, max_new_tokens=4,
-                           mesh=no_data)
+                           mesh=no_axes)
     except ValueError as e:
       assert "splits rows over a `data` mesh axis" in str(e), e
     else:
-      raise AssertionError("a mesh without a data axis was accepted")
+      raise AssertionError("a mesh without a data or sequence axis was accepted")
     record("mesh errors name the axes", True)
   check("mesh errors name the axes", errors)
   return summary()

@@ -23,8 +23,10 @@ from bt_jax.redrafter import load_drafter
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _run(*args, timeout=240):
+def _run(*args, timeout=240, devices=1):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   try:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
@@ -81,9 +83,11 @@ def test_train_drafter_then_generate_with_it(vanilla_workdir, tmp_path):
                  "--max_new_tokens=24", "--temperature=0.8", "--seed=3", f"--drafter={out}",
                  "--beam_width=3")     # three sampled drafts, recursive rejection sampling
   assert sampled.returncode == 0 and "tokens per step" in sampled.stderr, sampled.stderr[-2000:]
-  bad = _run("bt_jax.generate", f"--workdir={vanilla_workdir}", f"--prompt={prompt}",
-             f"--drafter={out}", "--sequence_devices=2")
-  assert bad.returncode == 1 and "pass --sequence_devices 1" in bad.stderr
+  # The KV cache split over 2 devices (Tree Attention): the same greedy text.
+  sharded = _run("bt_jax.generate", f"--workdir={vanilla_workdir}", f"--prompt={prompt}",
+                 "--max_new_tokens=24", "--temperature=0", f"--drafter={out}",
+                 "--beam_width=3", "--sequence_devices=2", devices=2)
+  assert sharded.returncode == 0 and sharded.stdout == plain.stdout, sharded.stderr[-2000:]
   bad_gin = _run("bt_jax.train_drafter", f"--workdir={vanilla_workdir}",
                  "--gin_param=drafter_train.steps = 0")
   assert bad_gin.returncode == 1 and "drafter_train.steps must be positive; got 0" in bad_gin.stderr

@@ -472,11 +472,12 @@ def test_multi_draft_acceptance_is_exact_on_fixed_tables(monkeypatch):
 
 
 @pytest.mark.multidevice
-def test_data_parallel_speculative_decoding_on_8_devices():
-  """Rows split over a `data` mesh axis of 8 forced CPU devices (ragged
-  prompts padded to 8 rows): greedy with 4 beams and sampling with 2 drafts
-  give one device's tokens, lengths and steps; the compiled loop holds a
-  fraction of the one-device temporaries; bad meshes are errors naming the
-  axes."""
+def test_sharded_speculative_decoding_on_8_devices():
+  """8 forced CPU devices: rows split over `data` (8), the KV cache over
+  `sequence` (8, Tree Attention, the accepted K/V moved between devices), and
+  2 x 4 of both; greedy with 4 beams and sampling with 2 drafts give one
+  device's tokens, lengths, accepted counts and steps; the loop holds an
+  eighth of the rows or of the cache per device; bad meshes are errors
+  naming the axes."""
   from tests.multidevice import run_check_script  # pylint: disable=import-outside-toplevel
-  run_check_script("tests/redrafter/multidevice_speculative.py", checks=4, timeout=300)
+  run_check_script("tests/redrafter/multidevice_speculative.py", checks=9, timeout=300)
