@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -39,10 +40,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bt_jax import axes
 from bt_jax.config import VanillaConfig
 from bt_jax.inference.decoding import VanillaDecoder
 from bt_jax.inference.generation import prepare_prompts
 from bt_jax.inference.sampling import SamplingConfig, restrict_logits
+from bt_jax.mesh import batch_axes, with_logical_rules
 from bt_jax.models.vanilla import VanillaLM
 from bt_jax.redrafter.drafter import DraftHead
 from bt_jax.redrafter.tree import batched_pack_beams, beam_search
@@ -360,13 +363,16 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
   accept more tokens per step (in expectation), never change the
   distribution. `seed` picks the draws.
 
-  mesh: a mesh with a `data` axis, a `sequence` axis or both (other axes of
-  size 1), parameters replicated: the rows, with their caches and loop state,
-  are split over `data` (the batch is padded with copies of the first prompt
-  up to a multiple of the axis size, and those rows dropped from the
-  output), and each row's KV cache over `sequence` (round-robin slots,
-  attended by Tree Attention; the accepted draft's K/V move between devices
-  as entries, not caches). The same tokens as on one device.
+  mesh: either a mesh with a `data` axis, a `sequence` axis or both (other
+  axes of size 1), parameters replicated: the rows, with their caches and
+  loop state, are split over `data`, and each row's KV cache over `sequence`
+  (round-robin slots, attended by Tree Attention; the accepted draft's K/V
+  move between devices as entries, not caches); or a (data, fsdp, tensor)
+  mesh (`bt_jax.mesh.make_mesh`): the base model's parameters placed by the
+  training rules (a model too big for one device), the rows split over
+  data x fsdp, activations by the models' logical constraints. The batch is
+  padded with copies of the first prompt up to a multiple of the row split,
+  and those rows dropped from the output. The same tokens as on one device.
   """
   if beam_width is None:
     beam_width = 4 if sampling.greedy else 1
@@ -376,7 +382,7 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
     raise ValueError(f"beam_width {beam_width} exceeds the vocabulary "
                      f"({drafter.config.vocab_size})")
   num_prompts = len(prompts)
-  row_groups = _data_axis_size(mesh)
+  row_groups = _row_groups(mesh)
   if num_prompts and num_prompts % row_groups:
     prompts = list(prompts) + [prompts[0]] * (row_groups - num_prompts % row_groups)
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
@@ -384,7 +390,11 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
   args = (params, drafter_params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad),
           jnp.int32(-1 if eos_id is None else eos_id), jax.random.key(seed))
   if mesh is not None:   # arrays committed to one device cannot enter a mesh computation
-    args = jax.device_put(args, _in_shardings(mesh))
+    shardings = _in_shardings(model, mesh)
+    if _is_model_mesh(mesh):
+      from bt_jax.eval.sharding import check_divisible  # pylint: disable=import-outside-toplevel
+      check_divisible(params, shardings[0])
+    args = jax.device_put(args, shardings)
   out = fn(*args)
   if len(prompts) == num_prompts:
     return out
@@ -392,25 +402,49 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
                                      for name in ("tokens", "lengths", "row_steps", "accepted")})
 
 
+def _is_model_mesh(mesh: Optional[Mesh]) -> bool:
+  """A (data, fsdp, tensor) mesh: parameters placed by the training rules."""
+  return mesh is not None and set(axes.MESH_AXES) <= set(mesh.axis_names)
+
+
 def _check_mesh(mesh: Optional[Mesh]) -> None:
-  """A mesh splits rows over `data` and the KV cache over `sequence`; one
-  without either, or with other axes larger than 1, is an error naming them."""
+  """Two kinds of mesh: (data, fsdp, tensor), or one with `data` and/or
+  `sequence` (other axes of size 1); anything else is an error naming it."""
   if mesh is None:
     return
   shape = dict(mesh.shape)
+  if _is_model_mesh(mesh):
+    if len(shape) != len(axes.MESH_AXES):
+      raise ValueError(f"a (data, fsdp, tensor) mesh for speculative decoding has no other "
+                       f"axes; got {shape}")
+    return
   if "data" not in shape and "sequence" not in shape:
     raise ValueError(f"speculative decoding splits rows over a `data` mesh axis and the KV "
-                     f"cache over a `sequence` axis; the mesh has axes {shape}")
+                     f"cache over a `sequence` axis, or the model over a (data, fsdp, tensor) "
+                     f"mesh; the mesh has axes {shape}")
   others = {k: v for k, v in shape.items() if k not in ("data", "sequence") and v > 1}
   if others:
-    raise ValueError(f"speculative decoding shards only the rows (`data`) and the KV cache "
-                     f"(`sequence`); the mesh also splits {others}: give those axes size 1")
+    raise ValueError(f"speculative decoding on a (data, sequence) mesh shards only the rows "
+                     f"and the KV cache; the mesh also splits {others}: give those axes size "
+                     "1, or use a (data, fsdp, tensor) mesh (bt_jax.mesh.make_mesh)")
 
 
-def _data_axis_size(mesh: Optional[Mesh]) -> int:
-  """Rows are split this many ways."""
+def _rows_spec(mesh: Mesh) -> P:
+  """How per-row arrays are split: over data x fsdp on a model mesh (as the
+  training rules split batches), over `data`, or not at all."""
+  if _is_model_mesh(mesh):
+    return P(batch_axes(axes.DEFAULT_RULES))
+  return P("data") if "data" in mesh.axis_names else P()
+
+
+def _row_groups(mesh: Optional[Mesh]) -> int:
+  """Rows are split this many ways (the batch is padded to a multiple)."""
   _check_mesh(mesh)
-  return 1 if mesh is None else dict(mesh.shape).get("data", 1)
+  if mesh is None:
+    return 1
+  spec = _rows_spec(mesh)[0] if len(_rows_spec(mesh)) else None
+  names = () if spec is None else (spec,) if isinstance(spec, str) else spec
+  return math.prod(mesh.shape[name] for name in names)
 
 
 def _sequence_axis_size(mesh: Optional[Mesh]) -> int:
@@ -418,13 +452,16 @@ def _sequence_axis_size(mesh: Optional[Mesh]) -> int:
   return 0 if mesh is None else dict(mesh.shape).get("sequence", 0)
 
 
-def _rows_spec(mesh: Mesh) -> P:
-  return P("data") if "data" in mesh.axis_names else P()
-
-
-def _in_shardings(mesh: Mesh):
+def _in_shardings(model: VanillaLM, mesh: Mesh):
+  """(params, drafter params, tokens, pad, eos_id, rng): the base model's
+  params by the training rules on a model mesh (else replicated), the rows
+  split, the rest replicated."""
   replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, _rows_spec(mesh))
-  return (replicated, replicated, rows, rows, replicated, replicated)
+  params = replicated
+  if _is_model_mesh(mesh):
+    from bt_jax.eval.sharding import EvalSharding  # pylint: disable=import-outside-toplevel
+    params = EvalSharding(mesh).param_shardings(model)
+  return (params, replicated, rows, rows, replicated, replicated)
 
 
 @functools.lru_cache(maxsize=16)
@@ -437,8 +474,7 @@ def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
   sampling; see `speculative_generate`). Cached: one compile per (model,
   drafter, beams, max_new, sampling, mesh); the drafter's params are an
   argument, not a closure constant. With `mesh` (see `speculative_generate`)
-  the rows are split over its `data` axis; the arguments must be placed by
-  `_in_shardings(mesh)` (tokens and pad split, the rest replicated)."""
+  the arguments must be placed by `_in_shardings(model, mesh)`."""
   _check_mesh(mesh)
 
   def run(params, drafter_params, tokens, pad, eos_id, rng):
@@ -455,4 +491,6 @@ def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
   replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, _rows_spec(mesh))
   out = SpeculativeOutput(tokens=rows, lengths=rows, steps=replicated, row_steps=rows,
                           accepted=rows)
-  return jax.jit(run, in_shardings=_in_shardings(mesh), out_shardings=out)
+  if _is_model_mesh(mesh):   # the models' logical constraints shard the activations
+    run = with_logical_rules(run, mesh, axes.DEFAULT_RULES)
+  return jax.jit(run, in_shardings=_in_shardings(model, mesh), out_shardings=out)

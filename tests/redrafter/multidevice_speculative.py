@@ -17,6 +17,7 @@ from jax.sharding import AxisType
 
 from bt_jax.config import VanillaConfig
 from bt_jax.inference import SamplingConfig
+from bt_jax.mesh import make_mesh
 from bt_jax.models import build_model, init_params
 from bt_jax.redrafter import (DraftHead, DrafterConfig, distillation_batches,
                               drafter_generate_fn, speculative_generate, train_drafter)
@@ -46,6 +47,9 @@ def main() -> int:
       "sequence8": jax.make_mesh((8,), ("sequence",), axis_types=(AxisType.Auto,)),
       "data2xsequence4": jax.make_mesh((2, 4), ("data", "sequence"),
                                        axis_types=(AxisType.Auto,) * 2),
+      # The base model split by the training rules (heads / MLP / vocab over
+      # tensor, embed over fsdp), rows over data x fsdp.
+      "model2x2x2": make_mesh((2, 2, 2)),
   }
   settings = {"greedy-4beams": (SamplingConfig(), 4),
               "sampled-2drafts": (SamplingConfig(temperature=1.0), 2)}
@@ -59,7 +63,7 @@ def main() -> int:
                     eos_id=None)
       # One device, on the batch the mesh run pads to (the padded rows also
       # decide how many steps the loop takes), cut to the real rows.
-      groups = dict(mesh.shape).get("data", 1)
+      groups = dict(mesh.shape).get("data", 1) * dict(mesh.shape).get("fsdp", 1)
       padded = PROMPTS + [PROMPTS[0]] * (-len(PROMPTS) % groups)
       want = speculative_generate(model, params, drafter, dparams, padded, **kwargs)
       got = speculative_generate(model, params, drafter, dparams, PROMPTS, mesh=mesh, **kwargs)
@@ -82,7 +86,7 @@ def main() -> int:
     args = (params, dparams, tokens, pad, np.int32(-1), jax.random.key(0))
     one = drafter_generate_fn(model, drafter, 4, MAX_NEW).lower(*args).compile()
     from bt_jax.redrafter.speculative import _in_shardings  # pylint: disable=import-outside-toplevel
-    placed = jax.device_put(args, _in_shardings(mesh))
+    placed = jax.device_put(args, _in_shardings(model, mesh))
     split = drafter_generate_fn(model, drafter, 4, MAX_NEW, mesh=mesh).lower(*placed).compile()
     one_temp = one.memory_analysis().temp_size_in_bytes
     split_temp = split.memory_analysis().temp_size_in_bytes
@@ -100,7 +104,7 @@ def main() -> int:
     args = (params, dparams, np.ones((8, 96), np.int32), np.zeros((8,), np.int32),
             np.int32(-1), jax.random.key(0))
     from bt_jax.redrafter.speculative import _in_shardings  # pylint: disable=import-outside-toplevel
-    placed = jax.device_put(args, _in_shardings(seq_mesh))
+    placed = jax.device_put(args, _in_shardings(model, seq_mesh))
     text = drafter_generate_fn(model, drafter, 4, MAX_NEW, mesh=seq_mesh).lower(
         *placed).compile().as_text()
     heads, head_dim = BASE.stack.num_heads, BASE.stack.resolved_head_dim
@@ -108,6 +112,21 @@ def main() -> int:
     assert local in text and whole not in text, (local in text, whole in text)
     record("cache split over the sequence axis", True, f"{local} per device, no {whole}")
   check("cache split over the sequence axis", cache_is_split)
+
+  def params_are_split():
+    from bt_jax.redrafter.speculative import _in_shardings  # pylint: disable=import-outside-toplevel
+    shardings = _in_shardings(model, meshes["model2x2x2"])[0]
+    kernel = shardings["lm_head"]["kernel"].spec
+    assert "tensor" in jax.tree.leaves(tuple(kernel)), kernel
+    wide = make_mesh((1, 1, 8))     # 2 heads cannot be split 8 ways
+    try:
+      speculative_generate(model, params, drafter, dparams, PROMPTS, max_new_tokens=4, mesh=wide)
+    except ValueError as e:
+      assert "cannot be split 8 ways" in str(e), e
+    else:
+      raise AssertionError("a tensor axis that does not divide the heads was accepted")
+    record("params split by the training rules", True, f"lm_head kernel {kernel}")
+  check("params split by the training rules", params_are_split)
 
   def errors():
     bad = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)

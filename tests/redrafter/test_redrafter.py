@@ -474,10 +474,11 @@ def test_multi_draft_acceptance_is_exact_on_fixed_tables(monkeypatch):
 @pytest.mark.multidevice
 def test_sharded_speculative_decoding_on_8_devices():
   """8 forced CPU devices: rows split over `data` (8), the KV cache over
-  `sequence` (8, Tree Attention, the accepted K/V moved between devices), and
-  2 x 4 of both; greedy with 4 beams and sampling with 2 drafts give one
+  `sequence` (8, Tree Attention, the accepted K/V moved between devices),
+  2 x 4 of both, and the model split over a 2 x 2 x 2 (data, fsdp, tensor)
+  mesh; greedy with 4 beams and sampling with 2 drafts give one
   device's tokens, lengths, accepted counts and steps; the loop holds an
   eighth of the rows or of the cache per device; bad meshes are errors
   naming the axes."""
   from tests.multidevice import run_check_script  # pylint: disable=import-outside-toplevel
-  run_check_script("tests/redrafter/multidevice_speculative.py", checks=9, timeout=300)
+  run_check_script("tests/redrafter/multidevice_speculative.py", checks=12, timeout=400)
