@@ -65,6 +65,13 @@ def _load(workdir):
   return model, init_params(model, jax.random.key(0)), Bytes(), "random"
 
 
+def _table(header: str, rows) -> None:
+  print(header)
+  print("-" * len(header))
+  for row in rows:
+    print(row)
+
+
 def main(argv=None) -> Dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default=None, help="a trained vanilla run")
@@ -149,25 +156,20 @@ def main(argv=None) -> Dict[str, Any]:
                                     / sample_record["sampling_tokens_per_s"])
         sampling_records.append(sample_record)
 
-  header = (f"{'batch':>5} {'same':>5} {'tok/step':>8} {'steps':>11} {'greedy ms':>10} "
-            f"{'spec ms':>9} {'speedup':>8}")
-  print(header)
-  print("-" * len(header))
-  for r in records:
-    print(f"{r['batch_size']:>5} {str(r['same_tokens_as_greedy']):>5} "
+  _table(f"{'batch':>5} {'same':>5} {'tok/step':>8} {'steps':>11} {'greedy ms':>10} "
+         f"{'spec ms':>9} {'speedup':>8}",
+         [f"{r['batch_size']:>5} {str(r['same_tokens_as_greedy']):>5} "
           f"{r['tokens_per_step']:>8.2f} {r['base_steps']:>4} vs {r['greedy_steps']:<4} "
-          f"{r['greedy_ms']:>10.1f} {r['speculative_ms']:>9.1f} {r['speedup']:>7.2f}x")
+          f"{r['greedy_ms']:>10.1f} {r['speculative_ms']:>9.1f} {r['speedup']:>7.2f}x"
+          for r in records])
   if sampling_records:
     print(f"speculative sampling at temperature {args.temperature} against plain sampling "
           "(tokens/s: generated lengths differ by EOS)")
-    header = (f"{'batch':>5} {'drafts':>6} {'tok/step':>8} {'steps':>5} {'plain ms':>9} "
-              f"{'spec ms':>9} {'speedup':>8}")
-    print(header)
-    print("-" * len(header))
-    for r in sampling_records:
-      print(f"{r['batch_size']:>5} {r['drafts']:>6} {r['tokens_per_step']:>8.2f} "
+    _table(f"{'batch':>5} {'drafts':>6} {'tok/step':>8} {'steps':>5} {'plain ms':>9} "
+           f"{'spec ms':>9} {'speedup':>8}",
+           [f"{r['batch_size']:>5} {r['drafts']:>6} {r['tokens_per_step']:>8.2f} "
             f"{r['base_steps']:>5} {r['sampling_ms']:>9.1f} {r['speculative_ms']:>9.1f} "
-            f"{r['speedup']:>7.2f}x")
+            f"{r['speedup']:>7.2f}x" for r in sampling_records])
   device = jax.devices()[0]
   report = dict(
       meta=dict(device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__,
