@@ -41,19 +41,24 @@ class MetricWriter:
     self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
 
   def write(self, record: dict[str, Any]) -> None:
-    if not self.enabled:
+    self.write_many([record])
+
+  def write_many(self, records: list[dict[str, Any]]) -> None:
+    """Appends records (one file open and one TensorBoard flush for all)."""
+    if not self.enabled or not records:
       return
     with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
-    step = record["step"]
-    for key, value in record.items():
-      if key == "step":
-        continue
-      if isinstance(value, list):
-        for i, v in enumerate(value):
-          self._tb.add_scalar(f"{key}/{i}", v, step)
-      else:
-        self._tb.add_scalar(key, value, step)
+      f.writelines(json.dumps(record) + "\n" for record in records)
+    for record in records:
+      step = record["step"]
+      for key, value in record.items():
+        if key == "step":
+          continue
+        if isinstance(value, list):
+          for i, v in enumerate(value):
+            self._tb.add_scalar(f"{key}/{i}", v, step)
+        else:
+          self._tb.add_scalar(key, value, step)
     self._tb.flush()
 
   def close(self) -> None:

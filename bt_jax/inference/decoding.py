@@ -76,6 +76,21 @@ class _GlobalCache:
       return jax.lax.with_sharding_constraint(x, self.sharding.rows_sharding)
     return jax.tree.map(constrain, tree)
 
+  def move_slots(self, cache, source: jax.Array, start: jax.Array):
+    """Every layer's global cache with slots start[b] .. start[b] + n - 1 of
+    row b holding what slots source[b, :n] held (logical slots; source and
+    targets may overlap: all are read first). Sharded, only the moved
+    entries travel between devices (`ShardedKVCache.move_slots`)."""
+    targets = start[:, None] + jnp.arange(source.shape[1])[None, :]
+
+    def move(array):
+      if self.sharding is not None:
+        return self.sharding.move_slots(array, source, targets)
+      taken = jax.vmap(lambda c, s: jnp.take(c, s, axis=0))(array, source)
+      return jax.vmap(lambda c, t, i: jax.lax.dynamic_update_slice_in_dim(c, t, i, axis=0))(
+          array, taken, start)
+    return jax.tree.map(move, cache)
+
   def _init_global_cache(self, stack, batch: int, cache_len: int):
     cache = caches_lib.init_stack_cache(stack, batch, cache_len, self.config.compute_dtype)
     if self.sharding is not None:

@@ -70,6 +70,14 @@ def num_steps_for(config: ModelConfig, max_new_tokens: int) -> int:
   return max_new_tokens
 
 
+def pad_rows(prompts: Sequence[Sequence[int]], groups: int) -> Sequence[Sequence[int]]:
+  """`prompts` padded with copies of the first to a multiple of `groups`
+  (rows split evenly over a mesh axis; the caller drops the copies' output)."""
+  if not prompts or len(prompts) % groups == 0:
+    return prompts
+  return list(prompts) + [prompts[0]] * (groups - len(prompts) % groups)
+
+
 def prepare_prompts(prompts: Sequence[Sequence[int]], config: ModelConfig,
                     max_new_tokens: int) -> PromptBatch:
   """Left-pads token-id prompts into one batch, checking them against the model."""
@@ -279,9 +287,7 @@ def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], *, max_
   everything on one device.
   """
   num_prompts = len(prompts)
-  row_groups = 1 if mesh is None else dict(mesh.shape).get(axes.MESH_DATA, 1)
-  if num_prompts and num_prompts % row_groups:
-    prompts = list(prompts) + [prompts[0]] * (row_groups - num_prompts % row_groups)
+  prompts = pad_rows(prompts, 1 if mesh is None else dict(mesh.shape).get(axes.MESH_DATA, 1))
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
   fn = generate_fn(model, max_new_tokens, sampling, return_logits, segments, mesh)
   out = fn(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(seed),

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -43,9 +42,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from bt_jax import axes
 from bt_jax.config import VanillaConfig
 from bt_jax.inference.decoding import VanillaDecoder
-from bt_jax.inference.generation import prepare_prompts
+from bt_jax.inference.generation import pad_rows, prepare_prompts
 from bt_jax.inference.sampling import SamplingConfig, restrict_logits
-from bt_jax.mesh import batch_axes, with_logical_rules
+from bt_jax.mesh import batch_axes, data_parallel_size, with_logical_rules
 from bt_jax.models.vanilla import VanillaLM
 from bt_jax.redrafter.drafter import DraftHead
 from bt_jax.redrafter.tree import batched_pack_beams, beam_search
@@ -188,11 +187,6 @@ def _accept_sampled(logits, unpacker, beams, q_logprobs, sampling, key):
       logits, unpacker, beams, q_logprobs, keys)
 
 
-def _gather_slots(cache: jax.Array, slots: jax.Array) -> jax.Array:
-  """cache [B, S, ...], slots int32 [B, n] -> [B, n, ...]."""
-  return jax.vmap(lambda c, s: jnp.take(c, s, axis=0))(cache, slots)
-
-
 def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: int,
                max_new_tokens: int, params, tokens, pad, eos_id,
                sampling: Optional[SamplingConfig] = None, rng: Optional[jax.Array] = None,
@@ -276,16 +270,7 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
       num_accepted = accepted[rows, best]
     best_slots = tree.unpacker[rows, best]                                  # [B, D] packed index
     # Move the chosen beam's K/V from its packed slots to length .. length + C.
-    if decoder.sharding is None:
-      cache = [{name: jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(
-                    c, n, i, axis=0))(array, _gather_slots(array, length[:, None] + best_slots),
-                                      length)
-                for name, array in layer.items()} for layer in cache]
-    else:       # across devices: only the moved entries travel
-      source = length[:, None] + best_slots
-      target = length[:, None] + jnp.arange(depth_len)[None, :]
-      cache = [{name: decoder.sharding.move_slots(array, source, target)
-                for name, array in layer.items()} for layer in cache]
+    cache = decoder.move_slots(cache, length[:, None] + best_slots, length)
     committed = beams[rows, best]                                           # [B, D], g0 first
     next_at = best_slots[rows, num_accepted]                                # packed index
     if not sampled:
@@ -382,9 +367,7 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
     raise ValueError(f"beam_width {beam_width} exceeds the vocabulary "
                      f"({drafter.config.vocab_size})")
   num_prompts = len(prompts)
-  row_groups = _row_groups(mesh)
-  if num_prompts and num_prompts % row_groups:
-    prompts = list(prompts) + [prompts[0]] * (row_groups - num_prompts % row_groups)
+  prompts = pad_rows(prompts, _row_groups(mesh))
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
   fn = drafter_generate_fn(model, drafter, beam_width, max_new_tokens, sampling, mesh)
   args = (params, drafter_params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad),
@@ -442,9 +425,9 @@ def _row_groups(mesh: Optional[Mesh]) -> int:
   _check_mesh(mesh)
   if mesh is None:
     return 1
-  spec = _rows_spec(mesh)[0] if len(_rows_spec(mesh)) else None
-  names = () if spec is None else (spec,) if isinstance(spec, str) else spec
-  return math.prod(mesh.shape[name] for name in names)
+  if _is_model_mesh(mesh):
+    return data_parallel_size(mesh, axes.DEFAULT_RULES)
+  return dict(mesh.shape).get("data", 1)
 
 
 def _sequence_axis_size(mesh: Optional[Mesh]) -> int:

@@ -140,13 +140,13 @@ def run_drafter_training(model: VanillaLM, params, drafter: DraftHead, batches, 
   history, pending = [], []   # pending: device arrays, read only at save points
 
   def flush():
-    for step, (loss, loss_i, acc_i) in zip([s for s, _ in pending],
-                                           jax.device_get([m for _, m in pending])):
-      record = {"step": step, "loss": float(loss), "loss_i": loss_i.tolist(),
+    records = [{"step": step, "loss": float(loss), "loss_i": loss_i.tolist(),
                 "acc_i": acc_i.tolist()}
-      history.append(record)
-      if metrics_writer is not None:
-        metrics_writer.write(record)
+               for step, (loss, loss_i, acc_i) in zip([s for s, _ in pending],
+                                                      jax.device_get([m for _, m in pending]))]
+    history.extend(records)
+    if metrics_writer is not None:
+      metrics_writer.write_many(records)
     pending.clear()
 
   stopped_at = None
