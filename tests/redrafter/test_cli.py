@@ -19,6 +19,7 @@ from bt_jax.config import VanillaConfig
 from bt_jax.data.tokenizer import train_bpe
 from bt_jax.models import build_model, init_params
 from bt_jax.redrafter import load_drafter
+from tests.processes import sigterm_when
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -151,32 +152,18 @@ def test_drafter_training_resumes_exactly(vanilla_workdir, tmp_path, monkeypatch
 
 
 def test_train_drafter_sigterm_checkpoints_and_exits_cleanly(vanilla_workdir, tmp_path):
-  import signal  # pylint: disable=import-outside-toplevel
-  import time  # pylint: disable=import-outside-toplevel
   out = tmp_path / "drafter"
   bindings = [f"drafter_train.out = '{out}'", "drafter_train.steps = 1000000",
               "drafter_train.checkpoint_every = 1000000", "drafter_train.num_prompts = 8",
               "drafter_train.prompt_len = 16", "drafter_train.continuation_len = 16",
               "drafter_train.batch_size = 4", "drafter_train.draft_len = 2"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  proc = subprocess.Popen([sys.executable, "-m", "bt_jax.train_drafter",
-                           f"--workdir={vanilla_workdir}",
-                           *[f"--gin_param={b}" for b in bindings]],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  try:
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and not (
-        out / "distill_data.npz").exists():
-      time.sleep(0.2)
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
-    time.sleep(3)      # into the training loop (a SIGTERM before it stops after step 1)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 0, stderr[-3000:]
+  # SIGTERM a few seconds into the training loop (one before it stops after step 1).
+  returncode, stdout, stderr = sigterm_when(
+      [sys.executable, "-m", "bt_jax.train_drafter", f"--workdir={vanilla_workdir}",
+       *[f"--gin_param={b}" for b in bindings]],
+      lambda: (out / "distill_data.npz").exists(), cwd=REPO, env=env, wait=180, settle=3)
+  assert returncode == 0, stderr[-3000:]
   assert "stopping at step" in stderr and "SIGTERM" in stderr
   stopped_at = json.loads(stdout.strip().splitlines()[-1])["stopped_at"]
   assert stopped_at >= 1

@@ -27,6 +27,7 @@ from bt_jax import train
 from bt_jax.config import BlockConfig
 from bt_jax.models import build_model, init_params, sequence_loss
 from tests.multidevice import SHARDING_WARNINGS
+from tests.processes import sigterm_when
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -236,22 +237,11 @@ def test_sigterm_saves_and_exits_cleanly(run_gin, tmp_path):
           f"--workdir={tmp_path}", "--gin_param=VanillaConfig.num_layers = 1",
           "--gin_param=train.steps = 100000", "--gin_param=train.checkpoint_every = 100000",
           "--gin_param=train.eval_every = 100000"]
-  proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  try:
-    metrics = tmp_path / train.METRICS_FILE
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-      if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-        break
-      time.sleep(0.5)
-    assert proc.poll() is None, proc.stderr.read()[-4000:]
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 0, stderr[-4000:]
+  metrics = tmp_path / train.METRICS_FILE
+  returncode, stdout, stderr = sigterm_when(
+      args, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2,
+      cwd=REPO, env=_env())
+  assert returncode == 0, stderr[-4000:]
   assert "stopping at step" in stderr and "SIGTERM" in stderr
   stopped_at = json.loads(stdout.strip().splitlines()[-1])["stopped_at"]
   assert checkpointing.Checkpointer(tmp_path, read_only=True).all_steps() == [stopped_at]
