@@ -1,5 +1,5 @@
 """Pieces shared by the training binaries (`bt_jax.train`, `bt_jax.train_drafter`):
-the metrics writer and the SIGTERM / preemption stop request."""
+the metrics writer and the SIGTERM / Ctrl-C stop request."""
 
 from __future__ import annotations
 
@@ -67,24 +67,83 @@ class MetricWriter:
 
 
 class StopRequest:
-  """SIGTERM (preemption) asks the loop to checkpoint and exit after the current step."""
+  """SIGTERM (preemption) or Ctrl-C (SIGINT) asks the loop to checkpoint and exit
+  after the current step; a second Ctrl-C exits at once.
 
-  def __init__(self):
+  Python runs signal handlers only between bytecodes of the main thread, so a
+  signal that arrives while XLA compiles would wait for the compile. A watcher
+  thread therefore reads the signals from `signal.set_wakeup_fd` as they
+  arrive: a second SIGINT ends the process at once (status 130), and with
+  `exit_before_ready` any stop signal before `ready()` (start-up, restore, the
+  first compile: nothing since the last checkpoint to save) ends it within a
+  moment with status 0.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, *, exit_before_ready: bool = False):
     self.requested = threading.Event()
-    self._previous = None
+    self._ready = threading.Event()
+    self._exit_before_ready = exit_before_ready
+    self._previous = {}
+    self._previous_fd = None
+    self._pipe = None
+    self._watcher = None
+    self._interrupts = 0
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    for signum in self.SIGNALS:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    self._pipe = (read_fd, write_fd)
+    self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    self._watcher = threading.Thread(target=self._watch, name="stop-request-watcher", daemon=True)
+    self._watcher.start()
     return self
+
+  def ready(self) -> None:
+    """The loop is stepping: from now on a stop signal checkpoints before exiting."""
+    self._ready.set()
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested.set()
 
+  def _watch(self) -> None:
+    read_fd = self._pipe[0]
+    while True:
+      try:
+        data = os.read(read_fd, 64)
+      except OSError:
+        return
+      if not data:
+        return
+      for signum in data:
+        if signum == signal.SIGINT:
+          self._interrupts += 1
+        if signum not in self.SIGNALS:
+          continue
+        if self._interrupts >= 2:
+          os.write(2, b"\nsecond interrupt: exiting now; the last saved checkpoint is kept\n")
+          os._exit(130)  # pylint: disable=protected-access
+        if self._exit_before_ready and not self._ready.is_set():
+          os.write(2, b"\nstop requested before the first step: nothing new to save; exiting\n")
+          os._exit(0)  # pylint: disable=protected-access
+
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+    if self._pipe is not None:
+      signal.set_wakeup_fd(self._previous_fd if self._previous_fd is not None else -1)
+      read_fd, write_fd = self._pipe
+      os.close(write_fd)            # the watcher reads end-of-file and returns
+      self._watcher.join(timeout=5)
+      os.close(read_fd)
+      self._pipe = None
 
   def should_stop(self, step: int, sync_point: bool) -> bool:
     """Whether to checkpoint and exit after `step`: the same answer on every host.
