@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from bt_jax import cli
 from experiments import kernel_bench
 from experiments.kernel_bench import DecodeShape, FlashShape
 
@@ -21,12 +22,13 @@ def test_kernel_bench_tiny_preset(monkeypatch, tmp_path, capsys):
              FlashShape(1, 32, 2, 2, 16, False, local_block=8)],
       decode=[DecodeShape(2, 2, 100, 4, 2, 16)])
   monkeypatch.setitem(kernel_bench.PRESETS, "cpu", tiny)
-  out = tmp_path / "bench.json"
-  records = kernel_bench.main(["--preset", "cpu", "--out", str(out), "--peak_bw_gbs", "100"])
+  out = tmp_path / "new_folder" / "bench.json"    # --out's folder is created
+  records = cli.call(kernel_bench, ["--preset", "cpu", "--out", str(out), "--peak_bw_gbs", "100"])
   printed = capsys.readouterr().out
   report = json.loads(out.read_text())
   assert report["results"] == json.loads(json.dumps(records))
   assert report["meta"]["kernel_impl"] == "interpret" and report["meta"]["peak_bw_gbs"] == 100
+  assert report["meta"]["complete"]
 
   timed = [r for r in records if "skipped" not in r]
   skipped = [r for r in records if "skipped" in r]
