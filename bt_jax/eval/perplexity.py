@@ -246,11 +246,14 @@ def run_perplexity(runs: Sequence[tuple[str, nn.Module, Any, TokenizerLike]], da
                    max_docs: Optional[int] = None, max_windows: Optional[int] = None,
                    context_len: Optional[int] = None, batch_size: int = 8, bin_size: int = 64,
                    prepend_eos: bool = True, progress: bool = True,
-                   sharding: Optional[EvalSharding] = None) -> dict[str, Any]:
+                   sharding: Optional[EvalSharding] = None,
+                   texts: Optional[Sequence[str]] = None) -> dict[str, Any]:
   """Loss by position for each (label, model, params, tokenizer) on the corpus
-  `data`; prints a summary and, with out_dir, writes perplexity.json and
-  loss_by_position.png (all runs on one plot)."""
-  texts = read_corpus(data, text_field=text_field, max_docs=max_docs)
+  `data` (or `texts`, its documents already read); prints a summary and, with
+  out_dir, writes perplexity.json and loss_by_position.png (all runs on one
+  plot)."""
+  if texts is None:
+    texts = read_corpus(data, text_field=text_field, max_docs=max_docs)
   results = []
   for label, model, params, tokenizer in runs:
     result = loss_by_position(model, params, tokenizer, texts, context_len=context_len,
