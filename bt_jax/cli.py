@@ -101,11 +101,15 @@ def run(main: Callable[[flags.FlagValues], Any],
 
 def parse(define_flags: Callable[[flags.FlagValues], None], argv: Sequence[str],
           program: str = "binary") -> flags.FlagValues:
-  """A binary's flags parsed from `argv` (flags only) on a fresh FlagValues."""
+  """A binary's flags parsed from `argv` (flags only) on a fresh FlagValues;
+  a bad flag is a UserError."""
   flag_values = flags.FlagValues()
   define_flags(flag_values)
   _define_verbose(flag_values)
-  rest = flag_values([program, *argv])
+  try:
+    rest = flag_values([program, *argv])
+  except flags.Error as e:
+    raise UserError(one_line(e)) from e
   if len(rest) > 1:
     raise UserError(f"unexpected arguments {rest[1:]}; every input is a --flag")
   return flag_values

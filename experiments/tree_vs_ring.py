@@ -46,8 +46,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                     "divisible by p.", **fv)
   flags.DEFINE_list("devices", None, "Comma-separated device counts p (default: the "
                     "preset's; gpu: all).", **fv)
-  flags.DEFINE_multi_enum("methods", list(SHARDED_METHODS), SHARDED_METHODS,
-                          "Sharded methods to time (repeat the flag, or comma-separate).", **fv)
+  flags.DEFINE_list("methods", list(SHARDED_METHODS), "Comma-separated sharded methods to "
+                    f"time, of {','.join(SHARDED_METHODS)}.", **fv)
   flags.DEFINE_string("two_level", None, "NODESxLOCAL: also time tree_two_level on a "
                       "(node, local) mesh, e.g. 2x4.", **fv)
   for name in INT_SETTINGS:
@@ -75,7 +75,7 @@ def config_from_flags(flag_values: flags.FlagValues) -> dict:
   for key in ("contexts", "devices"):
     if flag_values[key].value is not None:
       config[key] = _ints(key, flag_values[key].value)
-  methods = [m for item in flag_values.methods for m in item.split(",") if m]
+  methods = [m.strip() for m in flag_values.methods if m.strip()]
   unknown = sorted(set(methods) - set(SHARDED_METHODS))
   if unknown:
     raise cli.UserError(f"--methods {unknown} unknown; valid: {list(SHARDED_METHODS)}")
