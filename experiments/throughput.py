@@ -1,4 +1,4 @@
-r"""Generation throughput of block vs vanilla models (spec section 5 protocol).
+r"""Generation throughput of block vs vanilla models (the Block Transformer paper's protocol).
 
     python -m experiments.throughput --preset cpu --out /tmp/throughput_cpu.json
     python -m experiments.throughput --preset paper --peak_bw_gbs 3350 \
