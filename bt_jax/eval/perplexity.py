@@ -78,13 +78,6 @@ def rolling_windows(tokens: Sequence[int], window_len: int,
     predicted = end
 
 
-def document_windows(token_docs: Sequence[Sequence[int]], window_len: int,
-                     prefix_token: int) -> Iterator[tuple[list[int], int]]:
-  """`rolling_windows` of each document in turn."""
-  for doc in token_docs:
-    yield from rolling_windows(doc, window_len, prefix_token)
-
-
 @dataclasses.dataclass
 class PositionLoss:
   """Summed next-token loss and counts at each window position."""
