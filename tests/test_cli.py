@@ -164,6 +164,11 @@ def test_eval_zero_shot_missing_piqa_labels_before_the_checkpoint(workdir, tmp_p
   # first, that would be the error.
   _assert_user_error(proc, "PIQA labels not found", str(data / "valid-labels.lst"))
   assert _listing(workdir) == before
+  (data / "valid-labels.lst").write_bytes(b"0\n\xff\n1\n")
+  proc = _run(["-m", "bt_jax.eval_zero_shot", "--workdir", str(workdir),
+               "--task", f"piqa={data}"])
+  _assert_user_error(proc, str(data / "valid-labels.lst"), "is not UTF-8 text")
+  assert _listing(workdir) == before
 
 
 @pytest.mark.parametrize("files, fragments", [
