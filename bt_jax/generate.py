@@ -6,8 +6,8 @@ r"""Generate text from a training run's latest checkpoint, streaming it.
 Loads the model, params and tokenizer with
 `bt_jax.checkpointing.load_for_inference`, then runs the compiled prefill and
 the compiled decode loop of `bt_jax.inference` in chunks of --chunk_tokens
-tokens, printing the text as each chunk lands. Generation stops at the
-tokenizer's EOS or after --max_new_tokens.
+tokens, printing the text as each chunk lands, after the prompt (unless
+--no_echo). Generation stops at the tokenizer's EOS or after --max_new_tokens.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def define_flags() -> None:
                       "drafter and recursive rejection sampling (distributed as plain sampling).")
   flags.DEFINE_integer("beam_width", None, "Beams the draft head proposes per step "
                        "(--drafter; default 4 at temperature 0, 1 when sampling).")
+  flags.DEFINE_bool("no_echo", False, "Print only the continuation, not the prompt before it.")
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[str]) -> str:
@@ -68,7 +69,7 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
                     seed: int = 0, step: Optional[int] = None, chunk_tokens: int = 16,
                     sequence_devices: int = 1, drafter: Optional[str] = None,
                     beam_width: Optional[int] = None, out: TextIO = sys.stdout,
-                    err: TextIO = sys.stderr) -> str:
+                    err: TextIO = sys.stderr, echo: bool = False) -> str:
   """Generates a continuation of `prompt`, writing it to `out` as it is made.
 
   max_new_tokens None: the rest of the context after the prompt, at most
@@ -77,7 +78,8 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
   folder of a ReDrafter draft head: speculative decoding (greedy at
   temperature 0: the same text as greedy decoding; speculative sampling
   otherwise), written when done, with its step count on `err`.
-  Returns the generated text. Raises FileNotFoundError for a missing
+  echo: write the prompt to `out` first (once the inputs are checked).
+  Returns the generated text (without the prompt). Raises FileNotFoundError for a missing
   checkpoint and ValueError for an empty prompt or one too long for the
   context, or a drafter that does not fit.
   """
@@ -120,6 +122,9 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
   if max_new_tokens is None:
     max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, config.max_len - aligned)
   batch = prepare_prompts([ids], config, max_new_tokens)   # checks prompt + new tokens
+  if echo:
+    out.write(prompt)
+    out.flush()
   if drafter is not None:
     return _speculative(model, params, tokenizer, ids, drafter, beam_width, max_new_tokens,
                         sampling, seed, out, err, mesh)
@@ -191,7 +196,7 @@ def main(argv):
                     temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                     seed=FLAGS.seed, step=FLAGS.step, chunk_tokens=FLAGS.chunk_tokens,
                     sequence_devices=FLAGS.sequence_devices, drafter=FLAGS.drafter,
-                    beam_width=FLAGS.beam_width)
+                    beam_width=FLAGS.beam_width, echo=not FLAGS.no_echo)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

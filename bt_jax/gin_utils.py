@@ -60,15 +60,19 @@ def _resolve_file(path: str) -> str:
 
 
 def parse_gin(gin_files: Sequence[str] = (), gin_params: Sequence[str] = (),
-              *, finalize: bool = True) -> None:
-  """Parses gin files then bindings, raising errors that name the bad file or binding."""
+              *, finalize: bool = True, skip_unknown: bool = False) -> None:
+  """Parses gin files then bindings, raising errors that name the bad file or binding.
+
+  skip_unknown: ignore bindings of configurables not registered in this
+  process (a run file's `train.*` when only the model is wanted).
+  """
   gin.clear_config()
   for path in _search_paths():
     gin.add_config_file_search_path(path)
   for path in gin_files:
     resolved = _resolve_file(path)
     try:
-      gin.parse_config_file(resolved)
+      gin.parse_config_file(resolved, skip_unknown=skip_unknown)
     except Exception as e:  # gin raises several exception types
       raise ValueError(f"could not parse gin file {path!r}: {e}") from e
   for binding in gin_params:
@@ -76,7 +80,7 @@ def parse_gin(gin_files: Sequence[str] = (), gin_params: Sequence[str] = (),
       raise ValueError(f"malformed gin binding {binding!r}: bindings look like "
                        "'Configurable.parameter = value' (e.g. 'BlockConfig.block_len = 8')")
     try:
-      gin.parse_config(binding)
+      gin.parse_config(binding, skip_unknown=skip_unknown)
     except Exception as e:
       raise ValueError(f"could not parse gin binding {binding!r}: {e}. Bindings look like "
                        "'Configurable.parameter = value' (e.g. 'BlockConfig.block_len = 8')"
@@ -85,9 +89,11 @@ def parse_gin(gin_files: Sequence[str] = (), gin_params: Sequence[str] = (),
     gin.finalize()
 
 
-def model_config_from_gin(gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()):
-  """Parses gin and returns the bound model config."""
-  parse_gin(gin_files, gin_params)
+def model_config_from_gin(gin_files: Sequence[str] = (), gin_params: Sequence[str] = (),
+                          *, skip_unknown: bool = False):
+  """Parses gin and returns the bound model config (skip_unknown: see parse_gin;
+  it lets a run or experiment gin file, which includes a model, be read too)."""
+  parse_gin(gin_files, gin_params, skip_unknown=skip_unknown)
   try:
     return model()
   except Exception as e:

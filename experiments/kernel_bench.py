@@ -1,7 +1,7 @@
 """Times the Pallas attention kernels against XLA and cuDNN attention.
 
     python -m experiments.kernel_bench [--preset cpu|gpu] [--out results.json]
-        [--peak_bw_gbs 3350] [--only flash|decode] [--repeats N] [--no-check]
+        [--peak_bw_gbs 3350] [--only flash|decode] [--repeats N] [--nocheck]
 
 For each shape of the preset's grid it times, with warm-up and repeats (each
 call ended by block_until_ready; the median is reported):
@@ -15,7 +15,8 @@ call ended by block_until_ready; the median is reported):
     (2 * sum(lengths) * kv_heads * head_dim * itemsize) / time and, with
     --peak_bw_gbs, the fraction of peak.
 It also checks the kernel against the reference on every shape (max abs error
-of out / lse / grads; --no-check skips this), prints a table and writes JSON.
+of out / lse / grads; --nocheck skips this), prints a table and writes JSON
+(rewritten after every shape, so a crash keeps what was measured).
 
 On CPU the kernels run in Pallas interpret mode (impl="interpret"), so CPU
 numbers measure the interpreter, not the kernel design; the gpu preset is the
@@ -24,17 +25,17 @@ one that means something (H100: peak HBM bandwidth ~3350 GB/s for SXM).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import platform
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
+from bt_jax import cli
 from experiments.timing import time_call
 from pallas_kernels import (decode_attention, flash_attention,
                             reference_attention, reference_decode_attention)
@@ -290,19 +291,23 @@ def _print_table(records: List[Dict[str, Any]]) -> None:
           f"{tflops} {gbs} {frac}  {notes}")
 
 
-def main(argv=None) -> List[Dict[str, Any]]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                      help="shape grid (default: gpu on a GPU, else cpu)")
-  parser.add_argument("--out", default=None, help="write the results as JSON")
-  parser.add_argument("--peak_bw_gbs", type=float, default=None,
-                      help="peak memory bandwidth in GB/s (H100 SXM ~3350)")
-  parser.add_argument("--only", choices=["flash", "decode"], default=None)
-  parser.add_argument("--warmup", type=int, default=None)
-  parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--no-check", dest="check", action="store_false",
-                      help="skip the kernel-vs-reference error check")
-  args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues) -> None:
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_enum("preset", None, sorted(PRESETS),
+                    "Shape grid (default: gpu on a GPU, else cpu).", **fv)
+  flags.DEFINE_string("out", None, "Write the results as JSON (after every shape; its "
+                      "folder is created).", **fv)
+  flags.DEFINE_float("peak_bw_gbs", None, "Peak memory bandwidth in GB/s (H100 SXM ~3350).",
+                     **fv)
+  flags.DEFINE_enum("only", None, ["flash", "decode"], "Time one kernel only.", **fv)
+  flags.DEFINE_integer("warmup", None, "Untimed calls first (default: the preset's).", **fv)
+  flags.DEFINE_integer("repeats", None, "Timed calls (default: the preset's).", **fv)
+  flags.DEFINE_bool("check", True, "Check the kernels against the reference (--nocheck "
+                    "skips it).", **fv)
+
+
+def main(flag_values: flags.FlagValues) -> List[Dict[str, Any]]:
+  args = flag_values
   preset_name = args.preset or ("gpu" if jax.default_backend() == "gpu"
                                 else "cpu")
   preset = PRESETS[preset_name]
@@ -315,27 +320,34 @@ def main(argv=None) -> List[Dict[str, Any]]:
         f"kernel impl {_kernel_impl()}")
   started = time.perf_counter()
   records: List[Dict[str, Any]] = []
-  if args.only in (None, "flash"):
-    for shape in preset["flash"]:
-      records += bench_flash(shape, dtype, warmup, repeats, args.check)
-  if args.only in (None, "decode"):
-    for shape in preset["decode"]:
-      records += bench_decode(shape, dtype, warmup, repeats, args.check,
-                              args.peak_bw_gbs)
-  _print_table(records)
-  elapsed = time.perf_counter() - started
-  print(f"total {elapsed:.1f} s")
-  if args.out:
+
+  def save(complete: bool) -> None:
+    if not args.out:
+      return
     meta = dict(device=device.device_kind, backend=jax.default_backend(),
                 jax=jax.__version__, python=platform.python_version(),
                 preset=preset_name, dtype=dtype.name, warmup=warmup,
                 repeats=repeats, peak_bw_gbs=args.peak_bw_gbs,
-                kernel_impl=_kernel_impl(), seconds=elapsed)
-    with open(args.out, "w") as f:
-      json.dump(dict(meta=meta, results=records), f, indent=1)
+                kernel_impl=_kernel_impl(), seconds=time.perf_counter() - started,
+                complete=complete)
+    cli.write_json_atomic(args.out, dict(meta=meta, results=records), indent=1)
+
+  if args.only in (None, "flash"):
+    for shape in preset["flash"]:
+      records += bench_flash(shape, dtype, warmup, repeats, args.check)
+      save(complete=False)
+  if args.only in (None, "decode"):
+    for shape in preset["decode"]:
+      records += bench_decode(shape, dtype, warmup, repeats, args.check,
+                              args.peak_bw_gbs)
+      save(complete=False)
+  _print_table(records)
+  print(f"total {time.perf_counter() - started:.1f} s")
+  save(complete=True)
+  if args.out:
     print(f"wrote {args.out}")
   return records
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

@@ -13,18 +13,20 @@ Labels are the workdirs' base names, or `--label` values in the same order.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 
 import matplotlib
+from absl import flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from bt_jax.jsonl import read_jsonl  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from bt_jax import cli
+from bt_jax.jsonl import read_jsonl
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -34,11 +36,11 @@ DEFAULT_PNG = "loss_curves.png"
 def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"workdir {workdir!r} has no {METRICS_FILE}; expected a directory "
-                            "written by `python -m bt_jax.train` or `bt_jax.train_drafter`")
+    raise cli.UserError(f"--workdir {workdir!r} has no {METRICS_FILE}; give a directory "
+                        "written by `python -m bt_jax.train` or `bt_jax.train_drafter`")
   records = read_jsonl(path)
   if not records:
-    raise ValueError(f"{path} has no records yet")
+    raise cli.UserError(f"{path} has no records yet; plot once the run has logged a step")
   return records
 
 
@@ -66,7 +68,8 @@ def series(records: Sequence[dict]) -> dict[str, list[tuple[int, float]]]:
 
 def plot(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = None) -> str:
   if labels and len(labels) != len(workdirs):
-    raise ValueError(f"got {len(labels)} labels for {len(workdirs)} workdirs")
+    raise cli.UserError(f"got {len(labels)} --label values for {len(workdirs)} --workdir "
+                        "values; give one label per workdir, or none")
   runs = [(workdir, series(read_metrics(workdir))) for workdir in workdirs]
   drafter_runs = any(any(k.startswith("acc_") for k in curves) for _, curves in runs)
   fig, axes = plt.subplots(1, 2 if drafter_runs else 1, figsize=(13 if drafter_runs else 8, 5),
@@ -109,18 +112,22 @@ def plot(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = None)
   return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", action="append", required=True,
-                      help="a training workdir or drafter folder (repeat to compare runs)")
-  parser.add_argument("--label", action="append", default=None, help="legend label per workdir")
-  parser.add_argument("--out", default=None,
-                      help=f"PNG path (default: WORKDIR/{DEFAULT_PNG} of the first workdir)")
-  args = parser.parse_args(argv)
-  out = args.out or os.path.join(args.workdir[0], DEFAULT_PNG)
-  print(plot(args.workdir, out, args.label))
-  return 0
+def define_flags(flag_values: flags.FlagValues) -> None:
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_multi_string("workdir", None, "A training workdir or drafter folder (repeat to "
+                            "compare runs).", required=True, **fv)
+  flags.DEFINE_multi_string("label", None, "Legend label per workdir, in the same order.", **fv)
+  flags.DEFINE_string("out", None, f"PNG path (default: WORKDIR/{DEFAULT_PNG} of the first "
+                      "workdir); its folder is created.", **fv)
+
+
+def main(flag_values: flags.FlagValues) -> str:
+  workdirs = flag_values.workdir
+  out = flag_values.out or os.path.join(workdirs[0], DEFAULT_PNG)
+  path = plot(workdirs, out, flag_values.label)
+  print(path)
+  return path
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, define_flags)

@@ -20,15 +20,14 @@
    tokens per step, tokens/s and the speedup (the outputs are random, equal
    in distribution, so only rates compare).
 
-Prints a table and writes JSON. CPU timings measure a compute-bound device
+Prints a table and writes JSON (rewritten after every batch size, so a crash
+keeps what was measured). CPU timings measure a compute-bound device
 (the verify forward over the packed tree costs more there than on a GPU,
 where a decode step is memory-bound): the published 2.7-2.8x is on H100s.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import time
 from typing import Any, Dict
@@ -36,7 +35,9 @@ from typing import Any, Dict
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from bt_jax import cli
 from bt_jax.data import load_corpus
 from bt_jax.inference import SamplingConfig, generate_fn, prepare_prompts
 from bt_jax.models.vanilla import VanillaLM
@@ -72,28 +73,43 @@ def _table(header: str, rows) -> None:
     print(row)
 
 
-def main(argv=None) -> Dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", default=None, help="a trained vanilla run")
-  parser.add_argument("--draft_len", type=int, default=4)
-  parser.add_argument("--beam_width", type=int, default=4)
-  parser.add_argument("--train_steps", type=int, default=600)
-  parser.add_argument("--learning_rate", type=float, default=3e-3)
-  parser.add_argument("--distill_prompts", type=int, default=256)
-  parser.add_argument("--train_batch", type=int, default=32)
-  parser.add_argument("--batch_sizes", default="1,4")
-  parser.add_argument("--prompt_len", type=int, default=32)
-  parser.add_argument("--max_new_tokens", type=int, default=64)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--temperature", type=float, default=1.0,
-                      help="for the sampling comparison (with --sample_beams)")
-  parser.add_argument("--sample_beams", default="1,4",
-                      help="drafts per step to time speculative sampling with, against plain "
-                           "sampling at --temperature ('' to skip)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default=None)
-  args = parser.parse_args(argv)
-  batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+def define_flags(flag_values: flags.FlagValues) -> None:
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "A trained vanilla run (default: random weights).", **fv)
+  flags.DEFINE_integer("draft_len", 4, "Tokens the draft head proposes per beam.", **fv)
+  flags.DEFINE_integer("beam_width", 4, "Beams for greedy speculative decoding.", **fv)
+  flags.DEFINE_integer("train_steps", 600, "Drafter distillation steps.", **fv)
+  flags.DEFINE_float("learning_rate", 3e-3, "Drafter learning rate.", **fv)
+  flags.DEFINE_integer("distill_prompts", 256, "Prompts the base model continues to distill.",
+                       **fv)
+  flags.DEFINE_integer("train_batch", 32, "Drafter training batch.", **fv)
+  flags.DEFINE_string("batch_sizes", "1,4", "Comma-separated decode batch sizes.", **fv)
+  flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.", **fv)
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per row.", **fv)
+  flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (the median is reported).",
+                       **fv)
+  flags.DEFINE_float("temperature", 1.0, "For the sampling comparison (with --sample_beams).",
+                     **fv)
+  flags.DEFINE_string("sample_beams", "1,4", "Drafts per step to time speculative sampling "
+                      "with, against plain sampling at --temperature ('' to skip).", **fv)
+  flags.DEFINE_integer("seed", 0, "Seed of prompts and training.", **fv)
+  flags.DEFINE_string("out", None, "JSON output (its folder is created).", **fv)
+
+
+def _int_list(flag: str, value: str) -> list[int]:
+  try:
+    return [int(x) for x in value.split(",") if x.strip()]
+  except ValueError as e:
+    raise cli.UserError(f"--{flag} {value!r} must be comma-separated integers, e.g. 1,4") from e
+
+
+def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
+  args = flag_values
+  settings = {name: args[name].value for name in (
+      "draft_len", "beam_width", "train_steps", "learning_rate", "distill_prompts", "train_batch",
+      "batch_sizes", "prompt_len", "max_new_tokens", "repeats", "temperature", "sample_beams",
+      "seed")}
+  batch_sizes = _int_list("batch_sizes", args.batch_sizes)
   rng = np.random.default_rng(args.seed)
   started = time.perf_counter()
 
@@ -111,8 +127,23 @@ def main(argv=None) -> Dict[str, Any]:
         f"{history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, top-1 accuracy per draft "
         f"step {[round(a, 3) for a in history[-1]['acc_i']]}")
 
-  sample_beams = [int(m) for m in args.sample_beams.split(",") if m.strip()]
+  sample_beams = _int_list("sample_beams", args.sample_beams)
   records, sampling_records = [], []
+  device = jax.devices()[0]
+
+  def report(complete: bool) -> Dict[str, Any]:
+    value = dict(
+        meta=dict(device=device.device_kind, backend=jax.default_backend(),
+                  jax=jax.__version__, python=platform.python_version(), weights=weights,
+                  workdir=args.workdir, seconds=time.perf_counter() - started,
+                  train_seconds=train_seconds, complete=complete, **settings),
+        drafter=dict(first_loss=history[0]["loss"], final_loss=history[-1]["loss"],
+                     final_acc_i=history[-1]["acc_i"]),
+        results=records, sampling=sampling_records)
+    if args.out:
+      cli.write_json_atomic(args.out, value, indent=1)
+    return value
+
   for batch_size in batch_sizes:
     eval_prompts = corpus_windows(tokenizer, valid_docs, batch_size, args.prompt_len, rng)
     batch = prepare_prompts(eval_prompts, model.config, args.max_new_tokens)
@@ -155,6 +186,7 @@ def main(argv=None) -> Dict[str, Any]:
         sample_record["speedup"] = (sample_record["speculative_tokens_per_s"]
                                     / sample_record["sampling_tokens_per_s"])
         sampling_records.append(sample_record)
+    report(complete=False)
 
   _table(f"{'batch':>5} {'same':>5} {'tok/step':>8} {'steps':>11} {'greedy ms':>10} "
          f"{'spec ms':>9} {'speedup':>8}",
@@ -170,21 +202,11 @@ def main(argv=None) -> Dict[str, Any]:
            [f"{r['batch_size']:>5} {r['drafts']:>6} {r['tokens_per_step']:>8.2f} "
             f"{r['base_steps']:>5} {r['sampling_ms']:>9.1f} {r['speculative_ms']:>9.1f} "
             f"{r['speedup']:>7.2f}x" for r in sampling_records])
-  device = jax.devices()[0]
-  report = dict(
-      meta=dict(device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__,
-                python=platform.python_version(), weights=weights, workdir=args.workdir,
-                seconds=time.perf_counter() - started, train_seconds=train_seconds,
-                **{k: v for k, v in vars(args).items() if k not in ("out", "workdir")}),
-      drafter=dict(first_loss=history[0]["loss"], final_loss=history[-1]["loss"],
-                   final_acc_i=history[-1]["acc_i"]),
-      results=records, sampling=sampling_records)
+  final = report(complete=True)
   if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=1)
     print(f"wrote {args.out}")
-  return report
+  return final
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

@@ -1,15 +1,15 @@
 """Tree Attention vs ring baselines for sharded decode attention.
 
-    python -m experiments.tree_vs_ring [--preset cpu|gpu] [--contexts ...]
-        [--devices ...] [--out DIR]
+    python -m experiments.tree_vs_ring [--preset cpu|gpu] [--contexts 4096,16384]
+        [--devices 2,4,8] [--methods tree,ring_kv] [--two_level 2x4] [--out DIR]
 
 Sweeps the context length and the number of devices p on a 1-D `sequence`
 mesh and, for each point, times tree (all-reduce merge), tree_butterfly
 (log2 p explicit exchanges), ring_kv (the paper's Ring Attention baseline),
 ring_partials, and the whole cache on one device. Bytes each device sends are
 read from the compiled HLO (operand sizes of its collectives) and also given
-by formula. Writes DIR/tree_vs_ring.json and DIR/tree_vs_ring.png and prints a
-table.
+by formula. Writes DIR/tree_vs_ring.json (rewritten after every measurement, so
+a crash keeps what was measured) and DIR/tree_vs_ring.png and prints a table.
 
 --preset cpu forces 8 host devices (it sets XLA_FLAGS before importing jax)
 and uses a small head configuration; --preset gpu uses the real devices.
@@ -17,10 +17,13 @@ and uses a small head configuration; --preset gpu uses the real devices.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
+
+from absl import flags
+
+from bt_jax import cli
 
 PRESETS = {
     "cpu": dict(contexts=[4096, 16384, 65536, 131072], devices=[2, 4, 8],
@@ -33,33 +36,56 @@ PRESETS = {
 SHARDED_METHODS = ("tree", "tree_butterfly", "ring_kv", "ring_partials")
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-  parser.add_argument("--contexts", type=int, nargs="+",
-                      help="context lengths (tokens); each divisible by p")
-  parser.add_argument("--devices", type=int, nargs="+",
-                      help="device counts p (default: preset's; gpu: all)")
-  parser.add_argument("--methods", nargs="+", choices=SHARDED_METHODS,
-                      default=list(SHARDED_METHODS))
-  parser.add_argument("--two-level", metavar="NODESxLOCAL",
-                      help="also time tree_two_level on a (node, local) mesh, "
-                      "e.g. 2x4")
-  for name in ("batch", "q_len", "heads", "kv_heads", "head_dim", "warmup",
-               "repeats"):
-    parser.add_argument(f"--{name.replace('_', '-')}", type=int)
-  parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-  parser.add_argument("--impl", default=None,
-                      help="decode_attention impl (default: auto)")
-  parser.add_argument("--out", default="out/tree_vs_ring")
-  args = parser.parse_args(argv)
-  config = dict(PRESETS[args.preset])
-  for key in list(config):
-    value = getattr(args, key, None)
-    if value is not None:
-      config[key] = value
-  config.update(preset=args.preset, methods=args.methods, impl=args.impl,
-                two_level=args.two_level, out=args.out)
+INT_SETTINGS = ("batch", "q_len", "heads", "kv_heads", "head_dim", "warmup", "repeats")
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_enum("preset", "cpu", sorted(PRESETS), "Defaults for the flags below.", **fv)
+  flags.DEFINE_list("contexts", None, "Comma-separated context lengths (tokens); each "
+                    "divisible by p.", **fv)
+  flags.DEFINE_list("devices", None, "Comma-separated device counts p (default: the "
+                    "preset's; gpu: all).", **fv)
+  flags.DEFINE_list("methods", list(SHARDED_METHODS), "Comma-separated sharded methods to "
+                    f"time, of {','.join(SHARDED_METHODS)}.", **fv)
+  flags.DEFINE_string("two_level", None, "NODESxLOCAL: also time tree_two_level on a "
+                      "(node, local) mesh, e.g. 2x4.", **fv)
+  for name in INT_SETTINGS:
+    flags.DEFINE_integer(name, None, f"{name} (default: the preset's).", **fv)
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                    "Cache dtype (default: the preset's).", **fv)
+  flags.DEFINE_string("impl", None, "decode_attention impl (default: auto).", **fv)
+  flags.DEFINE_string("out", "out/tree_vs_ring", "Output folder (created).", **fv)
+
+
+def _ints(flag: str, values):
+  try:
+    return [int(v) for v in values]
+  except ValueError as e:
+    raise cli.UserError(f"--{flag} {','.join(values)!r} must be comma-separated integers, "
+                        "e.g. 4096,16384") from e
+
+
+def config_from_flags(flag_values: flags.FlagValues) -> dict:
+  """The run's settings: the preset's, overridden by the flags given."""
+  config = dict(PRESETS[flag_values.preset])
+  for key in INT_SETTINGS + ("dtype",):
+    if flag_values[key].value is not None:
+      config[key] = flag_values[key].value
+  for key in ("contexts", "devices"):
+    if flag_values[key].value is not None:
+      config[key] = _ints(key, flag_values[key].value)
+  methods = [m.strip() for m in flag_values.methods if m.strip()]
+  unknown = sorted(set(methods) - set(SHARDED_METHODS))
+  if unknown:
+    raise cli.UserError(f"--methods {unknown} unknown; valid: {list(SHARDED_METHODS)}")
+  two_level = flag_values.two_level
+  if two_level is not None:
+    parts = two_level.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+      raise cli.UserError(f"--two_level {two_level!r} must be NODESxLOCAL, e.g. 2x4")
+  config.update(preset=flag_values.preset, methods=methods, impl=flag_values.impl,
+                two_level=two_level, out=flag_values.out)
   return config
 
 
@@ -72,7 +98,8 @@ def force_host_devices(count: int) -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def run(config):
+def run(config, on_result=None):
+  """Times every point; on_result(results so far) after each measurement."""
   if config["preset"] == "cpu":
     force_host_devices(max(config["devices"] + [8]))
   import jax
@@ -107,6 +134,8 @@ def run(config):
                              "hlo" if traffic["count"] else "formula"),
                max_abs_err_vs_single=error)
     results.append(row)
+    if on_result is not None:
+      on_result(results)
     print(f"  p={p:<3d} T={context:<8d} {method:15s} "
           f"{row['median_ms']:9.2f} ms  {row['hlo_bytes_per_device']:>12,d} B",
           flush=True)
@@ -270,18 +299,23 @@ def plot(results, path, title):
   plt.close(fig)
 
 
-def main(argv=None):
-  config = parse_args(argv)
+def main(flag_values: flags.FlagValues):
+  config = config_from_flags(flag_values)
   start = time.perf_counter()
-  results, environment = run(config)
-  report = dict(config=config, environment=environment, results=results,
-                goals=goals(results),
-                wall_seconds=round(time.perf_counter() - start, 1))
   os.makedirs(config["out"], exist_ok=True)
   json_path = os.path.join(config["out"], "tree_vs_ring.json")
   png_path = os.path.join(config["out"], "tree_vs_ring.png")
-  with open(json_path, "w") as f:
-    json.dump(report, f, indent=2)
+
+  def save(results, environment=None):
+    cli.write_json_atomic(json_path, dict(
+        config=config, environment=environment, results=results, goals=goals(results),
+        complete=environment is not None,
+        wall_seconds=round(time.perf_counter() - start, 1)))
+
+  results, environment = run(config, on_result=save)
+  save(results, environment)
+  with open(json_path, encoding="utf-8") as f:
+    report = json.load(f)
   print()
   print_table(results)
   print()
@@ -301,4 +335,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

@@ -89,17 +89,30 @@ def test_paper_parameter_counts(name):
 
 
 def test_model_summary_binary_json(capsys):
-  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
-  from bt_jax import model_summary  # pylint: disable=g-import-not-at-top
+  from bt_jax import cli, model_summary  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
-  flags = model_summary.FLAGS
-  if not flags.is_parsed():
-    flags(["model_summary"])
-  with flagsaver.flagsaver(gin_file=["models/block_b4_1p2b.gin"], gin_param=[], json=True):
-    model_summary.main([])
+  cli.call(model_summary, ["--gin_file", "models/block_b4_1p2b.gin", "--json"])
   out = json.loads(capsys.readouterr().out)
   assert abs(out["total_params"] / 1448.8e6 - 1) < 0.005
   assert abs(out["non_embedding_params"] / 1217e6 - 1) < 0.005
+  gin.clear_config()
+
+
+def test_model_summary_reads_run_gin_files_and_workdirs(tmp_path):
+  """A model gin file, a run gin file including it, and a workdir's
+  model_config.json give the same counts."""
+  from bt_jax import checkpointing, cli, model_summary  # pylint: disable=g-import-not-at-top
+  want = cli.call(model_summary, ["--gin_file", "models/block_b4_tiny.gin"])
+  config = gin_utils.model_config_from_gin(["runs/quickstart.gin"], skip_unknown=True)
+  run = cli.call(model_summary, ["--gin_file", "runs/quickstart.gin"])
+  assert run["kind"] == want["kind"] == "block"
+  assert run == param_counts(config)      # the run's overrides (width, vocab) apply
+  checkpointing.save_model_config(tmp_path, config)
+  assert cli.call(model_summary, ["--workdir", str(tmp_path)]) == run
+  with pytest.raises(cli.UserError, match="either --gin_file .* or --workdir"):
+    cli.call(model_summary, [])
+  with pytest.raises(FileNotFoundError, match="has no model_config.json"):
+    cli.call(model_summary, ["--workdir", str(tmp_path / "missing")])
   gin.clear_config()
 
 

@@ -2,6 +2,7 @@
 
     docs = stdlib_corpus("train", max_bytes=2_000_000)   # the embedded default
     docs = file_corpus("data/*.jsonl", "validation")    # local text / jsonl files
+    docs = read_files("pg19/test/*.txt")                 # every matching file, no split
     docs = tfds_corpus("local_text", "train", data_dir="tfds")
     docs = load_corpus("stdlib" | "files:<glob>" | "tfds:<name>", split, ...)
 
@@ -10,6 +11,13 @@ when a stable hash (sha256) of its path relative to the corpus root falls below
 `validation_fraction`, so adding or removing a file never moves another one.
 When no file hashes into validation but there are at least two files, the file
 with the smallest hash is taken, so a small corpus still has a validation split.
+
+File types, the same for training and `eval_perplexity`: JSON lines
+(.jsonl, .jsonl.txt, .ndjson, .json: the `text_field` of each line is a
+document) and any other file as one text document; each may be gzipped (.gz).
+Training replaces undecodable bytes of a text file; evaluation
+(`strict=True`) refuses a file that is not UTF-8, naming it. JSON lines must
+be UTF-8 either way.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import sysconfig
 from collections.abc import Sequence
 
 from bt_jax import jsonl
+from bt_jax.cli import UserError
 
 TRAIN = "train"
 VALIDATION = "validation"
@@ -31,20 +40,28 @@ STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "
 PREPARE_COMMAND = "python -m bt_jax.data.prepare_tfds --input_glob '<files>' --data_dir {data_dir} --name {name}"
 
 
-class FileDocuments(Sequence[str]):
-  """One document per text file, read (UTF-8, undecodable bytes replaced) when indexed."""
+def read_text(path: str, strict: bool = False) -> str:
+  """A text file (.gz allowed) as one document: UTF-8, undecodable bytes
+  replaced, or with `strict` a UserError naming the file."""
+  with jsonl.open_binary(path) as f:
+    data = f.read()
+  return jsonl.decode_utf8(data, path) if strict else data.decode("utf-8", errors="replace")
 
-  def __init__(self, paths: Sequence[str]):
+
+class FileDocuments(Sequence[str]):
+  """One document per text file, read (UTF-8, see `read_text`) when indexed."""
+
+  def __init__(self, paths: Sequence[str], strict: bool = False):
     self.paths = list(paths)
+    self.strict = strict
 
   def __len__(self) -> int:
     return len(self.paths)
 
   def __getitem__(self, index):
     if isinstance(index, slice):
-      return FileDocuments(self.paths[index])
-    with open(self.paths[index], "rb") as f:
-      return f.read().decode("utf-8", errors="replace")
+      return FileDocuments(self.paths[index], self.strict)
+    return read_text(self.paths[index], self.strict)
 
   def __repr__(self) -> str:
     return f"FileDocuments({len(self)} files)"
@@ -166,13 +183,19 @@ def match_files(pattern: str) -> tuple[list[str], list[str]]:
   """(sorted paths, keys relative to the glob root) of the files matching pattern."""
   paths = sorted(p for p in glob_lib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
   if not paths:
-    raise FileNotFoundError(f"no files match {pattern!r}")
+    raise FileNotFoundError(f"no files match {pattern!r}; give a glob of text or JSON-lines "
+                            "files, e.g. 'data/*.txt' or 'data/**/*.jsonl.gz'")
   root = _glob_root(os.path.expanduser(pattern))
   return paths, [os.path.relpath(p, root) for p in paths]
 
 
+JSONL_SUFFIXES = (".jsonl", ".jsonl.txt", ".ndjson", ".json")
+
+
 def is_jsonl(path: str) -> bool:
-  return path.endswith((".jsonl", ".jsonl.txt", ".ndjson"))
+  """Whether a corpus file is JSON lines (by its name, a .gz suffix aside)."""
+  name = path[:-len(".gz")] if path.endswith(".gz") else path
+  return name.endswith(JSONL_SUFFIXES)
 
 
 def read_jsonl(path: str, text_field: str = "text") -> list[str]:
@@ -181,22 +204,35 @@ def read_jsonl(path: str, text_field: str = "text") -> list[str]:
   for line_number, record in jsonl.read_jsonl(path, line_numbers=True):
     if not isinstance(record, dict) or text_field not in record:
       fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-      raise KeyError(f"{path}:{line_number} has no field {text_field!r} (has {fields})")
+      raise UserError(f"{path}:{line_number} has no field {text_field!r} (has {fields}); set "
+                      "the text field to one of those")
     texts.append(str(record[text_field]))
   return texts
 
 
-def documents_from_files(paths: Sequence[str], text_field: str = "text") -> Sequence[str]:
-  """Text files as one document each (lazily read); JSON-lines files as one document a line."""
+def documents_from_files(paths: Sequence[str], text_field: str = "text",
+                         strict: bool = False) -> Sequence[str]:
+  """Text files as one document each (lazily read); JSON-lines files as one
+  document a line (see the module docstring for the file types)."""
   if not any(is_jsonl(p) for p in paths):
-    return FileDocuments(paths)
+    return FileDocuments(paths, strict)
   docs: list[str] = []
   for p in paths:
     if is_jsonl(p):
       docs.extend(read_jsonl(p, text_field))
     else:
-      with open(p, "rb") as f:
-        docs.append(f.read().decode("utf-8", errors="replace"))
+      docs.append(read_text(p, strict))
+  return docs
+
+
+def read_files(pattern: str, text_field: str = "text", strict: bool = True) -> Sequence[str]:
+  """Every document of the files matching `pattern` (no split): what
+  `eval_perplexity` scores. An empty result is a UserError."""
+  paths, _ = match_files(pattern)
+  docs = documents_from_files(paths, text_field, strict)
+  if len(docs) == 0:
+    raise UserError(f"the files matching {pattern!r} hold no documents (empty JSON-lines "
+                    "files?); give files with text")
   return docs
 
 
@@ -216,7 +252,7 @@ def split_files(
     all_paths, all_keys = match_files(pattern)
     indices = split_keys(all_keys, validation_fraction)[split]
     if not indices:
-      raise ValueError(
+      raise UserError(
           f"the {split!r} split of {pattern!r} is empty: {len(all_paths)} file(s) matched and the "
           f"split is by file (validation_fraction={validation_fraction}); add files, change "
           "validation_fraction, or pass a separate validation_pattern")
@@ -242,7 +278,7 @@ def file_corpus(
                       validation_pattern=validation_pattern, max_bytes=max_bytes)
   docs = documents_from_files(paths, text_field)
   if len(docs) == 0:
-    raise ValueError(f"the {split!r} split of {pattern!r} has files but no documents (empty JSON-lines files?)")
+    raise UserError(f"the {split!r} split of {pattern!r} has files but no documents (empty JSON-lines files?)")
   return docs
 
 

@@ -15,14 +15,15 @@ files' own dataset_info.json and needs none of this code.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
 from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
+from absl import flags
 
+from bt_jax import cli
 from bt_jax.data import corpus
 
 DEFAULT_NAME = "local_text"
@@ -102,21 +103,36 @@ def prepare_text_dataset(
   return version_dir
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--input_glob", required=True, help="text or .jsonl files ('**' recurses)")
-  parser.add_argument("--data_dir", required=True, help="TFDS data directory to write into")
-  parser.add_argument("--name", default=DEFAULT_NAME, help="dataset name (snake_case)")
-  parser.add_argument("--validation_fraction", type=float, default=corpus.DEFAULT_VALIDATION_FRACTION)
-  parser.add_argument("--validation_glob", default=None, help="separate validation files (else split by file)")
-  parser.add_argument("--text_field", default="text", help="the text field of .jsonl lines")
-  parser.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
-  args = parser.parse_args(argv)
-  path = prepare_text_dataset(
-      args.input_glob, args.data_dir, name=args.name, validation_fraction=args.validation_fraction,
-      validation_glob=args.validation_glob, text_field=args.text_field, overwrite=args.overwrite)
-  print(f"prepared {args.name!r} in {path}; read it with corpus spec 'tfds:{args.name}' and data_dir {args.data_dir!r}")
+def define_flags(flag_values: flags.FlagValues) -> None:
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("input_glob", None, "Text or .jsonl files ('**' recurses; .gz allowed).",
+                      required=True, **fv)
+  flags.DEFINE_string("data_dir", None, "TFDS data directory to write into.", required=True, **fv)
+  flags.DEFINE_string("name", DEFAULT_NAME, "Dataset name (snake_case).", **fv)
+  flags.DEFINE_float("validation_fraction", corpus.DEFAULT_VALIDATION_FRACTION,
+                     "Share of files (by hash of the path) in the validation split.", **fv)
+  flags.DEFINE_string("validation_glob", None, "Separate validation files (else split by file).",
+                      **fv)
+  flags.DEFINE_string("text_field", "text", "The text field of .jsonl lines.", **fv)
+  flags.DEFINE_bool("overwrite", False, "Rebuild an existing dataset.", **fv)
+
+
+def main(flag_values: flags.FlagValues) -> str:
+  name = flag_values.name
+  if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+    raise cli.UserError(f"--name {name!r} must be snake_case: a lowercase letter then [a-z0-9_]")
+  try:
+    path = prepare_text_dataset(
+        flag_values.input_glob, flag_values.data_dir, name=name,
+        validation_fraction=flag_values.validation_fraction,
+        validation_glob=flag_values.validation_glob, text_field=flag_values.text_field,
+        overwrite=flag_values.overwrite)
+  except (FileExistsError, KeyError, ValueError) as e:   # an existing dataset, a bad file
+    raise cli.UserError(cli.one_line(e)) from e
+  print(f"prepared {name!r} in {path}; read it with corpus spec 'tfds:{name}' and data_dir "
+        f"{flag_values.data_dir!r}")
+  return path
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

@@ -1,27 +1,33 @@
 """Perplexity on a text corpus, and the loss by token position in the context.
 
 As in the Block Transformer paper's PG19 study: every document is cut into
-consecutive windows of the model's context length; the next-token loss at each
-position of the window is averaged over all windows, then smoothed by averaging
-over bins of positions. A model that uses its whole context keeps lowering the
-loss towards the end of the window.
+windows of the model's context length; the next-token loss at each position of
+the window is averaged over all windows, then smoothed by averaging over bins
+of positions. A model that uses its whole context keeps lowering the loss
+towards the end of the window.
 
     result = loss_by_position(model, params, tokenizer, read_corpus("/data/pg19/*.txt"))
     plot_loss_by_position([("vanilla", result_a), ("block", result_b)], "loss.png")
 
-Documents start with an end-of-text token (`prepend_eos`), as a document does
-after its predecessor in a training stream, so their first token is scored too.
-Windows start at multiples of the context length; the last, shorter window of a
-document is kept (its positions are masked), so late positions have fewer samples:
-`count` says how many.
+Windows are lm-evaluation-harness's rolling loglikelihood windows
+(`lm_eval.utils.get_rolling_token_windows` with context_len 1, then
+`make_disjoint_window`), so every token of a document is scored exactly once:
+the first window is an end-of-text token (as a document starts after its
+predecessor in a training stream) and the document's first context_len - 1
+tokens; each later window scores the next context_len - 1 tokens, conditioned
+on the token before them; the last window scores what is left (one token or
+more) and is filled from the left with earlier tokens as context, so it is
+full length whenever the document is. A window is context_len tokens long and
+scores at most context_len - 1 of them (the model's last output predicts
+beyond the window), which is lm-eval's max_seq_len = context_len - 1.
+Positions count from the window's start, so the last window's tokens sit at
+late positions; `count` says how many tokens each position scored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
-import gzip
 import json
 import math
 import os
@@ -32,57 +38,44 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from bt_jax.cli import UserError
+from bt_jax.data import corpus
 from bt_jax.eval.sharding import EvalSharding
 from bt_jax.eval.scoring import TokenizerLike
 from bt_jax.models import token_logprobs
 
 
-def _open_text(path: str):
-  if path.endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8")
-  return open(path, encoding="utf-8")
-
-
 def read_corpus(pattern: str, *, text_field: str = "text",
                 max_docs: Optional[int] = None) -> list[str]:
-  """Documents from a glob of files: .txt (one document a file, as PG19) or
-  .jsonl / .json (one JSON object a line, its `text_field`); .gz allowed."""
-  paths = sorted(glob.glob(pattern, recursive=True))
-  paths = [p for p in paths if os.path.isfile(p)]
-  if not paths:
-    raise FileNotFoundError(f"no files match {pattern!r}; give a glob of .txt or .jsonl files "
-                            "(e.g. 'pg19/test/*.txt')")
-  docs: list[str] = []
-  for path in paths:
-    name = path[:-3] if path.endswith(".gz") else path
-    if name.endswith((".jsonl", ".json")):
-      with _open_text(path) as f:
-        for line_number, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          record = json.loads(line)
-          if text_field not in record:
-            raise KeyError(f"{path}:{line_number} has no field {text_field!r} (fields: "
-                           f"{sorted(record)}); set text_field")
-          docs.append(record[text_field])
-          if max_docs and len(docs) >= max_docs:
-            return docs
-    else:
-      with _open_text(path) as f:
-        docs.append(f.read())
-    if max_docs and len(docs) >= max_docs:
-      return docs
-  return docs
+  """Documents from a glob of files, read as training reads them
+  (`bt_jax.data.corpus.read_files`: text files, one document each, or JSON
+  lines, .gz allowed), but refusing a file that is not UTF-8. Read at once,
+  so a bad file is reported before any model is loaded."""
+  docs = corpus.read_files(pattern, text_field, strict=True)
+  return list(docs[:max_docs] if max_docs else docs)
 
 
-def document_windows(token_docs: Sequence[Sequence[int]], window_len: int) -> Iterator[list[int]]:
-  """Consecutive windows of each document; windows of < 2 tokens score nothing
-  and are skipped."""
-  for doc in token_docs:
-    for start in range(0, len(doc), window_len):
-      window = list(doc[start:start + window_len])
-      if len(window) >= 2:
-        yield window
+def rolling_windows(tokens: Sequence[int], window_len: int,
+                    prefix_token: int) -> Iterator[tuple[list[int], int]]:
+  """lm-eval's rolling loglikelihood windows of one document, as
+  (window, num_scored): a window of at most `window_len` tokens whose last
+  `num_scored` tokens are scored, each given the tokens before it in the
+  window. Every token of `tokens` is scored once, in order (module docstring).
+  """
+  if window_len < 2:
+    raise ValueError(f"window_len {window_len} must be at least 2")
+  tokens = list(tokens)
+  pred_len = window_len - 1   # lm-eval's max_seq_len: predictions per window
+  if not tokens:
+    return
+  first = min(pred_len, len(tokens))
+  yield [prefix_token] + tokens[:first], first
+  predicted = first
+  while predicted < len(tokens):
+    scored = min(len(tokens) - predicted, pred_len)
+    end = predicted + scored
+    yield tokens[max(0, end - window_len):end], scored
+    predicted = end
 
 
 @dataclasses.dataclass
@@ -148,21 +141,28 @@ def loss_by_position(model: nn.Module, params: Any, tokenizer: TokenizerLike,
                      batch_size: int = 8, max_windows: Optional[int] = None,
                      prepend_eos: bool = True, progress: bool = True,
                      sharding: Optional[EvalSharding] = None) -> PositionLoss:
-  """Next-token loss by position over windows of `context_len` (default: the
-  model's context). All batches share one shape [batch_size, context_len].
+  """Next-token loss by position over lm-eval's rolling windows of
+  `context_len` tokens (default: the model's context; see the module
+  docstring): every token of every text is scored once. `prepend_eos` False
+  starts a document's first window at its first token, which is then not
+  scored. All batches share one shape [batch_size, context_len].
   With `sharding` the params are placed on its mesh and each batch is split
   over its data-parallel axes (batch_size rounded up to a multiple of them)."""
   context_len = context_len or model.config.max_len
   if not 2 <= context_len <= model.config.max_len:
     raise ValueError(f"context_len {context_len} must be in [2, {model.config.max_len}] "
                      "(the model's max_len)")
-  prefix = [tokenizer.eos_id] if prepend_eos else []
-  token_docs = [prefix + list(tokenizer.encode(text)) for text in texts]
-  windows = list(document_windows(token_docs, context_len))
+  windows = []
+  for text in texts:
+    ids = list(tokenizer.encode(text))
+    if prepend_eos:
+      windows.extend(rolling_windows(ids, context_len, tokenizer.eos_id))
+    elif len(ids) >= 2:
+      windows.extend(rolling_windows(ids[1:], context_len, ids[0]))
   if max_windows:
     windows = windows[:max_windows]
   if not windows:
-    raise ValueError("the corpus gives no window of at least 2 tokens")
+    raise UserError("the corpus gives no token to score; give documents with text")
   vocab_size = model.config.vocab_size
   nll_fn = functools.partial(_window_nll, model)
   if sharding is None:
@@ -175,11 +175,10 @@ def loss_by_position(model: nn.Module, params: Any, tokenizer: TokenizerLike,
   count = np.zeros(context_len, np.int64)
   pending = None   # the previous batch's results, read after the next is dispatched
 
-  def collect(nll, valid, real_rows):
+  def collect(nll, valid, scored):
     nonlocal loss_sum, count
     nll = np.asarray(nll, np.float64)
-    valid = np.array(valid)
-    valid[real_rows:] = False  # dummy rows
+    valid = np.array(valid) & scored   # scored is False on dummy rows
     loss_sum += np.where(valid, nll, 0.0).sum(axis=0)
     count += valid.sum(axis=0)
 
@@ -189,13 +188,15 @@ def loss_by_position(model: nn.Module, params: Any, tokenizer: TokenizerLike,
     tokens = np.zeros((batch_size, context_len), np.int32)
     mask = np.zeros((batch_size, context_len), np.int32)
     mask[:, 0] = 1
-    for row, window in enumerate(chunk):
+    scored = np.zeros((batch_size, context_len), bool)
+    for row, (window, num_scored) in enumerate(chunk):
       tokens[row, :len(window)] = window
       mask[row, :len(window)] = 1
+      scored[row, len(window) - num_scored:len(window)] = True
     if tokens.max() >= vocab_size:
       raise ValueError(f"token id {tokens.max()} is outside the model vocabulary (valid "
                        f"0..{vocab_size - 1}); does the tokenizer match the model?")
-    result = (*nll_fn(params, tokens, mask), len(chunk))
+    result = (*nll_fn(params, tokens, mask), scored)
     if pending is not None:
       collect(*pending)   # the host builds the next batch while the device computes
     pending = result
@@ -238,11 +239,14 @@ def run_perplexity(runs: Sequence[tuple[str, nn.Module, Any, TokenizerLike]], da
                    max_docs: Optional[int] = None, max_windows: Optional[int] = None,
                    context_len: Optional[int] = None, batch_size: int = 8, bin_size: int = 64,
                    prepend_eos: bool = True, progress: bool = True,
-                   sharding: Optional[EvalSharding] = None) -> dict[str, Any]:
+                   sharding: Optional[EvalSharding] = None,
+                   texts: Optional[Sequence[str]] = None) -> dict[str, Any]:
   """Loss by position for each (label, model, params, tokenizer) on the corpus
-  `data`; prints a summary and, with out_dir, writes perplexity.json and
-  loss_by_position.png (all runs on one plot)."""
-  texts = read_corpus(data, text_field=text_field, max_docs=max_docs)
+  `data` (or `texts`, its documents already read); prints a summary and, with
+  out_dir, writes perplexity.json and loss_by_position.png (all runs on one
+  plot)."""
+  if texts is None:
+    texts = read_corpus(data, text_field=text_field, max_docs=max_docs)
   results = []
   for label, model, params, tokenizer in runs:
     result = loss_by_position(model, params, tokenizer, texts, context_len=context_len,

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from absl import logging
 
-from bt_jax.jsonl import read_jsonl
+from bt_jax.jsonl import decode_utf8, read_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,8 +263,9 @@ def read_piqa(jsonl_path: str, labels_path: Optional[str] = None) -> list[Multip
   records = read_jsonl(jsonl_path)
   labels_path = labels_path or piqa_labels_path(jsonl_path)
   if os.path.exists(labels_path):
-    with open(labels_path, encoding="utf-8") as f:
-      labels = [line.strip() for line in f if line.strip()]
+    with open(labels_path, "rb") as f:
+      text = decode_utf8(f.read(), labels_path)   # an error naming the file
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
     if len(labels) != len(records):
       raise ValueError(f"{labels_path} has {len(labels)} labels but {jsonl_path} has "
                        f"{len(records)} questions")

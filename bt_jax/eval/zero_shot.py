@@ -150,16 +150,26 @@ def parse_task_flags(task_flags: Sequence[str], data: Optional[str] = None) -> d
   return task_paths
 
 
+def load_tasks(task_paths: Mapping[str, str], *, split: Optional[str] = None,
+               limit: Optional[int] = None) -> dict[str, list]:
+  """{task: docs} of every task, read before any model is loaded so that a bad
+  path or file is reported at once."""
+  return {name: load_task(name, path, split=split, limit=limit)
+          for name, path in task_paths.items()}
+
+
 def run_zero_shot(model: nn.Module, params: Any, tokenizer: TokenizerLike,
                   task_paths: Mapping[str, str], *, limit: Optional[int] = None,
                   split: Optional[str] = None, batch_size: int = 32,
                   max_batch_tokens: Optional[int] = None, out: Optional[str] = None,
                   per_doc: bool = False, progress: bool = True,
                   metadata: Optional[Mapping[str, Any]] = None,
-                  sharding: Optional[EvalSharding] = None) -> dict[str, Any]:
-  """Loads the tasks, scores them, prints the table and writes the JSON."""
-  tasks = {name: load_task(name, path, split=split, limit=limit)
-           for name, path in task_paths.items()}
+                  sharding: Optional[EvalSharding] = None,
+                  tasks: Optional[Mapping[str, Sequence[Any]]] = None) -> dict[str, Any]:
+  """Loads the tasks (unless given, as `load_tasks` returns them), scores
+  them, prints the table and writes the JSON."""
+  if tasks is None:
+    tasks = load_tasks(task_paths, split=split, limit=limit)
   results = evaluate_zero_shot(model, params, tokenizer, tasks, batch_size=batch_size,
                                max_batch_tokens=max_batch_tokens, progress=progress,
                                sharding=sharding)

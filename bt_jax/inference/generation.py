@@ -78,6 +78,23 @@ def pad_rows(prompts: Sequence[Sequence[int]], groups: int) -> Sequence[Sequence
   return list(prompts) + [prompts[0]] * (groups - len(prompts) % groups)
 
 
+def left_pad(prompts: Sequence[Sequence[int]], config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+  """The left padding of prompts (generation and experiments.throughput):
+  (tokens [batch, prompt_len] int32, pad [batch] int32). A block model's row is
+  first padded with pad_id to a block boundary; those pads are part of the row
+  (as the random left pad of training), not masked. Rows are then left-padded
+  to the longest, and `pad` counts those masked slots."""
+  block_len = config.block_len if isinstance(config, BlockConfig) else 1
+  rows = [[config.pad_id] * (-len(ids) % block_len) + list(ids) for ids in prompts]
+  prompt_len = max(len(r) for r in rows)
+  tokens = np.full((len(rows), prompt_len), config.pad_id, np.int32)
+  pad = np.zeros(len(rows), np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, prompt_len - len(row):] = row
+    pad[i] = prompt_len - len(row)
+  return tokens, pad
+
+
 def prepare_prompts(prompts: Sequence[Sequence[int]], config: ModelConfig,
                     max_new_tokens: int) -> PromptBatch:
   """Left-pads token-id prompts into one batch, checking them against the model."""
@@ -86,7 +103,7 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], config: ModelConfig,
   if len(prompts) == 0:
     raise ValueError("no prompts given; pass a list of token-id lists")
   block_len = config.block_len if isinstance(config, BlockConfig) else 1
-  rows = []
+  checked = []
   for i, prompt in enumerate(prompts):
     ids = [int(t) for t in prompt]
     if not ids:
@@ -96,11 +113,9 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], config: ModelConfig,
     if bad:
       raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary; valid ids "
                        f"are 0..{config.vocab_size - 1}")
-    # Block models: pad tokens up to a block boundary are part of the row (as
-    # the random left pad of training), not masked.
-    aligned = -(-len(ids) // block_len) * block_len
-    rows.append([config.pad_id] * (aligned - len(ids)) + ids)
-  prompt_len = max(len(r) for r in rows)
+    checked.append(ids)
+  tokens, pad = left_pad(checked, config)
+  prompt_len = tokens.shape[1]
   new_len = num_steps_for(config, max_new_tokens) * block_len
   if new_len >= config.max_len:
     raise ValueError(
@@ -118,11 +133,6 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], config: ModelConfig,
         f"{max_new_tokens}" + (f" (rounded up to whole blocks: {new_len})" if block_len > 1 else "")
         + f" that exceeds the model's context max_len {config.max_len}; at most "
         f"{config.max_len - new_len} prompt tokens fit, or lower max_new_tokens")
-  tokens = np.full((len(rows), prompt_len), config.pad_id, np.int32)
-  pad = np.zeros(len(rows), np.int32)
-  for i, row in enumerate(rows):
-    tokens[i, prompt_len - len(row):] = row
-    pad[i] = prompt_len - len(row)
   return PromptBatch(tokens, pad, np.array([len(p) for p in prompts], np.int32))
 
 

@@ -4,6 +4,7 @@ import sysconfig
 
 import pytest
 
+from bt_jax import cli
 from bt_jax.data import corpus
 
 
@@ -85,7 +86,7 @@ def test_file_corpus_jsonl_and_validation_pattern(tmp_path):
   valid = corpus.file_corpus(str(tmp_path / "train.jsonl"), "validation",
                              validation_pattern=str(tmp_path / "valid.jsonl"), text_field="body")
   assert list(train) == [f"t{i}" for i in range(5)] and list(valid) == ["v0"]
-  with pytest.raises(KeyError, match=r"train.jsonl:1 has no field 'text'"):
+  with pytest.raises(ValueError, match=r"train.jsonl:1 has no field 'text'"):
     corpus.file_corpus(str(tmp_path / "train.jsonl"), "train", validation_fraction=0.0)
   # One file cannot be split by file.
   with pytest.raises(ValueError, match="'validation' split of .*train.jsonl.* is empty"):
@@ -117,15 +118,15 @@ def test_tfds_round_trip(text_dir, tmp_path):
   data_dir = str(tmp_path / "tfds")
   with pytest.raises(FileNotFoundError, match=r"'local_text' is not prepared .*python -m bt_jax.data.prepare_tfds"):
     corpus.tfds_corpus("local_text", "train", data_dir=data_dir)
-  prepare_tfds.main(["--input_glob", pattern, "--data_dir", data_dir, "--validation_fraction", "0.2"])
+  cli.call(prepare_tfds, ["--input_glob", pattern, "--data_dir", data_dir, "--validation_fraction", "0.2"])
   for split in corpus.SPLITS:
     from_tfds = corpus.load_corpus("tfds:local_text", split, data_dir=data_dir)
     expected = corpus.file_corpus(pattern, split, validation_fraction=0.2)
     assert sorted(from_tfds) == sorted(expected) and len(from_tfds) == len(expected)
     raw = tfds.data_source("local_text", split=split, data_dir=data_dir, download=False)
     assert sorted(x["text"].decode() for x in raw) == sorted(expected)
-  with pytest.raises(FileExistsError, match="--overwrite"):
-    prepare_tfds.main(["--input_glob", pattern, "--data_dir", data_dir])
+  with pytest.raises(cli.UserError, match="--overwrite"):
+    cli.call(prepare_tfds, ["--input_glob", pattern, "--data_dir", data_dir])
   with pytest.raises(ValueError, match="no split 'test'"):
     corpus.tfds_corpus("local_text", "test", data_dir=data_dir)
   with pytest.raises(ValueError, match="catalog dataset"):

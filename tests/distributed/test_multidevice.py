@@ -40,12 +40,13 @@ def test_all_methods_agree_with_the_oracle_on_8_devices():
 @pytest.mark.multidevice
 def test_benchmark_runs_and_reads_traffic_from_hlo(tmp_path):
   result = _run(["-m", "experiments.tree_vs_ring", "--preset", "cpu",
-                 "--contexts", "512", "1024", "--devices", "2", "4",
-                 "--methods", "tree", "ring_kv", "--heads", "2",
-                 "--kv-heads", "1", "--head-dim", "8", "--warmup", "0",
+                 "--contexts", "512,1024", "--devices", "2,4",
+                 "--methods", "tree,ring_kv", "--heads", "2",
+                 "--kv_heads", "1", "--head_dim", "8", "--warmup", "0",
                  "--repeats", "1", "--out", str(tmp_path)], timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "tree_vs_ring.json").read_text())
+  assert report["complete"]
   assert (tmp_path / "tree_vs_ring.png").stat().st_size > 0
   rows = {(r["method"], r["devices"], r["context"]): r
           for r in report["results"]}

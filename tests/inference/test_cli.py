@@ -63,6 +63,11 @@ def test_generate_streams_text(fake_checkpoints, tmp_path):
   again = generate_cli.stream_generate(str(tmp_path), "Hello", max_new_tokens=10,
                                        temperature=0.0, chunk_tokens=8, out=io.StringIO())
   assert again == text                      # chunking does not change the result
+  echoed = io.StringIO()
+  assert generate_cli.stream_generate(str(tmp_path), "Hello", max_new_tokens=10,
+                                      temperature=0.0, chunk_tokens=4, out=echoed,
+                                      echo=True) == text
+  assert echoed.getvalue() == "Hello" + text + "\n"   # the prompt, then the continuation
 
 
 def test_generate_errors(fake_checkpoints, tmp_path):
@@ -95,20 +100,86 @@ def test_generate_binary_reports_errors(tmp_path):
 
 def test_throughput_smoke(tmp_path):
   from experiments import throughput  # pylint: disable=import-outside-toplevel
-  out = tmp_path / "throughput.json"
+  out = tmp_path / "new_folder" / "throughput.json"     # the folder is created
   report = throughput.run(models="block_b4_tiny,vanilla_tiny", scenarios="tiny=6/5",
                           batch_size="auto", memory_budget_gb=0.02, max_batch_size=2,
-                          repeats=1, warmup=1, cache_segments=2, out=str(out))
-  assert json.loads(out.read_text())["ratios"] == report["ratios"]
+                          repeats=2, warmup=1, cache_segments=2, out=str(out))
+  saved = json.loads(out.read_text())
+  assert saved["ratios"] == report["ratios"] and saved["complete"]
   assert [r["model"] for r in report["results"]] == ["block_b4_tiny", "vanilla_tiny"]
   for r in report["results"]:
     assert r["batch_size"] == 2           # the cap: tiny models fit 20 MB many times
     assert r["memory_per_sample_bytes"] > 0
     assert r["tokens_per_s"] > 0 and r["kv_cache_bytes_per_sample"] > 0 and r["mbu"] > 0
+    assert len(r["wall_s_repeats"]) == r["repeats"] == 2
+    assert r["wall_s_min"] <= r["wall_s"] <= r["wall_s_max"]
+    assert r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"]
   (ratio,) = report["ratios"]
   assert ratio["pair"] == "tiny test pair"
   assert ratio["ratio"] == pytest.approx(
       ratio["block_tokens_per_s"] / ratio["vanilla_tokens_per_s"])
+  assert ratio["ratio_min"] <= ratio["ratio"] <= ratio["ratio_max"]
+  block, vanilla = report["results"]
+  assert ratio["ratio_min"] == pytest.approx(
+      min(vanilla["wall_s_repeats"]) / max(block["wall_s_repeats"]))
+
+
+def test_throughput_keeps_what_was_measured(tmp_path, monkeypatch):
+  """A crash in the second measurement leaves the first in the JSON."""
+  from experiments import throughput  # pylint: disable=import-outside-toplevel
+  real_run_one = throughput.run_one
+
+  def run_one(name, *args, **kwargs):
+    if name == "vanilla_tiny":
+      raise RuntimeError("out of memory")
+    return real_run_one(name, *args, **kwargs)
+
+  monkeypatch.setattr(throughput, "run_one", run_one)
+  out = tmp_path / "throughput.json"
+  with pytest.raises(RuntimeError, match="out of memory"):
+    throughput.run(models="block_b4_tiny,vanilla_tiny", scenarios="tiny=6/5", batch_size="1",
+                   repeats=1, warmup=0, cache_segments=1, out=str(out))
+  saved = json.loads(out.read_text())
+  assert not saved["complete"]
+  assert [r["model"] for r in saved["results"]] == ["block_b4_tiny"]
+  assert [p.name for p in tmp_path.iterdir()] == ["throughput.json"]   # no temporary left
+
+
+def _named_weight_bytes(params, groups):
+  """The old name-based count: the groups' bytes, embedding tables left out."""
+  import jax  # pylint: disable=import-outside-toplevel
+  total = 0
+  for group in groups:
+    for path, x in jax.tree_util.tree_leaves_with_path(params[group]):
+      if "embedding" not in jax.tree_util.keystr(path):
+        total += x.size * x.dtype.itemsize
+  return total
+
+
+@pytest.mark.parametrize("name", ["block_b4_tiny", "vanilla_tiny"])
+def test_bytes_moved_reads_sizes_from_the_code(name):
+  """The traced step functions read exactly the parameter groups each pass
+  was known to read, embedding tables left out; cache slots match caches.py."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from bt_jax.config import BlockConfig  # pylint: disable=import-outside-toplevel
+  from bt_jax.inference import caches  # pylint: disable=import-outside-toplevel
+  from bt_jax.models import build_model, init_params  # pylint: disable=import-outside-toplevel
+  from experiments import throughput  # pylint: disable=import-outside-toplevel
+  config = throughput.benchmark_config(name, "float32", 8, 8)
+  model = build_model(config)
+  params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+  sizes = throughput.per_pass_bytes(model)
+  dtype = config.compute_dtype
+  if isinstance(config, BlockConfig):
+    assert sizes == {
+        "weights_per_block": _named_weight_bytes(params, ["embedder", "block_decoder",
+                                                          "expansion"]),
+        "weights_per_token": _named_weight_bytes(params, ["token_decoder", "lm_head"]),
+        "block_slot": caches.stack_cache_bytes_per_slot(config.block_stack, dtype),
+        "token_slot": caches.stack_cache_bytes_per_slot(config.token_stack, dtype)}
+  else:
+    assert sizes == {"weights_per_token": _named_weight_bytes(params, ["decoder", "lm_head"]),
+                     "slot": caches.stack_cache_bytes_per_slot(config.stack, dtype)}
 
 
 def test_auto_batch_size_search(monkeypatch):

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from bt_jax import cli
 from experiments import kernel_bench
 from experiments.kernel_bench import DecodeShape, FlashShape
 
@@ -21,12 +24,13 @@ def test_kernel_bench_tiny_preset(monkeypatch, tmp_path, capsys):
              FlashShape(1, 32, 2, 2, 16, False, local_block=8)],
       decode=[DecodeShape(2, 2, 100, 4, 2, 16)])
   monkeypatch.setitem(kernel_bench.PRESETS, "cpu", tiny)
-  out = tmp_path / "bench.json"
-  records = kernel_bench.main(["--preset", "cpu", "--out", str(out), "--peak_bw_gbs", "100"])
+  out = tmp_path / "new_folder" / "bench.json"    # --out's folder is created
+  records = cli.call(kernel_bench, ["--preset", "cpu", "--out", str(out), "--peak_bw_gbs", "100"])
   printed = capsys.readouterr().out
   report = json.loads(out.read_text())
   assert report["results"] == json.loads(json.dumps(records))
   assert report["meta"]["kernel_impl"] == "interpret" and report["meta"]["peak_bw_gbs"] == 100
+  assert report["meta"]["complete"]
 
   timed = [r for r in records if "skipped" not in r]
   skipped = [r for r in records if "skipped" in r]
@@ -56,3 +60,21 @@ def test_kernel_bench_tiny_preset(monkeypatch, tmp_path, capsys):
   pallas = next(r for r in decode if r["impl"] == "pallas")
   assert pallas["max_err_out"] < 1e-5 and pallas["max_err_lse"] < 1e-5
   assert "pallas[16,16,16,32]" in printed and "decode" in printed
+
+
+def test_kernel_bench_keeps_what_was_measured(monkeypatch, tmp_path):
+  """A crash in the decode shapes leaves the flash records in the JSON."""
+  tiny = dict(dtype="float32", warmup=0, repeats=1,
+              flash=[FlashShape(1, 32, 2, 2, 16, True)], decode=[DecodeShape(1, 1, 64, 2, 2, 16)])
+  monkeypatch.setitem(kernel_bench.PRESETS, "cpu", tiny)
+
+  def crash(*args, **kwargs):
+    raise RuntimeError("device lost")
+
+  monkeypatch.setattr(kernel_bench, "bench_decode", crash)
+  out = tmp_path / "bench.json"
+  with pytest.raises(RuntimeError, match="device lost"):
+    cli.call(kernel_bench, ["--preset", "cpu", "--out", str(out), "--nocheck"])
+  report = json.loads(out.read_text())
+  assert not report["meta"]["complete"]
+  assert report["results"] and {r["kernel"] for r in report["results"]} == {"flash"}

@@ -117,11 +117,12 @@ def test_drafter_training_resumes_exactly(vanilla_workdir, tmp_path, monkeypatch
   want = _records(tmp_path / "whole")
   assert [r["step"] for r in want] == list(range(1, 7))
   from experiments import plot_training  # pylint: disable=import-outside-toplevel
+  from bt_jax import cli  # pylint: disable=import-outside-toplevel
   curves = plot_training.series(want)
   assert sorted(curves) == ["acc_0", "acc_1", "acc_2", "loss"]   # draft_len 3
   assert curves["acc_1"] == [(r["step"], r["acc_i"][1]) for r in want]
   png = tmp_path / "drafter_curves.png"
-  assert plot_training.main(["--workdir", str(tmp_path / "whole"), "--out", str(png)]) == 0
+  assert cli.call(plot_training, ["--workdir", str(tmp_path / "whole"), "--out", str(png)]) == str(png)
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
   out = tmp_path / "resumed"

@@ -268,9 +268,10 @@ def test_errors_name_the_bad_value():
 def test_benchmark_smoke(tmp_path):
   """experiments.redrafter_bench end to end on a random-weight model: the
   drafter trains, both decoders are timed, the tokens agree, JSON is written."""
+  from bt_jax import cli  # pylint: disable=import-outside-toplevel
   from experiments import redrafter_bench  # pylint: disable=import-outside-toplevel
   out = tmp_path / "redrafter.json"
-  report = redrafter_bench.main(["--train_steps", "4", "--distill_prompts", "8",
+  report = cli.call(redrafter_bench, ["--train_steps", "4", "--distill_prompts", "8",
                                  "--train_batch", "4", "--batch_sizes", "2",
                                  "--max_new_tokens", "8", "--prompt_len", "8",
                                  "--repeats", "1", "--draft_len", "2", "--beam_width", "2",
@@ -280,7 +281,7 @@ def test_benchmark_smoke(tmp_path):
   assert record["same_tokens_as_greedy"] and record["batch_size"] == 2
   assert 1.0 <= record["tokens_per_step"] <= 3.0
   assert record["speedup"] == pytest.approx(record["greedy_ms"] / record["speculative_ms"])
-  assert report["meta"]["weights"] == "random"
+  assert report["meta"]["weights"] == "random" and report["meta"]["complete"]
   (sampled,) = report["sampling"]
   assert sampled["drafts"] == 2 and sampled["temperature"] == 1.0
   assert 1.0 <= sampled["tokens_per_step"] <= 3.0

@@ -252,12 +252,14 @@ def test_sigterm_saves_and_exits_cleanly(run_gin, tmp_path):
 
 def test_plot_training(reference_run, tmp_path):
   from experiments import plot_training  # pylint: disable=g-import-not-at-top
+  from bt_jax import cli  # pylint: disable=g-import-not-at-top
   workdir, _ = reference_run
   out = tmp_path / "curves.png"
-  assert plot_training.main(["--workdir", str(workdir), "--workdir", str(workdir), "--out", str(out)]) == 0
+  assert cli.call(plot_training, ["--workdir", str(workdir), "--workdir", str(workdir),
+                                  "--out", str(out)]) == str(out)
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  with pytest.raises(FileNotFoundError, match="has no metrics.jsonl"):
-    plot_training.main(["--workdir", str(tmp_path)])
+  with pytest.raises(cli.UserError, match="has no metrics.jsonl"):
+    cli.call(plot_training, ["--workdir", str(tmp_path)])
 
 
 # --- errors a person can act on --------------------------------------------

@@ -1,0 +1,222 @@
+"""bt_jax.cli and what every binary gets from it: --help exits 0 and lists the
+flags; a user error is one line on stderr with exit status 2 and changes
+nothing; a bug keeps its traceback; benchmark JSON is written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from bt_jax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "eval", "fixtures")
+
+
+def _run(args, timeout=300, cwd=ROOT):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=timeout, check=False)
+
+
+def _listing(folder):
+  return sorted((os.path.relpath(os.path.join(d, f), folder), os.path.getmtime(os.path.join(d, f)))
+                for d, _, files in os.walk(folder) for f in files)
+
+
+def _assert_user_error(proc, *fragments):
+  assert proc.returncode == cli.USER_ERROR_EXIT_STATUS, (proc.returncode, proc.stderr[-3000:])
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in lines[0], (fragment, lines[0])
+  return lines[0]
+
+
+# (module, a flag its --help must list): every binary of the package.
+BINARIES = [
+    ("bt_jax.train", "--workdir"),
+    ("bt_jax.generate", "--no_echo"),
+    ("bt_jax.eval_zero_shot", "--out"),
+    ("bt_jax.eval_perplexity", "--out_dir"),
+    ("bt_jax.model_summary", "--gin_file"),
+    ("bt_jax.train_drafter", "--workdir"),
+    ("bt_jax.data.prepare_tfds", "--input_glob"),
+    ("experiments.throughput", "--out"),
+    ("experiments.kernel_bench", "--out"),
+    ("experiments.tree_vs_ring", "--out"),
+    ("experiments.redrafter_bench", "--out"),
+    ("experiments.plot_training", "--out"),
+]
+# Still on absl's app.run, whose --help exits 1, until they move to cli.run.
+NOT_YET_ON_CLI_RUN = {"bt_jax.train", "bt_jax.generate", "bt_jax.train_drafter"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module, flag", [
+    pytest.param(m, f, marks=pytest.mark.xfail(
+        m in NOT_YET_ON_CLI_RUN, strict=True, reason="app.run's --help exits 1; use cli.run"))
+    for m, f in BINARIES])
+def test_help_exits_0_and_lists_the_flags(module, flag):
+  proc = _run(["-m", module, "--help"])
+  assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+  assert flag in proc.stdout, proc.stdout[-2000:]
+
+
+_TOY = textwrap.dedent("""
+    import sys
+    from absl import flags
+    from bt_jax import cli
+
+    def define_flags(flag_values):
+      flags.DEFINE_string("path", None, "A path.", flag_values=flag_values)
+
+    def main(flag_values):
+      if flag_values.path == "bug":
+        raise ValueError("a bug")
+      if flag_values.path == "missing":
+        open("/no/such/file")
+      raise cli.UserError(f"--path {flag_values.path!r} is bad; give a good one")
+
+    cli.run(main, define_flags)
+""")
+
+
+@pytest.mark.parametrize("args, status, stderr", [
+    (["--path", "x"], 2, "error: --path 'x' is bad; give a good one\n"),
+    (["--path", "missing"], 2,
+     "error: [Errno 2] No such file or directory: '/no/such/file'\n"),
+    (["--bogus"], 2, "error: Unknown command line flag 'bogus' (see --help for the valid "
+                     "flags)\n"),
+    (["--path", "x", "stray"], 2, "error: unexpected arguments ['stray']; every input is a "
+                                  "--flag (see --help)\n"),
+])
+def test_run_reports_user_errors_on_one_line(args, status, stderr):
+  proc = _run(["-c", _TOY, *args], timeout=60)
+  assert (proc.returncode, proc.stderr) == (status, stderr)
+
+
+def test_run_keeps_tracebacks_for_bugs_and_verbose():
+  bug = _run(["-c", _TOY, "--path", "bug"], timeout=60)
+  assert bug.returncode == 1 and "Traceback" in bug.stderr and "ValueError: a bug" in bug.stderr
+  verbose = _run(["-c", _TOY, "--path", "x", "--verbose"], timeout=60)
+  assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+  assert verbose.stderr.endswith("error: --path 'x' is bad; give a good one\n")
+  help_ = _run(["-c", _TOY, "--help"], timeout=60)
+  assert help_.returncode == 0 and "--path" in help_.stdout
+
+
+def test_write_json_atomic(tmp_path, monkeypatch):
+  path = tmp_path / "a" / "b" / "report.json"
+  cli.write_json_atomic(str(path), {"results": [1]})
+  assert json.loads(path.read_text()) == {"results": [1]}
+
+  def crash(*args, **kwargs):
+    raise RuntimeError("disk full")
+
+  monkeypatch.setattr(json, "dump", crash)
+  with pytest.raises(RuntimeError, match="disk full"):
+    cli.write_json_atomic(str(path), {"results": [1, 2]})
+  assert json.loads(path.read_text()) == {"results": [1]}   # the last whole file stays
+  assert os.listdir(path.parent) == ["report.json"]         # no temporary left
+
+
+def test_call_parses_a_fresh_flag_set():
+  from experiments import tree_vs_ring  # pylint: disable=import-outside-toplevel
+  flag_values = cli.parse(tree_vs_ring.define_flags, ["--contexts", "512,1024",
+                                                      "--kv_heads", "1", "--two_level", "2x4"])
+  config = tree_vs_ring.config_from_flags(flag_values)
+  assert config["contexts"] == [512, 1024] and config["kv_heads"] == 1
+  assert config["two_level"] == "2x4" and config["methods"] == list(tree_vs_ring.SHARDED_METHODS)
+  for argv, message in [(["--contexts", "512,x"], "--contexts '512,x' must be comma-separated"),
+                        (["--two_level", "2by4"], "--two_level '2by4' must be NODESxLOCAL"),
+                        (["--methods", "tree,spiral"], r"--methods \['spiral'\] unknown")]:
+    with pytest.raises(cli.UserError, match=message):
+      tree_vs_ring.config_from_flags(cli.parse(tree_vs_ring.define_flags, argv))
+
+
+# --- user errors of the real binaries: message, status 2, nothing changed ----
+
+
+@pytest.fixture
+def workdir(tmp_path):
+  """A run folder whose content must not change."""
+  folder = tmp_path / "run"
+  folder.mkdir()
+  (folder / "model_config.json").write_text("{}")
+  return folder
+
+
+def test_eval_zero_shot_missing_piqa_labels_before_the_checkpoint(workdir, tmp_path):
+  data = tmp_path / "piqa"
+  data.mkdir()
+  shutil.copy(os.path.join(FIXTURES, "valid.jsonl"), data / "valid.jsonl")
+  before = _listing(workdir)
+  proc = _run(["-m", "bt_jax.eval_zero_shot", "--workdir", str(workdir),
+               "--task", f"piqa={data}"])
+  # The model_config.json is not a valid one: had the checkpoint been read
+  # first, that would be the error.
+  _assert_user_error(proc, "PIQA labels not found", str(data / "valid-labels.lst"))
+  assert _listing(workdir) == before
+  (data / "valid-labels.lst").write_bytes(b"0\n\xff\n1\n")
+  proc = _run(["-m", "bt_jax.eval_zero_shot", "--workdir", str(workdir),
+               "--task", f"piqa={data}"])
+  _assert_user_error(proc, str(data / "valid-labels.lst"), "is not UTF-8 text")
+  assert _listing(workdir) == before
+
+
+@pytest.mark.parametrize("files, fragments", [
+    ({"bad.txt": "caf\xe9".encode("latin-1")}, ["bad.txt is not UTF-8 text (byte 3"]),
+    ({"d.jsonl": b'{"text": "ok"}\n{"text": broken\n'}, ["d.jsonl:2 is not valid JSON"]),
+    ({"d.jsonl": b'{"text": "ok"}\n{"body": "x"}\n'}, ["d.jsonl:2 has no field 'text'"]),
+    ({"e.jsonl": b"\n"}, ["hold no documents"]),
+    ({}, ["no files match", "*.txt"]),
+])
+def test_eval_perplexity_bad_data(workdir, tmp_path, files, fragments):
+  data = tmp_path / "data"
+  data.mkdir()
+  for name, content in files.items():
+    (data / name).write_bytes(content)
+  pattern = str(data / ("*" if files else "*.txt"))
+  before = _listing(workdir)
+  proc = _run(["-m", "bt_jax.eval_perplexity", "--workdir", str(workdir), "--data", pattern])
+  _assert_user_error(proc, *fragments)
+  assert _listing(workdir) == before
+
+
+def test_eval_perplexity_bad_flags(workdir, tmp_path):
+  before = _listing(workdir)
+  proc = _run(["-m", "bt_jax.eval_perplexity", "--workdir", str(workdir), "--data", "x",
+               "--batch_size", "many"])
+  _assert_user_error(proc, "--batch_size", "many")
+  proc = _run(["-m", "bt_jax.eval_perplexity", "--workdir", str(workdir)])
+  _assert_user_error(proc, "--data")
+  assert _listing(workdir) == before
+
+
+def test_prepare_tfds_bad_glob(tmp_path):
+  from bt_jax.data import prepare_tfds  # pylint: disable=import-outside-toplevel
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(FileNotFoundError, match="no files match .*nothing"):
+    cli.call(prepare_tfds, ["--input_glob", str(tmp_path / "nothing*.txt"),
+                            "--data_dir", str(data_dir)])
+  with pytest.raises(cli.UserError, match="--name 'Bad-Name' must be snake_case"):
+    cli.call(prepare_tfds, ["--input_glob", "x", "--data_dir", str(data_dir),
+                            "--name", "Bad-Name"])
+  assert not data_dir.exists()
+
+
+def test_plot_training_bad_labels(tmp_path):
+  from experiments import plot_training  # pylint: disable=import-outside-toplevel
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 2.0}\n{"step": oops}\n')
+  with pytest.raises(cli.UserError, match=r"metrics.jsonl:2 is not valid JSON"):
+    cli.call(plot_training, ["--workdir", str(tmp_path)])
+  with pytest.raises(cli.UserError, match="got 2 --label values for 1 --workdir"):
+    cli.call(plot_training, ["--workdir", str(tmp_path), "--label", "a", "--label", "b"])
+  assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
