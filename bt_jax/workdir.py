@@ -34,6 +34,8 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from absl import logging
 
+from bt_jax.cli import UserError
+
 LOCK_FILE = ".lock"
 DAMAGED_DIR = "checkpoints_damaged"
 
@@ -50,7 +52,7 @@ RESUMABLE_BINDINGS = frozenset({
 RESUMABLE_MODEL_FIELDS = frozenset({"attention_impl", "remat"})
 
 
-class WorkdirError(ValueError):
+class WorkdirError(UserError):
   """A workdir cannot be used as asked; the message says what to do instead."""
 
 
