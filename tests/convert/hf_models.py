@@ -44,7 +44,10 @@ def save_hf_model(folder: str, config: transformers.GPTNeoXConfig, seed: int = 0
     for name, p in model.named_parameters():
       if name.endswith("bias") or "layernorm" in name or "layer_norm" in name:
         p.add_(0.1 * torch.randn_like(p))
-  model.save_pretrained(folder, safe_serialization=safe)
+  model.save_pretrained(folder)
+  if not safe:  # the older pickle format (transformers 5 writes safetensors only)
+    torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+    os.remove(os.path.join(folder, "model.safetensors"))
   tok = tokenizer()
   tok.save(os.path.join(folder, "tokenizer.json"))
   with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
