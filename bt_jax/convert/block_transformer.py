@@ -31,7 +31,8 @@ from typing import Optional
 import numpy as np
 
 from bt_jax.config import BlockConfig
-from bt_jax.convert.gpt_neox import SKIPPED_SUFFIXES, ConversionError, TensorReader, stack_from_hf
+from bt_jax.convert.gpt_neox import (SKIPPED_SUFFIXES, ConversionError, TensorReader,
+                                     head_tensor_name, stack_from_hf)
 from bt_jax.convert.hf import torch_state_dict
 from bt_jax.convert.safetensors_io import TensorSource
 from bt_jax.convert.workdir import write_workdir
@@ -107,7 +108,8 @@ def block_params_from_official(source, config: BlockConfig, dtype: str = "float3
       "token_embed": {"embedding": cast(reader.take("token_decoder.gpt_neox.embed_in.weight",
                                                     (vocab, d_tok)))},
       "token_decoder": stack_from_hf(reader, "token_decoder.gpt_neox.", config.token_stack),
-      "lm_head": {"kernel": cast(reader.take("token_decoder.embed_out.weight", (vocab, d_tok)).T)},
+      "lm_head": {"kernel": cast(reader.take(head_tensor_name(reader, "token_decoder."),
+                                             (vocab, d_tok)).T)},
   }
   reader.check_all_used(_skipped)
   return params

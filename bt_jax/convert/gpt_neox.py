@@ -235,6 +235,14 @@ def stack_to_hf(params: Mapping, prefix: str, stack: StackConfig) -> dict[str, C
   return out
 
 
+def head_tensor_name(reader: TensorReader, prefix: str) -> str:
+  """The output head's name: `embed_out.weight` as saved files have it, or
+  `lm_head.weight` (transformers 5's module name, in a raw torch state dict)."""
+  if not reader.has(prefix + "embed_out.weight") and reader.has(prefix + "lm_head.weight"):
+    return prefix + "lm_head.weight"
+  return prefix + "embed_out.weight"
+
+
 def vanilla_params_from_hf(source, config: VanillaConfig, hf_config: Mapping[str, Any],
                            dtype: str) -> dict:
   """bt_jax VanillaLM params from the tensors of a GPTNeoXForCausalLM.
@@ -245,12 +253,13 @@ def vanilla_params_from_hf(source, config: VanillaConfig, hf_config: Mapping[str
   reader = TensorReader(source, dtype)
   shape = (config.vocab_size, config.width)
   embed = reader.cast(reader.take("gpt_neox.embed_in.weight", shape))
-  if hf_config.get("tie_word_embeddings", False) or not reader.has("embed_out.weight"):
+  head_name = head_tensor_name(reader, "")
+  if hf_config.get("tie_word_embeddings", False) or not reader.has(head_name):
     head = embed.T.copy()
-    if reader.has("embed_out.weight"):   # a tied checkpoint may still store the copy
-      reader.take("embed_out.weight", shape)
+    if reader.has(head_name):   # a tied checkpoint may still store the copy
+      reader.take(head_name, shape)
   else:
-    head = reader.cast(reader.take("embed_out.weight", shape).T)
+    head = reader.cast(reader.take(head_name, shape).T)
   params = {"token_embed": {"embedding": embed},
             "decoder": stack_from_hf(reader, "gpt_neox.", config.stack),
             "lm_head": {"kernel": head}}

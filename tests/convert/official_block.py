@@ -59,9 +59,17 @@ class OfficialBlockTransformer(nn.Module):
     targets = blocks[:, 1:].reshape(-1, block_len)
     inputs = torch.cat([expanded, self.token_decoder.gpt_neox.embed_in(targets[:, :-1])], dim=1)
     hidden = self.token_decoder.gpt_neox(inputs_embeds=inputs).last_hidden_state
-    logits = self.token_decoder.embed_out(hidden[:, self.prefix_len - 1:]).double()
+    head = self.token_decoder.get_output_embeddings()
+    logits = head(hidden[:, self.prefix_len - 1:]).double()
     logprobs = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
     return logprobs.reshape(batch, length - block_len)
+
+
+  def official_state_dict(self) -> dict[str, torch.Tensor]:
+    """state_dict() with the official names: transformers 5 calls the GPT-NeoX
+    head `lm_head`, the official code's transformers 4.x `embed_out`."""
+    return {k.replace("token_decoder.lm_head.", "token_decoder.embed_out."): v.contiguous()
+            for k, v in self.state_dict().items()}
 
 
 def random_official(seed: int = 0, **kwargs) -> OfficialBlockTransformer:

@@ -27,7 +27,7 @@ TINY = dict(vocab_size=512, max_len=128, block_len=4, prefix_len=2, block_layers
 def _save(model, folder) -> str:
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, "model.safetensors")
-  safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+  safetensors.torch.save_file(model.official_state_dict(), path)
   return path
 
 
@@ -91,7 +91,7 @@ def test_wrong_gin_shape_names_tensor_and_shapes(tmp_path, tokenizer_file):
 
 
 def test_unknown_and_missing_tensors(tmp_path, tokenizer_file):
-  state = {k: v.contiguous() for k, v in random_official().state_dict().items()}
+  state = random_official().official_state_dict()
   extra = dict(state, **{"token_decoder.lm_bias": torch.zeros(512)})
   path = str(tmp_path / "extra.safetensors")
   safetensors.torch.save_file(extra, path)

@@ -50,8 +50,8 @@ def test_fine_tune_shape_mismatch_names_the_parameter(vanilla_workdir):
   workdir, _ = vanilla_workdir
   wider = dataclasses.replace(VANILLA, vocab_size=384)
   with pytest.raises(convert.ConversionError,
-                     match=r"parameter token_embed/embedding: the model at .* has shape "
-                           r"\(320, 64\), the target model \(384, 64\)"):
+                     match=r"parameter lm_head/kernel: the model at .* has shape "
+                           r"\(64, 320\), the target model \(64, 384\)"):
     convert.init_params_from(workdir, wider, abstract_params(build_model(wider)))
   rotary = dataclasses.replace(VANILLA, rotary_pct=0.5)
   with pytest.raises(convert.ConversionError, match="stack.rotary_pct: target 0.5, source 0.25"):
