@@ -149,6 +149,8 @@ def from_block_transformer(checkpoint: str, config: BlockConfig, workdir: str, *
   tokenizer.json (default: one inside the checkpoint folder); `eval_no_pad`
   is recorded in model_config.json for zero-shot scoring."""
   import dataclasses  # pylint: disable=import-outside-toplevel
+  from bt_jax.convert.gpt_neox import numpy_dtype  # pylint: disable=import-outside-toplevel
+  numpy_dtype(dtype)
   if tokenizer is None:
     candidate = os.path.join(checkpoint, "tokenizer.json")
     if not os.path.isfile(candidate):

@@ -40,7 +40,8 @@ class ConversionError(ValueError):
   """A checkpoint or config that cannot be converted; the message names the culprit."""
 
 
-def _numpy_dtype(dtype: str) -> np.dtype:
+def numpy_dtype(dtype: str) -> np.dtype:
+  """The numpy dtype of a --dtype value, or an error naming the valid ones."""
   if dtype not in DTYPES:
     raise ConversionError(f"--dtype {dtype!r} cannot be written; valid dtypes are {sorted(DTYPES)}")
   return np.dtype(DTYPES[dtype])
@@ -123,7 +124,7 @@ class TensorReader:
 
   def __init__(self, source, dtype: str, prefix: str = ""):
     self.source = source
-    self.dtype = _numpy_dtype(dtype)
+    self.dtype = numpy_dtype(dtype)
     self.prefix = prefix
     self.used: set[str] = set()
 

@@ -103,6 +103,7 @@ def special_token_ids(folder: str, hf_config: dict, tokenizer: Tokenizer) -> dic
 def load_hf(folder: str, *, dtype: str = "float32"):
   """(VanillaConfig, params as numpy, Tokenizer, info) from a local HF GPT-NeoX folder."""
   folder = os.fspath(folder)
+  gpt_neox.numpy_dtype(dtype)
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"Hugging Face model folder {folder!r} does not exist")
   config_path = os.path.join(folder, "config.json")

@@ -107,3 +107,13 @@ def test_unknown_and_missing_tensors(tmp_path, tokenizer_file):
                                    tokenizer=tokenizer_file)
   with pytest.raises(FileNotFoundError, match="pass --tokenizer"):
     convert.from_block_transformer(str(tmp_path), BlockConfig(**TINY), str(tmp_path / "wd"))
+
+
+def test_no_pad_scoring_refuses_a_continuation_inside_block_zero():
+  from bt_jax.eval.scoring import ScoreRequest, make_window
+  request = ScoreRequest((5, 6), (7, 8, 9))
+  assert make_window(request, 16) == ([5, 6, 7, 8, 9], 2)
+  assert make_window(ScoreRequest((1, 2, 3, 4), (7,)), 16, first_scored=4) == ([1, 2, 3, 4, 7], 4)
+  with pytest.raises(ValueError, match="continuation starts at token 2, but this model scores "
+                     "tokens from position 4 on"):
+    make_window(request, 16, first_scored=4)

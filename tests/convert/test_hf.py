@@ -248,10 +248,10 @@ def test_to_hf_refuses_a_block_model(tmp_path):
   import jax
   from bt_jax.config import BlockConfig
   from bt_jax.convert.workdir import write_workdir
-  from bt_jax.models import build_model, init_params
+  from bt_jax.models import abstract_params, build_model
   config = BlockConfig(vocab_size=320, max_len=32, block_width=64, token_width=64,
                        block_layers=1, token_layers=1)
-  params = init_params(build_model(config), jax.random.key(0))
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(build_model(config)))
   workdir = str(tmp_path / "block")
   write_workdir(workdir, config, params, hf_models.tokenizer().to_json())
   with pytest.raises(convert.ConversionError, match="holds a block model; only vanilla"):

@@ -13,7 +13,7 @@ import pytest
 from bt_jax import convert
 from bt_jax.config import BlockConfig, VanillaConfig
 from bt_jax.convert.workdir import write_workdir
-from bt_jax.models import abstract_params, build_model, init_params
+from bt_jax.models import abstract_params, build_model
 from tests.convert import hf_models
 
 VANILLA = VanillaConfig(vocab_size=320, max_len=64, num_layers=4, width=64)
@@ -23,9 +23,11 @@ BLOCK = BlockConfig(vocab_size=320, max_len=64, block_layers=2, block_width=64, 
 
 @pytest.fixture(scope="module")
 def vanilla_workdir(tmp_path_factory):
-  params = init_params(build_model(VANILLA), jax.random.key(3))
-  # Non-trivial norms, so that a copied LayerNorm is told apart from a fresh one.
-  params = jax.tree.map(lambda x: x + 0.01 * jnp.arange(x.size).reshape(x.shape) / x.size, params)
+  # Random values everywhere (norms included), so that a copied LayerNorm is
+  # told apart from a fresh one; no jitted init needed.
+  rng = np.random.RandomState(3)
+  params = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(s.dtype),
+                        abstract_params(build_model(VANILLA)))
   workdir = str(tmp_path_factory.mktemp("src") / "vanilla")
   write_workdir(workdir, VANILLA, params, hf_models.tokenizer().to_json(), step=7)
   return workdir, jax.tree.map(np.asarray, params)
@@ -99,7 +101,7 @@ def test_uptrain_refuses_what_does_not_fit(vanilla_workdir):
       convert.init_params_from(workdir, bad, abstract_params(build_model(bad)))
   vanilla_target = abstract_params(build_model(VANILLA))
   block_source = str(workdir) + "_block"
-  write_workdir(block_source, BLOCK, init_params(build_model(BLOCK), jax.random.key(0)),
-                hf_models.tokenizer().to_json())
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(build_model(BLOCK)))
+  write_workdir(block_source, BLOCK, zeros, hf_models.tokenizer().to_json())
   with pytest.raises(convert.ConversionError, match="cannot initialise a vanilla model from the block"):
     convert.init_params_from(block_source, VANILLA, vanilla_target)
