@@ -56,3 +56,10 @@ def save_hf_model(folder: str, config: transformers.GPTNeoXConfig, seed: int = 0
                "model_max_length": config.max_position_embeddings,
                "add_bos_token": False, "add_eos_token": False}, f)
   return model
+
+
+def jitted(fn, model, params, ids):
+  """fn(model, params, ids) under one jit: eager flax dispatch compiles every op
+  on its own, which costs far more than one compile on these tiny models."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.jit(lambda p, t: fn(model, p, t))(params, ids)

@@ -50,7 +50,7 @@ def test_converted_official_checkpoint_scores_exactly(tmp_path, tokenizer_file, 
   model, params, _ = load_for_inference(workdir)
   assert json.load(open(os.path.join(workdir, "convert_info.json")))["step"] == 1200
   ids = np.random.RandomState(0).randint(0, 512, (2, 32))
-  ours, _ = native_logprobs(model, params, jnp.asarray(ids))
+  ours, _ = hf_models.jitted(native_logprobs, model, params, jnp.asarray(ids))
   with torch.no_grad():
     expected = reference.logprobs(torch.tensor(ids)).numpy()
   np.testing.assert_allclose(np.asarray(ours)[:, 4:], expected, atol=1e-4)
@@ -65,14 +65,14 @@ def test_eval_no_pad_is_recorded_and_scores_without_left_pad(tmp_path, tokenizer
     assert json.load(f)["config"]["eval_no_pad"] is True
   model, params, _ = load_for_inference(workdir)
   ids = np.random.RandomState(1).randint(1, 512, (2, 15))   # not a block multiple
-  logprobs, valid = token_logprobs(model, params, jnp.asarray(ids))
+  logprobs, valid = hf_models.jitted(token_logprobs, model, params, jnp.asarray(ids))
   assert not np.asarray(valid)[:, :4].any() and np.asarray(valid)[:, 4:].all()
   with torch.no_grad():   # the reference on the first 12 tokens (whole blocks)
     expected = reference.logprobs(torch.tensor(ids[:, :12])).numpy()
   np.testing.assert_allclose(np.asarray(logprobs)[:, 4:12], expected, atol=1e-4)
   padded = dataclasses.replace(model.config, eval_no_pad=False)
   from bt_jax.models import build_model
-  with_pad, _ = token_logprobs(build_model(padded), params, jnp.asarray(ids))
+  with_pad, _ = hf_models.jitted(token_logprobs, build_model(padded), params, jnp.asarray(ids))
   assert not np.allclose(np.asarray(with_pad)[:, 4:12], expected, atol=1e-3)
 
 

@@ -61,7 +61,7 @@ def test_logprobs_equal_transformers(convert_config, name):
   model, params, tokenizer = load_for_inference(workdir)
   assert model.config.vocab_size == 320 and tokenizer.vocab_size == hf_models.TOKENIZER_VOCAB
   ids = np.random.RandomState(0).randint(0, model.config.vocab_size, (2, 48))
-  logprobs, _ = token_logprobs(model, params, jnp.asarray(ids))
+  logprobs, _ = hf_models.jitted(token_logprobs, model, params, jnp.asarray(ids))
   np.testing.assert_allclose(np.asarray(logprobs)[:, 1:], _hf_logprobs(hf_model, ids), atol=1e-4)
 
 
@@ -116,7 +116,7 @@ def test_sharded_and_pytorch_bin_checkpoints(tmp_path):
     workdir = str(tmp_path / (os.path.basename(folder) + "_wd"))
     convert.from_hf(folder, workdir)
     model, params, _ = load_for_inference(workdir)
-    logprobs, _ = token_logprobs(model, params, jnp.asarray(ids))
+    logprobs, _ = hf_models.jitted(token_logprobs, model, params, jnp.asarray(ids))
     np.testing.assert_allclose(np.asarray(logprobs)[:, 1:], _hf_logprobs(hf_model, ids), atol=1e-4)
 
 
@@ -128,7 +128,7 @@ def test_bfloat16_conversion(convert_config, tmp_path):
   assert model.config.param_dtype == "bfloat16"
   assert params["token_embed"]["embedding"].dtype == jnp.bfloat16
   ids = np.random.RandomState(3).randint(0, 320, (1, 16))
-  logprobs, _ = token_logprobs(model, params, jnp.asarray(ids))
+  logprobs, _ = hf_models.jitted(token_logprobs, model, params, jnp.asarray(ids))
   np.testing.assert_allclose(np.asarray(logprobs)[:, 1:], _hf_logprobs(hf_model, ids), atol=0.1)
 
 
