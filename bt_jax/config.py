@@ -116,7 +116,8 @@ class VanillaConfig(_CommonConfig):
   width: int = 256
   head_dim: Optional[int] = None
   # Per-stack GPT-NeoX numbers that a converted model may change (bt_jax.convert
-  # maps them from a Hugging Face config.json); the defaults are the spec's.
+  # maps them from a Hugging Face config.json); the defaults are Pythia's
+  # (Biderman et al. 2023, arXiv 2304.01373).
   mlp_ratio: int = 4
   rotary_pct: float = 0.25
   rotary_base: float = 10000.0
