@@ -21,7 +21,7 @@ from bt_jax.config import VanillaConfig
 from bt_jax.convert import gpt_neox
 from bt_jax.convert.gpt_neox import ConversionError
 from bt_jax.convert.safetensors_io import DictSource, TensorSource, write_safetensors
-from bt_jax.convert.workdir import write_workdir
+from bt_jax.convert.workdir import staged_dir, write_workdir
 from bt_jax.data.tokenizer import Tokenizer
 
 
@@ -142,7 +142,6 @@ def to_hf(workdir: str, output: str, *, step: Optional[int] = None) -> str:
   """Writes a vanilla bt_jax workdir as a HF folder GPTNeoXForCausalLM and
   AutoTokenizer load: config.json, model.safetensors, tokenizer.json,
   tokenizer_config.json, special_tokens_map.json, generation_config.json."""
-  from bt_jax.convert.workdir import staged_dir  # pylint: disable=import-outside-toplevel
   model, params, tokenizer = checkpointing.load_for_inference(workdir, step=step)
   config = model.config
   if not isinstance(config, VanillaConfig):
