@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from bt_jax.config import DTYPES, StackConfig, VanillaConfig
@@ -152,8 +153,11 @@ class TensorReader:
       raise ConversionError(f"{len(left)} tensor(s) of the checkpoint map onto nothing: "
                             f"{left[:8]}{' ...' if len(left) > 8 else ''}")
 
-  def cast(self, array: np.ndarray) -> np.ndarray:
-    return np.asarray(array, dtype=self.dtype)
+  def cast(self, array: np.ndarray):
+    """The tensor in the target dtype as a host (CPU) jax array: each converted
+    tensor lands where orbax saves it from, so the model is held once."""
+    host = jax.devices("cpu")[0]
+    return jax.device_put(np.asarray(array, dtype=self.dtype), host)
 
 
 def stack_from_hf(reader: TensorReader, prefix: str, stack: StackConfig) -> dict:
@@ -256,7 +260,7 @@ def vanilla_params_from_hf(source, config: VanillaConfig, hf_config: Mapping[str
   embed = reader.cast(reader.take("gpt_neox.embed_in.weight", shape))
   head_name = head_tensor_name(reader, "")
   if hf_config.get("tie_word_embeddings", False) or not reader.has(head_name):
-    head = embed.T.copy()
+    head = reader.cast(np.asarray(embed).T)
     if reader.has(head_name):   # a tied checkpoint may still store the copy
       reader.take(head_name, shape)
   else:
