@@ -115,9 +115,22 @@ class VanillaConfig(_CommonConfig):
   num_layers: int = 6
   width: int = 256
   head_dim: Optional[int] = None
+  # Per-stack GPT-NeoX numbers that a converted model may change (bt_jax.convert
+  # maps them from a Hugging Face config.json); the defaults are Pythia's
+  # (Biderman et al. 2023, arXiv 2304.01373).
+  mlp_ratio: int = 4
+  rotary_pct: float = 0.25
+  rotary_base: float = 10000.0
+  layer_norm_eps: float = 1e-5
 
   def __post_init__(self):
     self._validate_common()
+    _check_positive("mlp_ratio", self.mlp_ratio)
+    if not 0.0 <= self.rotary_pct <= 1.0:
+      raise ValueError(f"rotary_pct {self.rotary_pct} must lie in [0, 1]")
+    if not self.rotary_base > 0 or not self.layer_norm_eps > 0:
+      raise ValueError(f"rotary_base {self.rotary_base} and layer_norm_eps "
+                       f"{self.layer_norm_eps} must be positive")
     self.stack  # validates the stack
 
   @property
@@ -126,7 +139,9 @@ class VanillaConfig(_CommonConfig):
 
   @property
   def stack(self) -> StackConfig:
-    return StackConfig(num_layers=self.num_layers, width=self.width, head_dim=self.head_dim)
+    return StackConfig(num_layers=self.num_layers, width=self.width, head_dim=self.head_dim,
+                       mlp_ratio=self.mlp_ratio, rotary_pct=self.rotary_pct,
+                       rotary_base=self.rotary_base, layer_norm_eps=self.layer_norm_eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +159,11 @@ class BlockConfig(_CommonConfig):
   encoder_layers: int = 3         # `encoder` embedder only
   encoder_width: int = 256
   bos_id: int = 0                 # `summation` / `cross_attention` start token
+  # Zero-shot / log-likelihood scoring without the L-1 left pads (block_len
+  # tokens of real context fill block 0, which is never scored). The released
+  # official checkpoints of >= 300M parameters were trained without the random
+  # left pad and are scored this way (docs/convert.md).
+  eval_no_pad: bool = False
 
   def __post_init__(self):
     self._validate_common()

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from bt_jax.config import BlockConfig
 from bt_jax.eval.sharding import EvalSharding
-from bt_jax.models import block_aligned, token_logprobs
+from bt_jax.models import block_aligned, first_scored_position, token_logprobs
 
 
 class TokenizerLike(Protocol):
@@ -68,16 +68,24 @@ def encode_pair(tokenizer: TokenizerLike, context: str, continuation: str) -> Sc
   return ScoreRequest(tuple(whole_ids[:context_len]), tuple(whole_ids[context_len:]))
 
 
-def make_window(request: ScoreRequest, max_len: int) -> tuple[list[int], int]:
+def make_window(request: ScoreRequest, max_len: int,
+                first_scored: int = 1) -> tuple[list[int], int]:
   """The last max_len tokens of context + continuation, and where the
-  continuation starts in them."""
+  continuation starts in them. `first_scored`: the first position the model
+  can score (1; block_len for a block model scored with `eval_no_pad`)."""
   num_cont = len(request.continuation_ids)
-  if num_cont > max_len - 1:
+  if num_cont > max_len - first_scored:
     raise ValueError(
         f"continuation of {num_cont} tokens does not fit the model context of {max_len} tokens "
-        f"(at most {max_len - 1}: one token must precede it)")
+        f"(at most {max_len - first_scored}: {first_scored} token(s) must precede it)")
   tokens = list(request.context_ids + request.continuation_ids)[-max_len:]
-  return tokens, len(tokens) - num_cont
+  start = len(tokens) - num_cont
+  if start < first_scored:
+    raise ValueError(
+        f"the continuation starts at token {start}, but this model scores tokens from position "
+        f"{first_scored} on (a block model with eval_no_pad never scores block 0): the context "
+        f"needs at least {first_scored} tokens, it has {start}")
+  return tokens, start
 
 
 def bucket_lengths(max_len: int, min_bucket: int = 32) -> tuple[int, ...]:
@@ -111,12 +119,14 @@ def greedy_hits(model: nn.Module, params: Any, tokens: jax.Array, mask: jax.Arra
   batch, length = tokens.shape
   if isinstance(config, BlockConfig):
     block_len = config.block_len
-    aligned, _ = block_aligned(tokens, mask, block_len, config.pad_id)
+    aligned, _ = block_aligned(tokens, mask, block_len, config.pad_id,
+                               left_pad=not config.eval_no_pad)
     logits = model.apply({"params": params}, aligned)  # [batch, blocks-1, block_len, vocab]
     predicted = jnp.argmax(logits, axis=-1).reshape(batch, -1)
     hits = predicted == aligned[:, block_len:]
     hits = jnp.concatenate([jnp.zeros((batch, block_len), bool), hits], axis=1)
-    return hits[:, block_len - 1:block_len - 1 + length]
+    start = 0 if config.eval_no_pad else block_len - 1
+    return hits[:, start:start + length]
   logits = model.apply({"params": params}, tokens)  # [batch, length, vocab]
   hits = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
   return jnp.concatenate([jnp.zeros((batch, 1), bool), hits], axis=1)
@@ -184,7 +194,8 @@ class LoglikelihoodScorer:
     vocab_size = self.model.config.vocab_size
     windows = []
     for request in requests:
-      tokens, start = make_window(request, self.max_len)
+      tokens, start = make_window(request, self.max_len,
+                                  first_scored_position(self.model.config))
       bad = [t for t in tokens if not 0 <= t < vocab_size]
       if bad:
         raise ValueError(f"token id {bad[0]} is outside the model vocabulary (valid "

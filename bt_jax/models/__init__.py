@@ -22,7 +22,7 @@ from bt_jax.models.vanilla import VanillaLM
 
 __all__ = [
     "BlockTransformer", "Embedder", "VanillaLM", "build_model", "init_params",
-    "abstract_params", "native_logprobs", "sequence_loss", "token_logprobs",
+    "abstract_params", "first_scored_position", "native_logprobs", "sequence_loss", "token_logprobs",
 ]
 
 
@@ -115,26 +115,38 @@ def sequence_loss(model: nn.Module, params: Any, tokens: jax.Array, mask: jax.Ar
   return loss, {"token_nll": token_nll, "weights": weights, "num_tokens": num_tokens}
 
 
-def block_aligned(tokens: jax.Array, mask: jax.Array, block_len: int, pad_id: int):
+def block_aligned(tokens: jax.Array, mask: jax.Array, block_len: int, pad_id: int,
+                  left_pad: bool = True):
   """Spec section 6: prepend L-1 pads, right-pad to a block boundary.
 
   The first right pad after each row's last real token gets attention 1 (the
   pseudo-EOS of training). Returns (aligned_tokens, aligned_mask); original
-  position t sits at aligned position t + L - 1.
+  position t sits at aligned position t + L - 1. With left_pad=False (the
+  `eval_no_pad` scoring of the released >= 300M official checkpoints) no pads
+  are prepended: position t stays at t, and tokens t < L (block 0) get no score.
   """
   batch, length = tokens.shape
-  total = -(-(length + block_len - 1) // block_len) * block_len
+  shift = block_len - 1 if left_pad else 0
+  total = -(-(length + shift) // block_len) * block_len
   # Always leave room for at least one right pad (the pseudo-EOS).
-  if total == length + block_len - 1:
+  if total == length + shift:
     total += block_len
-  left = jnp.full((batch, block_len - 1), pad_id, tokens.dtype)
-  right = jnp.full((batch, total - length - block_len + 1), pad_id, tokens.dtype)
+  left = jnp.full((batch, shift), pad_id, tokens.dtype)
+  right = jnp.full((batch, total - length - shift), pad_id, tokens.dtype)
   aligned = jnp.concatenate([left, tokens, right], axis=1)
-  real = jnp.concatenate([jnp.zeros((batch, block_len - 1), jnp.int32), (mask > 0).astype(jnp.int32),
+  real = jnp.concatenate([jnp.zeros((batch, shift), jnp.int32), (mask > 0).astype(jnp.int32),
                           jnp.zeros(right.shape, jnp.int32)], axis=1)
-  lengths = jnp.sum(mask > 0, axis=1) + block_len - 1
+  lengths = jnp.sum(mask > 0, axis=1) + shift
   pseudo_eos = (jnp.arange(total)[None, :] == lengths[:, None]).astype(jnp.int32)
   return aligned, real | pseudo_eos
+
+
+def first_scored_position(config: ModelConfig) -> int:
+  """The first token position `token_logprobs` scores: 1, or block_len for a
+  block model with `eval_no_pad` (block 0 is never a target)."""
+  if isinstance(config, BlockConfig) and config.eval_no_pad:
+    return config.block_len
+  return 1
 
 
 def token_logprobs(model: nn.Module, params: Any, tokens: jax.Array,
@@ -144,7 +156,8 @@ def token_logprobs(model: nn.Module, params: Any, tokens: jax.Array,
   tokens [batch, length] int, rows right-padded; mask [batch, length] is 1 on
   real tokens (all ones when None). Returns (logprobs [batch, length] f32,
   valid [batch, length] bool) with valid = mask & (t >= 1): every token except
-  the first is scored. Block models use the padding alignment of spec section 6.
+  the first is scored. Block models use the padding alignment of spec section 6;
+  with `eval_no_pad` they score tokens t >= block_len only.
   """
   if mask is None:
     mask = jnp.ones(tokens.shape, jnp.int32)
@@ -154,11 +167,12 @@ def token_logprobs(model: nn.Module, params: Any, tokens: jax.Array,
   if length > config.max_len:
     raise ValueError(f"sequence length {length} exceeds the model's context "
                      f"(max_len {config.max_len}); truncate from the left")
-  valid = (mask > 0) & (jnp.arange(length) >= 1)[None, :]
+  valid = (mask > 0) & (jnp.arange(length) >= first_scored_position(config))[None, :]
   if isinstance(config, BlockConfig):
-    aligned, _ = block_aligned(tokens, mask, config.block_len, config.pad_id)
+    aligned, _ = block_aligned(tokens, mask, config.block_len, config.pad_id,
+                               left_pad=not config.eval_no_pad)
     logprobs, _ = native_logprobs(model, params, aligned)
-    start = config.block_len - 1
+    start = 0 if config.eval_no_pad else config.block_len - 1
     logprobs = logprobs[:, start:start + length]
   else:
     logprobs, _ = native_logprobs(model, params, tokens)
