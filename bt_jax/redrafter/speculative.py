@@ -1,4 +1,4 @@
-"""Speculative decoding with a ReDrafter draft head (spec "Verification"),
+"""Speculative decoding with a ReDrafter draft head (ReDrafter, arXiv 2403.09919, section 3.3),
 compiled end to end: prefill, then a `lax.while_loop` of
 draft -> dedupe -> one base-LM forward over the packed tree -> accept.
 
@@ -46,6 +46,7 @@ from bt_jax.inference.generation import pad_rows, prepare_prompts
 from bt_jax.inference.sampling import SamplingConfig, restrict_logits
 from bt_jax.mesh import batch_axes, data_parallel_size, with_logical_rules
 from bt_jax.models.vanilla import VanillaLM
+from bt_jax.redrafter.checkpoint import check_drafter_fits
 from bt_jax.redrafter.drafter import DraftHead, base_head_of, zero_state
 from bt_jax.redrafter.tree import batched_pack_beams, beam_search, check_beam_width
 
@@ -370,7 +371,6 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
   (width, vocabulary), a beam width or draft length out of range are errors
   naming both sides.
   """
-  from bt_jax.redrafter.checkpoint import check_drafter_fits  # pylint: disable=import-outside-toplevel
   if beam_width is None:
     beam_width = 4 if sampling.greedy else 1
   _check(model, beam_width=beam_width, max_new_tokens=max_new_tokens)
