@@ -169,8 +169,8 @@ def _speculative(model, params, tokenizer, ids, drafter_dir, beam_width, max_new
   # pylint: enable=import-outside-toplevel
   if not isinstance(model, VanillaLM):
     raise ValueError(f"--drafter needs a vanilla base model; this run is {model.config.kind}")
-  drafter, drafter_params, _ = load_drafter(drafter_dir)
-  check_drafter_fits(drafter, model.config)
+  drafter, drafter_params, drafter_meta = load_drafter(drafter_dir)
+  check_drafter_fits(drafter, model.config, drafter_meta.get("base_model"))
   result = speculative_generate(model, params, drafter, drafter_params, [ids],
                                 max_new_tokens=max_new_tokens, beam_width=beam_width,
                                 eos_id=tokenizer.eos_id, sampling=sampling, seed=seed,

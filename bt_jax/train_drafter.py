@@ -1,22 +1,33 @@
-r"""Train a ReDrafter draft head for a trained vanilla run (distillation), from gin.
+r"""Train a ReDrafter draft head for a trained vanilla run, from gin.
 
     python -m bt_jax.train_drafter --workdir /tmp/qs_vanilla \
         [--gin_file=runs/drafter.gin] [--gin_param='drafter_train.steps = 1000']
 
-Loads the base run (checkpoint, tokenizer), takes `num_prompts` random
-windows of `prompt_len` tokens from the corpus's train split, lets the base
-model continue each greedily for `continuation_len` tokens, and trains the
-draft head on those texts by teacher forcing (the paper's distillation
-recipe; AdamW, warmup + cosine). Every setting is a field of
-`drafter_train` (DrafterTrainConfig below; gin_configs/runs/drafter.gin holds
-the recipe). Writes `out` (default WORKDIR/drafter):
+Loads the base run (checkpoint, tokenizer) and trains a draft head by one
+of two recipes (`drafter_train.recipe`, see bt_jax/redrafter/train.py):
+"distill" (the paper's): `num_prompts` random windows of `prompt_len` tokens
+from the corpus's train split, each continued greedily by the base model
+for `continuation_len` tokens, the drafter trained on the continuations
+only, against the base model's distributions (`distill_loss = "kl"` at
+`distill_temperature`) or its greedy tokens ("hard"); "teacher_forcing"
+(the released code's): windows of prompt_len + continuation_len tokens of
+text, cross-entropy. AdamW, warmup + cosine. `heldout_fraction` of the rows
+is held out: top-1 and top-`eval_top_k` accuracy per draft step on them
+every `eval_every` steps. The drafter's variant: `recurrence`, `lm_head`,
+`exit_ratio`, `num_res_blocks` (bt_jax/redrafter/drafter.py). Every setting is a
+field of `drafter_train` (DrafterTrainConfig below;
+gin_configs/runs/drafter.gin holds the recipe). Writes `out` (default
+WORKDIR/drafter):
 
     drafter_train.json   the recipe, checked when a rerun resumes
     config.gin           the operative gin config
     distill_data.npz     the distillation texts (made once; a resumed run reuses them)
     checkpoints/<step>/  orbax: drafter params, optimizer state, step (the newest
                          `keep_checkpoints`, every `checkpoint_every` steps)
-    metrics.jsonl, tb/   loss and top-1 accuracy per draft step, every step
+    metrics.jsonl, tb/   loss and top-1 accuracy per draft step, every step; held-out
+                         loss, top-1 and top-k accuracy per draft step
+                         (heldout_loss_i, heldout_acc_i, heldout_topk_i) every
+                         eval_every steps and at the end
     drafter.json, params/   the trained drafter, written at the end (drafter.json
                          last, atomically: a folder with it is complete)
 
@@ -57,19 +68,48 @@ class DrafterTrainConfig:
   checkpoint_every: int = 100      # steps between checkpoints (OUT/checkpoints)
   keep_checkpoints: int = 2        # the newest ones kept
   stop_at_step: Optional[int] = None   # checkpoint and stop there (then rerun to resume)
+  recipe: str = "distill"          # "distill" (paper) | "teacher_forcing" (released code)
+  distill_loss: str = "kl"         # "distill": "kl" (base model's distributions) | "hard"
+  distill_temperature: float = 1.0   # of the KL (loss scaled by its square)
+  heldout_fraction: float = 0.1    # rows held out for the accuracy per draft step
+  eval_every: int = 100            # steps between held-out evaluations (and at the end)
+  eval_top_k: int = 4              # k of the held-out top-k accuracy (the beam width)
+  recurrence: str = "silu"         # "silu" (released) | "linear" (TensorRT-LLM) | "sum" (rnn=False)
+  lm_head: str = "base"            # "base": the base model's frozen head | "own": 2H x V (paper)
+  exit_ratio: float = 0.5          # ResBlock width / (2H); 1.0 with lm_head "own" is the paper's
+  num_res_blocks: int = 2
 
   def __post_init__(self):
     for name in ("steps", "draft_len", "num_prompts", "prompt_len", "continuation_len",
-                 "batch_size", "checkpoint_every", "keep_checkpoints"):
+                 "batch_size", "checkpoint_every", "keep_checkpoints", "eval_every",
+                 "eval_top_k"):
       if getattr(self, name) < 1:
         raise ValueError(f"drafter_train.{name} must be positive; got {getattr(self, name)}")
+    choices = {"recipe": ("distill", "teacher_forcing"), "distill_loss": ("kl", "hard"),
+               "recurrence": ("silu", "linear", "sum"), "lm_head": ("base", "own")}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"drafter_train.{name} must be one of {allowed}; got "
+                         f"{getattr(self, name)!r}")
+    for name in ("distill_temperature", "exit_ratio"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"drafter_train.{name} must be positive; got {getattr(self, name)}")
+    if not 0 < self.heldout_fraction < 1:
+      raise ValueError(f"drafter_train.heldout_fraction must be in (0, 1); got "
+                       f"{self.heldout_fraction}")
+    if self.num_res_blocks < 0:
+      raise ValueError(f"drafter_train.num_res_blocks must be >= 0; got {self.num_res_blocks}")
+    if self.draft_len + 2 > self.prompt_len + self.continuation_len:
+      raise ValueError(f"drafter_train.draft_len {self.draft_len} leaves no target in rows of "
+                       f"prompt_len + continuation_len = {self.prompt_len + self.continuation_len}"
+                       " tokens; it must be at most that minus 2")
     if not self.learning_rate > 0:
       raise ValueError(f"drafter_train.learning_rate must be positive; got {self.learning_rate}")
     if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.steps:
       raise ValueError(f"drafter_train.stop_at_step must be in [1, steps={self.steps}]; got "
                        f"{self.stop_at_step}")
 
-  def recipe(self) -> dict:
+  def resume_fields(self) -> dict:
     """The fields a resumed run must share with the one it resumes."""
     skip = ("out", "checkpoint_every", "keep_checkpoints", "stop_at_step")
     return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
@@ -103,7 +143,7 @@ def _check_resumable(out: str, cfg: DrafterTrainConfig, base_workdir: str) -> No
   # pylint: enable=import-outside-toplevel
   path = os.path.join(out, RECIPE_FILE)
   data = os.path.join(out, DISTILL_DATA_FILE)
-  want = {**cfg.recipe(), "base_workdir": os.path.abspath(base_workdir)}
+  want = {**cfg.resume_fields(), "base_workdir": os.path.abspath(base_workdir)}
   started = os.path.isdir(checkpointing.checkpoint_dir(out)) or os.path.isfile(data)
   if os.path.isfile(path) and started:
     with open(path, encoding="utf-8") as f:
@@ -133,6 +173,7 @@ def train(workdir: str, cfg: DrafterTrainConfig, operative_config: str = "") -> 
   from bt_jax.data import load_corpus
   from bt_jax.models.vanilla import VanillaLM
   from bt_jax.redrafter import distill_drafter, save_drafter
+  from bt_jax.redrafter.train import Objective
   # pylint: enable=import-outside-toplevel
   out = os.path.abspath(cfg.out or os.path.join(workdir, "drafter"))
   with run_utils.StopRequest() as stop_request:   # from the start: SIGTERM while distilling too
@@ -149,7 +190,12 @@ def train(workdir: str, cfg: DrafterTrainConfig, operative_config: str = "") -> 
           model, params, tokenizer, load_corpus(cfg.corpus, "train"), draft_len=cfg.draft_len,
           num_prompts=cfg.num_prompts, prompt_len=cfg.prompt_len,
           continuation_len=cfg.continuation_len, batch_size=cfg.batch_size, steps=cfg.steps,
-          learning_rate=cfg.learning_rate, seed=cfg.seed, run_dir=out,
+          learning_rate=cfg.learning_rate, seed=cfg.seed, run_dir=out, recipe=cfg.recipe,
+          objective=Objective(loss=cfg.distill_loss if cfg.recipe == "distill" else "hard",
+                              temperature=cfg.distill_temperature, top_k=cfg.eval_top_k),
+          heldout_fraction=cfg.heldout_fraction, eval_every=cfg.eval_every,
+          drafter_options=dict(recurrence=cfg.recurrence, lm_head=cfg.lm_head,
+                               exit_ratio=cfg.exit_ratio, num_res_blocks=cfg.num_res_blocks),
           checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
           stop_at_step=cfg.stop_at_step, stop_request=stop_request, metrics_writer=writer)
     finally:
@@ -157,11 +203,14 @@ def train(workdir: str, cfg: DrafterTrainConfig, operative_config: str = "") -> 
   last = _last_record(out)
   summary = {"out": out, "resumed_from": result.start_step, "step": last["step"],
              "final_loss": last["loss"], "final_acc_i": last["acc_i"]}
+  for key in ("heldout_acc_i", "heldout_topk_i"):
+    if key in last:
+      summary[key] = last[key]
   if result.stopped_at is not None:
     return {**summary, "stopped_at": result.stopped_at}
   save_drafter(out, drafter, result.params, metadata={
       "base_workdir": os.path.abspath(workdir), **dataclasses.asdict(cfg), "out": out,
-      "final_loss": last["loss"], "final_acc_i": last["acc_i"]})
+      "final_loss": last["loss"], "final_acc_i": last["acc_i"]}, base_config=model.config)
   return summary
 
 

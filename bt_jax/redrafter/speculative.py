@@ -1,4 +1,4 @@
-"""Speculative decoding with a ReDrafter draft head (spec "Verification"),
+"""Speculative decoding with a ReDrafter draft head (ReDrafter, arXiv 2403.09919, section 3.3),
 compiled end to end: prefill, then a `lax.while_loop` of
 draft -> dedupe -> one base-LM forward over the packed tree -> accept.
 
@@ -46,8 +46,9 @@ from bt_jax.inference.generation import pad_rows, prepare_prompts
 from bt_jax.inference.sampling import SamplingConfig, restrict_logits
 from bt_jax.mesh import batch_axes, data_parallel_size, with_logical_rules
 from bt_jax.models.vanilla import VanillaLM
-from bt_jax.redrafter.drafter import DraftHead
-from bt_jax.redrafter.tree import batched_pack_beams, beam_search
+from bt_jax.redrafter.checkpoint import check_drafter_fits
+from bt_jax.redrafter.drafter import DraftHead, base_head_of, zero_state
+from bt_jax.redrafter.tree import batched_pack_beams, beam_search, check_beam_width
 
 # draft_fn(hidden [B, H], g0 [B], n_out [B], step) -> beams int32 [B, M, C+1], g0 first
 # (greedy verification; for speculative sampling see `sampled_draft_fn`).
@@ -74,18 +75,23 @@ jax.tree_util.register_dataclass(
 
 
 def drafter_draft_fn(drafter: DraftHead, drafter_params, embed_table: jax.Array, *,
-                     beam_width: int) -> DraftFn:
-  """The draft function of a trained draft head: its beam search."""
+                     beam_width: int, base_head: Optional[jax.Array] = None,
+                     top_k: Optional[int] = None) -> DraftFn:
+  """The draft function of a trained draft head: its beam search (base_head:
+  the base LM's output kernel for a drafter that reads through it; top_k:
+  the cut of the drafter's logits, see `tree.beam_search`)."""
   def draft(hidden, g0, n_out, step):
     del n_out, step
     beams, _ = beam_search(drafter, drafter_params, hidden, g0, embed_table,
-                           beam_width=beam_width, draft_len=drafter.config.draft_len)
+                           beam_width=beam_width, draft_len=drafter.config.draft_len,
+                           base_head=base_head, top_k=top_k)
     return beams
   return draft
 
 
 def sampled_draft_fn(drafter: DraftHead, drafter_params, embed_table: jax.Array,
-                     sampling: SamplingConfig, beam_width: int = 1):
+                     sampling: SamplingConfig, beam_width: int = 1,
+                     base_head: Optional[jax.Array] = None):
   """M = beam_width drafts sampled independently from the draft head, token
   by token, from its logits restricted like the target's (temperature,
   top-k, top-p): f(hidden, g0, n_out, step, key) -> (beams [B, M, C+1] with
@@ -97,14 +103,14 @@ def sampled_draft_fn(drafter: DraftHead, drafter_params, embed_table: jax.Array,
     del n_out, step
     apply = functools.partial(drafter.apply, {"params": drafter_params})
     batch = g0.shape[0]
-    state = jnp.zeros((batch, beam_width, drafter.config.hidden_dim), hidden.dtype)
+    state = zero_state(drafter.config, (batch, beam_width), hidden.dtype)
     h = jnp.broadcast_to(hidden[:, None], (batch, beam_width, hidden.shape[-1]))
     previous = jnp.broadcast_to(g0[:, None], (batch, beam_width)).astype(jnp.int32)
     tokens, q_logprobs = [previous], []
     for t in range(drafter.config.draft_len):
       state = apply(state, jnp.take(embed_table, previous, axis=0), method=drafter.step)
-      log_q = jax.nn.log_softmax(restrict_logits(apply(h, state, method=drafter.logits),
-                                                 sampling), axis=-1)     # [B, M, V]
+      logits = apply(h, state, base_head, method=drafter.logits)
+      log_q = jax.nn.log_softmax(restrict_logits(logits, sampling), axis=-1)   # [B, M, V]
       keys = jax.random.split(jax.random.fold_in(key, t), beam_width)
       previous = jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1),
                           in_axes=(0, 1), out_axes=1)(keys, log_q).astype(jnp.int32)
@@ -335,7 +341,8 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
                          prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                          beam_width: Optional[int] = None, eos_id: Optional[int] = None,
                          sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-                         mesh: Optional[Mesh] = None) -> SpeculativeOutput:
+                         mesh: Optional[Mesh] = None,
+                         draft_top_k: Optional[int] = None) -> SpeculativeOutput:
   """Generation of up to max_new_tokens after each prompt, drafted by
   `drafter` and verified by the base model in one forward per step.
 
@@ -358,18 +365,29 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
   data x fsdp, activations by the models' logical constraints. The batch is
   padded with copies of the first prompt up to a multiple of the row split,
   and those rows dropped from the output. The same tokens as on one device.
+
+  draft_top_k: cut the drafter's logits to their top k before beam search
+  (greedy only; `tree.beam_search`). A drafter made for another base model
+  (width, vocabulary), a beam width or draft length out of range are errors
+  naming both sides.
   """
   if beam_width is None:
     beam_width = 4 if sampling.greedy else 1
   _check(model, beam_width=beam_width, max_new_tokens=max_new_tokens)
-  if sampling.greedy and beam_width > drafter.config.vocab_size:
-    # Beam search keeps distinct beams (sampled drafts may repeat).
-    raise ValueError(f"beam_width {beam_width} exceeds the vocabulary "
-                     f"({drafter.config.vocab_size})")
+  check_drafter_fits(drafter, model.config)
+  if sampling.greedy:   # beam search keeps distinct beams (sampled drafts may repeat)
+    check_beam_width(beam_width, drafter.config.vocab_size)
+  elif draft_top_k is not None:
+    raise ValueError("draft_top_k cuts the drafter's logits before beam search (greedy); "
+                     "sampled drafts use the sampling config's top_k")
+  if drafter.config.draft_len >= model.config.max_len:
+    raise ValueError(f"the drafter's draft_len {drafter.config.draft_len} must be below the "
+                     f"base model's max_len {model.config.max_len}")
   num_prompts = len(prompts)
   prompts = pad_rows(prompts, _row_groups(mesh))
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
-  fn = drafter_generate_fn(model, drafter, beam_width, max_new_tokens, sampling, mesh)
+  fn = drafter_generate_fn(model, drafter, beam_width, max_new_tokens, sampling, mesh,
+                           draft_top_k)
   args = (params, drafter_params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad),
           jnp.int32(-1 if eos_id is None else eos_id), jax.random.key(seed))
   if mesh is not None:   # arrays committed to one device cannot enter a mesh computation
@@ -450,7 +468,7 @@ def _in_shardings(model: VanillaLM, mesh: Mesh):
 @functools.lru_cache(maxsize=16)
 def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
                         max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-                        mesh: Optional[Mesh] = None):
+                        mesh: Optional[Mesh] = None, draft_top_k: Optional[int] = None):
   """The jitted loop with the draft head: f(params, drafter_params, tokens,
   pad, eos_id, rng) -> SpeculativeOutput (beam search and greedy
   verification, or beam_width sampled drafts and recursive rejection
@@ -461,12 +479,13 @@ def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
   _check_mesh(mesh)
 
   def run(params, drafter_params, tokens, pad, eos_id, rng):
-    table = params["token_embed"]["embedding"]
+    table, base_head = params["token_embed"]["embedding"], base_head_of(drafter, params)
     if sampling.greedy:
-      draft_fn = drafter_draft_fn(drafter, drafter_params, table, beam_width=beam_width)
+      draft_fn = drafter_draft_fn(drafter, drafter_params, table, beam_width=beam_width,
+                                  base_head=base_head, top_k=draft_top_k)
     else:
       draft_fn = sampled_draft_fn(drafter, drafter_params, table, sampling,
-                                  beam_width=beam_width)
+                                  beam_width=beam_width, base_head=base_head)
     return _speculate(model, draft_fn, beam_width, drafter.config.draft_len, max_new_tokens,
                       params, tokens, pad, eos_id, sampling, rng, mesh)
   if mesh is None:

@@ -1,5 +1,5 @@
-"""Beam search over drafts and dynamic tree attention (spec "Beam search",
-"Dynamic tree attention").
+"""Beam search over drafts and dynamic tree attention (ReDrafter, arXiv
+2403.09919, sections 3.2 and 3.3).
 
 All functions work on one row unless named `batched_*`, and have static
 shapes: beams [M, D] with D = C + 1 (g_0 first) pack to P = M * D tokens,
@@ -8,27 +8,37 @@ the valid ones first, the rest masked.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from bt_jax.redrafter.drafter import zero_state
+
 
 def beam_search(drafter, params, hidden: jax.Array, g0: jax.Array, embed_table: jax.Array, *,
-                beam_width: int, draft_len: int):
+                beam_width: int, draft_len: int, base_head: Optional[jax.Array] = None,
+                top_k: Optional[int] = None):
   """Deterministic beam search of the draft head.
 
-  hidden [B, H] and g0 [B] (the base LM's last hidden state and its token).
-  Only beam 0 starts alive, so the first step spreads `beam_width` distinct
-  tokens. Each step scores beam log-prob + log q over the vocabulary, keeps
-  the top M of the M*V pairs and regathers beams and RNN states.
+  hidden [B, H] and g0 [B] (the base LM's last hidden state and its token);
+  base_head: the base LM's output kernel, for a drafter that reads through
+  it (`drafter.base_head_of`). Only beam 0 starts alive, so the first step
+  spreads `beam_width` distinct tokens. Each step scores beam log-prob +
+  log q over the vocabulary, keeps the top M of the M*V pairs and regathers
+  beams and RNN states. With `top_k`, each beam's drafter logits outside
+  its top k are cut (to -inf) before the log-softmax, as the released code
+  and TensorRT-LLM do (top 50 there): q is renormalised over those k, and a
+  beam has at most k children (with k < M, beams beyond the distinct ones
+  repeat with score -inf).
   Returns (beams int32 [B, M, C+1] with g0 first, scores [B, M] f32).
   """
   vocab = drafter.config.vocab_size
-  if beam_width > vocab:
-    raise ValueError(f"beam_width {beam_width} exceeds the vocabulary ({vocab})")
+  check_beam_width(beam_width, vocab)
+  if top_k is not None and not 1 <= top_k <= vocab:
+    raise ValueError(f"top_k {top_k} must be in [1, vocabulary size {vocab}]")
   batch = g0.shape[0]
-  state = jnp.zeros((batch, beam_width, drafter.config.hidden_dim), hidden.dtype)
+  state = zero_state(drafter.config, (batch, beam_width), hidden.dtype)
   scores = jnp.full((batch, beam_width), -jnp.inf, jnp.float32).at[:, 0].set(0.0)
   beams = jnp.broadcast_to(g0[:, None, None], (batch, beam_width, 1)).astype(jnp.int32)
   previous = beams[:, :, 0]
@@ -36,8 +46,12 @@ def beam_search(drafter, params, hidden: jax.Array, g0: jax.Array, embed_table: 
   for _ in range(draft_len):
     state = drafter.apply({"params": params}, state, jnp.take(embed_table, previous, axis=0),
                           method=drafter.step)
-    log_q = jax.nn.log_softmax(drafter.apply({"params": params}, h, state,
-                                             method=drafter.logits), axis=-1)   # [B, M, V]
+    logits = drafter.apply({"params": params}, h, state, base_head,
+                           method=drafter.logits)                         # [B, M, V]
+    if top_k is not None and top_k < vocab:
+      kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+      logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    log_q = jax.nn.log_softmax(logits, axis=-1)
     candidates = (scores[:, :, None] + log_q).reshape(batch, beam_width * vocab)
     scores, index = jax.lax.top_k(candidates, beam_width)
     parent, previous = index // vocab, (index % vocab).astype(jnp.int32)
@@ -45,6 +59,15 @@ def beam_search(drafter, params, hidden: jax.Array, g0: jax.Array, embed_table: 
     beams = jnp.concatenate([jnp.take_along_axis(beams, parent[:, :, None], axis=1),
                              previous[:, :, None]], axis=2)
   return beams, scores
+
+
+def check_beam_width(beam_width, vocab_size: int) -> None:
+  """Beam search keeps distinct beams: 1 <= beam_width <= the vocabulary."""
+  if not isinstance(beam_width, int) or beam_width < 1:
+    raise ValueError(f"beam_width must be a positive integer; got {beam_width!r}")
+  if beam_width > vocab_size:
+    raise ValueError(f"beam_width {beam_width} exceeds the vocabulary ({vocab_size}): beam "
+                     "search keeps distinct beams")
 
 
 class PackedTree(NamedTuple):

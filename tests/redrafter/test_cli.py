@@ -171,3 +171,33 @@ def test_train_drafter_sigterm_checkpoints_and_exits_cleanly(vanilla_workdir, tm
   assert checkpointing.Checkpointer(out, read_only=True).all_steps() == [stopped_at]
   assert [r["step"] for r in _records(out)] == list(range(1, stopped_at + 1))
   assert not (out / "drafter.json").exists()
+
+
+@pytest.mark.parametrize("recipe", ["distill", "teacher_forcing"])
+def test_both_recipes_report_heldout_accuracy(vanilla_workdir, tmp_path, recipe):
+  """drafter_train.recipe "distill" (the base model's continuations, the
+  prompts no targets, KL) and "teacher_forcing" (text, every token a
+  target): held-out top-1 and top-k accuracy per draft step every
+  eval_every steps and at the end; drafter.json records the variant and
+  the base model."""
+  from bt_jax import train_drafter  # pylint: disable=import-outside-toplevel
+  from bt_jax.redrafter.train import DistillationData  # pylint: disable=import-outside-toplevel
+  out = tmp_path / recipe
+  summary = train_drafter.train(str(vanilla_workdir), _drafter_config(
+      out, steps=4, eval_every=3, recipe=recipe, num_prompts=10, recurrence="sum"))
+  held = [r for r in _records(out) if "heldout_acc_i" in r]
+  assert [r["step"] for r in held] == [3, 4]
+  for record in held:
+    acc, topk = np.array(record["heldout_acc_i"]), np.array(record["heldout_topk_i"])
+    assert acc.shape == topk.shape == (3,) and np.all((0 <= acc) & (acc <= topk) & (topk <= 1))
+    assert len(record["heldout_loss_i"]) == 3
+  assert summary["heldout_topk_i"] == held[-1]["heldout_topk_i"]
+  data = DistillationData.load(str(out / "distill_data.npz"))
+  assert data.tokens.shape[0] == 10
+  if recipe == "distill":       # 16-token prompts, then the base model's tokens
+    assert not data.target_mask[:, :16].any() and data.target_mask[:, 16:].any()
+  else:
+    np.testing.assert_array_equal(data.target_mask, data.mask)
+  drafter, _, meta = load_drafter(str(out))
+  assert (drafter.config.recurrence, drafter.config.lm_head) == ("sum", "base")
+  assert meta["recipe"] == recipe and meta["base_model"]["kind"] == "vanilla"

@@ -1,0 +1,130 @@
+"""What a ReDrafter draft head costs against its base model, per variant:
+parameters and FLOPs (`bt_jax.redrafter.drafter.drafter_cost`) and CPU/GPU
+wall time of one speculative step's drafting (beam search, M beams of C
+tokens) against the base model's verify forward over the M (C + 1) packed
+tokens and against one plain decode step. Random weights (timing only);
+each time is the minimum over --repeats calls (on a shared CPU the median
+measures the neighbours).
+
+    python -m experiments.drafter_cost [--width 128 --layers 4 --vocab 2048] \
+        [--batch_sizes 1,8] [--out /tmp/drafter_cost.json]
+
+The defaults are the quickstart vanilla model (gin_configs/runs/quickstart_vanilla.gin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from bt_jax.config import VanillaConfig
+from bt_jax.models import build_model, init_params
+from bt_jax.redrafter.drafter import (DrafterConfig, DraftHead, base_head_of, drafter_cost,
+                                      init_drafter)
+from bt_jax.redrafter.tree import beam_search
+from experiments.timing import time_call
+
+# name -> DrafterConfig.for_base arguments
+VARIANTS = {
+    "paper (own 2H x V head, ResBlocks 2H)": dict(lm_head="own", exit_ratio=1.0),
+    "base head, ResBlocks 2H": dict(lm_head="base", exit_ratio=1.0),
+    "base head, ResBlocks H (default)": dict(lm_head="base", exit_ratio=0.5),
+    "base head, ResBlocks H/2": dict(lm_head="base", exit_ratio=0.25),
+    "base head, ResBlocks H, sum (rnn=False)": dict(lm_head="base", recurrence="sum"),
+}
+
+
+def _timings(model, params, drafter, dparams, batch, beam_width, context, repeats):
+  cfg = model.config
+  draft_len = drafter.config.draft_len
+  packed = beam_width * (draft_len + 1)
+  cache_len = context + packed
+  key = jax.random.key(1)
+  hidden = jax.random.normal(key, (batch, cfg.width))
+  g0 = jnp.arange(batch, dtype=jnp.int32) % cfg.vocab_size
+  table, head = params["token_embed"]["embedding"], base_head_of(drafter, params)
+
+  @jax.jit
+  def draft(dparams, hidden, g0):
+    return beam_search(drafter, dparams, hidden, g0, table, beam_width=beam_width,
+                       draft_len=draft_len, base_head=head)[0]
+
+  from bt_jax.inference.decoding import VanillaDecoder  # pylint: disable=import-outside-toplevel
+  decoder = VanillaDecoder(model)
+  prompt = jnp.ones((batch, context), jnp.int32)
+  carry = decoder.prefill(params, prompt, jnp.zeros((batch,), jnp.int32), packed)
+  cache = carry["cache"]
+  slots = jnp.arange(cache_len)
+
+  def forward(params, cache, tokens):
+    queries = tokens.shape[1]
+    mask = jnp.broadcast_to(slots[None, None, :] < context + 1 + jnp.arange(queries)[None, :, None],
+                            (batch, queries, cache_len))
+    positions = jnp.broadcast_to(context + jnp.arange(queries)[None], (batch, queries))
+    return decoder.apply_decode(params, tokens, positions, cache, context, mask)[0]
+
+  verify = jax.jit(forward)
+  packed_tokens = jnp.ones((batch, packed), jnp.int32)
+  one_token = jnp.ones((batch, 1), jnp.int32)
+  return {
+      "draft_ms": time_call(draft, (dparams, hidden, g0), 2, repeats)["min_ms"],
+      "verify_ms": time_call(verify, (params, cache, packed_tokens), 2, repeats)["min_ms"],
+      "decode_step_ms": time_call(verify, (params, cache, one_token), 2, repeats)["min_ms"],
+  }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--width", type=int, default=128)
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--vocab", type=int, default=2048)
+  parser.add_argument("--max_len", type=int, default=128)
+  parser.add_argument("--context", type=int, default=64)
+  parser.add_argument("--beam_width", type=int, default=4)
+  parser.add_argument("--draft_len", type=int, default=4)
+  parser.add_argument("--batch_sizes", default="1,8")
+  parser.add_argument("--repeats", type=int, default=30)   # the minimum is reported
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  base = VanillaConfig(vocab_size=args.vocab, max_len=args.max_len, num_layers=args.layers,
+                       width=args.width)
+  model = build_model(base)
+  params = init_params(model, jax.random.key(0))
+  records = []
+  for name, kwargs in VARIANTS.items():
+    config = DrafterConfig.for_base(base, draft_len=args.draft_len, **kwargs)
+    drafter = DraftHead(config)
+    dparams = init_drafter(drafter, jax.random.key(2))
+    cost = drafter_cost(config, base, beam_width=args.beam_width, context_len=args.context)
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+      times = _timings(model, params, drafter, dparams, batch, args.beam_width, args.context,
+                       args.repeats)
+      records.append({"variant": name, "batch_size": batch, **cost, **times,
+                      "draft_over_verify": times["draft_ms"] / times["verify_ms"],
+                      "draft_over_decode_step": times["draft_ms"] / times["decode_step_ms"]})
+  report = {"meta": vars(args) | {"device": jax.devices()[0].device_kind}, "results": records}
+  if args.out:
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+  header = (f"{'variant':<42} {'B':>2} {'params':>7} {'FLOPs/tok':>9} {'FLOPs/step':>10} "
+            f"{'draft ms':>8} {'verify ms':>9} {'step ms':>7} {'d/verify':>8} {'d/step':>6}")
+  print(f"base: {base.num_layers} layers, width {base.width}, vocab {base.vocab_size}; "
+        f"M = {args.beam_width}, C = {args.draft_len}, context {args.context}; "
+        f"device {jax.devices()[0].device_kind}")
+  print(header)
+  for r in records:
+    print(f"{r['variant']:<42} {r['batch_size']:>2} {r['params_fraction']:>7.3f} "
+          f"{r['draft_token_fraction']:>9.3f} {r['step_fraction']:>10.3f} {r['draft_ms']:>8.2f} "
+          f"{r['verify_ms']:>9.2f} {r['decode_step_ms']:>7.2f} {r['draft_over_verify']:>8.2f} "
+          f"{r['draft_over_decode_step']:>6.2f}")
+  return report
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
+  sys.exit(0)
