@@ -120,8 +120,8 @@ def parse_scenarios(spec: str, preset: str) -> dict[str, tuple[int, int]]:
 def benchmark_config(name: str, dtype: str, prompt_len: int, new_tokens: int,
                      attention_impl: Optional[str] = None):
   config = model_config_from_gin([f"models/{name}.gin"])
-  block_len = config.block_len if isinstance(config, BlockConfig) else 1
-  needed = (-(-prompt_len // block_len) + num_steps_for(config, new_tokens)) * block_len
+  block_len = config.tokens_per_step
+  needed = config.aligned_length(prompt_len) + num_steps_for(config, new_tokens) * block_len
   config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype,
                                max_len=max(config.max_len, needed))
   if attention_impl is not None:
@@ -131,8 +131,7 @@ def benchmark_config(name: str, dtype: str, prompt_len: int, new_tokens: int,
 
 def random_prompts(config, batch: int, prompt_len: int, rng: np.random.Generator):
   """Left-padded random prompts of one length: (tokens, pad) as prepare_prompts makes."""
-  block_len = config.block_len if isinstance(config, BlockConfig) else 1
-  aligned = -(-prompt_len // block_len) * block_len
+  aligned = config.aligned_length(prompt_len)
   tokens = rng.integers(1, config.vocab_size, size=(batch, aligned), dtype=np.int32)
   tokens[:, :aligned - prompt_len] = config.pad_id
   return jnp.asarray(tokens), jnp.zeros((batch,), jnp.int32)
@@ -269,8 +268,7 @@ def run_one(name: str, scenario: str, prompt_len: int, new_tokens: int, *, batch
     times.append(time.perf_counter() - start)
   wall = float(np.mean(times))
   moved = bytes_moved(config, params, batch, prompt_len, new_tokens)
-  block_len = config.block_len if isinstance(config, BlockConfig) else 1
-  aligned_prompt = -(-prompt_len // block_len) * block_len
+  aligned_prompt = config.aligned_length(prompt_len)
   steps = 1 + num_steps_for(config, new_tokens)         # prefill + decode steps
   return {
       "model": name, "kind": config.kind, "scenario": scenario, "prompt_len": prompt_len,

@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bt_jax import axes
-from bt_jax.config import BlockConfig, ModelConfig
+from bt_jax.config import ModelConfig
 from bt_jax.inference.decoding import decoder_for
 from bt_jax.inference.sampling import SamplingConfig, sample_logits
 
@@ -65,9 +65,7 @@ class GenerateOutput:
 
 
 def num_steps_for(config: ModelConfig, max_new_tokens: int) -> int:
-  if isinstance(config, BlockConfig):
-    return -(-max_new_tokens // config.block_len)
-  return max_new_tokens
+  return config.num_steps(max_new_tokens)
 
 
 def pad_rows(prompts: Sequence[Sequence[int]], groups: int) -> Sequence[Sequence[int]]:
@@ -85,7 +83,7 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], config: ModelConfig,
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
   if len(prompts) == 0:
     raise ValueError("no prompts given; pass a list of token-id lists")
-  block_len = config.block_len if isinstance(config, BlockConfig) else 1
+  block_len = config.tokens_per_step
   rows = []
   for i, prompt in enumerate(prompts):
     ids = [int(t) for t in prompt]
@@ -98,7 +96,7 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], config: ModelConfig,
                        f"are 0..{config.vocab_size - 1}")
     # Block models: pad tokens up to a block boundary are part of the row (as
     # the random left pad of training), not masked.
-    aligned = -(-len(ids) // block_len) * block_len
+    aligned = config.aligned_length(len(ids))
     rows.append([config.pad_id] * (aligned - len(ids)) + ids)
   prompt_len = max(len(r) for r in rows)
   new_len = num_steps_for(config, max_new_tokens) * block_len

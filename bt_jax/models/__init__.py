@@ -15,32 +15,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bt_jax.config import BlockConfig, ModelConfig, VanillaConfig
+from bt_jax.config import BlockConfig, ModelConfig
 from bt_jax.models.block import BlockTransformer, Embedder
 from bt_jax.models.common import check_token_ids
 from bt_jax.models.vanilla import VanillaLM
 
 __all__ = [
-    "BlockTransformer", "Embedder", "VanillaLM", "build_model", "init_params",
+    "BlockTransformer", "Embedder", "MODELS", "VanillaLM", "build_model", "init_params",
     "abstract_params", "native_logprobs", "sequence_loss", "token_logprobs",
 ]
 
 
+# One model class per `config.kind`.
+MODELS: dict[str, type[nn.Module]] = {"vanilla": VanillaLM, "block": BlockTransformer}
+
+
 def build_model(config: ModelConfig) -> nn.Module:
-  if isinstance(config, BlockConfig):
-    return BlockTransformer(config)
-  if isinstance(config, VanillaConfig):
-    return VanillaLM(config)
-  raise TypeError(f"unknown model config type {type(config).__name__}; valid types are "
-                  "VanillaConfig and BlockConfig")
-
-
-def _init_length(config: ModelConfig) -> int:
-  return 2 * config.block_len if isinstance(config, BlockConfig) else 8
+  model_cls = MODELS.get(getattr(config, "kind", None))
+  if model_cls is None:
+    raise TypeError(f"unknown model config type {type(config).__name__}; valid types are "
+                    "VanillaConfig and BlockConfig")
+  return model_cls(config)
 
 
 def _init_fn(model: nn.Module, rng: jax.Array):
-  tokens = jnp.zeros((1, _init_length(model.config)), jnp.int32)
+  tokens = jnp.zeros((1, model.config.init_length), jnp.int32)
   return model.init(rng, tokens)["params"]
 
 
