@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bt_jax import axes
 from bt_jax.config import ModelConfig
 from bt_jax.inference.decoding import decoder_for
 from bt_jax.inference.sampling import SamplingConfig, sample_logits
+from bt_jax.mesh import check_params_fit, row_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +249,7 @@ def _on_mesh(fn, mesh: Optional[Mesh], num_replicated: int):
 
 def _check_mesh(model: nn.Module, mesh: Optional[Mesh]) -> None:
   """A bad mesh is an error at the call, not at the first trace."""
+  check_params_fit(model, mesh)   # a (data, fsdp, tensor) mesh must divide the parameters
   decoder_for(model, mesh)
 
 
@@ -285,7 +286,7 @@ def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], *, max_
   everything on one device.
   """
   num_prompts = len(prompts)
-  prompts = pad_rows(prompts, 1 if mesh is None else dict(mesh.shape).get(axes.MESH_DATA, 1))
+  prompts = pad_rows(prompts, row_groups(mesh))
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
   fn = generate_fn(model, max_new_tokens, sampling, return_logits, segments, mesh)
   out = fn(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(seed),
