@@ -150,8 +150,8 @@ def load_for_inference(workdir: str | os.PathLike, step: Optional[int] = None, *
   pytree of them, a (data, fsdp, tensor) `jax.sharding.Mesh` or anything with a
   `.mesh` and `.rules` (`bt_jax.eval.sharding.EvalSharding`): each parameter
   placed on the mesh by the training rules (`bt_jax.mesh.check_params_fit`), so
-  no device holds the whole model unless the rules replicate it. The model's compute dtype is the one trained with;
-  make a variant with `build_model(dataclasses.replace(model.config, dtype=...))`.
+  no device holds the whole model unless the rules replicate it. The model's
+  compute dtype is the one trained with; make a variant with `build_model(dataclasses.replace(model.config, dtype=...))`.
   Raises FileNotFoundError naming the workdir when something is missing.
   """
   from bt_jax.models import abstract_params, build_model  # pylint: disable=g-import-not-at-top

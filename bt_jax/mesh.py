@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from bt_jax import axes
 from bt_jax.config import round_up

@@ -23,7 +23,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bt_jax import axes
 from bt_jax import mesh as mesh_lib
-from bt_jax.mesh import check_divisible, make_mesh, parse_mesh_shape, with_logical_rules  # pylint: disable=unused-import
+# check_divisible: re-exported for callers of this module.
+from bt_jax.mesh import (check_divisible, make_mesh, parse_mesh_shape,  # pylint: disable=unused-import
+                         with_logical_rules)
 
 
 @dataclasses.dataclass(frozen=True)
