@@ -29,7 +29,9 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from bt_jax import axes
 from bt_jax import config as config_lib
+from bt_jax import mesh as mesh_lib
 from bt_jax.data.tokenizer import Tokenizer
 
 CHECKPOINT_DIR = "checkpoints"
@@ -145,10 +147,11 @@ def load_for_inference(workdir: str | os.PathLike, step: Optional[int] = None, *
   the checkpoint (no optimizer state, no data state). Params keep the dtype they
   were trained with (f32 master weights) and are restored straight onto
   `sharding`: one Sharding for every leaf (default: the first local device), a
-  pytree of them, or a `bt_jax.eval.sharding.EvalSharding` (each parameter
-  placed on its mesh by the training rules, so no device holds the whole model
-  unless the rules replicate it). The model's compute dtype is the one trained with;
-  make a variant with `build_model(dataclasses.replace(model.config, dtype=...))`.
+  pytree of them, a (data, fsdp, tensor) `jax.sharding.Mesh` or anything with a
+  `.mesh` and `.rules` (`bt_jax.eval.sharding.EvalSharding`): each parameter
+  placed on the mesh by the training rules (`bt_jax.mesh.check_params_fit`), so
+  no device holds the whole model unless the rules replicate it. The model's
+  compute dtype is the one trained with; make a variant with `build_model(dataclasses.replace(model.config, dtype=...))`.
   Raises FileNotFoundError naming the workdir when something is missing.
   """
   from bt_jax.models import abstract_params, build_model  # pylint: disable=g-import-not-at-top
@@ -178,10 +181,13 @@ def load_for_inference(workdir: str | os.PathLike, step: Optional[int] = None, *
           f"workdir {workdir!r} has no checkpoint for step {step}; saved steps: {sorted(steps)}")
     model = build_model(model_config)
     abstract = abstract_params(model)
-    if hasattr(sharding, "param_shardings"):      # an EvalSharding: by the mesh rules
-      from bt_jax.eval.sharding import check_divisible  # pylint: disable=g-import-not-at-top
-      shardings = sharding.param_shardings(model)
-      check_divisible(abstract, shardings)
+    if isinstance(sharding, jax.sharding.Mesh) or hasattr(sharding, "rules"):   # by the rules
+      mesh, rules = (sharding, axes.DEFAULT_RULES) if isinstance(sharding, jax.sharding.Mesh) else (
+          sharding.mesh, sharding.rules)
+      if not mesh_lib.is_model_mesh(mesh):
+        raise ValueError(f"parameters are placed on a (data, fsdp, tensor) mesh "
+                         f"(bt_jax.mesh.make_mesh); the mesh has axes {dict(mesh.shape)}")
+      shardings = mesh_lib.check_params_fit(model, mesh, abstract, rules)
     elif sharding is None or isinstance(sharding, jax.sharding.Sharding):
       one = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       shardings = jax.tree.map(lambda _: one, abstract)

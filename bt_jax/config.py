@@ -22,6 +22,16 @@ REMAT_POLICIES = ("none", "minimal", "full")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def cdiv(a: int, b: int) -> int:
+  """ceil(a / b) for non-negative ints."""
+  return -(-a // b)
+
+
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= n."""
+  return cdiv(n, multiple) * multiple
+
+
 def head_dim_for_width(width: int) -> int:
   """The spec's head_dim rule: 32 if D <= 256, 64 if D <= 1536, else 128."""
   if width <= 256:
@@ -99,6 +109,18 @@ class _CommonConfig:
     if not 0 <= self.pad_id < self.vocab_size:
       raise ValueError(f"pad_id {self.pad_id} outside the vocabulary [0, {self.vocab_size})")
 
+  # Model-kind facts every caller needs (training, generation, eval, benchmarks);
+  # each kind sets `tokens_per_step`, `first_scored_position` and `init_length`.
+
+  def aligned_length(self, num_tokens: int) -> int:
+    """num_tokens rounded up to whole steps (a block model's prompts are
+    left-padded to a block boundary)."""
+    return round_up(num_tokens, self.tokens_per_step)
+
+  def num_steps(self, num_tokens: int) -> int:
+    """Decode steps that make num_tokens new tokens (the last may overshoot)."""
+    return cdiv(num_tokens, self.tokens_per_step)
+
   @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
@@ -136,6 +158,31 @@ class VanillaConfig(_CommonConfig):
   @property
   def kind(self) -> str:
     return "vanilla"
+
+  @property
+  def tokens_per_step(self) -> int:
+    """Tokens one decode step makes."""
+    return 1
+
+  @property
+  def first_scored_position(self) -> int:
+    """The first position of a training sequence that is a target (0 has no context)."""
+    return 1
+
+  @property
+  def first_eval_position(self) -> int:
+    """The first token position `bt_jax.models.token_logprobs` scores."""
+    return 1
+
+  @property
+  def init_length(self) -> int:
+    """Length of the dummy sequence parameters are initialised with."""
+    return 8
+
+  @property
+  def packing(self) -> str:
+    """How `bt_jax.data` packs training sequences for this kind."""
+    return "plain"
 
   @property
   def stack(self) -> StackConfig:
@@ -185,6 +232,31 @@ class BlockConfig(_CommonConfig):
 
   @property
   def kind(self) -> str:
+    return "block"
+
+  @property
+  def tokens_per_step(self) -> int:
+    """Tokens one decode step makes: one block."""
+    return self.block_len
+
+  @property
+  def first_scored_position(self) -> int:
+    """Block 0 is context only, never a target."""
+    return self.block_len
+
+  @property
+  def first_eval_position(self) -> int:
+    """The first token position `bt_jax.models.token_logprobs` scores: 1 (the
+    L-1 left pads of evaluation make every real token after the first a
+    target), or block_len with `eval_no_pad` (block 0 is never a target)."""
+    return self.block_len if self.eval_no_pad else 1
+
+  @property
+  def init_length(self) -> int:
+    return 2 * self.block_len
+
+  @property
+  def packing(self) -> str:
     return "block"
 
   @property

@@ -87,7 +87,6 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from bt_jax import checkpointing  # pylint: disable=import-outside-toplevel
-  from bt_jax.config import BlockConfig  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
   from bt_jax.inference import SamplingConfig, make_stream_fns, prepare_prompts, tokens_per_step
 
@@ -111,8 +110,8 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
   ids = tokenizer.encode(prompt)
   if not ids:
     raise ValueError(f"the prompt {prompt!r} encodes to no tokens; give some text to continue")
-  block_len = config.block_len if isinstance(config, BlockConfig) else 1
-  aligned = -(-len(ids) // block_len) * block_len
+  block_len = config.tokens_per_step
+  aligned = config.aligned_length(len(ids))
   if aligned >= config.max_len:
     raise ValueError(
         f"the prompt is {len(ids)} tokens long" + (f" ({aligned} padded to whole blocks)"
@@ -133,7 +132,7 @@ def stream_generate(workdir: str, prompt: str, *, max_new_tokens: Optional[int] 
                 tokenizer.eos_id)
   per_step = tokens_per_step(model)
   chunk_steps = max(1, chunk_tokens // per_step)
-  total_steps = -(-max_new_tokens // per_step)
+  total_steps = config.num_steps(max_new_tokens)
   printed = ""
   steps_done = 0
   while steps_done < total_steps:

@@ -2,12 +2,14 @@ r"""Trains a Block Transformer or a vanilla LM.
 
     python -m bt_jax.train --gin_file=gin_configs/runs/quickstart.gin --workdir=/tmp/qs
     python -m bt_jax.train --gin_file=gin_configs/experiments/block_b4_85m.gin \
-        --gin_param="train.data_dir='/data/tfds'" --workdir=gs-or-shared-dir
+        --gin_param="data.data_dir='/data/tfds'" --workdir=gs-or-shared-dir
 
 Gin only at the edges (T5X habit): the binary parses `--gin_file` / `--gin_param`,
-builds a `TrainConfig` (gin name `train`) and the model config (`model.config`),
-and calls `train_and_evaluate(workdir, model_config, train_config)`, which takes
-plain arguments. The workdir (layout in `bt_jax.checkpointing`) gets:
+builds a `TrainConfig` (gin name `train`, with the sub-configs `optimizer`
+(`bt_jax.optim.OptimizerConfig`), `data` and `checkpoint`) and the model config
+(`model.config`), and calls `train_and_evaluate(workdir, model_config,
+train_config)`, which takes plain arguments and runs the loop over the steps of
+`bt_jax.trainer`. The workdir (layout in `bt_jax.checkpointing`) gets:
 
     config.gin          the operative gin config
     model_config.json   the model trained (dtype overrides applied)
@@ -24,7 +26,8 @@ a NaN/inf loss or gradient stops the run before it is checkpointed.
 Parallelism: one `jax.sharding.Mesh` with axes (data, fsdp, tensor)
 (`train.mesh_shape`); parameters, optimizer state and batches are placed with
 NamedShardings derived from the models' logical axis names and
-`bt_jax.axes.DEFAULT_RULES`, and the train step is one `jax.jit`. Multi-host
+`bt_jax.axes.DEFAULT_RULES` (`bt_jax.trainer.step_functions`), and the train
+step is one `jax.jit`. Multi-host
 runs call `jax.distributed.initialize` when `--coordinator_address` (or
 JAX_COORDINATOR_ADDRESS) is given, or with `--distributed` on platforms jax
 auto-detects (Cloud TPU, SLURM).
@@ -33,21 +36,16 @@ auto-detects (Cloud TPU, SLURM).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
 from absl import app, flags, logging
-import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from bt_jax import axes
 from bt_jax import checkpointing
@@ -55,63 +53,37 @@ from bt_jax import config as config_lib
 from bt_jax import data as data_lib
 from bt_jax import gin_utils
 from bt_jax import logging_utils
+from bt_jax import optim
 from bt_jax import run_utils
-from bt_jax.mesh import batch_axes, data_parallel_size, make_mesh, with_logical_rules
-from bt_jax.models import build_model, sequence_loss
+from bt_jax import trainer
+from bt_jax.mesh import make_mesh, row_groups
+from bt_jax.models import build_model
 
 METRICS_FILE = run_utils.METRICS_FILE
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.gin"
 TB_DIR = run_utils.TB_DIR
 
-# Dense bf16 peak FLOP/s per device, for the MFU estimate (device_kind prefixes).
-PEAK_FLOPS = (
-    ("NVIDIA H200", 989e12), ("NVIDIA H100", 989e12), ("NVIDIA A100", 312e12),
-    ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12),
-    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v4", 275e12), ("TPU v3", 123e12),
-)
-
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or gradient norm became NaN or inf; the run stopped without checkpointing it."""
 
 
+def _check_positive(scope: str, config, names, optional: bool = False) -> None:
+  for name in names:
+    value = getattr(config, name)
+    if optional and value is None:
+      continue
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{scope}.{name} must be a positive integer{' or None' if optional else ''}, "
+                       f"got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """How to train (the model is configured separately, by `model.config`).
+class DataConfig:
+  """The corpus, its splits and the tokenizer (gin name `data`)."""
 
-  Steps count optimizer updates; each consumes `batch_size` sequences of
-  `seq_len` tokens, split into `grad_accum` micro-batches.
-  """
-
-  steps: int = 1000
-  batch_size: int = 32               # sequences per optimizer step, over all hosts
-  seq_len: Optional[int] = None      # None: the model's max_len
-  grad_accum: int = 1
-  # Optimizer (spec section 3): AdamW, clip 1.0, linear warmup, cosine decay to 10%.
-  learning_rate: float = 1e-3
-  warmup_steps: int = 100
-  min_lr_ratio: float = 0.1
-  weight_decay: float = 0.1          # on matrices and embeddings; not on biases and norms
-  adam_b1: float = 0.9
-  adam_b2: float = 0.95
-  adam_eps: float = 1e-8
-  clip_norm: float = 1.0
-  # Mixed precision: None keeps the model file's dtype / param_dtype.
-  compute_dtype: Optional[str] = None
-  param_dtype: Optional[str] = None
-  # Evaluation, logging, checkpoints.
-  eval_every: int = 500
-  eval_batches: int = 16
-  eval_batch_size: Optional[int] = None   # None: batch_size // grad_accum
-  log_every: int = 50
-  checkpoint_every: int = 1000
-  keep_checkpoints: int = 3
-  async_checkpointing: bool = True
-  stop_at_step: Optional[int] = None  # save and exit at this step (the schedule still uses `steps`)
-  seed: int = 0
-  # Data: "stdlib", "files:<glob>" or "tfds:<name>" (see bt_jax.data.load_corpus).
+  # "stdlib", "files:<glob>" or "tfds:<name>" (see bt_jax.data.load_corpus).
   corpus: str = "stdlib"
   corpus_max_bytes: Optional[int] = None       # cap on the training split (local corpora)
   validation_max_bytes: Optional[int] = None
@@ -121,40 +93,70 @@ class TrainConfig:
   data_dir: Optional[str] = None
   cache_tokens: bool = True          # keep tokenized documents in memory (small corpora)
   shuffle_window: int = 256
-  data_threads: int = 2
+  threads: int = 2
   # Tokenizer: a byte-level BPE trained on the training split and cached in the
   # workdir, or a tokenizer.json from `tokenizer_path`.
   tokenizer_vocab_size: Optional[int] = None   # None: the model's vocab_size
   tokenizer_path: Optional[str] = None
   tokenizer_max_docs: Optional[int] = 100_000  # training documents the BPE is trained on
   unigram_max_docs: int = 10_000     # training documents the unigram baseline is fitted on
+
+  def __post_init__(self):
+    _check_positive("data", self, ("unigram_max_docs", "threads"))
+    _check_positive("data", self, ("tokenizer_vocab_size", "tokenizer_max_docs"), optional=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """When and how checkpoints are written (gin name `checkpoint`)."""
+
+  every: int = 1000                  # steps between checkpoints (and at the last step)
+  keep: int = 3                      # the newest `keep` are kept
+  async_save: bool = True
+
+  def __post_init__(self):
+    _check_positive("checkpoint", self, ("every", "keep"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How to train (the model is configured separately, by `model.config`).
+
+  Steps count optimizer updates; each consumes `batch_size` sequences of
+  `seq_len` tokens, split into `grad_accum` micro-batches. The optimizer, data
+  and checkpoint settings are sub-configs, bound in gin as `optimizer.*`,
+  `data.*` and `checkpoint.*` (Levanter / T5X habit).
+  """
+
+  steps: int = 1000
+  batch_size: int = 32               # sequences per optimizer step, over all hosts
+  seq_len: Optional[int] = None      # None: the model's max_len
+  grad_accum: int = 1
+  # Mixed precision: None keeps the model file's dtype / param_dtype.
+  compute_dtype: Optional[str] = None
+  param_dtype: Optional[str] = None
+  # Evaluation and logging.
+  eval_every: int = 500
+  eval_batches: int = 16
+  eval_batch_size: Optional[int] = None   # None: batch_size // grad_accum
+  log_every: int = 50
+  stop_at_step: Optional[int] = None  # save and exit at this step (the schedule still uses `steps`)
+  seed: int = 0
   # Mesh (data, fsdp, tensor); one -1 takes the remaining devices.
   mesh_shape: tuple[int, int, int] = (-1, 1, 1)
   peak_flops_per_device: Optional[float] = None  # None: looked up from the device kind
   progress_bar: bool = True
+  optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
+  data: DataConfig = DataConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every",
-                 "checkpoint_every", "keep_checkpoints", "unigram_max_docs", "data_threads"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
-    for name in ("seq_len", "eval_batch_size", "tokenizer_vocab_size", "tokenizer_max_docs",
-                 "stop_at_step"):
-      value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or value <= 0):
-        raise ValueError(f"train.{name} must be a positive integer or None, got {value!r}")
-    if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-      raise ValueError(f"train.warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+    _check_positive("train", self, ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
+                                    "log_every"))
+    _check_positive("train", self, ("seq_len", "eval_batch_size", "stop_at_step"), optional=True)
     if self.batch_size % self.grad_accum:
       raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
                        f"train.grad_accum={self.grad_accum}")
-    if self.learning_rate <= 0:
-      raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}")
-    if not 0.0 <= self.min_lr_ratio <= 1.0:
-      raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-    if self.clip_norm is not None and self.clip_norm <= 0:
-      raise ValueError(f"train.clip_norm must be positive (or None: no clipping), got {self.clip_norm}")
     for name in ("compute_dtype", "param_dtype"):
       value = getattr(self, name)
       if value is not None and value not in config_lib.DTYPES:
@@ -168,193 +170,6 @@ class TrainConfig:
   @property
   def micro_batch_size(self) -> int:
     return self.batch_size // self.grad_accum
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-  """The optimizer part of TrainConfig.
-
-  It reaches the train step as traced scalars (`hyperparams()`), not as
-  constants: runs that differ only in learning rate, schedule length or weight
-  decay share one compiled step.
-  """
-
-  learning_rate: float
-  warmup_steps: int
-  total_steps: int
-  min_lr_ratio: float
-  weight_decay: float
-  b1: float
-  b2: float
-  eps: float
-  clip_norm: Optional[float]   # None: no clipping
-
-  @classmethod
-  def from_train_config(cls, cfg: TrainConfig) -> OptimizerConfig:
-    return cls(cfg.learning_rate, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.weight_decay,
-               cfg.adam_b1, cfg.adam_b2, cfg.adam_eps, cfg.clip_norm)
-
-  def hyperparams(self) -> dict[str, np.ndarray]:
-    values = dataclasses.asdict(self)
-    if values["clip_norm"] is None:
-      values["clip_norm"] = np.inf
-    return {k: np.asarray(v, np.float32) for k, v in values.items()}
-
-
-def learning_rate_schedule(hyperparams):
-  """count (updates done so far) -> learning rate of the next update.
-
-  Linear warmup reaching the peak at update `warmup_steps` (the first update
-  already has a non-zero rate), then cosine decay to min_lr_ratio * peak at
-  `total_steps`. `hyperparams` as from `OptimizerConfig.hyperparams()`.
-  """
-  peak = hyperparams["learning_rate"]
-  end = peak * hyperparams["min_lr_ratio"]
-  warmup, total = hyperparams["warmup_steps"], hyperparams["total_steps"]
-
-  def schedule(count):
-    step = jnp.asarray(count, jnp.float32) + 1.0
-    warm = peak * step / jnp.maximum(warmup, 1.0)
-    progress = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
-    decayed = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    return jnp.where(step <= warmup, warm, decayed)
-
-  return schedule
-
-
-def _decay_mask(params):
-  # Weight decay on matrices and embeddings only (HF Trainer / GPT-NeoX habit).
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-
-def make_optimizer(hyperparams) -> optax.GradientTransformation:
-  """Clip by global norm, then AdamW with the warmup-cosine schedule (spec section 3)."""
-  hp = hyperparams
-  return optax.chain(
-      optax.clip_by_global_norm(hp["clip_norm"]),
-      optax.adamw(learning_rate_schedule(hp), b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
-                  weight_decay=hp["weight_decay"], mask=_decay_mask))
-
-
-# ---------------------------------------------------------------------------
-# Mesh and shardings
-
-
-@dataclasses.dataclass(frozen=True)
-class _StepFunctions:
-  init: Any            # rng -> state, placed on state_shardings
-  train_step: Any      # (state, batch [accum, micro, T], hyperparams) -> (state, metrics)
-  eval_step: Any       # (params, batch [B, T]) -> sums
-  state_shardings: Any
-  abstract_state: Any  # ShapeDtypeStructs with shardings
-  train_batch_sharding: Any
-  eval_batch_sharding: Any
-
-
-def _loss_sums(model: nn.Module, params, tokens, mask):
-  """(sum of target NLLs, {"nll", "tokens", ["pos_nll", "pos_tokens"]}) over one batch."""
-  _, aux = sequence_loss(model, params, tokens, mask)
-  token_nll, weights = aux["token_nll"], aux["weights"]   # [batch, length]
-  sums = {"nll": jnp.sum(token_nll), "tokens": jnp.sum(weights)}
-  if isinstance(model.config, config_lib.BlockConfig):
-    block_len = model.config.block_len
-    batch, length = tokens.shape
-    # position t sits at t % block_len inside its block
-    sums["pos_nll"] = jnp.sum(token_nll.reshape(batch, length // block_len, block_len), axis=(0, 1))
-    sums["pos_tokens"] = jnp.sum(weights.reshape(batch, length // block_len, block_len), axis=(0, 1))
-  return sums["nll"], sums
-
-
-def _train_step(model, param_shardings, state, batch, hyperparams):
-  """One optimizer update from a batch {"tokens", "mask"} of [accum, micro, length].
-
-  Micro-batch gradients of the summed NLL are accumulated and divided by the
-  total number of target tokens: the same update as one big batch.
-  """
-  tx = make_optimizer(hyperparams)
-  params = state["params"]
-  grad_fn = jax.grad(functools.partial(_loss_sums, model), has_aux=True)
-
-  def accumulate(grads, micro_batch):
-    micro_grads, sums = grad_fn(params, micro_batch["tokens"], micro_batch["mask"])
-    return jax.tree.map(jnp.add, grads, micro_grads), sums
-
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
-  grads, sums = jax.lax.scan(accumulate, zeros, batch)
-  sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
-  num_tokens = jnp.maximum(sums["tokens"], 1.0)
-  grads = jax.tree.map(lambda g, p: (g / num_tokens).astype(p.dtype), grads, params)
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
-  updates, opt_state = tx.update(grads, state["opt_state"], params)
-  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-               "opt_state": opt_state}
-  metrics = dict(sums, loss=sums["nll"] / num_tokens, grad_norm=grad_norm,
-                 learning_rate=learning_rate_schedule(hyperparams)(state["step"]))
-  return new_state, metrics
-
-
-def _eval_step(model, params, batch):
-  return _loss_sums(model, params, batch["tokens"], batch["mask"])[1]
-
-
-def _init_state(model, rng):
-  tokens = jnp.zeros((1, 2 * getattr(model.config, "block_len", 4)), jnp.int32)
-  params = model.init(rng, tokens)["params"]   # boxed with logical axis names
-  # The optimizer state's structure does not depend on the hyperparameter values.
-  tx = make_optimizer(OptimizerConfig(1.0, 1, 1, 0.1, 0.0, 0.9, 0.95, 1e-8, 1.0).hyperparams())
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-
-@functools.lru_cache(maxsize=16)
-def _step_functions(model: nn.Module, mesh: jax.sharding.Mesh, rules: tuple) -> _StepFunctions:
-  """Jitted init / train / eval functions (cached: runs in one process share compiles)."""
-  boxed = jax.eval_shape(functools.partial(_init_state, model), jax.random.key(0))
-  logical_specs = nn.get_partition_spec(boxed)
-  state_shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                nn.unbox(boxed), state_shardings)
-  batch_names = batch_axes(rules)
-  P = jax.sharding.PartitionSpec
-  train_batch = jax.sharding.NamedSharding(mesh, P(None, batch_names, None))
-  eval_batch = jax.sharding.NamedSharding(mesh, P(batch_names, None))
-  replicated = jax.sharding.NamedSharding(mesh, P())
-
-  with_rules = functools.partial(with_logical_rules, mesh=mesh, rules=rules)
-  init = jax.jit(lambda rng: nn.unbox(_init_state(model, rng)), out_shardings=state_shardings)
-  train_step = jax.jit(
-      with_rules(functools.partial(_train_step, model, state_shardings["params"])),
-      in_shardings=(state_shardings, {"tokens": train_batch, "mask": train_batch}, replicated),
-      out_shardings=(state_shardings, replicated), donate_argnums=0)
-  eval_step = jax.jit(with_rules(functools.partial(_eval_step, model)),
-                      in_shardings=(state_shardings["params"], {"tokens": eval_batch, "mask": eval_batch}),
-                      out_shardings=replicated)
-  return _StepFunctions(init, train_step, eval_step, state_shardings, abstract_state,
-                        train_batch, eval_batch)
-
-
-def _forward_flops(model, abstract_params, batch_size: int, seq_len: int) -> Optional[float]:
-  """FLOPs of one forward loss on [batch_size, seq_len], from XLA's cost analysis."""
-  try:
-    shape = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params)
-    lowered = jax.jit(lambda p, t, m: sequence_loss(model, p, t, m)[0]).lower(params, shape, shape)
-    cost = lowered.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0]
-    flops = float(cost["flops"])
-    return flops if flops > 0 else None
-  except Exception as e:  # cost analysis is best effort: MFU is an estimate
-    logging.warning("no FLOP count for the MFU estimate: %s", e)
-    return None
-
-
-def peak_flops(device) -> Optional[float]:
-  kind = getattr(device, "device_kind", "")
-  for prefix, flops in PEAK_FLOPS:
-    if kind.startswith(prefix):
-      return flops
-  return None
 
 
 # ---------------------------------------------------------------------------
@@ -376,11 +191,11 @@ def _check_workdir(workdir: str) -> str:
   return workdir
 
 
-def _load_split(cfg: TrainConfig, split: str):
-  max_bytes = cfg.corpus_max_bytes if split == data_lib.TRAIN else cfg.validation_max_bytes
+def _load_split(data: DataConfig, split: str):
+  max_bytes = data.corpus_max_bytes if split == data_lib.TRAIN else data.validation_max_bytes
   return data_lib.load_corpus(
-      cfg.corpus, split, validation_fraction=cfg.validation_fraction, max_bytes=max_bytes,
-      validation_pattern=cfg.validation_pattern, text_field=cfg.text_field, data_dir=cfg.data_dir)
+      data.corpus, split, validation_fraction=data.validation_fraction, max_bytes=max_bytes,
+      validation_pattern=data.validation_pattern, text_field=data.text_field, data_dir=data.data_dir)
 
 
 def _check_has_text(documents, corpus: str, split: str, probe: int = 1000) -> None:
@@ -398,19 +213,21 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _tokenizer(workdir: str, cfg: TrainConfig, train_docs, vocab_size: int) -> data_lib.Tokenizer:
+def _tokenizer(workdir: str, data: DataConfig, train_docs, vocab_size: int) -> data_lib.Tokenizer:
   """Process 0 trains (or copies) the tokenizer into the workdir; the others read it."""
   def texts():
-    limit = len(train_docs) if cfg.tokenizer_max_docs is None else min(len(train_docs), cfg.tokenizer_max_docs)
+    limit = len(train_docs)
+    if data.tokenizer_max_docs is not None:
+      limit = min(limit, data.tokenizer_max_docs)
     return (train_docs[i] for i in range(limit))
 
-  tokenizer_vocab = cfg.tokenizer_vocab_size or vocab_size
-  if cfg.tokenizer_path is None and tokenizer_vocab > vocab_size:
-    raise ValueError(f"train.tokenizer_vocab_size={tokenizer_vocab} exceeds the model's vocab_size "
+  tokenizer_vocab = data.tokenizer_vocab_size or vocab_size
+  if data.tokenizer_path is None and tokenizer_vocab > vocab_size:
+    raise ValueError(f"data.tokenizer_vocab_size={tokenizer_vocab} exceeds the model's vocab_size "
                      f"{vocab_size}")
   if jax.process_index() == 0:
     tokenizer = data_lib.load_or_train_tokenizer(
-        workdir, texts, vocab_size if cfg.tokenizer_path else tokenizer_vocab, cfg.tokenizer_path)
+        workdir, texts, vocab_size if data.tokenizer_path else tokenizer_vocab, data.tokenizer_path)
   _sync("tokenizer")
   if jax.process_index() != 0:
     tokenizer = data_lib.Tokenizer.from_file(os.path.join(workdir, checkpointing.TOKENIZER_FILE))
@@ -430,42 +247,13 @@ def _replicated_to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, j
 
 
 # ---------------------------------------------------------------------------
-# Logging
-
-
-def _by_position(nll, tokens) -> Optional[list[float]]:
-  if nll is None:
-    return None
-  return [float(n / max(t, 1.0)) for n, t in zip(nll, tokens)]
-
-
-# ---------------------------------------------------------------------------
 # The training loop
 
 
 def resolve_model_config(model_config: config_lib.ModelConfig, cfg: TrainConfig) -> config_lib.ModelConfig:
-  """The model config with the run's dtype overrides, as a plain (non-gin) dataclass."""
-  cls = config_lib.BlockConfig if isinstance(model_config, config_lib.BlockConfig) else config_lib.VanillaConfig
-  fields = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(model_config)}
-  if cfg.compute_dtype is not None:
-    fields["dtype"] = cfg.compute_dtype
-  if cfg.param_dtype is not None:
-    fields["param_dtype"] = cfg.param_dtype
-  return cls(**fields)
-
-
-def _evaluate(fns: _StepFunctions, params, eval_batches) -> dict[str, Any]:
-  totals = None
-  for batch in eval_batches:
-    sums = fns.eval_step(params, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  loss = float(totals["nll"] / max(float(totals["tokens"]), 1.0))
-  result = {"eval_loss": loss, "eval_perplexity": float(math.exp(min(loss, 700.0)))}
-  by_position = _by_position(totals.get("pos_nll"), totals.get("pos_tokens"))
-  if by_position is not None:
-    result["eval_loss_by_position"] = by_position
-  return result
+  """The model config with the run's dtype overrides (train.compute_dtype, train.param_dtype)."""
+  overrides = {"dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype}
+  return dataclasses.replace(model_config, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclasses.dataclass
@@ -477,7 +265,7 @@ class _Run:
   model_config: config_lib.ModelConfig
   seq_len: int
   mesh: jax.sharding.Mesh
-  fns: _StepFunctions
+  fns: trainer.StepFunctions
   tokenizer: data_lib.Tokenizer
   train_tokens: data_lib.TokenizedDocuments
   train_iter: Any                       # grain DatasetIterator (checkpointed)
@@ -501,16 +289,15 @@ def _prepare(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfi
   seq_len = cfg.seq_len or model_config.max_len
   if seq_len > model_config.max_len:
     raise ValueError(f"train.seq_len={seq_len} exceeds the model's max_len {model_config.max_len}")
-  is_block = isinstance(model_config, config_lib.BlockConfig)
-  block_len = model_config.block_len if is_block else None
-  if is_block and seq_len % block_len:
+  packing = model_config.packing
+  block_len = model_config.block_len if packing == "block" else None
+  if seq_len % model_config.tokens_per_step:
     raise ValueError(f"train.seq_len={seq_len} is not a multiple of block_len {block_len}")
-  packing = "block" if is_block else "plain"
 
   mesh = make_mesh(cfg.mesh_shape)
   rules = tuple(axes.DEFAULT_RULES)
   num_processes = jax.process_count()
-  data_parallel = data_parallel_size(mesh, rules)
+  data_parallel = row_groups(mesh, rules)
   eval_batch_size = cfg.eval_batch_size or cfg.micro_batch_size
   for name, size in (("micro batch (batch_size / grad_accum)", cfg.micro_batch_size),
                      ("eval batch", eval_batch_size)):
@@ -519,21 +306,21 @@ def _prepare(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfi
                        f"{data_parallel} data-parallel shards (mesh {dict(mesh.shape)}) and "
                        f"{num_processes} processes")
 
-  train_docs = _load_split(cfg, data_lib.TRAIN)
-  valid_docs = _load_split(cfg, data_lib.VALIDATION)
-  _check_has_text(train_docs, cfg.corpus, data_lib.TRAIN)
-  _check_has_text(valid_docs, cfg.corpus, data_lib.VALIDATION)
-  tokenizer = _tokenizer(workdir, cfg, train_docs, model_config.vocab_size)
+  train_docs = _load_split(cfg.data, data_lib.TRAIN)
+  valid_docs = _load_split(cfg.data, data_lib.VALIDATION)
+  _check_has_text(train_docs, cfg.data.corpus, data_lib.TRAIN)
+  _check_has_text(valid_docs, cfg.data.corpus, data_lib.VALIDATION)
+  tokenizer = _tokenizer(workdir, cfg.data, train_docs, model_config.vocab_size)
   if tokenizer.pad_id != model_config.pad_id:
     raise ValueError(f"the tokenizer's pad/eos id is {tokenizer.pad_id} but the model's pad_id is "
                      f"{model_config.pad_id}; set {type(model_config).__name__}.pad_id = {tokenizer.pad_id}")
-  train_tokens = data_lib.TokenizedDocuments(train_docs, tokenizer, cache=cfg.cache_tokens)
-  valid_tokens = data_lib.TokenizedDocuments(valid_docs, tokenizer, cache=cfg.cache_tokens)
+  train_tokens = data_lib.TokenizedDocuments(train_docs, tokenizer, cache=cfg.data.cache_tokens)
+  valid_tokens = data_lib.TokenizedDocuments(valid_docs, tokenizer, cache=cfg.data.cache_tokens)
   train_iter = data_lib.make_train_iterator(
       train_tokens, tokenizer, seq_len=seq_len, block_len=block_len,
       batch_size=cfg.batch_size // num_processes, seed=cfg.seed, packing=packing,
-      shuffle_window=cfg.shuffle_window, shard_index=jax.process_index(), shard_count=num_processes,
-      num_threads=cfg.data_threads)
+      shuffle_window=cfg.data.shuffle_window, shard_index=jax.process_index(), shard_count=num_processes,
+      num_threads=cfg.data.threads)
   eval_np = data_lib.make_eval_batches(
       valid_tokens, tokenizer, seq_len=seq_len, block_len=block_len, batch_size=eval_batch_size,
       num_batches=cfg.eval_batches, packing=packing, seed=cfg.seed)
@@ -544,17 +331,17 @@ def _prepare(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfi
     checkpointing.save_model_config(workdir, model_config)
 
   model = build_model(model_config)
-  fns = _step_functions(model, mesh, rules)
-  flops = _forward_flops(model, fns.abstract_state["params"], cfg.micro_batch_size, seq_len)
+  fns = trainer.step_functions(model, mesh, rules)
+  flops = trainer.forward_flops(model, fns.abstract_state["params"], cfg.micro_batch_size, seq_len)
   return _Run(
       workdir=workdir, cfg=cfg, model_config=model_config, seq_len=seq_len, mesh=mesh, fns=fns,
       tokenizer=tokenizer, train_tokens=train_tokens, train_iter=train_iter, eval_np=eval_np,
       eval_batches=[_replicated_to_global(b, fns.eval_batch_sharding) for b in eval_np],
-      hyperparams=_replicated_to_global(OptimizerConfig.from_train_config(cfg).hyperparams(),
+      hyperparams=_replicated_to_global(cfg.optimizer.hyperparams(total_steps=cfg.steps),
                                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
       num_params=sum(x.size for x in jax.tree.leaves(fns.abstract_state["params"])),
       flops_per_step=None if flops is None else flops * 3 * cfg.grad_accum,  # fwd + bwd (2x fwd)
-      peak_flops=cfg.peak_flops_per_device or peak_flops(jax.devices()[0]))
+      peak_flops=cfg.peak_flops_per_device or trainer.peak_flops(jax.devices()[0]))
 
 
 class _Loop:
@@ -591,8 +378,8 @@ class _Loop:
                 f"the last good checkpoint is step {self.last_good_step} in {self.checkpointer.directory}")
         raise NonFiniteLossError(
             f"non-finite loss {float(metrics['loss'])} / gradient norm {float(metrics['grad_norm'])} at "
-            f"step {step}; stopping without checkpointing it ({last}). Lower train.learning_rate or "
-            "raise train.warmup_steps, then rerun to resume from that checkpoint")
+            f"step {step}; stopping without checkpointing it ({last}). Lower optimizer.learning_rate or "
+            "raise optimizer.warmup_steps, then rerun to resume from that checkpoint")
       self.window.append(metrics)
     self.pending = []
 
@@ -605,7 +392,7 @@ class _Loop:
               "learning_rate": float(window[-1]["learning_rate"]),
               "grad_norm": float(window[-1]["grad_norm"])}
     if "pos_nll" in window[-1]:
-      record["train_loss_by_position"] = _by_position(
+      record["train_loss_by_position"] = trainer.by_position(
           sum(m["pos_nll"] for m in window), sum(m["pos_tokens"] for m in window))
     if self.timer_steps > 0 and elapsed > 0:
       rate = self.timer_steps * self.run.tokens_per_step / elapsed
@@ -650,16 +437,16 @@ class _Loop:
         evaluate = step % cfg.eval_every == 0 or step == cfg.steps
         record = self._train_record(step) if step % cfg.log_every == 0 or evaluate else {}
         if evaluate:
-          self.last_eval = (step, _evaluate(fns, self.state["params"], self.run.eval_batches))
+          self.last_eval = (step, trainer.evaluate(fns, self.state["params"], self.run.eval_batches))
           record.update(self.last_eval[1])
         if record:
           self.writer.write(record)
           if progress is not None:
             progress.set_postfix({k: f"{record[k]:.3f}" for k in ("train_loss", "eval_loss") if k in record})
         preempted = stop_request.should_stop(
-            step, sync_point=bool(record) or step % cfg.checkpoint_every == 0)
+            step, sync_point=bool(record) or step % cfg.checkpoint.every == 0)
         stop = preempted or step == cfg.stop_at_step
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
+        if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop:
           self._save(step)
         if record or stop:  # evals and saves do not count as training time
           self._reset_timer()
@@ -689,8 +476,8 @@ def train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg: 
   start_time = time.time()
   run = _prepare(workdir, model_config, cfg, operative_config)
   fns, is_main = run.fns, jax.process_index() == 0
-  checkpointer = checkpointing.Checkpointer(run.workdir, keep=cfg.keep_checkpoints,
-                                            async_save=cfg.async_checkpointing)
+  checkpointer = checkpointing.Checkpointer(run.workdir, keep=cfg.checkpoint.keep,
+                                            async_save=cfg.checkpoint.async_save)
   latest = checkpointer.latest_step()
   if latest is None:
     state, start_step = fns.init(jax.random.key(cfg.seed)), 0
@@ -732,7 +519,7 @@ def train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg: 
   if loop.last_eval is not None and loop.last_eval[0] == final_step:
     final = loop.last_eval[1]
   else:
-    final = _evaluate(fns, state["params"], run.eval_batches)
+    final = trainer.evaluate(fns, state["params"], run.eval_batches)
   summary["final_eval_loss"] = final["eval_loss"]
   summary["final_eval_perplexity"] = final["eval_perplexity"]
   if "eval_loss_by_position" in final:
@@ -751,17 +538,29 @@ def train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg: 
 def _unigram_entropy(train_tokens, eval_np, model_config, cfg: TrainConfig) -> float:
   """Unigram cross-entropy on exactly the validation targets the eval loss scores."""
   length = eval_np[0]["tokens"].shape[1]
-  first_target = model_config.block_len if isinstance(model_config, config_lib.BlockConfig) else 1
-  scorable = (np.arange(length) >= first_target)[None, :]
+  scorable = (np.arange(length) >= model_config.first_scored_position)[None, :]
   valid = [{"tokens": b["tokens"], "mask": ((b["mask"] > 0) & scorable).astype(np.int32)} for b in eval_np]
-  train = (train_tokens[i] for i in range(min(len(train_tokens), cfg.unigram_max_docs)))
+  train = (train_tokens[i] for i in range(min(len(train_tokens), cfg.data.unigram_max_docs)))
   return data_lib.unigram_cross_entropy(train, valid, model_config.vocab_size)
 
 
 # ---------------------------------------------------------------------------
 # The binary: flags and gin at the edge.
 
-GinTrainConfig = gin.external_configurable(TrainConfig, "train")
+# The sub-configs are built from their own gin names (`optimizer.learning_rate
+# = ...`), not bound through `train.optimizer`.
+GinTrainConfig = gin.external_configurable(TrainConfig, "train",
+                                           denylist=["optimizer", "data", "checkpoint"])
+GinOptimizerConfig = gin.external_configurable(optim.OptimizerConfig, "optimizer")
+GinDataConfig = gin.external_configurable(DataConfig, "data")
+GinCheckpointConfig = gin.external_configurable(CheckpointConfig, "checkpoint")
+
+
+def train_config_from_gin() -> TrainConfig:
+  """The TrainConfig bound by the parsed gin config: `train.*` with its
+  `optimizer.*`, `data.*` and `checkpoint.*` sub-configs."""
+  return GinTrainConfig(optimizer=GinOptimizerConfig(), data=GinDataConfig(),
+                        checkpoint=GinCheckpointConfig())
 
 def define_flags() -> None:
   """The binary's flags. Defined only when run as a program, so that importing
@@ -786,7 +585,7 @@ def configs_from_gin(gin_files: Sequence[str], gin_params: Sequence[str]):
   except Exception as e:
     raise ValueError(f"gin files {list(gin_files)} do not define a valid model (model.config): {e}") from e
   try:
-    train_config = GinTrainConfig()
+    train_config = train_config_from_gin()
   except Exception as e:
     raise ValueError(f"invalid train config from gin files {list(gin_files)} and bindings "
                      f"{list(gin_params)}: {e}") from e

@@ -133,8 +133,8 @@ def parse_scenarios(spec: str, preset: str) -> dict[str, tuple[int, int]]:
 def benchmark_config(name: str, dtype: str, prompt_len: int, new_tokens: int,
                      attention_impl: Optional[str] = None):
   config = model_config_from_gin([f"models/{name}.gin"])
-  block_len = config.block_len if isinstance(config, BlockConfig) else 1
-  needed = (-(-prompt_len // block_len) + num_steps_for(config, new_tokens)) * block_len
+  block_len = config.tokens_per_step
+  needed = config.aligned_length(prompt_len) + num_steps_for(config, new_tokens) * block_len
   config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype,
                                max_len=max(config.max_len, needed))
   if attention_impl is not None:
@@ -357,8 +357,7 @@ def run_one(name: str, scenario: str, prompt_len: int, new_tokens: int, *, batch
   wall = float(np.median(times))
   moved = bytes_moved(model, batch, prompt_len, new_tokens)
   generated = batch * new_tokens
-  block_len = config.block_len if isinstance(config, BlockConfig) else 1
-  aligned_prompt = -(-prompt_len // block_len) * block_len
+  aligned_prompt = config.aligned_length(prompt_len)
   steps = 1 + num_steps_for(config, new_tokens)         # prefill + decode steps
   return {
       "model": name, "kind": config.kind, "scenario": scenario, "prompt_len": prompt_len,

@@ -27,48 +27,11 @@ from bt_jax.distributed.tree_attention import (butterfly_decode_attention,
                                                tree_decode_attention,
                                                two_level_tree_decode_attention)
 
+# The meshes live with the other meshes (bt_jax.mesh); re-exported here.
+from bt_jax.mesh import make_sequence_mesh, make_two_level_mesh  # pylint: disable=unused-import
+
 METHODS = ("tree", "tree_two_level", "tree_butterfly", "ring_kv",
            "ring_partials")
-
-
-def make_sequence_mesh(num_devices: Optional[int] = None, *,
-                       devices: Optional[Sequence[jax.Device]] = None,
-                       axis_name: str = "sequence", data_devices: int = 1) -> Mesh:
-  """1-D mesh of the first `num_devices` devices (all by default), Auto axes.
-
-  data_devices > 1: a 2-D (data, sequence) mesh of data_devices x num_devices
-  devices (num_devices default: all of them // data_devices); sharded
-  generation then splits the rows over `data` and each row group's cache over
-  `sequence`.
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  if data_devices < 1 or len(devices) < data_devices:
-    raise ValueError(f"data_devices must be in [1, {len(devices)}]; got {data_devices}")
-  if num_devices is None:
-    num_devices = len(devices) // data_devices
-  if not 1 <= num_devices * data_devices <= len(devices):
-    raise ValueError(f"num_devices must be in [1, {len(devices) // data_devices}] "
-                     f"(x data_devices={data_devices} <= {len(devices)} devices); "
-                     f"got {num_devices}")
-  if data_devices == 1:
-    return Mesh(np.array(devices[:num_devices]), (axis_name,),
-                axis_types=(AxisType.Auto,))
-  grid = np.array(devices[:data_devices * num_devices]).reshape(data_devices, num_devices)
-  return Mesh(grid, ("data", axis_name), axis_types=(AxisType.Auto,) * 2)
-
-
-def make_two_level_mesh(num_nodes: int, devices_per_node: int, *,
-                        devices: Optional[Sequence[jax.Device]] = None,
-                        node_axis: str = "node",
-                        local_axis: str = "local") -> Mesh:
-  """(node, local) mesh; devices_per_node consecutive devices form a node."""
-  devices = list(jax.devices() if devices is None else devices)
-  needed = num_nodes * devices_per_node
-  if needed > len(devices):
-    raise ValueError(f"a {num_nodes}x{devices_per_node} mesh needs {needed} "
-                     f"devices; only {len(devices)} available")
-  grid = np.array(devices[:needed]).reshape(num_nodes, devices_per_node)
-  return Mesh(grid, (node_axis, local_axis), axis_types=(AxisType.Auto,) * 2)
 
 
 def _axes_tuple(mesh: Mesh,

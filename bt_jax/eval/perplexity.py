@@ -35,12 +35,13 @@ from typing import Any, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
+from jax.sharding import Mesh
 import numpy as np
 from tqdm.auto import tqdm
 
 from bt_jax.cli import UserError
 from bt_jax.data import corpus
-from bt_jax.eval.sharding import EvalSharding
+from bt_jax.eval.sharding import EvalSharding, eval_sharding
 from bt_jax.eval.scoring import TokenizerLike
 from bt_jax.models import token_logprobs
 
@@ -140,14 +141,17 @@ def loss_by_position(model: nn.Module, params: Any, tokenizer: TokenizerLike,
                      texts: Sequence[str], *, context_len: Optional[int] = None,
                      batch_size: int = 8, max_windows: Optional[int] = None,
                      prepend_eos: bool = True, progress: bool = True,
-                     sharding: Optional[EvalSharding] = None) -> PositionLoss:
+                     sharding: Optional[EvalSharding] = None,
+                     mesh: Optional[Mesh] = None) -> PositionLoss:
   """Next-token loss by position over lm-eval's rolling windows of
   `context_len` tokens (default: the model's context; see the module
   docstring): every token of every text is scored once. `prepend_eos` False
   starts a document's first window at its first token, which is then not
   scored. All batches share one shape [batch_size, context_len].
-  With `sharding` the params are placed on its mesh and each batch is split
-  over its data-parallel axes (batch_size rounded up to a multiple of them)."""
+  With `mesh` (a (data, fsdp, tensor) mesh) or `sharding` the params are placed
+  on the mesh and each batch is split over its data-parallel axes (batch_size
+  rounded up to a multiple of them)."""
+  sharding = eval_sharding(mesh, sharding)
   context_len = context_len or model.config.max_len
   if not 2 <= context_len <= model.config.max_len:
     raise ValueError(f"context_len {context_len} must be in [2, {model.config.max_len}] "
@@ -240,6 +244,7 @@ def run_perplexity(runs: Sequence[tuple[str, nn.Module, Any, TokenizerLike]], da
                    context_len: Optional[int] = None, batch_size: int = 8, bin_size: int = 64,
                    prepend_eos: bool = True, progress: bool = True,
                    sharding: Optional[EvalSharding] = None,
+                   mesh: Optional[Mesh] = None,
                    texts: Optional[Sequence[str]] = None) -> dict[str, Any]:
   """Loss by position for each (label, model, params, tokenizer) on the corpus
   `data` (or `texts`, its documents already read); prints a summary and, with
@@ -251,7 +256,8 @@ def run_perplexity(runs: Sequence[tuple[str, nn.Module, Any, TokenizerLike]], da
   for label, model, params, tokenizer in runs:
     result = loss_by_position(model, params, tokenizer, texts, context_len=context_len,
                               batch_size=batch_size, max_windows=max_windows,
-                              prepend_eos=prepend_eos, progress=progress, sharding=sharding)
+                              prepend_eos=prepend_eos, progress=progress, sharding=sharding,
+                              mesh=mesh)
     results.append((label, model, result))
     print(f"{label}: perplexity {result.perplexity:.3f} (loss {result.loss:.4f} nats) over "
           f"{result.num_tokens} tokens, {result.num_windows} windows of {result.context_len}")

@@ -27,13 +27,14 @@ from typing import Any, Optional, Protocol, Sequence
 
 import flax.linen as nn
 import jax
+from jax.sharding import Mesh
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from bt_jax.config import BlockConfig
-from bt_jax.eval.sharding import EvalSharding
-from bt_jax.models import block_aligned, first_scored_position, token_logprobs
+from bt_jax.eval.sharding import EvalSharding, eval_sharding
+from bt_jax.models import block_aligned, token_logprobs
 
 
 class TokenizerLike(Protocol):
@@ -160,17 +161,20 @@ class LoglikelihoodScorer:
 
   Rows per batch: `batch_size`, reduced for long buckets so that
   rows * bucket_length <= max_batch_tokens (when given). Every batch of a
-  bucket has the same shape; missing rows are dummies. With `sharding`
-  (`bt_jax.eval.sharding.EvalSharding`) the params are placed on its mesh by
+  bucket has the same shape; missing rows are dummies. With `mesh` (a (data,
+  fsdp, tensor) mesh, `bt_jax.mesh.make_mesh`) or `sharding`
+  (`bt_jax.eval.sharding.EvalSharding`) the params are placed on the mesh by
   the training rules and each batch is split over its data-parallel axes
   (rows rounded up to a multiple of them).
   """
 
   def __init__(self, model: nn.Module, params: Any, *, batch_size: int = 32,
                max_batch_tokens: Optional[int] = None, min_bucket: int = 32,
-               with_greedy: bool = False, sharding: Optional[EvalSharding] = None):
+               with_greedy: bool = False, sharding: Optional[EvalSharding] = None,
+               mesh: Optional[Mesh] = None):
     if batch_size <= 0:
       raise ValueError(f"batch_size must be positive, got {batch_size}")
+    sharding = eval_sharding(mesh, sharding)
     self.model = model
     self.sharding = sharding
     self.params = params if sharding is None else sharding.place_params(model, params)
@@ -195,7 +199,7 @@ class LoglikelihoodScorer:
     windows = []
     for request in requests:
       tokens, start = make_window(request, self.max_len,
-                                  first_scored_position(self.model.config))
+                                  self.model.config.first_eval_position)
       bad = [t for t in tokens if not 0 <= t < vocab_size]
       if bad:
         raise ValueError(f"token id {bad[0]} is outside the model vocabulary (valid "

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import numpy as np
+from jax.sharding import Mesh
 
 from bt_jax.eval.sharding import EvalSharding
 from bt_jax.eval.scoring import LoglikelihoodScorer, ScoreRequest, TokenizerLike, encode_pair
@@ -86,12 +87,13 @@ def evaluate_zero_shot(model: nn.Module, params: Any, tokenizer: TokenizerLike,
                        batch_size: int = 32, max_batch_tokens: Optional[int] = None,
                        min_bucket: int = 32, progress: bool = True,
                        scorer: Optional[LoglikelihoodScorer] = None,
-                       sharding: Optional[EvalSharding] = None) -> dict[str, TaskResult]:
+                       sharding: Optional[EvalSharding] = None,
+                       mesh: Optional[Mesh] = None) -> dict[str, TaskResult]:
   """Scores every choice of every doc of every task in one pass of batches
-  (over the mesh of `sharding` when given; see `LoglikelihoodScorer`)."""
+  (over `mesh`, or the mesh of `sharding`, when given; see `LoglikelihoodScorer`)."""
   scorer = scorer or LoglikelihoodScorer(
       model, params, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-      min_bucket=min_bucket, sharding=sharding)
+      min_bucket=min_bucket, sharding=sharding, mesh=mesh)
   requests: list[ScoreRequest] = []
   spans = {}  # task -> [(start, end) of each doc's requests]
   for task, docs in tasks.items():
@@ -165,6 +167,7 @@ def run_zero_shot(model: nn.Module, params: Any, tokenizer: TokenizerLike,
                   per_doc: bool = False, progress: bool = True,
                   metadata: Optional[Mapping[str, Any]] = None,
                   sharding: Optional[EvalSharding] = None,
+                  mesh: Optional[Mesh] = None,
                   tasks: Optional[Mapping[str, Sequence[Any]]] = None) -> dict[str, Any]:
   """Loads the tasks (unless given, as `load_tasks` returns them), scores
   them, prints the table and writes the JSON."""
@@ -172,7 +175,7 @@ def run_zero_shot(model: nn.Module, params: Any, tokenizer: TokenizerLike,
     tasks = load_tasks(task_paths, split=split, limit=limit)
   results = evaluate_zero_shot(model, params, tokenizer, tasks, batch_size=batch_size,
                                max_batch_tokens=max_batch_tokens, progress=progress,
-                               sharding=sharding)
+                               sharding=sharding, mesh=mesh)
   print(format_table(results))
   report = results_to_json(
       results, per_doc=per_doc, **dict(metadata or {}), model_kind=model.config.kind,

@@ -55,7 +55,7 @@ def kv_cache_bytes_per_sample(config: ModelConfig, prompt_len: int, max_new_toke
   """
   dtype = config.compute_dtype
   if isinstance(config, BlockConfig):
-    blocks = prompt_len // config.block_len + -(-max_new_tokens // config.block_len)
+    blocks = prompt_len // config.block_len + config.num_steps(max_new_tokens)
     return (blocks * stack_cache_bytes_per_slot(config.block_stack, dtype)
             + config.token_decoder_len * stack_cache_bytes_per_slot(config.token_stack, dtype))
   return (prompt_len + max_new_tokens) * stack_cache_bytes_per_slot(config.stack, dtype)

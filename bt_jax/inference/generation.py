@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bt_jax import axes
-from bt_jax.config import BlockConfig, ModelConfig
+from bt_jax.config import ModelConfig
 from bt_jax.inference.decoding import decoder_for
 from bt_jax.inference.sampling import SamplingConfig, sample_logits
+from bt_jax.mesh import check_params_fit, row_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +65,7 @@ class GenerateOutput:
 
 
 def num_steps_for(config: ModelConfig, max_new_tokens: int) -> int:
-  if isinstance(config, BlockConfig):
-    return -(-max_new_tokens // config.block_len)
-  return max_new_tokens
+  return config.num_steps(max_new_tokens)
 
 
 def pad_rows(prompts: Sequence[Sequence[int]], groups: int) -> Sequence[Sequence[int]]:
@@ -84,8 +82,8 @@ def left_pad(prompts: Sequence[Sequence[int]], config: ModelConfig) -> tuple[np.
   first padded with pad_id to a block boundary; those pads are part of the row
   (as the random left pad of training), not masked. Rows are then left-padded
   to the longest, and `pad` counts those masked slots."""
-  block_len = config.block_len if isinstance(config, BlockConfig) else 1
-  rows = [[config.pad_id] * (-len(ids) % block_len) + list(ids) for ids in prompts]
+  rows = [[config.pad_id] * (config.aligned_length(len(ids)) - len(ids)) + list(ids)
+          for ids in prompts]
   prompt_len = max(len(r) for r in rows)
   tokens = np.full((len(rows), prompt_len), config.pad_id, np.int32)
   pad = np.zeros(len(rows), np.int32)
@@ -102,7 +100,7 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], config: ModelConfig,
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
   if len(prompts) == 0:
     raise ValueError("no prompts given; pass a list of token-id lists")
-  block_len = config.block_len if isinstance(config, BlockConfig) else 1
+  block_len = config.tokens_per_step
   checked = []
   for i, prompt in enumerate(prompts):
     ids = [int(t) for t in prompt]
@@ -261,6 +259,7 @@ def _on_mesh(fn, mesh: Optional[Mesh], num_replicated: int):
 
 def _check_mesh(model: nn.Module, mesh: Optional[Mesh]) -> None:
   """A bad mesh is an error at the call, not at the first trace."""
+  check_params_fit(model, mesh)   # a (data, fsdp, tensor) mesh must divide the parameters
   decoder_for(model, mesh)
 
 
@@ -297,7 +296,7 @@ def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], *, max_
   everything on one device.
   """
   num_prompts = len(prompts)
-  prompts = pad_rows(prompts, 1 if mesh is None else dict(mesh.shape).get(axes.MESH_DATA, 1))
+  prompts = pad_rows(prompts, row_groups(mesh))
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
   fn = generate_fn(model, max_new_tokens, sampling, return_logits, segments, mesh)
   out = fn(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(seed),

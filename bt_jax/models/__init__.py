@@ -15,32 +15,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bt_jax.config import BlockConfig, ModelConfig, VanillaConfig
+from bt_jax.config import BlockConfig, ModelConfig
 from bt_jax.models.block import BlockTransformer, Embedder
 from bt_jax.models.common import check_token_ids
 from bt_jax.models.vanilla import VanillaLM
 
 __all__ = [
-    "BlockTransformer", "Embedder", "VanillaLM", "build_model", "init_params",
-    "abstract_params", "first_scored_position", "native_logprobs", "sequence_loss", "token_logprobs",
+    "BlockTransformer", "Embedder", "MODELS", "VanillaLM", "build_model", "init_params",
+    "abstract_params", "native_logprobs", "sequence_loss", "token_logprobs",
 ]
 
 
+# One model class per `config.kind`.
+MODELS: dict[str, type[nn.Module]] = {"vanilla": VanillaLM, "block": BlockTransformer}
+
+
 def build_model(config: ModelConfig) -> nn.Module:
-  if isinstance(config, BlockConfig):
-    return BlockTransformer(config)
-  if isinstance(config, VanillaConfig):
-    return VanillaLM(config)
-  raise TypeError(f"unknown model config type {type(config).__name__}; valid types are "
-                  "VanillaConfig and BlockConfig")
-
-
-def _init_length(config: ModelConfig) -> int:
-  return 2 * config.block_len if isinstance(config, BlockConfig) else 8
+  model_cls = MODELS.get(getattr(config, "kind", None))
+  if model_cls is None:
+    raise TypeError(f"unknown model config type {type(config).__name__}; valid types are "
+                    "VanillaConfig and BlockConfig")
+  return model_cls(config)
 
 
 def _init_fn(model: nn.Module, rng: jax.Array):
-  tokens = jnp.zeros((1, _init_length(model.config)), jnp.int32)
+  tokens = jnp.zeros((1, model.config.init_length), jnp.int32)
   return model.init(rng, tokens)["params"]
 
 
@@ -141,14 +140,6 @@ def block_aligned(tokens: jax.Array, mask: jax.Array, block_len: int, pad_id: in
   return aligned, real | pseudo_eos
 
 
-def first_scored_position(config: ModelConfig) -> int:
-  """The first token position `token_logprobs` scores: 1, or block_len for a
-  block model with `eval_no_pad` (block 0 is never a target)."""
-  if isinstance(config, BlockConfig) and config.eval_no_pad:
-    return config.block_len
-  return 1
-
-
 def token_logprobs(model: nn.Module, params: Any, tokens: jax.Array,
                    mask: Optional[jax.Array] = None):
   """log p(tokens[b, t] | tokens[b, :t]) for vanilla and block models alike.
@@ -167,7 +158,7 @@ def token_logprobs(model: nn.Module, params: Any, tokens: jax.Array,
   if length > config.max_len:
     raise ValueError(f"sequence length {length} exceeds the model's context "
                      f"(max_len {config.max_len}); truncate from the left")
-  valid = (mask > 0) & (jnp.arange(length) >= first_scored_position(config))[None, :]
+  valid = (mask > 0) & (jnp.arange(length) >= config.first_eval_position)[None, :]
   if isinstance(config, BlockConfig):
     aligned, _ = block_aligned(tokens, mask, config.block_len, config.pad_id,
                                left_pad=not config.eval_no_pad)

@@ -44,7 +44,8 @@ from bt_jax.config import VanillaConfig
 from bt_jax.inference.decoding import VanillaDecoder
 from bt_jax.inference.generation import pad_rows, prepare_prompts
 from bt_jax.inference.sampling import SamplingConfig, restrict_logits
-from bt_jax.mesh import batch_axes, data_parallel_size, with_logical_rules
+from bt_jax import mesh as mesh_lib
+from bt_jax.mesh import with_logical_rules
 from bt_jax.models.vanilla import VanillaLM
 from bt_jax.redrafter.checkpoint import check_drafter_fits
 from bt_jax.redrafter.drafter import DraftHead, base_head_of, zero_state
@@ -391,11 +392,8 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
   args = (params, drafter_params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad),
           jnp.int32(-1 if eos_id is None else eos_id), jax.random.key(seed))
   if mesh is not None:   # arrays committed to one device cannot enter a mesh computation
-    shardings = _in_shardings(model, mesh)
-    if _is_model_mesh(mesh):
-      from bt_jax.eval.sharding import check_divisible  # pylint: disable=import-outside-toplevel
-      check_divisible(params, shardings[0])
-    args = jax.device_put(args, shardings)
+    mesh_lib.check_params_fit(model, mesh, params)
+    args = jax.device_put(args, _in_shardings(model, mesh))
   out = fn(*args)
   if len(prompts) == num_prompts:
     return out
@@ -403,9 +401,7 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
                                      for name in ("tokens", "lengths", "row_steps", "accepted")})
 
 
-def _is_model_mesh(mesh: Optional[Mesh]) -> bool:
-  """A (data, fsdp, tensor) mesh: parameters placed by the training rules."""
-  return mesh is not None and set(axes.MESH_AXES) <= set(mesh.axis_names)
+_is_model_mesh = mesh_lib.is_model_mesh
 
 
 def _check_mesh(mesh: Optional[Mesh]) -> None:
@@ -431,21 +427,14 @@ def _check_mesh(mesh: Optional[Mesh]) -> None:
 
 
 def _rows_spec(mesh: Mesh) -> P:
-  """How per-row arrays are split: over data x fsdp on a model mesh (as the
-  training rules split batches), over `data`, or not at all."""
-  if _is_model_mesh(mesh):
-    return P(batch_axes(axes.DEFAULT_RULES))
-  return P("data") if "data" in mesh.axis_names else P()
+  """How per-row arrays are split (`bt_jax.mesh.rows_spec`)."""
+  return mesh_lib.rows_spec(mesh)
 
 
 def _row_groups(mesh: Optional[Mesh]) -> int:
   """Rows are split this many ways (the batch is padded to a multiple)."""
   _check_mesh(mesh)
-  if mesh is None:
-    return 1
-  if _is_model_mesh(mesh):
-    return data_parallel_size(mesh, axes.DEFAULT_RULES)
-  return dict(mesh.shape).get("data", 1)
+  return mesh_lib.row_groups(mesh)
 
 
 def _sequence_axis_size(mesh: Optional[Mesh]) -> int:
@@ -458,10 +447,7 @@ def _in_shardings(model: VanillaLM, mesh: Mesh):
   params by the training rules on a model mesh (else replicated), the rows
   split, the rest replicated."""
   replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, _rows_spec(mesh))
-  params = replicated
-  if _is_model_mesh(mesh):
-    from bt_jax.eval.sharding import EvalSharding  # pylint: disable=import-outside-toplevel
-    params = EvalSharding(mesh).param_shardings(model)
+  params = mesh_lib.param_shardings(model, mesh) if _is_model_mesh(mesh) else replicated
   return (params, replicated, rows, rows, replicated, replicated)
 
 

@@ -15,7 +15,8 @@ Two recipes (`distill_drafter(recipe=...)`):
 
 Both hold out a fraction of the rows and report the drafter's top-1 and
 top-k accuracy per draft step on them (`heldout_acc_i`, `heldout_topk_i`).
-AdamW with linear warmup (10%) and cosine decay, as released (lr 1e-3).
+AdamW with linear warmup (10%) and cosine decay
+(`bt_jax.optim.drafter_optimizer`), as released (lr 1e-3).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from bt_jax import checkpointing, run_utils
 from bt_jax.inference import generate
 from bt_jax.models.vanilla import VanillaLM
+from bt_jax.optim import drafter_optimizer
 from bt_jax.redrafter.drafter import (DrafterConfig, DraftHead, init_drafter,
                                       teacher_forcing_loss)
 
@@ -85,19 +87,12 @@ def _eval_step(model: VanillaLM, drafter: DraftHead, objective: Objective):
   return jax.jit(evaluate)
 
 
-def make_optimizer(learning_rate: float, steps: int, weight_decay: float = 0.0,
-                   warmup_fraction: float = 0.1) -> optax.GradientTransformation:
-  warmup = max(1, int(round(warmup_fraction * steps)))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1))
-  return optax.adamw(schedule, weight_decay=weight_decay)
-
-
 @functools.lru_cache(maxsize=8)
 def _train_step(model: VanillaLM, drafter: DraftHead, learning_rate: float, steps: int,
                 objective: Objective = Objective()):
   """(optimizer, jitted step): cached on hashable settings, so a second run
   with the same model, drafter and schedule compiles nothing new."""
-  optimizer = make_optimizer(learning_rate, steps)
+  optimizer = drafter_optimizer(learning_rate, steps)
 
   def step(drafter_params, opt_state, params, tokens, mask, target_mask):
     loss_fn = functools.partial(_objective_loss, model, drafter, objective)

@@ -17,6 +17,9 @@ import numpy as np
 
 from bt_jax import axes
 from bt_jax import train
+from bt_jax import trainer
+from bt_jax.mesh import make_mesh
+from bt_jax.models import build_model
 
 
 def _sharded_leaves(tree) -> tuple[int, int]:
@@ -29,9 +32,9 @@ def main(run_gin: str, workdir: str) -> None:
   assert jax.device_count() == 8, f"expected 8 forced CPU devices, got {jax.device_count()}"
   model_config, cfg, operative = train.configs_from_gin([run_gin], ["train.mesh_shape = (2, 2, 2)"])
   summary = train.train_and_evaluate(workdir, model_config, cfg, operative_config=operative)
-  model = train.build_model(train.resolve_model_config(model_config, cfg))
-  mesh = train.make_mesh(cfg.mesh_shape)
-  fns = train._step_functions(model, mesh, tuple(axes.DEFAULT_RULES))  # pylint: disable=protected-access
+  model = build_model(train.resolve_model_config(model_config, cfg))
+  mesh = make_mesh(cfg.mesh_shape)
+  fns = trainer.step_functions(model, mesh, tuple(axes.DEFAULT_RULES))
   params_split, params_all = _sharded_leaves(fns.state_shardings["params"])
   opt_split, opt_all = _sharded_leaves(fns.state_shardings["opt_state"])
   batch_devices = len(np.unique([d.id for d in fns.train_batch_sharding.device_set]))
@@ -40,7 +43,7 @@ def main(run_gin: str, workdir: str) -> None:
   batch = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.micro_batch_size, seq_len), np.int32,
                                sharding=fns.train_batch_sharding)
   hyper = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                       train.OptimizerConfig.from_train_config(cfg).hyperparams())
+                       cfg.optimizer.hyperparams(total_steps=cfg.steps))
   hlo = fns.train_step.lower(fns.abstract_state, {"tokens": batch, "mask": batch}, hyper).as_text()
   constraints = hlo.count("@Sharding") + hlo.count("sharding_constraint")
   print(json.dumps({

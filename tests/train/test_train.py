@@ -39,19 +39,19 @@ BlockConfig.max_len = {SEQ_LEN}
 BlockConfig.block_layers = 1      # one layer per stack: a quick compile
 BlockConfig.token_layers = 1
 
-train.corpus = "stdlib"
-train.corpus_max_bytes = 150000
-train.validation_max_bytes = 30000
+data.corpus = "stdlib"
+data.corpus_max_bytes = 150000
+data.validation_max_bytes = 30000
 train.seq_len = {SEQ_LEN}
 train.batch_size = {BATCH}
 train.steps = {STEPS}
-train.warmup_steps = 2
-train.learning_rate = 1e-3
+optimizer.warmup_steps = 2
+optimizer.learning_rate = 1e-3
 train.log_every = 1
 train.eval_every = 3
 train.eval_batches = 2
-train.checkpoint_every = 3
-train.keep_checkpoints = 5
+checkpoint.every = 3
+checkpoint.keep = 5
 train.progress_bar = False
 """
 
@@ -221,7 +221,7 @@ def test_sharded_run_matches_single_device(run_gin, reference_run, tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_gin, tmp_path):
   # An absurd learning rate: step 1 is finite, its update overflows the next forward.
   model_config, cfg, _ = train.configs_from_gin(
-      [run_gin], ["train.learning_rate = 1e30", "train.warmup_steps = 0", "train.checkpoint_every = 1",
+      [run_gin], ["optimizer.learning_rate = 1e30", "optimizer.warmup_steps = 0", "checkpoint.every = 1",
                   "train.eval_every = 100", "train.steps = 20"])
   with pytest.raises(train.NonFiniteLossError, match=r"at step 2;.*last good checkpoint is step 1"):
     train.train_and_evaluate(str(tmp_path), model_config, cfg)
@@ -235,7 +235,7 @@ def test_sigterm_saves_and_exits_cleanly(run_gin, tmp_path):
   # The vanilla baseline (plain packing), through the binary: a second model file rebinds model.config.
   args = [sys.executable, "-m", "bt_jax.train", f"--gin_file={run_gin}", "--gin_file=models/vanilla_tiny.gin",
           f"--workdir={tmp_path}", "--gin_param=VanillaConfig.num_layers = 1",
-          "--gin_param=train.steps = 100000", "--gin_param=train.checkpoint_every = 100000",
+          "--gin_param=train.steps = 100000", "--gin_param=checkpoint.every = 100000",
           "--gin_param=train.eval_every = 100000"]
   metrics = tmp_path / train.METRICS_FILE
   returncode, stdout, stderr = sigterm_when(
@@ -283,17 +283,17 @@ def _train_with(run_gin, workdir, *params):
 
 def test_data_and_workdir_errors(run_gin, tmp_path):
   with pytest.raises(FileNotFoundError, match="no files match '/no/such/dir/\\*.txt'"):
-    _train_with(run_gin, tmp_path / "a", "train.corpus = 'files:/no/such/dir/*.txt'")
+    _train_with(run_gin, tmp_path / "a", "data.corpus = 'files:/no/such/dir/*.txt'")
   empty = tmp_path / "empty"
   empty.mkdir()
   for i in range(4):
     (empty / f"doc{i}.txt").write_text("  \n")
   with pytest.raises(ValueError, match="has no text"):
-    _train_with(run_gin, tmp_path / "b", f"train.corpus = 'files:{empty}/*.txt'",
-                "train.validation_fraction = 0.3")
+    _train_with(run_gin, tmp_path / "b", f"data.corpus = 'files:{empty}/*.txt'",
+                "data.validation_fraction = 0.3")
   with pytest.raises(FileNotFoundError, match="not prepared"):
-    _train_with(run_gin, tmp_path / "c", "train.corpus = 'tfds:never_prepared'",
-                f"train.data_dir = '{tmp_path}'")
+    _train_with(run_gin, tmp_path / "c", "data.corpus = 'tfds:never_prepared'",
+                f"data.data_dir = '{tmp_path}'")
   not_a_dir = tmp_path / "file"
   not_a_dir.write_text("x")
   with pytest.raises(NotADirectoryError, match=str(not_a_dir)):
@@ -329,15 +329,20 @@ def test_shipped_run_and_experiment_files_parse():
   for path in sorted((REPO / "gin_configs").glob("*/*.gin")):
     if path.parent.name == "models" or path.name == "drafter.gin":
       continue   # drafter.gin binds bt_jax.train_drafter (tests/test_gin_configs.py)
-    files = [str(path)]
+    files, params = [str(path)], []
     if path.name in ("pretrain.gin", "quickstart_common.gin"):  # procedures without a model
       files.insert(0, "models/block_b4_tiny.gin")
-    model_config, cfg, operative = train.configs_from_gin(files, [])
+    if path.name == "pretrain.gin":   # its per-model macros are required
+      with pytest.raises(ValueError, match=r"LEARNING_RATE.*%gin.REQUIRED"):
+        train.configs_from_gin(files, [])
+      params = ["LEARNING_RATE = 6e-4", "BATCH_SIZE = 256", "STEPS = 100"]
+    model_config, cfg, operative = train.configs_from_gin(files, params)
     assert "train." in operative, path
     if path.parent.name == "experiments":
-      assert model_config.vocab_size == 50304 and cfg.tokenizer_path is not None, path
+      assert model_config.vocab_size == 50304 and cfg.data.tokenizer_path is not None, path
       assert cfg.seq_len == model_config.max_len == 2048 and cfg.compute_dtype == "bfloat16", path
-      assert cfg.warmup_steps == 3000 and cfg.adam_b2 == 0.95 and cfg.weight_decay == 0.1, path
+      assert (cfg.optimizer.warmup_steps == 3000 and cfg.optimizer.b2 == 0.95
+              and cfg.optimizer.weight_decay == 0.1), path
 
 
 def test_trained_workdir_serves_generate_and_eval_binaries(reference_run, tmp_path):
@@ -424,14 +429,14 @@ def test_paper_experiment_file_trains_on_a_prepared_tfds_dataset(tmp_path):
                  f"--gin_param=DATA_DIR = '{tmp_path / 'tfds'}'",
                  f"--gin_param=TOKENIZER_PATH = '{tmp_path / 'tokenizer.json'}'",
                  "--gin_param=BATCH_SIZE = 2", "--gin_param=STEPS = 2",
-                 "--gin_param=train.seq_len = 128", "--gin_param=train.warmup_steps = 1",
+                 "--gin_param=train.seq_len = 128", "--gin_param=optimizer.warmup_steps = 1",
                  "--gin_param=train.eval_every = 2", "--gin_param=train.eval_batches = 1",
-                 "--gin_param=train.log_every = 1", "--gin_param=train.checkpoint_every = 2",
+                 "--gin_param=train.log_every = 1", "--gin_param=checkpoint.every = 2",
                  "--gin_param=train.progress_bar = False"], timeout=300)
   assert result.returncode == 0, result.stderr[-4000:]
   config = (workdir / "config.gin").read_text()
-  for binding in ("train.compute_dtype = 'bfloat16'", "train.adam_b2 = 0.95",
-                  "train.weight_decay = 0.1", "CORPUS = 'tfds:tiny_pile'"):
+  for binding in ("train.compute_dtype = 'bfloat16'", "optimizer.b2 = 0.95",
+                  "optimizer.weight_decay = 0.1", "CORPUS = 'tfds:tiny_pile'"):
     assert binding in config, binding
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["num_params"] == 33_846_272          # block_b4_5m, the paper's 33.9M
@@ -498,7 +503,7 @@ def test_two_process_run_resumes_exactly_and_stops_together(run_gin, tmp_path):
   assert _losses(tmp_path / "resumed", "train_loss") == _losses(tmp_path / "full", "train_loss")
 
   preempted, outputs = _two_process_run(
-      run_gin, tmp_path / "sigterm", "train.steps = 100000", "train.checkpoint_every = 100000",
+      run_gin, tmp_path / "sigterm", "train.steps = 100000", "checkpoint.every = 100000",
       "train.eval_every = 100000", sigterm_process=1)
   assert preempted[0]["stopped_at"] == preempted[1]["stopped_at"]
   assert "SIGTERM or preemption on another host" in outputs[0][1]
