@@ -84,9 +84,18 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-  # The binary gets SIGTERM (and checkpoints) when its Host actor dies.
-  ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _child_setup(niceness: Optional[int]):
+  def setup() -> None:
+    # The binary gets SIGTERM (and checkpoints) when its Host actor dies.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    # Ray starts its workers at nice 15; the binary runs at the sweep's own
+    # priority where allowed (on a shared machine a niced trial starves).
+    if niceness is not None:
+      try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+      except OSError:
+        pass
+  return setup
 
 
 def _actor_options(bundle: dict[str, float]) -> dict[str, Any]:
@@ -107,7 +116,8 @@ class Host:
     return {"ip": ray.util.get_node_ip_address(), "port": _free_port(),
             "tpu_worker_id": int(os.environ.get("TPU_WORKER_ID", "0") or 0)}
 
-  def run(self, args: list[str], env: dict[str, str], cwd: str, log_path: str, header: str) -> int:
+  def run(self, args: list[str], env: dict[str, str], cwd: str, log_path: str, header: str,
+          niceness: Optional[int] = None) -> int:
     if self.stopping:
       return -int(signal.SIGTERM)
     full_env = dict(os.environ)
@@ -117,7 +127,7 @@ class Host:
       log.write(f"\n===== {header} {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(args)}\n")
       log.flush()
       self.proc = subprocess.Popen(args, cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=_child_setup(niceness))
       return self.proc.wait()
 
   def pid(self) -> Optional[int]:
@@ -170,7 +180,8 @@ class TrialRunner:
     return group, bundles, keep
 
   def run(self, trial: dict[str, Any], resources: dict[str, float], tpu_type: Optional[str],
-          env: dict[str, str], working_dir: str, python: str, attempt: int) -> dict[str, Any]:
+          env: dict[str, str], working_dir: str, python: str, attempt: int,
+          niceness: Optional[int] = None) -> dict[str, Any]:
     from experiments.sweep import Trial  # pylint: disable=g-import-not-at-top
     trial = Trial(**trial)
     group, keep = None, []
@@ -191,7 +202,7 @@ class TrialRunner:
         log = os.path.join(trial.workdir, "train.log" if i == 0 else f"train.host{i}.log")
         args = trial.command(python, coordinator=coordinator, process_id=i)
         refs.append(host.run.remote(args, env, working_dir, log,
-                                    f"attempt {attempt}, host {i} of {trial.num_hosts}"))
+                                    f"attempt {attempt}, host {i} of {trial.num_hosts}", niceness))
       return self._wait(refs)
     finally:
       for actor in self.hosts + keep:

@@ -397,7 +397,7 @@ class RunOptions:
   working_dir: str = str(REPO_ROOT)
   python: str = sys.executable
   progress_every_s: float = 30.0
-  stop_grace_s: float = 180.0
+  niceness: Optional[int] = dataclasses.field(default_factory=lambda: os.getpriority(os.PRIO_PROCESS, 0))
 
 
 def parse_resources(text: str) -> dict[str, float]:
@@ -464,7 +464,8 @@ def run_sweep(spec: SweepSpec, trials: Sequence[Trial], root: str, options: RunO
     s.state, s.attempts, s.started = "running", s.attempts + 1, time.time()
     runner = ray_trials.TrialRunner.options(max_concurrency=2, num_cpus=0).remote()
     ref = runner.run.remote(dataclasses.asdict(s.trial), options.resources_per_host, options.tpu_type,
-                            options.env, options.working_dir, options.python, s.attempts)
+                            options.env, options.working_dir, options.python, s.attempts,
+                            options.niceness)
     running[s.trial.name] = (s, runner, ref)
     logging.info("trial %s: attempt %d started (%s)", s.trial.name, s.attempts, s.trial.workdir)
 
