@@ -272,11 +272,16 @@ def validate(trials: Sequence[Trial], source: str = "<sweep>") -> None:
 
 
 def load_trials(path: str, root: str, scale: str = "tiny", *, num_hosts: Optional[int] = None,
-                check: bool = True) -> tuple[SweepSpec, list[Trial]]:
-  """The sweep file's trials under `root`, checked before anything runs."""
+                extra_bindings: Sequence[str] = (), check: bool = True) -> tuple[SweepSpec, list[Trial]]:
+  """The sweep file's trials under `root`, checked before anything runs.
+
+  `extra_bindings` follow the file's base bindings in every trial (a data
+  directory, a mesh); they do not enter the trial names."""
   spec = load_sweep(path, scale)
   if num_hosts is not None:
     spec = dataclasses.replace(spec, num_hosts=num_hosts)
+  if extra_bindings:
+    spec = dataclasses.replace(spec, base_bindings=spec.base_bindings + tuple(extra_bindings))
   trials = expand(spec, root, path)
   if check:
     validate(trials, path)
@@ -458,6 +463,7 @@ def run_sweep(spec: SweepSpec, trials: Sequence[Trial], root: str, options: RunO
   write_sweep_json(root, spec, source, states)
   running: dict[str, tuple[TrialState, Any, Any]] = {}   # name -> (state, runner actor, result ref)
   last_progress = 0.0
+  asked_to_stop: set[str] = set()
 
   def launch(s: TrialState):
     os.makedirs(s.trial.workdir, exist_ok=True)
@@ -511,8 +517,10 @@ def run_sweep(spec: SweepSpec, trials: Sequence[Trial], root: str, options: RunO
         for ref in ready:
           finish(refs[ref], ray_trials.result(ref), stop.requested)
         if stop.requested:
-          for s, runner, _ in running.values():
-            ray_trials.request_stop(runner)
+          for name, (_, runner, _) in running.items():
+            if name not in asked_to_stop:
+              ray_trials.request_stop(runner)
+              asked_to_stop.add(name)
         if time.time() - last_progress >= options.progress_every_s or ready:
           logging.info("%s", progress_line(spec, states))
           last_progress = time.time()
@@ -549,6 +557,9 @@ def define_flags() -> None:
                       "slice head resource TPU-v4-16-head and runs one process on each host of it.")
   flags.DEFINE_integer("max_retries", 2, "Restarts of a failed or preempted trial (from its checkpoints).")
   flags.DEFINE_multi_string("trial_env", [], "KEY=VALUE set in every trial's environment.")
+  flags.DEFINE_multi_string("gin_param", [], "Extra gin binding for every trial (after the sweep "
+                            "file's base bindings), e.g. \"DATA_DIR = '/mnt/tfds'\"; not part of "
+                            "the trial names.")
   flags.DEFINE_integer("num_cpus", None, "CPUs of the local Ray instance (default: all).")
   flags.DEFINE_float("progress_every_s", 30.0, "Seconds between progress log lines.")
 
@@ -577,7 +588,8 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.tpu_type and num_hosts is None:
     num_hosts = _tpu_hosts(FLAGS.tpu_type)
   try:
-    spec, trials = load_trials(FLAGS.sweep, FLAGS.root, FLAGS.scale, num_hosts=num_hosts)
+    spec, trials = load_trials(FLAGS.sweep, FLAGS.root, FLAGS.scale, num_hosts=num_hosts,
+                               extra_bindings=FLAGS.gin_param)
     resources = parse_resources(FLAGS.resources_per_trial)
   except (SweepError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None

@@ -127,3 +127,12 @@ def test_finished_trials_are_skipped_without_starting_anything(tmp_path):
   assert record["counts"]["done"] == 2
   assert record["trials"][0]["summary"] == {"final_eval_loss": 3.0}
   assert sweep.best_eval_loss(states) == (3.0, "block_len=2")
+
+
+def test_resources_and_tpu_host_counts():
+  assert sweep.parse_resources("CPU=1,GPU=8") == {"CPU": 1.0, "GPU": 8.0}
+  assert sweep.parse_resources('{"TPU": 4}') == {"TPU": 4.0}
+  with pytest.raises(ValueError, match="resources_per_trial"):
+    sweep.parse_resources("CPU")
+  assert [sweep._tpu_hosts(t) for t in ("v4-8", "v4-16", "v4-32", "v5p-16", "v5litepod-16", "v6e-8")] == [
+      1, 2, 4, 2, 2, 1]
