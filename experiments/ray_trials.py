@@ -47,7 +47,8 @@ def init(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
   if address:
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
   else:
-    ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=100 * 1024 * 1024,
+    # address="local": always a new instance, never a cluster found on this machine.
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=100 * 1024 * 1024,
              include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
 
 

@@ -1,6 +1,6 @@
 """Sweeps run for real on a local Ray instance (2 CPUs): a killed trial is
-retried and resumes exactly, a stopped sweep continues when rerun, and a
-2-process (multi-host, gloo) trial matches the 1-process run.
+retried and resumes exactly; a 2-process (multi-host, gloo) trial stopped
+with the sweep continues when the sweep is rerun, exactly.
 
 All trials train the same tiny config (conftest.TINY_RUN_GIN: 6 steps,
 checkpoints at 3 and 6) and share a JAX compilation cache.
@@ -9,13 +9,11 @@ checkpoints at 3 and 6) and share a JAX compilation cache.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import threading
 import time
 
-import numpy as np
 import psutil
 import pytest
 
@@ -121,11 +119,23 @@ def test_killed_trial_is_retried_and_resumes_exactly(reference, options, tmp_pat
   assert record["trials"][0]["state"] == "done" and record["trials"][0]["attempts"] == 2
 
 
-def test_stopped_two_process_trial_continues_on_rerun_and_matches_one_process(
-    reference, options, tmp_path, tiny_run_gin):
-  """A trial of 2 processes (jax.distributed, gloo), the sweep stopped by SIGTERM
-  after step 1 and rerun: the trial resumes and its losses equal the 1-process run."""
-  root = tmp_path / "root"
+def test_stopped_two_process_trial_continues_on_rerun_exactly(options, tmp_path, tiny_run_gin):
+  """A trial of 2 processes (jax.distributed over gloo, data axis 2): run through,
+  then again with the sweep stopped by SIGTERM after step 1 and rerun. The
+  rerun resumes the trial and logs exactly the losses of the uninterrupted one.
+
+  The 2-process losses are not compared with a 1-process run: bt_jax.train
+  gives each process the documents [process_index::process_count], so the
+  global batches of 1 and 2 processes differ (same size, other sequences)."""
+  spec, trials = _load(tmp_path, tiny_run_gin, tmp_path / "full", num_hosts=2)
+  states = sweep.run_sweep(spec, trials, str(tmp_path / "full"), options)
+  full = trials[0].workdir
+  assert [(s.state, s.attempts) for s in states] == [("done", 1)], open(
+      os.path.join(full, "train.log")).read()[-3000:]
+  assert "process 1 of 2" in open(os.path.join(full, "train.host1.log")).read()
+  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in open(os.path.join(full, "train.log")).read()
+
+  root = tmp_path / "stopped"
   spec, trials = _load(tmp_path, tiny_run_gin, root, num_hosts=2)
   workdir = trials[0].workdir
   _when(lambda: _logged_step(workdir, 1), lambda: os.kill(os.getpid(), signal.SIGTERM))
@@ -135,19 +145,13 @@ def test_stopped_two_process_trial_continues_on_rerun_and_matches_one_process(
   assert states[0].returncodes == [[0, 0]]               # both processes checkpointed and exited
   assert json.loads((root / "sweep.json").read_text())["trials"][0]["state"] == "stopped"
   assert sweep.read_summary(workdir) is None
-  assert "process 1 of 2" in open(os.path.join(workdir, "train.host1.log")).read()
 
   states = sweep.run_sweep(spec, trials, str(root), options)        # the rerun continues
   log = open(os.path.join(workdir, "train.log")).read()
   assert states[0].state == "done" and states[0].attempts == 1, log[-3000:]
   assert "resumed from" in log.split("===== attempt 1")[-1]
-  got, want = _metrics(workdir), _metrics(reference)
-  for key in want:
-    assert sorted(got[key]) == sorted(want[key]) == sorted(want[key]) and len(want[key]) > 1, key
-    np.testing.assert_allclose([got[key][s] for s in sorted(got[key])],
-                               [want[key][s] for s in sorted(want[key])], rtol=2e-5, err_msg=key)
-  assert math.isclose(sweep.read_summary(workdir)["final_eval_loss"],
-                      sweep.read_summary(reference)["final_eval_loss"], rel_tol=2e-5)
+  assert _metrics(workdir) == _metrics(full) and len(_metrics(full)["train_loss"]) == STEPS
+  assert sweep.read_summary(workdir)["final_eval_loss"] == sweep.read_summary(full)["final_eval_loss"]
 
   states = sweep.run_sweep(spec, trials, str(root), options)        # finished: skipped
   assert [(s.state, s.skipped, s.attempts) for s in states] == [("done", True, 0)]
