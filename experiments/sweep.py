@@ -10,7 +10,7 @@ A sweep is a gin file (gin_configs/sweeps/*.gin) that binds `sweep.*`:
     sweep.name = "block_length"
     tiny/sweep.base_gin_files = ["runs/quickstart.gin"]      # --scale tiny
     paper/sweep.base_gin_files = ["experiments/block_b4_85m.gin"]
-    sweep.base_bindings = ["train.steps = 300"]              # every trial
+    sweep.base_bindings = ["train.steps = 100"]              # every trial
     sweep.product = {"BlockConfig.block_len": [1, 2, 4, 8]}  # cartesian product
     sweep.zip = {}                                           # swept together, equal lengths
     sweep.seeds = [0, 1]                                     # optional, bound to sweep.seed_binding

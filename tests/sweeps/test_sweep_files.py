@@ -136,3 +136,16 @@ def test_resources_and_tpu_host_counts():
     sweep.parse_resources("CPU")
   assert [sweep._tpu_hosts(t) for t in ("v4-8", "v4-16", "v4-32", "v5p-16", "v5litepod-16", "v6e-8")] == [
       1, 2, 4, 2, 2, 1]
+
+
+def test_progress_line_counts_states_and_the_best_eval_loss_so_far(tmp_path):
+  trials = sweep.expand(_spec(product={"BlockConfig.block_len": [2, 4, 8]}), str(tmp_path))
+  states = [sweep.TrialState(t) for t in trials]
+  os.makedirs(trials[0].workdir)
+  (pathlib.Path(trials[0].workdir) / "summary.json").write_text(json.dumps({"final_eval_loss": 4.5}))
+  os.makedirs(trials[1].workdir)
+  (pathlib.Path(trials[1].workdir) / "metrics.jsonl").write_text(
+      '{"step": 1, "train_loss": 5.0}\n{"step": 2, "eval_loss": 4.25}\n{"step": 3, "train_loss": 4.0}\n')
+  states[0].state, states[1].state, states[2].state = "done", "running", "failed"
+  line = sweep.progress_line(_spec(), states)
+  assert line == "sweep t: 1 done, 1 running, 0 pending, 1 failed; best eval loss 4.2500 (block_len=4)"
