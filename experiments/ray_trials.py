@@ -25,7 +25,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from typing import Any, Optional
@@ -34,7 +33,6 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-STOP_GRACE_S = 120.0     # SIGTERM -> checkpoint -> exit, before SIGKILL
 PEER_GRACE_S = 30.0      # the other hosts of a failed trial may sit in a collective
 PLACEMENT_POLL_S = 1.0
 

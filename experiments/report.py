@@ -32,10 +32,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any, Optional

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
-import pytest
 
 from experiments import report
 
