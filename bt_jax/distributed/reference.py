@@ -1,8 +1,14 @@
 """Single-device oracle for the sharded decode attentions, in plain jnp.
 
-Written independently of `pallas_kernels` (GQA by repeating kv heads, one full
-softmax) so that the tests of the sharded code do not compare a kernel with
-itself.
+Deliberately independent of the attention the library runs: it shares no
+code with `pallas_kernels` or with `pallas_kernels.reference.masked_attention`
+(the models' "xla" path and the kernels' reference), and it is written
+differently (GQA by repeating kv heads, one full softmax through
+`jax.nn.logsumexp`), so that the tests of the sharded code never compare an
+implementation with itself. Do not replace it with the shared reference.
+
+`lengths` here (and in `shard_lengths`) is the exclusive end of each row's
+keys counted from slot 0, i.e. the `ends` of a window that starts at 0.
 """
 
 from __future__ import annotations
