@@ -10,21 +10,22 @@ The product (what generation uses):
       physical_slots, to_logical_order, round_robin_mask: generation with
       KV caches sharded over a `sequence` axis in round-robin slots;
   make_sequence_mesh, make_two_level_mesh, make_sharded_decode_attention,
-      decode_shardings: the tree methods built from a Mesh, on global arrays;
-  full_decode_attention_reference, shard_lengths: the deliberately
-      independent oracle the tests compare against.
+      decode_shardings, shard_lengths: the tree methods built from a Mesh,
+      on global arrays;
+  full_decode_attention_reference: the deliberately independent oracle the
+      tests compare against.
 
 The study (ring baselines, the energy view, HLO traffic counting, the sweep
 of every method) is `bt_jax.distributed.study`.
 """
 
 from bt_jax.distributed.merge import allreduce_merge, merge_many, merge_pair
-from bt_jax.distributed.reference import (full_decode_attention_reference,
-                                          shard_lengths)
+from bt_jax.distributed.reference import full_decode_attention_reference
 from bt_jax.distributed.sharded import (TREE_METHODS, decode_shardings,
                                         make_sequence_mesh,
                                         make_sharded_decode_attention,
-                                        make_two_level_mesh, two_level_axes)
+                                        make_two_level_mesh, shard_lengths,
+                                        two_level_axes)
 from bt_jax.distributed.sharded_cache import (ShardedKVCache,
                                               masked_partial_attention,
                                               physical_slots, round_robin_mask,

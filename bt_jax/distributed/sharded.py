@@ -21,11 +21,11 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from bt_jax.distributed.reference import shard_lengths
 from bt_jax.distributed.tree_attention import (butterfly_decode_attention,
                                                tree_decode_attention,
                                                two_level_tree_decode_attention)
@@ -102,6 +102,20 @@ def decode_shardings(mesh: Mesh, sequence_axes: Union[None, str, Sequence[str]]
   """NamedShardings to `jax.device_put` the inputs with (see decode_specs)."""
   specs = decode_specs(_axes_tuple(mesh, sequence_axes))
   return {name: NamedSharding(mesh, spec) for name, spec in specs.items()}
+
+
+def shard_lengths(lengths: jax.Array, shard_index: jax.Array,
+                  shard_len: int) -> jax.Array:
+  """Valid keys per row inside shard `shard_index` of a contiguous split.
+
+  Shard i holds cache positions [i * shard_len, (i + 1) * shard_len); a row
+  with `lengths[b]` valid keys (its window [0, lengths[b])) has
+  clip(lengths[b] - i * shard_len, 0, shard_len) of them there: the shard's
+  local `ends`.
+  """
+  lengths = jnp.asarray(lengths, jnp.int32)
+  return jnp.clip(lengths - shard_index * shard_len, 0, shard_len).astype(
+      jnp.int32)
 
 
 def two_level_axes(mesh: Mesh, node_axis: str = "node",
