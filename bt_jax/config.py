@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 EMBEDDERS = ("lookup", "projection", "encoder")
 TOKEN_DECODERS = ("prefix", "summation", "cross_attention")
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
+ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret", "cudnn")
 # Rematerialisation of each decoder layer in the backward pass (MaxText names):
 # "none" keeps every activation, "minimal" keeps only the matmul outputs,
 # "full" keeps only the layer inputs and recomputes the rest.

@@ -15,11 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from bt_jax import axes
-from bt_jax.attention import (dot_product_attention, mask_is_window, split_context_and_new,
-                              visible_window, xla_attention, xla_attention_with_lse)
+from bt_jax.attention import attend
 from bt_jax.config import StackConfig
-from bt_jax.distributed import sharded_cache
-from bt_jax.distributed.merge import merge_pair
 
 Dtype = Any
 
@@ -113,11 +110,6 @@ class Embed(nn.Embed):
     return jnp.take(table, inputs, axis=0)
 
 
-# The most queries a cached multi-query step sends to the decode kernel (one
-# tile of rows per head); more take the masked jnp path.
-MAX_SPLIT_QUERIES = 128
-
-
 class Attention(nn.Module):
   """Multi-head attention with rotary embeddings (self) or without (cross)."""
 
@@ -139,29 +131,21 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, positions: Optional[jax.Array] = None,
                memory: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
                cache: Optional[dict] = None, cache_index=None,
-               local_block: Optional[int] = None):
+               local_block: Optional[int] = None, window=None, sharding=None):
     """x [batch, length, embed]; memory [batch, mem_len, embed] for cross attention.
 
-    With `cache` ({"key", "value"}: [batch, cache_len, heads, head_dim]) the new
-    keys/values are written at slots cache_index .. cache_index + length - 1
-    (cache_index: a scalar shared by the batch, or int32 [batch], a slot per
-    row, as speculative decoding needs), the queries attend over the
-    first `read_len` slots of the cache under `mask` [batch|1, length, read_len]
-    (read_len <= cache_len; the mask must encode causality and padding), and
-    (out, new_cache) is returned. With attention_impl "pallas", a
-    single-query cached step (length 1, the decode step) runs the split-KV
-    decode kernel (`pallas_kernels.decode_attention`) over each row's window
-    of slots when every row's mask is one contiguous run of True slots (or
-    none), as `bt_jax.inference.caches.padded_mask` / `local_mask` build;
-    any other mask falls back to the masked jnp path (checked at run time).
-    A cached step of 2..MAX_SPLIT_QUERIES queries after a context (a packed
-    draft tree in speculative verification) runs the same kernel over the
-    context window all its queries share, merged by log-sum-exp with jnp
-    attention over its own new keys under their mask (tree or causal); see
-    `bt_jax.attention.split_context_and_new`, also checked at run time.
-    Inside `sharded_kv_cache(mesh)` the cache is
-    kept sharded over the mesh's sequence axis (`bt_jax.distributed.sharded_cache`).
-    `local_block` S: attention stays inside consecutive runs of S positions.
+    Projections and rotary, then `bt_jax.attention.attend`, which owns every
+    path and kernel choice (see its table). With `cache` ({"key", "value"}:
+    [batch, cache_len, heads, head_dim]) the new keys/values are written at
+    slots cache_index .. (cache_index a scalar, or int32 [batch]), the
+    queries attend over the first read_len slots under `mask` [batch|1,
+    length, read_len] (it must encode causality and padding), and
+    (out, new_cache) is returned. `window` (starts, ends) int32 [batch]: the
+    run of cache slots each row sees, when the caller knows it (the
+    decoders do); it lets "pallas" run the decode kernel. `sharding` (a
+    `bt_jax.distributed.ShardedKVCache`): the cache is sharded over its mesh
+    axis and attended by Tree Attention. `local_block` S: attention stays
+    inside consecutive runs of S positions (no cache).
     """
     kv_input = x if memory is None else memory
     query = self._proj("query")(x)        # [batch, length, heads, head_dim]
@@ -171,93 +155,14 @@ class Attention(nn.Module):
       query = apply_rotary(query, positions, self.stack.rotary_dims, self.stack.rotary_base)
       key = apply_rotary(key, positions, self.stack.rotary_dims, self.stack.rotary_base)
     query = nn.with_logical_constraint(query, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.KV))
-    new_cache = None
-    sharded = None if cache is None else sharded_cache.active_sharded_kv_cache()
-    if sharded is not None:
-      # Inside `sharded_kv_cache(mesh)`: the cache is split over the mesh's
-      # sequence axis (round-robin slots) and attended by Tree Attention.
-      out, new_cache = sharded.attend(query, key, value, cache, cache_index, mask,
-                                       decode_kernel=self.attention_impl == "pallas")
-    elif cache is not None:
-      new_cache = {"key": write_cache(cache["key"], key, cache_index),
-                   "value": write_cache(cache["value"], value, cache_index)}
-      length = query.shape[1]
-      if isinstance(cache_index, int) and cache_index == 0 and length > 1:
-        # Prefill into an empty cache: the queries see only the keys written
-        # now, so attend over those (not the whole cache) through the
-        # configured implementation (flash attention with "pallas"/"cudnn").
-        out = dot_product_attention(query, key.astype(query.dtype), value.astype(query.dtype),
-                                    causal=False, impl=self.attention_impl,
-                                    mask=jnp.broadcast_to(mask[..., :length],
-                                                          (query.shape[0], length, length)))
-      else:
-        def masked_attention():
-          # A few queries against a masked cache: the jnp path (any mask).
-          read_len = mask.shape[-1]   # static: later slots are not read at all
-          return xla_attention(query, new_cache["key"][:, :read_len].astype(query.dtype),
-                               new_cache["value"][:, :read_len].astype(query.dtype),
-                               causal=False, mask=mask)
-
-        if self.attention_impl == "pallas" and length == 1:
-          # The decode step: each row sees one run of slots [start, end) (left
-          # padding, then the causal edge), which the split-KV decode kernel
-          # takes as per-row starts/lengths; it skips the padded tiles. The
-          # whole cache is passed (a slice would copy it every step): tiles
-          # past each row's end are not read. A mask whose True slots are not
-          # one run per row (a hole the window would attend) takes the jnp
-          # path instead, so any mask stays exact.
-          import pallas_kernels  # pylint: disable=import-outside-toplevel
-          starts, ends = visible_window(mask[:, 0], query.shape[0])
-
-          def kernel_attention():
-            out, _ = pallas_kernels.decode_attention(
-                query, new_cache["key"], new_cache["value"], ends, starts=starts)
-            return out.astype(query.dtype)
-
-          out = jax.lax.cond(mask_is_window(mask[:, 0], starts, ends), kernel_attention,
-                             masked_attention)
-        elif self.attention_impl == "pallas" and length <= MAX_SPLIT_QUERIES:
-          # A few queries with their own new keys (speculative verification of
-          # a packed draft tree, a chunk): the decode kernel over the context
-          # window every query shares, merged by lse with attention over the
-          # `length` new keys under their own mask (tree or causal). Masks of
-          # another form take the jnp path (checked at run time). The kernel
-          # holds all the queries of a head in one tile: at most 128 rows.
-          import pallas_kernels  # pylint: disable=import-outside-toplevel
-          starts, ends, new_mask, split_ok = split_context_and_new(
-              mask, cache_index, length, query.shape[0])
-
-          def split_attention():
-            context_out, context_lse = pallas_kernels.decode_attention(
-                query, new_cache["key"], new_cache["value"], ends, starts=starts)
-            # The new keys as the cache holds them (its dtype), read in the query's.
-            own_key = key.astype(cache["key"].dtype).astype(query.dtype)
-            own_value = value.astype(cache["value"].dtype).astype(query.dtype)
-            own_out, own_lse = xla_attention_with_lse(query, own_key, own_value, mask=new_mask)
-            out, _ = merge_pair(context_out, context_lse, own_out, own_lse)
-            return out.astype(query.dtype)
-
-          out = jax.lax.cond(split_ok, split_attention, masked_attention)
-        else:
-          out = masked_attention()
-    else:
-      out = dot_product_attention(query, key, value, causal=self.causal and memory is None,
-                                  impl=self.attention_impl, mask=mask, local_block=local_block)
+    out, new_cache = attend(query, key, value, mask=mask, causal=self.causal and memory is None,
+                            local_block=local_block, cache=cache, cache_index=cache_index,
+                            window=window, impl=self.attention_impl, sharding=sharding)
     out = Projection(
         features=(self.stack.width,), in_axes=2,
         kernel_axes=(axes.HEADS, axes.KV, axes.EMBED), bias_axes=(axes.EMBED,),
         dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std, name="out")(out)
     return out if cache is None else (out, new_cache)
-
-
-def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
-  """cache [batch, slots, ...] with new [batch, q, ...] written at slots
-  index .. index + q - 1: index a scalar, or int32 [batch] (one per row)."""
-  new = new.astype(cache.dtype)
-  if jnp.ndim(index) == 0:
-    return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=1)
-  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(
-      cache, new, index)
 
 
 class Mlp(nn.Module):
@@ -292,15 +197,17 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, memory=None, mask=None, cache=None, cache_index=None,
-               local_block=None):
-    """Returns the new x, or (x, new_cache) when a self-attention `cache` is given."""
+               local_block=None, window=None, sharding=None):
+    """Returns the new x, or (x, new_cache) when a self-attention `cache` is given.
+    window, sharding: for the cached self-attention (see `Attention`)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     eps = self.stack.layer_norm_eps
     attn = Attention(self.stack, init_std=self.init_std, attention_impl=self.attention_impl,
                      causal=self.causal, name="attention", **kw)
     mlp = Mlp(self.stack, init_std=self.init_std, name="mlp", **kw)
     attended = attn(layer_norm(eps, name="ln_attention", **kw)(x), positions, mask=mask,
-                    cache=cache, cache_index=cache_index, local_block=local_block)
+                    cache=cache, cache_index=cache_index, local_block=local_block,
+                    window=window, sharding=sharding)
     if cache is not None:
       attended, cache = attended
     out = x + attended
@@ -327,9 +234,11 @@ class DecoderStack(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, memory=None, mask=None, caches=None,
-               cache_index=None, local_block: Optional[int] = None):
+               cache_index=None, local_block: Optional[int] = None, window=None,
+               sharding=None):
     """Returns hidden states, or (hidden, new_caches) when `caches` (one
-    {"key", "value"} dict per layer, see `Attention`) is given."""
+    {"key", "value"} dict per layer, see `Attention`) is given; window and
+    sharding go to every layer's cached self-attention."""
     x = x.astype(self.dtype)
     new_caches = []
     layer_cls = DecoderLayer
@@ -346,7 +255,8 @@ class DecoderStack(nn.Module):
       if caches is None:
         x = layer(x, positions, memory, mask, None, None, local_block)
       else:
-        x, cache = layer(x, positions, memory, mask, cache=caches[i], cache_index=cache_index)
+        x, cache = layer(x, positions, memory, mask, cache=caches[i], cache_index=cache_index,
+                         window=window, sharding=sharding)
         new_caches.append(cache)
     x = layer_norm(self.stack.layer_norm_eps, self.dtype, self.param_dtype, "final_ln")(x)
     return x if caches is None else (x, new_caches)

@@ -105,13 +105,12 @@ def run(config, on_result=None):
   import jax
   import jax.numpy as jnp
 
-  from bt_jax.distributed import (collective_traffic, decode_shardings,
-                                  make_sequence_mesh,
-                                  make_sharded_decode_attention,
+  from bt_jax.attention import decode_attention
+  from bt_jax.distributed import (decode_shardings, make_sequence_mesh,
                                   make_two_level_mesh)
+  from bt_jax.distributed.study import collective_traffic, formula_traffic
+  from bt_jax.distributed.study import make_method_attention as make_sharded_decode_attention
   from experiments.timing import time_call
-  from bt_jax.distributed.hlo_traffic import formula_traffic
-  from pallas_kernels import decode_attention
 
   devices = config["devices"] or [jax.device_count()]
   if max(devices) > jax.device_count():

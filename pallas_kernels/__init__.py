@@ -3,9 +3,10 @@
 Public API:
   flash_attention(q, k, v, *, causal, local_block, segment_ids, mask,
                   return_lse, sm_scale, impl, block_q, block_k)
-  decode_attention(q, k_cache, v_cache, lengths, *, starts, sm_scale, impl,
+  decode_attention(q, k_cache, v_cache, ends, *, starts, sm_scale, impl,
                    num_splits, block_k) -> (out, lse): row b sees cache
-    positions [starts[b], lengths[b]) (starts default 0: left-padded caches)
+    positions [starts[b], ends[b]) (ends exclusive; starts default 0, then
+    ends[b] is the number of valid positions; left-padded caches pass starts)
   merge_partials(out_parts, lse_parts, axis) -> (out, lse): exact lse merge of
     partial attention results (what decode_attention does across its splits
     and what distributed tree decode does across devices)

@@ -13,8 +13,10 @@ with their lse (exact: out = sum_s exp(lse_s - lse) out_s,
 lse = logsumexp_s lse_s), which is also how distributed tree decode merges the
 per-device results of this function.
 
-Row b attends over cache positions [starts[b], lengths[b]) (starts default
-to 0; a left-padded generation cache passes its per-row pad as starts).
+Row b attends over cache positions [starts[b], ends[b]) (`ends` exclusive;
+starts default to 0, and then ends[b] is the number of valid positions; a
+left-padded generation cache passes its per-row pad as starts). Inside the
+kernels the per-row end is called `length`.
 
 How the cache is chunked: on both targets chunks follow each row's actual
 range (the tiles from starts[b] // block_k up to the one holding
@@ -335,7 +337,7 @@ def _default_splits(batch: int, kv_heads: int, num_tiles: int) -> int:
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                     lengths: jax.Array, *, starts: Optional[jax.Array] = None,
+                     ends: jax.Array, *, starts: Optional[jax.Array] = None,
                      sm_scale: Optional[float] = None,
                      impl: Optional[str] = None,
                      num_splits: Optional[int] = None,
@@ -347,8 +349,9 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     q: `[batch, q_len, heads, head_dim]`, q_len small (1..~8).
     k_cache, v_cache: `[batch, kv_len, kv_heads, head_dim]`; query head h
       reads kv head h // (heads // kv_heads).
-    lengths: int32 `[batch]`; every query token of row b sees cache positions
-      [starts[b], lengths[b]) (no causality among the query tokens).
+    ends: int32 `[batch]`, exclusive end positions: every query token of row
+      b sees cache positions [starts[b], ends[b]) (no causality among the
+      query tokens); with starts 0, the number of valid positions.
     starts: optional int32 `[batch]`, default zeros: the first cache position
       row b sees (a left-padded cache's pad). Tiles wholly before starts[b]
       are not read.
@@ -366,8 +369,9 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   Returns:
     out `[batch, q_len, heads, head_dim]` (q.dtype) and lse
     `[batch, heads, q_len]` float32, natural log. An empty range
-    (starts[b] >= lengths[b], e.g. lengths[b] == 0) gives zeros and lse -inf.
+    (starts[b] >= ends[b], e.g. ends[b] == 0) gives zeros and lse -inf.
   """
+  lengths = ends   # the kernels' name for the exclusive end
   reference.check_attention_shapes(q, k_cache, v_cache)
   if k_cache.dtype != v_cache.dtype:
     raise ValueError(
@@ -378,7 +382,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   lengths = jnp.asarray(lengths, jnp.int32)
   if lengths.shape != (batch,):
     raise ValueError(
-        f"lengths must be int32 [batch={batch}]; got shape {lengths.shape}")
+        f"ends must be int32 [batch={batch}]; got shape {lengths.shape}")
   if starts is not None:
     starts = jnp.asarray(starts, jnp.int32)
     if starts.shape != (batch,):

@@ -2,11 +2,14 @@
 
 Every kernel in this package has its reference here; the tests compare the
 kernels against these (outputs, log-sum-exp and gradients) and the "xla"
-implementation of the public functions is exactly this code.
+implementation of the public functions is exactly this code. All of them
+run `masked_attention`, which is also the models' "xla" attention
+(`bt_jax.attention.xla_attention_with_lse`): one jnp masked GQA attention.
 
 Layout: q `[batch, q_len, heads, head_dim]`, k/v `[batch, kv_len, kv_heads,
 head_dim]` with kv_heads dividing heads (query head h reads kv head
-h // (heads // kv_heads)). Math is float32 whatever the input dtype.
+h // (heads // kv_heads)). Softmax math is float32 whatever the input dtype;
+the matmuls take the inputs' dtype and accumulate in float32.
 """
 
 from __future__ import annotations
@@ -93,30 +96,43 @@ def attention_mask(batch: int, q_len: int, kv_len: int, *, causal: bool = False,
   return allowed
 
 
-def _masked_softmax_attention(q, k, v, allowed, sm_scale):
-  """q [b,t,h,d], k/v [b,s,kvh,d], allowed [b,t,s] -> out [b,t,h,d], lse [b,h,t]."""
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+                     sm_scale: float) -> Tuple[jax.Array, jax.Array]:
+  """The one jnp masked GQA attention: the models' "xla" path and every reference here.
+
+  q [b, t, h, d], k/v [b, s, kvh, d] (GQA without repeating K/V), allowed
+  bool [b|1, t, s]. Returns out [b, t, h, d] float32 and lse [b, h, t]
+  float32 (natural log). Scores are the inputs' dot products accumulated in
+  float32, the softmax is float32 and the probabilities are cast to v's
+  dtype for the second matmul (so bf16 inputs run bf16 matmuls with f32
+  accumulation, like the kernels). A row that sees no key gives out = 0 and
+  lse = -inf, never NaN (so partials over key shards merge).
+  """
   batch, q_len, heads, head_dim = q.shape
   kv_heads = k.shape[2]
-  group = heads // kv_heads
-  qf = q.astype(jnp.float32).reshape(batch, q_len, kv_heads, group, head_dim)
-  kf = k.astype(jnp.float32)
-  vf = v.astype(jnp.float32)
-  # scores [batch, kv_heads, group, q_len, kv_len]
-  scores = jnp.einsum("btkgd,bskd->bkgts", qf, kf) * sm_scale
-  allowed_b = allowed[:, None, None, :, :]
-  scores = jnp.where(allowed_b, scores, -jnp.inf)
+  groups = heads // kv_heads
+  # [batch, q_len, kv_heads, groups, head_dim]: GQA without repeating K/V.
+  qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+  scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k,
+                      preferred_element_type=jnp.float32) * sm_scale
+  allowed = allowed[:, None, None]  # [batch|1, 1, 1, q_len, kv_len]
+  scores = jnp.where(allowed, scores, -jnp.inf)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
-  # A fully masked row has max -inf; use 0 so exp() gives 0 instead of NaN.
-  safe_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-  probs_un = jnp.where(allowed_b, jnp.exp(scores - safe_max), 0.0)
-  denom = jnp.sum(probs_un, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  weights = jnp.exp(scores - row_max)
+  denom = jnp.sum(weights, axis=-1, keepdims=True)
   safe_denom = jnp.where(denom > 0, denom, 1.0)
-  probs = probs_un / safe_denom
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, vf)
-  lse = jnp.where(denom > 0, jnp.log(safe_denom) + safe_max, -jnp.inf)[..., 0]
-  out = out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
-  lse = lse.reshape(batch, heads, q_len)
-  return out, lse
+  probs = weights / safe_denom
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  lse = jnp.where(denom > 0, row_max + jnp.log(safe_denom), -jnp.inf)   # [b, h, g, q, 1]
+  return out.reshape(batch, q_len, heads, head_dim), lse.reshape(batch, heads, q_len)
+
+
+def _masked_softmax_attention(q, k, v, allowed, sm_scale):
+  """`masked_attention` with out in q.dtype."""
+  out, lse = masked_attention(q, k, v, allowed, sm_scale)
+  return out.astype(q.dtype), lse
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -143,24 +159,24 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 
 def reference_decode_attention(q: jax.Array, k_cache: jax.Array,
-                               v_cache: jax.Array, lengths: jax.Array, *,
+                               v_cache: jax.Array, ends: jax.Array, *,
                                starts: Optional[jax.Array] = None,
                                sm_scale: Optional[float] = None
                                ) -> Tuple[jax.Array, jax.Array]:
   """Decode attention over a KV cache in plain jnp.
 
   q `[batch, q_len, heads, head_dim]`, caches `[batch, kv_len, kv_heads,
-  head_dim]`, lengths and starts (default zeros) int32 `[batch]`: every query
-  token of row b sees keys [starts[b], lengths[b]). Returns out
+  head_dim]`, ends (exclusive) and starts (default zeros) int32 `[batch]`:
+  every query token of row b sees keys [starts[b], ends[b]). Returns out
   `[batch, q_len, heads, head_dim]` (q.dtype) and lse `[batch, heads, q_len]`
   float32 natural log; an empty range gives zeros and lse -inf.
   """
   check_attention_shapes(q, k_cache, v_cache)
   batch, q_len, _, head_dim = q.shape
   kv_len = k_cache.shape[1]
-  lengths = jnp.asarray(lengths, jnp.int32)
+  lengths = jnp.asarray(ends, jnp.int32)
   if lengths.shape != (batch,):
-    raise ValueError(f"lengths must be int32 [batch={batch}]; got {lengths.shape}")
+    raise ValueError(f"ends must be int32 [batch={batch}]; got {lengths.shape}")
   if sm_scale is None:
     sm_scale = head_dim ** -0.5
   kv_pos = jnp.arange(kv_len, dtype=jnp.int32)

@@ -1,8 +1,14 @@
 """Single-device oracle for the sharded decode attentions, in plain jnp.
 
-Written independently of `pallas_kernels` (GQA by repeating kv heads, one full
-softmax) so that the tests of the sharded code do not compare a kernel with
-itself.
+Deliberately independent of the attention the library runs: it shares no
+code with `pallas_kernels` or with `pallas_kernels.reference.masked_attention`
+(the models' "xla" path and the kernels' reference), and it is written
+differently (GQA by repeating kv heads, one full softmax through
+`jax.nn.logsumexp`), so that the tests of the sharded code never compare an
+implementation with itself. Do not replace it with the shared reference.
+
+`lengths` here is the exclusive end of each row's keys counted from slot 0,
+i.e. the `ends` of a window that starts at 0.
 """
 
 from __future__ import annotations
@@ -38,16 +44,3 @@ def full_decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
   probs = jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
   out = jnp.einsum("bhqt,bthd->bqhd", probs, v_per_head)
   return out, lse
-
-
-def shard_lengths(lengths: jax.Array, shard_index: jax.Array,
-                  shard_len: int) -> jax.Array:
-  """Valid keys per row inside shard `shard_index` of a contiguous split.
-
-  Shard i holds cache positions [i * shard_len, (i + 1) * shard_len); a row
-  with `lengths[b]` valid keys has clip(lengths[b] - i * shard_len, 0,
-  shard_len) of them there.
-  """
-  lengths = jnp.asarray(lengths, jnp.int32)
-  return jnp.clip(lengths - shard_index * shard_len, 0, shard_len).astype(
-      jnp.int32)

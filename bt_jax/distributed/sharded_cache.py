@@ -1,17 +1,17 @@
 """Generation with the KV cache sharded over the `sequence` mesh axis.
 
-    mesh = make_sequence_mesh(8)
-    with sharded_kv_cache(mesh):       # at trace time, around global-cache calls
-      logits, cache = model.apply(params, tokens, positions, cache, index, mask,
-                                  method=VanillaLM.decode)
+    sharding = ShardedKVCache(make_sequence_mesh(8))
+    logits, cache = model.apply(params, tokens, positions, cache, index, mask,
+                                method=VanillaLM.decode, window=window,
+                                sharding=sharding)
 
-Inside the `with`, every cached self-attention (`bt_jax.layers.Attention`
-given a `cache`) keeps its cache sharded over the axis and attends by Tree
-Attention: each device attends over its own shard, and the partial (out, lse)
-are merged by all-reduces of max and sum (`allreduce_merge`). The switch is
-read when the model is traced, so it must surround the `model.apply` calls
-inside the jitted function, and only those whose cache is to be sharded (the
-Block Transformer's token decoder keeps its small local cache whole).
+Given `sharding`, every cached self-attention of the call
+(`bt_jax.attention.attend`) keeps its cache sharded over the axis and
+attends by Tree Attention (`tree_decode_attention`): each device attends over
+its own shard, and the partial (out, lse) are merged by all-reduces of max
+and sum (`allreduce_merge`). The decoders of `bt_jax.inference` pass it only
+to the calls whose cache is to be sharded (the Block Transformer's token
+decoder keeps its small local cache whole).
 
 Layout. A cache of C = p * S slots (p devices on the axis) is stored in
 round-robin order: logical slot t (the slot the decoders and masks speak of)
@@ -37,10 +37,8 @@ a multiple of the data axis.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -48,11 +46,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bt_jax import axes
-from bt_jax.attention import mask_is_window, visible_window, xla_attention_with_lse
+from bt_jax.attention import KERNEL_IMPLS, Window, xla_attention_with_lse
 from bt_jax.distributed.merge import allreduce_merge
-
-_ACTIVE: contextvars.ContextVar[Optional["ShardedKVCache"]] = contextvars.ContextVar(
-    "sharded_kv_cache", default=None)
+from bt_jax.distributed.tree_attention import tree_decode_attention
 
 
 def physical_slots(logical: jax.Array, cache_len: int, num_shards: int) -> jax.Array:
@@ -151,9 +147,10 @@ class ShardedKVCache:
     return -(-length // self.num_shards) * self.num_shards
 
   def attend(self, query: jax.Array, key: jax.Array, value: jax.Array, cache: dict,
-             cache_index, mask: jax.Array, *, decode_kernel: bool = False
-             ) -> Tuple[jax.Array, dict]:
-    """Writes key/value at logical slots cache_index.. and attends; see `Attention`.
+             cache_index, mask: jax.Array, *, window: Optional[Window] = None,
+             impl: str = "xla") -> Tuple[jax.Array, dict]:
+    """Writes key/value at logical slots cache_index.. and attends; see
+    `bt_jax.attention.attend`, which calls this.
 
     query [batch, q_len, heads, head_dim] and the new key/value [batch, q_len,
     kv_heads, head_dim] are replicated (split by rows over `batch_axis` when
@@ -163,13 +160,12 @@ class ShardedKVCache:
     read_len logical slots. Returns (out [batch, q_len, heads, head_dim] in
     query.dtype, the new cache, still sharded).
 
-    decode_kernel (the models' attention_impl "pallas"): a single-query step
-    attends on each device with `pallas_kernels.decode_attention` over its
-    local window of slots (Pallas on GPU/TPU, its jnp reference on CPU) when
-    each row's mask is one contiguous run of logical slots [start, end), as
-    the decoders build; on device s that is the contiguous local run
-    [ceil((start - s) / p), ceil((end - s) / p)). Any other mask takes the
-    masked path (checked at run time).
+    A single-query step given its `window` (starts, ends) of logical slots
+    with impl "pallas"/"pallas_interpret" runs Tree Attention with the
+    decode kernel on each device over its local part of the window: on
+    device s, logical [start, end) is the contiguous local run
+    [ceil((start - s) / p), ceil((end - s) / p)). Any other step attends
+    under the mask on each device (masked jnp), merged the same way.
     """
     num_shards, axis, rows = self.num_shards, self.axis, self.batch_axis
     batch, cache_len = cache["key"].shape[:2]
@@ -192,12 +188,9 @@ class ShardedKVCache:
                        f"{index.shape}")
     new_slots = jnp.arange(key.shape[1], dtype=jnp.int32)
     logical = index[:, None] + new_slots[None, :] if per_row else index + new_slots
-    use_kernel = decode_kernel and query.shape[1] == 1
-    # The kernel path takes each row's logical window, when the mask is one
-    # run per row (checked at run time); otherwise the masked path its mask.
+    use_kernel = impl in KERNEL_IMPLS and window is not None and query.shape[1] == 1
     if use_kernel:
-      start, end = visible_window(mask[:, 0], query.shape[0])
-      window = (start, end, mask_is_window(mask[:, 0], start, end))
+      window = tuple(jnp.broadcast_to(jnp.asarray(w, jnp.int32), (batch,)) for w in window)
     else:
       window = None
 
@@ -211,42 +204,32 @@ class ShardedKVCache:
         at = (slice(None), local)
       cache_key = cache_key.at[at].set(key.astype(cache_key.dtype), mode="drop")
       cache_value = cache_value.at[at].set(value.astype(cache_value.dtype), mode="drop")
-
-      def masked_partial():
-        return masked_partial_attention(query, cache_key[:, :read_local].astype(query.dtype),
-                                        cache_value[:, :read_local].astype(query.dtype), mask)
-
       if use_kernel:
-        import pallas_kernels  # pylint: disable=import-outside-toplevel
-        start, end, is_window = window
-
-        def kernel_partial():
-          # Logical slot t = j * p + shard is local slot j: the window
-          # [start, end) is local [ceil((start - shard) / p), ceil((end - shard) / p)).
-          local_start = jnp.clip((start - shard + num_shards - 1) // num_shards, 0, read_local)
-          local_end = jnp.clip((end - shard + num_shards - 1) // num_shards, 0, read_local)
-          o, lse = pallas_kernels.decode_attention(query, cache_key, cache_value, local_end,
-                                                   starts=local_start)
-          return o.astype(jnp.float32), lse
-
-        o, lse = lax.cond(is_window, kernel_partial, masked_partial)
+        start, end = window
+        # Logical slot t = j * p + shard is local slot j: the window
+        # [start, end) is local [ceil((start - shard) / p), ceil((end - shard) / p)).
+        local_start = jnp.clip((start - shard + num_shards - 1) // num_shards, 0, read_local)
+        local_end = jnp.clip((end - shard + num_shards - 1) // num_shards, 0, read_local)
+        out, _ = tree_decode_attention(query, cache_key, cache_value, local_end,
+                                       starts=local_start, axis_name=axis, impl=impl)
       else:
-        o, lse = masked_partial()
-      out, _ = allreduce_merge(o, lse, axis)
+        o, lse = masked_partial_attention(query, cache_key[:, :read_local].astype(query.dtype),
+                                          cache_value[:, :read_local].astype(query.dtype), mask)
+        out, _ = allreduce_merge(o, lse, axis)
       return out.astype(query.dtype), cache_key, cache_value
 
     kv_spec = P(rows, axis)
     masked = round_robin_mask(mask, num_shards)
-    window_spec = (P(rows), P(rows), P()) if use_kernel else P()
+    window_spec = (P(rows), P(rows)) if use_kernel else P()
     out, cache_key, cache_value = jax.shard_map(
         per_device, mesh=self.mesh,
         in_specs=(P(rows), P(rows), P(rows), kv_spec, kv_spec, P(rows, None, axis),
                   window_spec, P(rows) if per_row else P()),
         out_specs=(P(rows), kv_spec, kv_spec),
-        check_vma=not use_kernel)(   # Pallas calls inside shard_map need it off
+        # pallas_call has no varying-manual-axes rule: see docs/tree_attention.md.
+        check_vma=not use_kernel)(
             query, key, value, cache["key"], cache["value"], masked, window, logical)
     return out, {"key": cache_key, "value": cache_value}
-
 
   def move_slots(self, cache: jax.Array, source: jax.Array, target: jax.Array) -> jax.Array:
     """cache[b, target[b, i]] = cache[b, source[b, i]] in logical slots, on
@@ -274,25 +257,3 @@ class ShardedKVCache:
     return jax.shard_map(per_device, mesh=self.mesh,
                          in_specs=(P(rows, axis), P(rows), P(rows)),
                          out_specs=P(rows, axis))(cache, source, target)
-
-
-def active_sharded_kv_cache() -> Optional[ShardedKVCache]:
-  """The ShardedKVCache of the innermost `sharded_kv_cache` block, or None."""
-  return _ACTIVE.get()
-
-
-@contextlib.contextmanager
-def sharded_kv_cache(mesh: Optional[Mesh], axis: str = axes.MESH_SEQUENCE,
-                     batch_axis: Optional[str] = None) -> Iterator[Optional[ShardedKVCache]]:
-  """Within the block, cached attention shards its cache over mesh axis `axis`
-  (and its rows over `batch_axis`, when given).
-
-  mesh=None is a no-op (and also switches sharding off inside an outer block),
-  so callers can write `with sharded_kv_cache(maybe_mesh):`.
-  """
-  sharding = None if mesh is None else ShardedKVCache(mesh, axis, batch_axis)
-  token = _ACTIVE.set(sharding)
-  try:
-    yield sharding
-  finally:
-    _ACTIVE.reset(token)

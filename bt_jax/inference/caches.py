@@ -75,3 +75,22 @@ def padded_mask(pad: jax.Array, query_slots: jax.Array, cache_len: int) -> jax.A
 def local_mask(query_slots: jax.Array, cache_len: int) -> jax.Array:
   """Causal view of the token-decoder cache, shared by every row: [1, q, cache_len]."""
   return (jnp.arange(cache_len)[None, :] <= query_slots[:, None])[None]
+
+
+# Windows: the run of slots [starts, ends) each row sees, int32 [batch] each,
+# handed to the attention beside the mask it agrees with (the decode kernel
+# reads the window, not the mask; see `bt_jax.attention`). `ends` is an
+# exclusive end slot.
+
+
+def padded_window(pad: jax.Array, query_slot: jax.Array, read_len: int):
+  """The window of `padded_mask(pad, query_slot[None], read_len)`: one query at
+  slot query_slot (a scalar) sees [pad, query_slot] within the read_len slots."""
+  ends = jnp.minimum(jnp.asarray(query_slot, jnp.int32) + 1, read_len)
+  return pad.astype(jnp.int32), jnp.broadcast_to(ends, pad.shape).astype(jnp.int32)
+
+
+def local_window(batch: int, query_slot: jax.Array, cache_len: int):
+  """The window of `local_mask(query_slot[None], cache_len)` for each of batch rows."""
+  ends = jnp.minimum(jnp.asarray(query_slot, jnp.int32) + 1, cache_len)
+  return jnp.zeros((batch,), jnp.int32), jnp.broadcast_to(ends, (batch,)).astype(jnp.int32)

@@ -13,10 +13,15 @@ the loop may run in segments, each reading only the part of the cache it can
 have filled. The carry is a pytree (caches included), so the generation loop
 is `lax.while_loop`s over `step`.
 
+Every cached model call gets the mask and, for a single-query step, the
+window it was built from (`caches.padded_window` / `local_window`), so the
+attention can run the decode kernel without re-deriving it from the mask.
+
 Sharded generation: a decoder made with a `mesh` keeps the global cache (the
 vanilla cache, the block decoder's cache) sharded over the mesh's `sequence`
-axis in round-robin slot order, attended by Tree Attention
-(`bt_jax.distributed.sharded_cache`); the Block Transformer's token decoder
+axis in round-robin slot order, attended by Tree Attention: it passes its
+`ShardedKVCache` (`self.sharding`) to the model calls that use the global
+cache (`bt_jax.distributed.sharded_cache`); the Block Transformer's token decoder
 and its local cache stay unsharded. `align_prompt` left-pads a batch so that
 the global cache splits evenly over the devices. A mesh with a `data` axis
 also splits the rows over it (caches, local caches and per-row state alike).
@@ -24,7 +29,6 @@ also splits the rows over it (caches, local caches and per-row state alike).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
@@ -34,7 +38,7 @@ from jax.sharding import Mesh
 
 from bt_jax import axes
 from bt_jax.config import BlockConfig, VanillaConfig
-from bt_jax.distributed.sharded_cache import ShardedKVCache, sharded_kv_cache
+from bt_jax.distributed.sharded_cache import ShardedKVCache
 from bt_jax.inference import caches as caches_lib
 from bt_jax.models.block import BlockTransformer
 from bt_jax.models.vanilla import VanillaLM
@@ -59,12 +63,6 @@ class _GlobalCache:
   def cache_len(carry) -> int:
     """Slots of the global cache (static)."""
     return carry["cache"][0]["key"].shape[1]
-
-  def _global_scope(self):
-    """Around the model calls that read or write the global cache."""
-    if self.sharding is None:
-      return contextlib.nullcontext()
-    return sharded_kv_cache(self.sharding.mesh, self.sharding.axis, self.sharding.batch_axis)
 
   def constrain_rows(self, tree):
     """Per-row arrays ([batch, ...]) split over the mesh's data axis, if any;
@@ -125,15 +123,15 @@ class VanillaDecoder(_GlobalCache):
     self.model = model
     self.config: VanillaConfig = model.config
 
-  def _apply(self, params, *args):
-    with self._global_scope():
-      return self.model.apply({"params": params}, *args, method=VanillaLM.decode)
+  def _apply(self, params, *args, window=None):
+    return self.model.apply({"params": params}, *args, method=VanillaLM.decode,
+                            window=window, sharding=self.sharding)
 
-  def apply_decode(self, params, *args):
-    """`VanillaLM.decode(*args)` on this decoder's global cache (sharded over
-    the mesh's `sequence` axis when it has a mesh): for callers that drive
-    the cache themselves, like ReDrafter's verify step."""
-    return self._apply(params, *args)
+  def apply_decode(self, params, *args, window=None):
+    """`VanillaLM.decode(*args, window=window)` on this decoder's global cache
+    (sharded over the mesh's `sequence` axis when it has a mesh): for callers
+    that drive the cache themselves, like ReDrafter's verify step."""
+    return self._apply(params, *args, window=window)
 
   def prefill(self, params, tokens: jax.Array, pad: jax.Array, num_steps: int,
               return_hidden: bool = False):
@@ -161,7 +159,9 @@ class VanillaDecoder(_GlobalCache):
     slot = carry["prompt_len"] + step
     positions = (slot - pad)[:, None]
     mask = caches_lib.padded_mask(pad, slot[None], read_slots)
-    next_logits, cache = self._apply(params, token[:, None], positions, cache, slot, mask)
+    window = caches_lib.padded_window(pad, slot, read_slots)
+    next_logits, cache = self._apply(params, token[:, None], positions, cache, slot, mask,
+                                     window=window)
     new_carry = {"logits": next_logits[:, 0], "cache": cache, "prompt_len": carry["prompt_len"]}
     return token[:, None], (logits[:, None] if keep_logits else None), new_carry
 
@@ -185,10 +185,10 @@ class BlockDecoder(_GlobalCache):
   def _apply(self, params, method, *args):
     return self.model.apply({"params": params}, *args, method=method)
 
-  def _encode_blocks(self, params, *args):
+  def _encode_blocks(self, params, *args, window=None):
     """The embedder and block decoder: the only users of the global cache."""
-    with self._global_scope():
-      return self._apply(params, BlockTransformer.encode_blocks, *args)
+    return self.model.apply({"params": params}, *args, method=BlockTransformer.encode_blocks,
+                            window=window, sharding=self.sharding)
 
   def prefill(self, params, tokens: jax.Array, pad: jax.Array, num_steps: int):
     """tokens [batch, prompt_len] with prompt_len a multiple of L_B and pad a
@@ -228,8 +228,12 @@ class BlockDecoder(_GlobalCache):
         first, memory = bos, expanded
     first_len = first.shape[1]
     first_slots = jnp.arange(first_len)
+    # One query at slot 0 (summation, cross_attention) is a decode step; more
+    # (the prefix) a prefill, which needs no window.
+    first_window = caches_lib.local_window(batch, 0, local_len) if first_len == 1 else None
     logits, local = self._apply(params, BlockTransformer.token_step, first, first_slots, local,
-                                0, caches_lib.local_mask(first_slots, local_len), memory, True)
+                                0, caches_lib.local_mask(first_slots, local_len), memory, True,
+                                first_window)
     token = sample(logits[:, -1], 0)
     tokens = jnp.zeros((batch, block_len), jnp.int32).at[:, 0].set(token)
     all_logits = None
@@ -245,7 +249,8 @@ class BlockDecoder(_GlobalCache):
         x = x + jax.lax.dynamic_slice_in_dim(expanded, j, 1, axis=1)
       slot = first_len - 1 + j                          # = the training position
       logits, local = self._apply(params, BlockTransformer.token_step, x, slot[None], local,
-                                  slot, caches_lib.local_mask(slot[None], local_len), memory)
+                                  slot, caches_lib.local_mask(slot[None], local_len), memory,
+                                  False, caches_lib.local_window(batch, slot, local_len))
       token = sample(logits[:, 0], j)
       tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], j, axis=1)
       if keep_logits:
@@ -265,8 +270,9 @@ class BlockDecoder(_GlobalCache):
     slot = carry["prompt_blocks"] + step
     positions = (slot - pad_blocks)[:, None]
     mask = caches_lib.padded_mask(pad_blocks, slot[None], read_slots)
+    window = caches_lib.padded_window(pad_blocks, slot, read_slots)
     context, cache = self._encode_blocks(params, tokens[:, None, :], positions, cache, slot,
-                                         mask)
+                                         mask, window=window)
     new_carry = {"context": context[:, 0], "cache": cache,
                  "prompt_blocks": carry["prompt_blocks"]}
     return tokens, logits, new_carry

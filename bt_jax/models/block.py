@@ -122,7 +122,7 @@ class BlockTransformer(nn.Module):
         inputs = shifted
         memory = expanded.reshape(batch * m, block_len, width)
     seq = inputs.shape[2]
-    if cfg.attention_impl == "pallas" and memory is None:
+    if cfg.attention_impl in ("pallas", "pallas_interpret") and memory is None:
       # One long row per sequence, [batch, m * seq, width], with attention kept
       # inside each block by the kernel's local_block mask: no tiny sequences.
       # (cross_attention keeps the reshape below: its memory is per block.)
@@ -140,16 +140,18 @@ class BlockTransformer(nn.Module):
   # ---- Cached inference (bt_jax.inference), spec section 4. ----
 
   def encode_blocks(self, blocks: jax.Array, positions: jax.Array, caches, cache_index,
-                    mask: jax.Array):
+                    mask: jax.Array, window=None, sharding=None):
     """Embedder + cached block decoder (prefill or one step).
 
     blocks [batch, n, L] go to block-cache slots cache_index .. cache_index + n - 1;
     positions [batch, n] are their block indices (slot minus the row's left-pad
-    blocks); mask [batch, n, cache_len]. Returns (context embeddings
-    [batch, n, block_width], new block caches).
+    blocks); mask [batch, n, cache_len]; window and sharding as in
+    `VanillaLM.decode`. Returns (context embeddings [batch, n, block_width],
+    new block caches).
     """
     x = self.embedder(blocks)
-    return self.block_decoder(x, positions, mask=mask, caches=caches, cache_index=cache_index)
+    return self.block_decoder(x, positions, mask=mask, caches=caches, cache_index=cache_index,
+                              window=window, sharding=sharding)
 
   def expand(self, context: jax.Array) -> jax.Array:
     """context [batch, block_width] -> [batch, num_expanded, token_width]."""
@@ -161,14 +163,15 @@ class BlockTransformer(nn.Module):
     return self.token_embed(tokens)
 
   def token_step(self, inputs: jax.Array, positions: jax.Array, caches, cache_index,
-                 mask: jax.Array, memory=None, last_only: bool = False):
+                 mask: jax.Array, memory=None, last_only: bool = False, window=None):
     """Cached token decoder over input vectors [batch, q, token_width] at token
     positions [q] (the training positions 0 .. token_decoder_len - 1), written at
     local-cache slots cache_index ..; mask [1, q, token_decoder_len]; memory
     [batch, L, token_width] for cross_attention. Returns (f32 logits
-    [batch, q, vocab] or, with last_only, [batch, 1, vocab]; new local caches)."""
+    [batch, q, vocab] or, with last_only, [batch, 1, vocab]; new local caches).
+    window: as in `VanillaLM.decode`."""
     hidden, caches = self.token_decoder(inputs, positions, memory=memory, mask=mask,
-                                        caches=caches, cache_index=cache_index)
+                                        caches=caches, cache_index=cache_index, window=window)
     if last_only:
       hidden = hidden[:, -1:]
     return self.lm_head(hidden).astype(jnp.float32), caches

@@ -40,7 +40,8 @@ class VanillaLM(nn.Module):
     return logits.astype(jnp.float32)
 
   def decode(self, tokens: jax.Array, positions: jax.Array, caches, cache_index,
-             mask: jax.Array, last_only: bool = False, return_hidden: bool = False):
+             mask: jax.Array, last_only: bool = False, return_hidden: bool = False,
+             window=None, sharding=None):
     """Cached forward (inference): prefill or one step.
 
     tokens [batch, q] are written at cache slots cache_index .. cache_index + q - 1
@@ -51,11 +52,14 @@ class VanillaLM(nn.Module):
     Returns (f32 logits [batch, q, vocab], new caches); with last_only the
     logits of the last query only ([batch, 1, vocab]: a prefill needs no more);
     with return_hidden also the final-norm hidden states of those queries
-    (what a ReDrafter draft head reads), as a third element.
+    (what a ReDrafter draft head reads), as a third element. window
+    (starts, ends) int32 [batch], the run of slots each row sees, and
+    sharding (a ShardedKVCache) go to every layer's attention
+    (`bt_jax.attention.attend`).
     """
     x = self.token_embed(tokens)
     hidden, caches = self.decoder(x, positions, mask=mask, caches=caches,
-                                  cache_index=cache_index)
+                                  cache_index=cache_index, window=window, sharding=sharding)
     if last_only:
       hidden = hidden[:, -1:]
     logits = self.lm_head(hidden).astype(jnp.float32)

@@ -209,7 +209,8 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
   depth_len = draft_len + 1
   packed_len = num_beams * depth_len
   # A mesh with a `sequence` axis: the KV cache is split over it (round-robin
-  # slots, Tree Attention; see bt_jax.distributed.sharded_cache).
+  # slots, Tree Attention; see bt_jax.distributed.sharded_cache): the decoder
+  # passes its ShardedKVCache to the model calls.
   decoder = VanillaDecoder(model, mesh if _sequence_axis_size(mesh) else None)
   after_prompt = max_new_tokens + depth_len + packed_len
   tokens, pad = decoder.align_prompt(tokens, pad, after_prompt)   # slots split evenly
@@ -263,8 +264,10 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
                                     (batch, packed_len, cache_len)), axis=2)
     mask = context[:, None, :] | (tree_visible & in_tree[:, None, :])
     positions = (length - pad)[:, None] + tree.depth
+    # The context every packed token sees is the run [pad, length): its window.
     logits, cache, hidden = decoder.apply_decode(params, tree.tokens, positions,
-                                                 state["cache"], length, mask, False, True)
+                                                 state["cache"], length, mask, False, True,
+                                                 window=(pad.astype(jnp.int32), length))
     if sampled:
       best, num_accepted, new_g0 = _accept_sampled(
           logits, tree.unpacker, beams, q_logprobs, sampling, jax.random.fold_in(key, 1))

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from bt_jax.distributed import (collective_traffic,
-                                full_decode_attention_reference,
+from bt_jax.distributed import (full_decode_attention_reference,
                                 make_sequence_mesh,
                                 make_sharded_decode_attention,
                                 make_two_level_mesh, tree_decode_attention)
+from bt_jax.distributed.study import collective_traffic, make_method_attention
 from tests.multidevice import check, record, summary
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM, KV_LEN = 5, 4, 2, 16, 64
@@ -70,7 +70,7 @@ def sharded_methods_agree():
     for method in ("tree", "tree_butterfly", "ring_kv", "ring_partials"):
       check(f"seq8/{method}/q_len{q_len}", lambda: compare(
           f"seq8/{method}/q_len{q_len}",
-          make_sharded_decode_attention(mesh8, method=method)(q, k, v, lengths),
+          make_method_attention(mesh8, method=method)(q, k, v, lengths),
           want, 1e-5))
   q, k, v, lengths = make_inputs(2, seed=1)
   want = full_decode_attention_reference(q, k, v, lengths)
@@ -78,7 +78,7 @@ def sharded_methods_agree():
                  "ring_partials"):
     check(f"mesh2x4/{method}/q_len2", lambda: compare(
         f"mesh2x4/{method}/q_len2",
-        make_sharded_decode_attention(mesh2x4, method=method)(q, k, v, lengths),
+        make_method_attention(mesh2x4, method=method)(q, k, v, lengths),
         want, 1e-5))
 
 
@@ -100,7 +100,7 @@ def tree_with_vma_checks():
 def tree_with_pallas_interpret():
   """The Pallas kernel (interpret mode) inside shard_map, once it exists."""
   q, k, v, lengths = make_inputs(2, seed=5)
-  fn = make_sharded_decode_attention(make_sequence_mesh(8), impl="interpret")
+  fn = make_sharded_decode_attention(make_sequence_mesh(8), impl="pallas_interpret")
   try:
     got = fn(q, k, v, lengths)
   except NotImplementedError as e:
@@ -121,10 +121,11 @@ def per_shard_lengths_api():
   def body(q, k_shard, v_shard, lengths_shard):
     return tree_decode_attention(q, k_shard, v_shard, lengths_shard[0])
 
+  # The default check_vma: no Pallas kernel runs here (impl None on CPU).
   fn = jax.jit(jax.shard_map(
       body, mesh=mesh, in_specs=(P(), P(None, "sequence"), P(None, "sequence"),
                                  P("sequence")),
-      out_specs=(P(), P()), check_vma=False))
+      out_specs=(P(), P())))
   compare("seq8/tree/user_shard_map", fn(q, k, v, jnp.asarray(per_shard)),
           full_decode_attention_reference(q, k, v, lengths), 1e-5)
 
@@ -150,7 +151,7 @@ def hlo_traffic_matches_formulas():
       "tree_butterfly": (3 * 4 * (partial_elems + stats_elems), 3, 3 * 2),
   }
   for method, (want_bytes, min_ops, max_ops) in want.items():
-    fn = make_sharded_decode_attention(mesh, method=method)
+    fn = make_method_attention(mesh, method=method)
     traffic = collective_traffic(
         fn.jitted.lower(q, k, v, lengths).compile().as_text())
     ok = (traffic["bytes"] == want_bytes

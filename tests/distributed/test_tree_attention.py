@@ -9,14 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, PartitionSpec as P
 
-from bt_jax.distributed import (METHODS, attention_energy,
-                                attention_from_energy, collective_traffic,
-                                full_decode_attention_reference,
+from bt_jax.distributed import (full_decode_attention_reference,
                                 make_sequence_mesh,
                                 make_sharded_decode_attention, merge_many,
-                                merge_pair, shard_lengths, sharded_energy)
-from bt_jax.distributed.hlo_traffic import formula_traffic
+                                merge_pair, shard_lengths, tree_decode_attention)
+from bt_jax.distributed.study import (METHODS, attention_energy,
+                                      attention_from_energy, collective_traffic,
+                                      formula_traffic, make_method_attention,
+                                      sharded_energy)
 
 
 def _inputs(batch=3, q_len=2, heads=4, kv_heads=2, head_dim=8, kv_len=24,
@@ -121,8 +123,8 @@ def test_energy_is_logsumexp_of_shard_energies():
 def test_sharded_methods_on_a_one_device_mesh(method):
   q, k, v = _inputs(batch=2, q_len=1)
   lengths = jnp.array([24, 0])
-  out, lse = make_sharded_decode_attention(make_sequence_mesh(1),
-                                           method=method)(q, k, v, lengths)
+  out, lse = make_method_attention(make_sequence_mesh(1),
+                                   method=method)(q, k, v, lengths)
   want_out, want_lse = full_decode_attention_reference(q, k, v, lengths)
   np.testing.assert_allclose(out, want_out, atol=1e-5)
   np.testing.assert_allclose(lse[0], want_lse[0], atol=1e-5)
@@ -171,3 +173,46 @@ def test_tree_traffic_formula_does_not_grow_with_context():
           for t in (2 ** 14, 2 ** 20)]
   assert tree[0] == tree[1] == 4 * 2 * 16 * (128 + 2)
   assert ring[1] == 64 * ring[0] - 63 * 7 * 4 * 2  # K/V grow, lengths do not
+
+
+def test_two_level_axes_are_taken_by_name_and_a_wrong_order_is_an_error():
+  device = np.array(jax.devices()[:1]).reshape(1, 1)
+  swapped = Mesh(device, ("local", "node"))
+  with pytest.raises(ValueError, match=r"\('local', 'node'\).*'node' must come before"):
+    make_sharded_decode_attention(swapped, method="tree_two_level")
+  with pytest.raises(ValueError, match="sequence_axes=\\('local', 'node'\\)"):
+    make_sharded_decode_attention(Mesh(device, ("node", "local")), method="tree_two_level",
+                                  sequence_axes=("local", "node"))
+  with pytest.raises(ValueError, match="node_axis='rack'.*'node', 'local'"):
+    make_sharded_decode_attention(Mesh(device, ("node", "local")), method="tree_two_level",
+                                  node_axis="rack")
+  # Named levels on a mesh with other names work.
+  q, k, v = _inputs(batch=2, q_len=1)
+  lengths = jnp.array([24, 7])
+  out, lse = make_sharded_decode_attention(Mesh(device, ("host", "chip")),
+                                           method="tree_two_level", node_axis="host",
+                                           local_axis="chip")(q, k, v, lengths)
+  want_out, want_lse = full_decode_attention_reference(q, k, v, lengths)
+  np.testing.assert_allclose(out, want_out, atol=1e-5)
+  np.testing.assert_allclose(lse, want_lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", [None, "xla", "pallas_interpret"])
+def test_tree_decode_attention_takes_per_row_starts(impl):
+  """tree_decode_attention in a user's own shard_map (one device, default
+  check_vma when no Pallas kernel runs) over per-row windows [starts, ends)."""
+  q, k, v = _inputs(batch=3, q_len=1)
+  starts, ends = jnp.array([0, 5, 20], jnp.int32), jnp.array([24, 17, 20], jnp.int32)
+  mesh = make_sequence_mesh(1)
+  fn = jax.jit(jax.shard_map(
+      lambda q, k, v, s, e: tree_decode_attention(q, k, v, e, starts=s, impl=impl),
+      mesh=mesh, in_specs=(P(), P(None, "sequence"), P(None, "sequence"), P(), P()),
+      out_specs=(P(), P()), check_vma=impl != "pallas_interpret"))
+  out, lse = fn(q, k, v, starts, ends)
+  # The oracle over the window: drop the keys before starts by rolling them out.
+  for b in range(3):
+    s, e = int(starts[b]), int(ends[b])
+    want_out, want_lse = full_decode_attention_reference(
+        q[b:b + 1], k[b:b + 1, s:], v[b:b + 1, s:], jnp.array([e - s]))
+    np.testing.assert_allclose(out[b:b + 1], want_out, atol=1e-5)
+    np.testing.assert_allclose(lse[b:b + 1], want_lse, atol=1e-5)

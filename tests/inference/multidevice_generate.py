@@ -21,15 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import pallas_kernels
-
 from bt_jax.attention import xla_attention
 from bt_jax.config import BlockConfig, VanillaConfig
 from bt_jax.distributed import (ShardedKVCache, make_sequence_mesh, physical_slots,
                                 to_logical_order)
 from bt_jax.inference import generate, generate_fn, make_stream_fns, prepare_prompts
-from bt_jax.inference.caches import padded_mask
+from bt_jax.inference.caches import padded_mask, padded_window
 from bt_jax.models import build_model, init_params
+from tests.kernel_calls import kernel_calls
 from tests.multidevice import check, record, summary
 
 # Neither is a multiple of L_B = 4 (the last block is cut). The block model
@@ -128,24 +127,19 @@ def check_model(name: str, mesh8, mesh3) -> None:
     check(f"{name}/p3/tokens", three_devices)
 
   def pallas_decode_kernel():
-    # attention_impl "pallas": each device's decode step runs the split-KV
-    # kernel (in interpret mode here, forced below) over its local window of
-    # the round-robin cache; the merged result must equal the masked path.
-    calls = []
-    original = pallas_kernels.decode_attention
-
-    def interpreted(*a, **kw):
-      calls.append(kw.get("starts") is not None)
-      return original(*a, **dict(kw, impl="interpret", block_k=16))
-
-    pallas_kernels.decode_attention = interpreted
-    try:
-      kernel_model = build_model(dataclasses.replace(config, attention_impl="pallas"))
-      got = generate(kernel_model, params, PROMPTS, max_new_tokens=max_new, return_logits=True,
-                     mesh=mesh8)
-    finally:
-      pallas_kernels.decode_attention = original
-    assert calls and all(calls), calls     # traced through the kernel, with starts
+    # attention_impl "pallas_interpret": each device's decode step runs the
+    # split-KV kernel (Pallas interpreter) over its local window of the
+    # round-robin cache (Tree Attention with per-row starts); the merged
+    # result must equal the masked path.
+    kernel_model = build_model(dataclasses.replace(config, attention_impl="pallas_interpret"))
+    got = generate(kernel_model, params, PROMPTS, max_new_tokens=max_new, return_logits=True,
+                   mesh=mesh8)
+    fn = generate_fn(kernel_model, max_new, return_logits=True, mesh=mesh8)
+    calls = [shapes for kernel, shapes in kernel_calls(
+        fn, params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(0))
+             if kernel == "decode_attention"]
+    # traced through the kernel, with starts (operands starts, ends, q, k, v)
+    assert calls and all(len(shapes) == 5 for shapes in calls), calls
     err = assert_same_generation(got, want)
     record(f"{name}/p8/pallas_decode_kernel", True, f"max |logit error| {err:.2e}")
   check(f"{name}/p8/pallas_decode_kernel", pallas_decode_kernel)
@@ -240,9 +234,12 @@ def check_kernel_path_with_holes(mesh8) -> None:
       placed = physical_slots(jnp.arange(cache_len), cache_len, sharded.num_shards)
       cache = {k: jax.device_put(jnp.zeros_like(v).at[:, placed].set(v), sharded.cache_sharding)
                for k, v in logical.items()}
-      for name, mask in (("window", window), ("holes", holes)):
-        got, _ = jax.jit(functools.partial(sharded.attend, decode_kernel=True))(
-            query, new_key, new_value, cache, jnp.int32(slot), mask)
+      # The window goes with the mask it is the run of; the mask with holes
+      # has none (its caller passes no window): the masked path.
+      for name, mask, runs in (("window", window, padded_window(pad, slot, read_len)),
+                               ("holes", holes, None)):
+        got, _ = jax.jit(functools.partial(sharded.attend, impl="pallas_interpret"))(
+            query, new_key, new_value, cache, jnp.int32(slot), mask, window=runs)
         full = {k: v.at[:, slot].set(n[:, 0]) for (k, v), n in
                 zip(logical.items(), (new_key, new_value))}
         want = xla_attention(query, full["key"][:, :read_len], full["value"][:, :read_len],

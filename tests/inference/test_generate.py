@@ -10,12 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bt_jax.attention import window_mask
 from bt_jax.config import BlockConfig, StackConfig, VanillaConfig
 from bt_jax.inference import (SamplingConfig, generate, make_stream_fns, prepare_prompts,
                               restrict_logits, sample_logits)
-from bt_jax.inference.caches import local_mask, padded_mask
+from bt_jax.inference.caches import local_mask, local_window, padded_mask, padded_window
 from bt_jax.layers import Attention
 from bt_jax.models import build_model, init_params
+from tests.kernel_calls import kernel_calls
 
 VOCAB = 128
 MAX_LEN = 64
@@ -198,40 +200,42 @@ def test_pallas_token_decoder_layout_matches_xla():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
 
 
-def test_pallas_local_block_kernel_in_interpret_mode(monkeypatch):
+def test_pallas_local_block_kernel_in_interpret_mode():
   """The one-long-row layout through the Pallas kernel itself (interpreter)."""
-  import pallas_kernels  # pylint: disable=import-outside-toplevel
-  real = pallas_kernels.flash_attention
-  calls = []
-
-  def interpret(*args, **kwargs):
-    calls.append(kwargs.get("local_block"))
-    return real(*args, **{**kwargs, "impl": "interpret"})
-
-  monkeypatch.setattr(pallas_kernels, "flash_attention", interpret)
   model, params = model_and_params("block-L4")
-  pallas = build_model(dataclasses.replace(model.config, attention_impl="pallas"))
+  pallas = build_model(dataclasses.replace(model.config, attention_impl="pallas_interpret"))
   tokens = jax.random.randint(jax.random.key(4), (1, 16), 0, VOCAB)
   want = forward("block-L4")({"params": params}, tokens)
   got = jax.jit(pallas.apply)({"params": params}, tokens)
-  assert 5 in calls                          # P + L - 1 = 5 positions per block
+  calls = kernel_calls(pallas.apply, {"params": params}, tokens)
+  # One row of m * (P + L - 1) positions (local_block 5), not m rows: every
+  # flash call has the batch of the tokens, 1.
+  assert calls and all(name.startswith("flash") and shapes[0][0] == 1
+                       for name, shapes in calls), calls
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
 
 
-def test_pallas_decode_step_kernel_with_left_padding(monkeypatch):
+def test_decoder_windows_are_the_runs_of_their_masks():
+  """The windows the decoders pass agree with the masks they pass, row by row."""
+  pad = jnp.array([0, 5, 20, 38], jnp.int32)
+  for slot, read_len in ((37, 40), (0, 8), (39, 40), (45, 40)):
+    want = padded_mask(pad, jnp.array([slot]), read_len)[:, 0]
+    np.testing.assert_array_equal(window_mask(*padded_window(pad, slot, read_len), read_len),
+                                  want)
+    want = jnp.broadcast_to(local_mask(jnp.array([slot]), read_len)[:, 0], (4, read_len))
+    np.testing.assert_array_equal(window_mask(*local_window(4, slot, read_len), read_len), want)
+
+
+def _decode_kernels(calls):
+  return [shapes for name, shapes in calls if name == "decode_attention"]
+
+
+def test_pallas_decode_step_kernel_with_left_padding():
   """A decode step's Attention through the split-KV kernel itself
-  (interpreter) with per-row starts from a left-padded mask, against the xla
-  path. Masked slots hold random keys/values, so a wrong window shows."""
-  import pallas_kernels  # pylint: disable=import-outside-toplevel
-  real = pallas_kernels.decode_attention
-  calls = []
-
-  def interpret(*args, **kwargs):
-    calls.append(kwargs.get("starts") is not None)
-    # 16-slot tiles: a pad of 20 skips a whole tile and masks inside the next.
-    return real(*args, **{**kwargs, "impl": "interpret", "block_k": 16})
-
-  monkeypatch.setattr(pallas_kernels, "decode_attention", interpret)
+  (interpreter) with per-row starts from a left-padded window, against the
+  xla path. Masked slots hold random keys/values, so a wrong window shows.
+  The interpreter's 16-slot tiles: a pad of 20 skips a whole tile and masks
+  inside the next."""
   stack = StackConfig(num_layers=1, width=64, head_dim=16)
   batch, cache_len, read_len, slot = 4, 48, 40, 37
   # Row 3's pad lies past the slot: it sees nothing (out is the bias only).
@@ -244,24 +248,32 @@ def test_pallas_decode_step_kernel_with_left_padding(monkeypatch):
   positions = jnp.maximum(slot - pad, 0)[:, None]
   masks = {"padded": padded_mask(pad, jnp.array([slot]), read_len),      # [batch, 1, read]
            "local": local_mask(jnp.array([slot]), read_len)}             # [1, 1, read]
-  # Holes inside rows 0 and 1's runs: the window [start, end) would attend
-  # them, so this mask must take the masked path (checked at run time).
+  windows = {"padded": padded_window(pad, slot, read_len),
+             "local": local_window(batch, slot, read_len)}
+  # Holes inside rows 0 and 1's runs: not one run per row, so its caller
+  # passes no window and it takes the masked path.
   masks["holes"] = masks["padded"].at[:2, 0, 10:14].set(False)
+  windows["holes"] = None
   params = Attention(stack).init(jax.random.key(6), x, positions, mask=masks["padded"],
                                  cache=cache, cache_index=slot)
   results = {}
   for name, mask in masks.items():
     outs = {}
-    for impl in ("xla", "pallas"):
+    for impl in ("xla", "pallas_interpret"):
       layer = Attention(stack, attention_impl=impl)
-      outs[impl] = jax.jit(layer.apply)(params, x, positions, mask=mask, cache=cache,
-                                        cache_index=jnp.int32(slot))
-    assert calls and all(calls), name
-    calls.clear()
-    np.testing.assert_allclose(np.asarray(outs["pallas"][0]), np.asarray(outs["xla"][0]),
-                               atol=1e-5, rtol=1e-5, err_msg=name)
+      args = (params, x, positions)
+      kwargs = dict(mask=mask, cache=cache, cache_index=jnp.int32(slot), window=windows[name])
+      outs[impl] = jax.jit(layer.apply)(*args, **kwargs)
+      if impl != "xla":
+        kernels = _decode_kernels(kernel_calls(layer.apply, *args, **kwargs))
+        if windows[name] is None:
+          assert not kernels, name
+        else:   # one call, with the starts operand (starts, ends, q, k, v)
+          assert len(kernels) == 1 and len(kernels[0]) == 5, (name, kernels)
+    np.testing.assert_allclose(np.asarray(outs["pallas_interpret"][0]),
+                               np.asarray(outs["xla"][0]), atol=1e-5, rtol=1e-5, err_msg=name)
     for part in ("key", "value"):
-      np.testing.assert_array_equal(np.asarray(outs["pallas"][1][part]),
+      np.testing.assert_array_equal(np.asarray(outs["pallas_interpret"][1][part]),
                                     np.asarray(outs["xla"][1][part]))
     results[name] = np.asarray(outs["xla"][0])
   # The holes matter: over the same window without them, rows 0-1 differ.
@@ -269,23 +281,12 @@ def test_pallas_decode_step_kernel_with_left_padding(monkeypatch):
   np.testing.assert_array_equal(results["holes"][2:], results["padded"][2:])
 
 
-def test_pallas_multi_query_step_splits_context_and_new_keys(monkeypatch):
+def test_pallas_multi_query_step_splits_context_and_new_keys():
   """A cached step of several queries (a packed draft tree, a causal chunk)
-  with "pallas": the decode kernel (interpreter) over the shared context
+  with the kernels (interpreter): the decode kernel over the shared context
   window merged with attention over the new keys, against the xla path, with
-  a slot per row; masks of another form take the jnp path. A kernel made
-  wrong on purpose changes exactly the outputs of the split masks, so the
-  split path is the one that ran for them."""
-  import pallas_kernels  # pylint: disable=import-outside-toplevel
-  from bt_jax.attention import split_context_and_new  # pylint: disable=import-outside-toplevel
-  real = pallas_kernels.decode_attention
-  offset = {"value": 0.0}
-
-  def interpret(*args, **kwargs):
-    out, lse = real(*args, **{**kwargs, "impl": "interpret", "block_k": 16})
-    return out + offset["value"], lse
-
-  monkeypatch.setattr(pallas_kernels, "decode_attention", interpret)
+  a slot per row. Masks of another form (their callers pass no window) take
+  the jnp path: no kernel is traced for them."""
   stack = StackConfig(num_layers=1, width=64, head_dim=16)
   batch, cache_len, length = 3, 48, 5
   pad = jnp.array([0, 6, 19], jnp.int32)
@@ -314,25 +315,28 @@ def test_pallas_multi_query_step_splits_context_and_new_keys(monkeypatch):
   masks["per-query"] = masks["tree"].at[1, 2, 8].set(False)             # one query differs
   masks["beyond"] = masks["tree"].at[2, :, 46].set(True)                # past the new keys
   split = {"tree": True, "causal": True, "holes": False, "per-query": False, "beyond": False}
+  window = (pad, index)
+  # The window is exactly the context part of the split masks.
+  for name in ("tree", "causal"):
+    seen_context = masks[name] & (slots < index[:, None])[:, None, :]
+    np.testing.assert_array_equal(
+        seen_context, jnp.broadcast_to(window_mask(*window, cache_len)[:, None], seen_context.shape))
   params = Attention(stack).init(jax.random.key(8), x, positions, mask=masks["tree"],
                                  cache=cache, cache_index=index)
-  # One compile each (the mask is an argument; the offset is read when tracing).
-  fns = {impl: jax.jit(Attention(stack, attention_impl="xla" if impl == "xla" else "pallas").apply)
-         for impl in ("xla", "pallas", "broken")}
+  fns = {impl: Attention(stack, attention_impl=impl).apply for impl in ("xla", "pallas_interpret")}
   for name, mask in masks.items():
-    ok = split_context_and_new(mask, index, length, batch)[3]
-    assert bool(ok) == split[name], name
-    outs = {}
-    for impl, shift in (("xla", 0.0), ("pallas", 0.0), ("broken", 1.0)):
-      offset["value"] = shift
-      outs[impl] = fns[impl](params, x, positions, mask=mask, cache=cache, cache_index=index)
-    np.testing.assert_allclose(np.asarray(outs["pallas"][0]), np.asarray(outs["xla"][0]),
-                               atol=1e-5, rtol=1e-5, err_msg=name)
+    kwargs = dict(mask=mask, cache=cache, cache_index=index,
+                  window=window if split[name] else None)
+    outs = {impl: jax.jit(fn)(params, x, positions, **kwargs) for impl, fn in fns.items()}
+    kernels = _decode_kernels(kernel_calls(fns["pallas_interpret"], params, x, positions,
+                                           **kwargs))
+    # The split path: one decode kernel call holding the step's 5 queries.
+    assert bool(kernels) == split[name], (name, kernels)
+    np.testing.assert_allclose(np.asarray(outs["pallas_interpret"][0]),
+                               np.asarray(outs["xla"][0]), atol=1e-5, rtol=1e-5, err_msg=name)
     for part in ("key", "value"):
-      np.testing.assert_array_equal(np.asarray(outs["pallas"][1][part]),
+      np.testing.assert_array_equal(np.asarray(outs["pallas_interpret"][1][part]),
                                     np.asarray(outs["xla"][1][part]))
-    changed = np.abs(np.asarray(outs["broken"][0]) - np.asarray(outs["xla"][0])).max() > 1e-3
-    assert changed == split[name], name
 
 
 def test_prompt_errors():

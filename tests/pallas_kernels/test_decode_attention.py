@@ -239,7 +239,7 @@ def test_decode_lowers_for_accelerators(target, platform, with_starts):
 
 def test_decode_errors():
   q, k, v = _inputs(jnp.float32)
-  with pytest.raises(ValueError, match="lengths must be int32"):
+  with pytest.raises(ValueError, match="ends must be int32"):
     decode_attention(q, k, v, jnp.zeros((BATCH + 1,), jnp.int32))
   with pytest.raises(ValueError, match="num_splits must be >= 1"):
     decode_attention(q, k, v, LENGTHS, num_splits=0)

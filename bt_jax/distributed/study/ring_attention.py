@@ -1,6 +1,9 @@
 """Ring baselines for sharded decode attention (run inside `jax.shard_map`).
 
-Same layout and result as `tree_decode_attention` (see tree_attention.py).
+Part of the study (`bt_jax.distributed.study`), not of generation: what
+Tree Attention is compared against. Same layout and result as
+`tree_decode_attention` (see bt_jax/distributed/tree_attention.py); the
+per-shard argument is `ends_shard` (exclusive end slot in this shard).
 
 - ring of K/V (the Tree Attention paper's baseline, Ring Attention applied to
   decode): the K/V shards travel around the ring, p - 1 `ppermute` steps of
@@ -33,15 +36,15 @@ def _ring_permutation(num_devices: int):
 
 
 def ring_kv_decode_attention(q: jax.Array, k_shard: jax.Array,
-                             v_shard: jax.Array, lengths_shard: jax.Array, *,
+                             v_shard: jax.Array, ends_shard: jax.Array, *,
                              axis_name: AxisName = "sequence",
                              impl: Optional[str] = None,
                              sm_scale: Optional[float] = None
                              ) -> Tuple[jax.Array, jax.Array]:
-  """Ring Attention for decode: rotate K/V (and their lengths), merge as they come."""
+  """Ring Attention for decode: rotate K/V (and their ends), merge as they come."""
   num_devices = lax.axis_size(axis_name)
   permutation = _ring_permutation(num_devices)
-  block = (k_shard, v_shard, jnp.asarray(lengths_shard, jnp.int32))
+  block = (k_shard, v_shard, jnp.asarray(ends_shard, jnp.int32))
   o, lse = local_decode_attention(q, *block, sm_scale=sm_scale, impl=impl)
   for _ in range(num_devices - 1):
     block = lax.ppermute(block, axis_name, permutation)
@@ -53,7 +56,7 @@ def ring_kv_decode_attention(q: jax.Array, k_shard: jax.Array,
 
 def ring_partials_decode_attention(q: jax.Array, k_shard: jax.Array,
                                    v_shard: jax.Array,
-                                   lengths_shard: jax.Array, *,
+                                   ends_shard: jax.Array, *,
                                    axis_name: AxisName = "sequence",
                                    impl: Optional[str] = None,
                                    sm_scale: Optional[float] = None
@@ -61,7 +64,7 @@ def ring_partials_decode_attention(q: jax.Array, k_shard: jax.Array,
   """Local attention once, then pass (o, lse) partials around the ring."""
   num_devices = lax.axis_size(axis_name)
   permutation = _ring_permutation(num_devices)
-  o, lse = local_decode_attention(q, k_shard, v_shard, lengths_shard,
+  o, lse = local_decode_attention(q, k_shard, v_shard, ends_shard,
                                   sm_scale=sm_scale, impl=impl)
   message = (o, lse)
   for _ in range(num_devices - 1):
