@@ -174,9 +174,7 @@ def load_for_inference(workdir: str | os.PathLike, step: Optional[int] = None, *
     if not steps:
       raise FileNotFoundError(
           f"workdir {workdir!r} has no checkpoints: expected step directories under {ckpt_dir!r}")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
+    if step is not None and step not in steps:
       raise FileNotFoundError(
           f"workdir {workdir!r} has no checkpoint for step {step}; saved steps: {sorted(steps)}")
     model = build_model(model_config)
@@ -195,7 +193,12 @@ def load_for_inference(workdir: str | os.PathLike, step: Optional[int] = None, *
       shardings = sharding
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, shardings)
-    params, _ = checkpointer.restore(step, target)
+    from bt_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    # The newest step that restores cleanly (a damaged one is named in one log
+    # line and moved to checkpoints_damaged/); an asked-for damaged step is an
+    # error naming the newest good one.
+    _, (params, _) = workdir_lib.restore_newest_good(
+        ckpt_dir, steps, lambda s: checkpointer.restore(s, target), step=step)
   finally:
     checkpointer.close()
   return model, params, tokenizer

@@ -204,5 +204,6 @@ def main(argv):
 if __name__ == "__main__":
   from bt_jax import logging_utils  # pylint: disable=g-import-not-at-top
   logging_utils.quiet_orbax_logs()
+  from bt_jax import cli  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(main)
+  cli.run(lambda _: main([sys.argv[0]]))   # --help exits 0; stray arguments are user errors

@@ -35,9 +35,11 @@ auto-detects (Cloud TPU, SLURM).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -56,6 +58,7 @@ from bt_jax import logging_utils
 from bt_jax import optim
 from bt_jax import run_utils
 from bt_jax import trainer
+from bt_jax import workdir as workdir_lib
 from bt_jax.mesh import make_mesh, row_groups
 from bt_jax.models import build_model
 
@@ -67,6 +70,10 @@ TB_DIR = run_utils.TB_DIR
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or gradient norm became NaN or inf; the run stopped without checkpointing it."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint save failed; the run stopped (it never trains on after a failed save)."""
 
 
 def _check_positive(scope: str, config, names, optional: bool = False) -> None:
@@ -353,8 +360,10 @@ class _Loop:
   """
 
   def __init__(self, run: _Run, checkpointer: checkpointing.Checkpointer, writer: run_utils.MetricWriter,
-               state, start_step: int, last_good_step: Optional[int]):
+               state, start_step: int, last_good_step: Optional[int],
+               stop_request: Optional[run_utils.StopRequest] = None):
     self.run = run
+    self.stop_request = stop_request
     self.cfg = run.cfg
     self.checkpointer = checkpointer
     self.writer = writer
@@ -409,8 +418,15 @@ class _Loop:
   def _save(self, step: int) -> None:
     self._fetch()
     state = self.state
-    self.checkpointer.save(step, state["params"], {"step": state["step"], "opt_state": state["opt_state"]},
-                           self.run.train_iter)
+    try:
+      self.checkpointer.save(step, state["params"],
+                             {"step": state["step"], "opt_state": state["opt_state"]}, self.run.train_iter)
+    except Exception as e:  # a run never trains on after a failed save
+      last = ("no checkpoint was saved" if self.last_good_step is None else
+              f"the last good checkpoint is step {self.last_good_step}")
+      raise CheckpointSaveError(
+          f"saving the checkpoint of step {step} in {self.checkpointer.directory} failed "
+          f"({type(e).__name__}: {e}); the run stops ({last})") from e
     self.last_good_step = step
 
   def _next_batch(self) -> dict[str, jax.Array]:
@@ -422,12 +438,14 @@ class _Loop:
   def __call__(self, progress=None) -> Optional[int]:
     """Trains to cfg.steps; returns the step it stopped at early, or None."""
     cfg, fns = self.cfg, self.run.fns
-    with run_utils.StopRequest() as stop_request:
+    with contextlib.ExitStack() as stack:
+      stop_request = self.stop_request or stack.enter_context(run_utils.StopRequest())
       for step in range(self.start_step + 1, cfg.steps + 1):
         self.state, metrics = fns.train_step(self.state, self._next_batch(), self.run.hyperparams)
         self.pending.append((step, metrics))
         if step == self.start_step + 1:  # the first step includes compilation: time from its end
           jax.block_until_ready(metrics)
+          stop_request.ready()   # from now on a stop signal checkpoints first
           self._reset_timer()
         else:
           self.timer_steps += 1
@@ -461,8 +479,59 @@ class _Loop:
     return None
 
 
+def _claim_workdir(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfig,
+                   operative_config: Optional[str], start_over: bool,
+                   stack: contextlib.ExitStack) -> str:
+  """One writer and one run per workdir (`bt_jax.workdir`): refuses, changing
+  nothing, a workdir held by a live run or holding another run; with
+  `start_over` the other run's files are moved aside (kept) instead."""
+  workdir = _check_workdir(workdir)
+  if jax.process_index() != 0:
+    return workdir
+  model_json = checkpointing.model_config_to_json(resolve_model_config(model_config, cfg))
+
+  def check():
+    if start_over:
+      if workdir_lib.run_differences(workdir, model_json, operative_config):
+        workdir_lib.move_run_aside(workdir)
+    else:
+      workdir_lib.check_same_run(workdir, model_json, operative_config)
+
+  check()                      # read-only: a refused run leaves the workdir as it was
+  stack.enter_context(workdir_lib.WorkdirLock(workdir))
+  check()                      # again under the lock: another run may have started meanwhile
+  return workdir
+
+
 def train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfig,
-                       *, operative_config: Optional[str] = None) -> dict[str, Any]:
+                       *, operative_config: Optional[str] = None,
+                       start_over: bool = False) -> dict[str, Any]:
+  with contextlib.ExitStack() as stack:
+    stop_request = stack.enter_context(run_utils.StopRequest(exit_before_ready=True))
+    workdir = _claim_workdir(workdir, model_config, cfg, operative_config, start_over, stack)
+    return _train_and_evaluate(workdir, model_config, cfg, operative_config, stop_request)
+
+
+train_and_evaluate.__doc__ = """Trains (or resumes) in `workdir`; returns the summary (also written to summary.json).
+
+  The workdir belongs to one run (`bt_jax.workdir`): a workdir that a live run
+  holds, or whose model_config.json / config.gin differ from this run's in
+  anything but the resumable settings, is refused with WorkdirError (nothing
+  changed); `start_over` moves the other run's files aside instead. Resuming
+  restores the newest checkpoint that restores cleanly (damaged steps are moved
+  to checkpoints_damaged/). SIGTERM or Ctrl-C checkpoints and returns; before
+  the first step (start-up, restore, compile) it exits at once.
+
+  Returns early, after checkpointing, when SIGTERM arrives or at `stop_at_step`;
+  the summary then has "stopped_at" and no final eval (and is not written).
+  Raises NonFiniteLossError when the loss or gradient norm becomes NaN/inf, and
+  CheckpointSaveError when a save fails.
+  """
+
+
+def _train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfig,
+                        operative_config: Optional[str],
+                        stop_request: run_utils.StopRequest) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the summary (also written to summary.json).
 
   Returns early, after checkpointing, when SIGTERM arrives or at `stop_at_step`;
@@ -478,14 +547,24 @@ def train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg: 
   fns, is_main = run.fns, jax.process_index() == 0
   checkpointer = checkpointing.Checkpointer(run.workdir, keep=cfg.checkpoint.keep,
                                             async_save=cfg.checkpoint.async_save)
-  latest = checkpointer.latest_step()
-  if latest is None:
+  steps = workdir_lib.existing_steps(checkpointer.directory)
+  if not steps:
+    latest = None
     state, start_step = fns.init(jax.random.key(cfg.seed)), 0
   else:
     abstract = fns.abstract_state
-    params, train_state = checkpointer.restore(
-        latest, abstract["params"], {"step": abstract["step"], "opt_state": abstract["opt_state"]},
-        data_iterator=run.train_iter)
+
+    def restore(step):
+      return checkpointer.restore(
+          step, abstract["params"], {"step": abstract["step"], "opt_state": abstract["opt_state"]},
+          data_iterator=run.train_iter)
+
+    latest, (params, train_state) = workdir_lib.restore_newest_good(
+        checkpointer.directory, steps, restore, move_aside=is_main)
+    if latest != max(steps):   # damaged steps were moved aside: reopen on what is left
+      checkpointer.close()
+      checkpointer = checkpointing.Checkpointer(run.workdir, keep=cfg.checkpoint.keep,
+                                                async_save=cfg.checkpoint.async_save)
     state = {"step": train_state["step"], "params": params, "opt_state": train_state["opt_state"]}
     start_step = int(jax.device_get(state["step"]))
     logging.info("resumed from %s at step %d", checkpointer.directory, start_step)
@@ -497,7 +576,7 @@ def train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg: 
   if is_main and cfg.progress_bar:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     progress = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-  loop = _Loop(run, checkpointer, writer, state, start_step, latest)
+  loop = _Loop(run, checkpointer, writer, state, start_step, latest, stop_request)
   try:
     stopped_at = loop(progress)
   finally:
@@ -573,6 +652,9 @@ def define_flags() -> None:
                       "(default: $JAX_COORDINATOR_ADDRESS).")
   flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
   flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+  flags.DEFINE_bool("start_over", False, "If --workdir holds another run, move its files aside "
+                    "(into WORKDIR/replaced-<time>/) and start from scratch; without it such a "
+                    "workdir is refused.")
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detected "
                     "settings (Cloud TPU pods, SLURM, ...).")
 
@@ -619,14 +701,16 @@ def main(argv: Sequence[str]) -> None:
   except (FileNotFoundError, ValueError) as e:  # a bad config: the message says it all
     raise SystemExit(f"error: {e}") from None
   try:
-    summary = train_and_evaluate(FLAGS.workdir, model_config, train_config, operative_config=operative)
-  except NonFiniteLossError as e:
+    summary = train_and_evaluate(FLAGS.workdir, model_config, train_config, operative_config=operative,
+                                 start_over=FLAGS.start_over)
+  except (NonFiniteLossError, CheckpointSaveError) as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None
   print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":
+  from bt_jax import cli  # pylint: disable=g-import-not-at-top
   define_flags()
   logging_utils.quiet_orbax_logs()
-  app.run(main)
+  cli.run(lambda _: main([sys.argv[0]]))   # --help exits 0; stray arguments are user errors

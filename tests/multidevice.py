@@ -51,7 +51,7 @@ SHARDING_WARNINGS = ("Involuntary full rematerialization",)
 
 
 def run_check_script(script: str, *, checks: Optional[int] = None,
-                     min_checks: Optional[int] = None, timeout: int = 300,
+                     min_checks: Optional[int] = None, timeout: int = 900,
                      devices: int = 8) -> list[dict]:
   """Runs tests/<script> with `devices` forced CPU devices and asserts that it
   passed every check and ran `checks` (or at least `min_checks`) of them, so

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -48,6 +50,7 @@ def test_only_attention_imports_pallas_kernels():
   assert importers == ["bt_jax/attention.py"], importers
 
 
+@pytest.mark.slow
 def test_pallas_on_cpu_warns_once_and_runs_the_reference():
   """Two "pallas" calls (flash and decode) in a fresh process: one warning,
   and the results of the jnp reference."""

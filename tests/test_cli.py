@@ -54,15 +54,8 @@ BINARIES = [
     ("experiments.redrafter_bench", "--out"),
     ("experiments.plot_training", "--out"),
 ]
-# Still on absl's app.run, whose --help exits 1, until they move to cli.run.
-NOT_YET_ON_CLI_RUN = {"bt_jax.train", "bt_jax.generate", "bt_jax.train_drafter"}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("module, flag", [
-    pytest.param(m, f, marks=pytest.mark.xfail(
-        m in NOT_YET_ON_CLI_RUN, strict=True, reason="app.run's --help exits 1; use cli.run"))
-    for m, f in BINARIES])
+@pytest.mark.parametrize("module, flag", BINARIES)
 def test_help_exits_0_and_lists_the_flags(module, flag):
   proc = _run(["-m", module, "--help"])
   assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])

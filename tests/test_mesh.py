@@ -79,6 +79,7 @@ print(json.dumps(errors))
 """
 
 
+@pytest.mark.slow
 def test_the_same_mesh_error_from_generate_speculative_and_eval():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=4",

@@ -117,6 +117,7 @@ _HOLDER = textwrap.dedent("""\
     """)
 
 
+@pytest.mark.slow
 def test_lock_names_the_holder_and_dies_with_it(tmp_path):
   holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
@@ -239,6 +240,7 @@ def _finish(proc, timeout=30):
   return proc.returncode, out, err, time.monotonic() - start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_stop_during_first_compile_exits_at_once(signum):
   proc = _start("busy")
@@ -248,6 +250,7 @@ def test_stop_during_first_compile_exits_at_once(signum):
   assert code == 0 and "before the first step" in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_loop_checkpoints_and_exits_zero():
   proc = _start("loop")
   proc.send_signal(signal.SIGINT)
@@ -256,6 +259,7 @@ def test_ctrl_c_in_the_loop_checkpoints_and_exits_zero():
   assert "checkpointed and stopped" in out and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once():
   proc = _start("ready-busy")
   time.sleep(0.2)

@@ -43,7 +43,7 @@ def test_benchmark_runs_and_reads_traffic_from_hlo(tmp_path):
                  "--contexts", "512,1024", "--devices", "2,4",
                  "--methods", "tree,ring_kv", "--heads", "2",
                  "--kv_heads", "1", "--head_dim", "8", "--warmup", "0",
-                 "--repeats", "1", "--out", str(tmp_path)], timeout=300)
+                 "--repeats", "1", "--out", str(tmp_path)], timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "tree_vs_ring.json").read_text())
   assert report["complete"]

@@ -89,6 +89,7 @@ def test_generate_errors(fake_checkpoints, tmp_path):
     generate_cli.read_prompt(None, str(empty))
 
 
+@pytest.mark.slow
 def test_generate_binary_reports_errors(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, "-m", "bt_jax.generate", "--workdir", str(tmp_path),

@@ -21,6 +21,8 @@ from bt_jax.models import build_model, init_params
 from bt_jax.redrafter import load_drafter
 from tests.processes import sigterm_when
 
+pytestmark = pytest.mark.slow   # runs the binaries in subprocesses
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 

@@ -472,7 +472,7 @@ def test_sharded_speculative_decoding_on_8_devices():
   eighth of the rows or of the cache per device; bad meshes are errors
   naming the axes."""
   from tests.multidevice import run_check_script  # pylint: disable=import-outside-toplevel
-  run_check_script("tests/redrafter/multidevice_speculative.py", checks=12, timeout=400)
+  run_check_script("tests/redrafter/multidevice_speculative.py", checks=12, timeout=1200)
 
 
 # A base model whose greedy continuation is easy: trained briefly on

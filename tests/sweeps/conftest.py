@@ -27,10 +27,6 @@ train.progress_bar = False
 """
 
 
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: starts Ray or training subprocesses (minutes on 2 CPUs)")
-
-
 @pytest.fixture(scope="session")
 def tiny_run_gin(tmp_path_factory) -> str:
   path = tmp_path_factory.mktemp("sweep_gin") / "tiny_run.gin"

@@ -11,7 +11,9 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,6 +108,7 @@ def reference_run(run_gin, tmp_path_factory):
   return workdir, json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_binary_smoke(reference_run):
   workdir, printed = reference_run
   config = (workdir / "config.gin").read_text()
@@ -129,6 +132,7 @@ def test_binary_smoke(reference_run):
   assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tb").iterdir())
 
 
+@pytest.mark.slow
 def test_resume_is_exact(run_gin, reference_run, tmp_path):
   reference, _ = reference_run
   model_config, cfg, operative = train.configs_from_gin([run_gin], ["train.stop_at_step = 4"])
@@ -169,6 +173,7 @@ def test_resume_is_exact(run_gin, reference_run, tmp_path):
     checkpointing.load_for_inference(tmp_path, step=5)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_and_bf16(run_gin, reference_run, tmp_path):
   reference, _ = reference_run
   want = _losses(reference, "train_loss")
@@ -200,7 +205,7 @@ def test_grad_accumulation_and_bf16(run_gin, reference_run, tmp_path):
 @pytest.mark.multidevice
 def test_sharded_run_matches_single_device(run_gin, reference_run, tmp_path):
   reference, _ = reference_run
-  result = _run(["tests/train/multidevice_train.py", run_gin, str(tmp_path)], timeout=420, devices=8)
+  result = _run(["tests/train/multidevice_train.py", run_gin, str(tmp_path)], timeout=1200, devices=8)
   assert result.returncode == 0, result.stderr[-4000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   for warning in SHARDING_WARNINGS:   # e.g. the embedding lookup resharded by replication
@@ -218,6 +223,7 @@ def test_sharded_run_matches_single_device(run_gin, reference_run, tmp_path):
                                rtol=2e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_gin, tmp_path):
   # An absurd learning rate: step 1 is finite, its update overflows the next forward.
   model_config, cfg, _ = train.configs_from_gin(
@@ -231,6 +237,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_gin, tmp_path):
   assert max(_losses(tmp_path, "train_loss")) == 1
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(run_gin, tmp_path):
   # The vanilla baseline (plain packing), through the binary: a second model file rebinds model.config.
   args = [sys.executable, "-m", "bt_jax.train", f"--gin_file={run_gin}", "--gin_file=models/vanilla_tiny.gin",
@@ -250,6 +257,7 @@ def test_sigterm_saves_and_exits_cleanly(run_gin, tmp_path):
   assert records[-1]["step"] <= stopped_at and "train_loss_by_position" not in records[-1]
 
 
+@pytest.mark.slow
 def test_plot_training(reference_run, tmp_path):
   from experiments import plot_training  # pylint: disable=g-import-not-at-top
   from bt_jax import cli  # pylint: disable=g-import-not-at-top
@@ -345,6 +353,7 @@ def test_shipped_run_and_experiment_files_parse():
               and cfg.optimizer.weight_decay == 0.1), path
 
 
+@pytest.mark.slow
 def test_trained_workdir_serves_generate_and_eval_binaries(reference_run, tmp_path):
   """The real checkpoint of a real run, through the real generate / eval binaries
   (their own tests use a stand-in loader)."""
@@ -406,6 +415,7 @@ def test_trained_workdir_serves_generate_and_eval_binaries(reference_run, tmp_pa
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_paper_experiment_file_trains_on_a_prepared_tfds_dataset(tmp_path):
   """experiments/block_b4_5m.gin (the paper's model and recipe: bf16 compute,
   AdamW, warmup + cosine) as shipped, on a TFDS array_record dataset made by
@@ -509,3 +519,80 @@ def test_two_process_run_resumes_exactly_and_stops_together(run_gin, tmp_path):
   assert "SIGTERM or preemption on another host" in outputs[0][1]
   assert checkpointing.Checkpointer(tmp_path / "sigterm", read_only=True).all_steps() == [
       preempted[0]["stopped_at"]]
+
+
+# ---------------------------------------------------------------------------
+# The workdir belongs to one run (bt_jax.workdir), through the real binary.
+
+
+def _snapshot(path) -> dict[str, bytes]:
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      full = os.path.join(root, name)
+      with open(full, "rb") as f:
+        out[os.path.relpath(full, path)] = f.read()
+  return out
+
+
+@pytest.fixture
+def reference_copy(reference_run, tmp_path):
+  copy = tmp_path / "run"
+  shutil.copytree(reference_run[0], copy)
+  return copy
+
+
+@pytest.mark.slow
+def test_another_run_in_the_workdir_is_refused_and_nothing_changes(run_gin, reference_copy):
+  before = _snapshot(reference_copy)
+  result = _run(["-m", "bt_jax.train", f"--gin_file={run_gin}", f"--workdir={reference_copy}",
+                 "--gin_param=optimizer.learning_rate = 0.01",
+                 "--gin_param=BlockConfig.token_layers = 2"], timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  assert "optimizer.learning_rate: this workdir has 0.001, the new run has 0.01" in result.stderr
+  assert "model_config.json: token_layers: this workdir has 1, the new run has 2" in result.stderr
+  assert "--start_over" in result.stderr
+  assert _snapshot(reference_copy) == before
+
+
+@pytest.mark.slow
+def test_a_workdir_held_by_a_live_run_is_refused_naming_it(run_gin, reference_copy):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from bt_jax.workdir import WorkdirLock; "
+       "lock = WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)",
+       str(reference_copy)], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    before = _snapshot(reference_copy)
+    result = _run(["-m", "bt_jax.train", f"--gin_file={run_gin}", f"--workdir={reference_copy}",
+                   "--gin_param=train.steps = 9"], timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"in use by a live run (host {socket.gethostname()} pid {holder.pid})" in result.stderr
+    assert _snapshot(reference_copy) == before
+  finally:
+    holder.kill()
+    holder.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes(run_gin, reference_run,
+                                                                     reference_copy):
+  step_dir = reference_copy / "checkpoints" / "6" / "params"
+  files = [p for p in step_dir.rglob("*") if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  with open(biggest, "r+b") as f:
+    f.truncate(biggest.stat().st_size // 3)
+  # --step at the damaged step: an error naming it and the newest good step.
+  with pytest.raises(ValueError, match=r"step 6 .* does not restore .*newest good step is 3"):
+    checkpointing.load_for_inference(reference_copy, step=6)
+  # Resuming (train.steps may change on resume) skips step 6, moves it aside and
+  # continues exactly from step 3.
+  result = _run(["-m", "bt_jax.train", f"--gin_file={run_gin}", f"--workdir={reference_copy}"],
+                timeout=300)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "skipped damaged checkpoint step 6" in result.stderr
+  damaged = os.listdir(reference_copy / "checkpoints_damaged")
+  assert len(damaged) == 1 and damaged[0].startswith("6-")
+  assert _losses(reference_copy, "train_loss") == _losses(reference_run[0], "train_loss")
+  assert _losses(reference_copy, "eval_loss") == _losses(reference_run[0], "eval_loss")

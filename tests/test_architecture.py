@@ -1,0 +1,89 @@
+"""The import direction of docs/architecture.md: a lower layer never imports a higher one."""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# module (or package) -> the project modules it may import (prefixes).
+ALLOWED = {
+    "pallas_kernels": (),
+    "bt_jax.config": (),
+    "bt_jax.axes": (),
+    "bt_jax.cli": (),
+    "bt_jax.jsonl": ("bt_jax.cli",),
+    "bt_jax.attention": ("bt_jax.config", "bt_jax.distributed.merge", "pallas_kernels"),
+    "bt_jax.layers": ("bt_jax.config", "bt_jax.axes", "bt_jax.attention"),
+    "bt_jax.models": ("bt_jax.config", "bt_jax.axes", "bt_jax.layers", "bt_jax.models"),
+    "bt_jax.data": ("bt_jax.cli", "bt_jax.jsonl", "bt_jax.data"),
+}
+BINARIES = ("bt_jax.train", "bt_jax.generate", "bt_jax.eval_zero_shot", "bt_jax.eval_perplexity",
+            "bt_jax.train_drafter", "bt_jax.convert.__main__")
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  """Project modules imported anywhere in the file (function-level imports too)."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    if isinstance(node, ast.Import):
+      names.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      names.add(node.module)
+      names.update(f"{node.module}.{a.name}" for a in node.names)
+  return {n for n in names if n.split(".")[0] in ("bt_jax", "pallas_kernels")}
+
+
+def _files():
+  return sorted(list(ROOT.glob("bt_jax/**/*.py")) + list(ROOT.glob("pallas_kernels/**/*.py")))
+
+
+def _is_module(name: str, prefix: str) -> bool:
+  return name == prefix or name.startswith(prefix + ".")
+
+
+def _violations(layer, imports_of=_imports):
+  allowed = ALLOWED[layer] + (layer,)     # a layer may import its own modules
+  bad = []
+  for path in _files():
+    module = _module_name(path)
+    if not _is_module(module, layer):
+      continue
+    for name in imports_of(path):
+      if name == "bt_jax":   # `from bt_jax import x`: judged by its x
+        continue
+      if not any(_is_module(name, a) for a in allowed):
+        bad.append(f"{module} imports {name}")
+  return bad
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_low_layers_import_only_what_they_may(layer):
+  bad = _violations(layer)
+  assert not bad, f"{layer} may import only {ALLOWED[layer]} (docs/architecture.md): {bad}"
+
+
+def test_no_library_module_imports_a_binary():
+  bad = []
+  for path in _files():
+    module = _module_name(path)
+    if any(_is_module(module, b) for b in BINARIES):
+      continue
+    for name in _imports(path):
+      if any(_is_module(name, b) or name == b for b in BINARIES):
+        bad.append(f"{module} imports {name}")
+  assert not bad, bad
+
+
+def test_the_check_can_fail():
+  """layers importing distributed, or the kernels importing bt_jax, is caught."""
+  def with_extra(extra):
+    return lambda path: _imports(path) | {extra}
+  assert _violations("bt_jax.layers", with_extra("bt_jax.distributed.sharded_cache"))
+  assert _violations("pallas_kernels", with_extra("bt_jax.models"))
