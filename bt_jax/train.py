@@ -148,6 +148,11 @@ class TrainConfig:
   eval_batch_size: Optional[int] = None   # None: batch_size // grad_accum
   log_every: int = 50
   stop_at_step: Optional[int] = None  # save and exit at this step (the schedule still uses `steps`)
+  # Start from existing weights (a bt_jax workdir or a HF GPT-NeoX folder) instead
+  # of a random init: fine-tuning for the same architecture, uptraining for a
+  # vanilla source and a Block Transformer target (`bt_jax.convert.init_params_from`,
+  # docs/convert.md). Used only when the workdir has no checkpoint yet.
+  init_from: Optional[str] = None
   seed: int = 0
   # Mesh (data, fsdp, tensor); one -1 takes the remaining devices.
   mesh_shape: tuple[int, int, int] = (-1, 1, 1)
@@ -479,6 +484,22 @@ class _Loop:
     return None
 
 
+def initial_state(fns: trainer.StepFunctions, model_config: config_lib.ModelConfig,
+                  cfg: TrainConfig) -> dict[str, Any]:
+  """The state of a fresh run: a random init, or with `cfg.init_from` the
+  parameters of that model, placed on the random init's shardings (the
+  optimizer state, zeros, does not depend on the parameter values)."""
+  state = fns.init(jax.random.key(cfg.seed))
+  if cfg.init_from:
+    from bt_jax.convert import init_params_from  # pylint: disable=g-import-not-at-top
+    loaded = init_params_from(cfg.init_from, model_config, fns.abstract_state["params"])
+    state = dict(state, params=jax.tree.map(
+        lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding),
+        loaded, state["params"]))
+    logging.info("initialised the parameters from %s", cfg.init_from)
+  return state
+
+
 def _claim_workdir(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfig,
                    operative_config: Optional[str], start_over: bool,
                    stack: contextlib.ExitStack) -> str:
@@ -550,7 +571,7 @@ def _train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg:
   steps = workdir_lib.existing_steps(checkpointer.directory)
   if not steps:
     latest = None
-    state, start_step = fns.init(jax.random.key(cfg.seed)), 0
+    state, start_step = initial_state(fns, run.model_config, cfg), 0
   else:
     abstract = fns.abstract_state
 

@@ -11,8 +11,10 @@ from bt_jax import gin_utils
 from bt_jax.model_summary import param_counts
 from bt_jax.models import abstract_params, build_model
 
+# Sweep files bind experiments.sweep; tests/sweeps builds every trial of each.
 GIN_FILES = sorted(str(p.relative_to(gin_utils.GIN_DIR))
-                   for p in gin_utils.GIN_DIR.rglob("*.gin"))
+                   for p in gin_utils.GIN_DIR.rglob("*.gin")
+                   if p.relative_to(gin_utils.GIN_DIR).parts[0] != "sweeps")
 
 # The training binary registers its run-level configurable `train` on import
 # (gin at the edges, as in T5X).
@@ -45,8 +47,8 @@ def test_gin_file_parses_and_builds_abstractly(gin_file):
     gin.clear_config()
     return
   # pretrain.gin leaves its per-model macros to the experiment files (T5X style).
-  macros = (["LEARNING_RATE = 6e-4", "BATCH_SIZE = 256", "STEPS = 100"]
-            if gin_file == "runs/pretrain.gin" else [])
+  macros = {"runs/pretrain.gin": ["LEARNING_RATE = 6e-4", "BATCH_SIZE = 256", "STEPS = 100"],
+            "runs/uptrain.gin": ["INIT_FROM = '/a/vanilla/workdir'"]}.get(gin_file, [])
   gin_utils.parse_gin([gin_file], macros)
   if gin_file.startswith(("runs/", "experiments/")):
     # every run binding names a field of TrainConfig or of its sub-configs

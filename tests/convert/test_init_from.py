@@ -105,3 +105,26 @@ def test_uptrain_refuses_what_does_not_fit(vanilla_workdir):
   write_workdir(block_source, BLOCK, zeros, hf_models.tokenizer().to_json())
   with pytest.raises(convert.ConversionError, match="cannot initialise a vanilla model from the block"):
     convert.init_params_from(block_source, VANILLA, vanilla_target)
+
+
+def test_train_starts_from_the_source_weights(vanilla_workdir):
+  """bt_jax.train's fresh state with `train.init_from`: the source's parameters
+  (fine-tuning: exactly the source; uptraining: init_params_from's block
+  params), placed as the random init was."""
+  from bt_jax import axes, train, trainer  # pylint: disable=import-outside-toplevel
+  from bt_jax.mesh import make_mesh  # pylint: disable=import-outside-toplevel
+  workdir, source = vanilla_workdir
+  cfg = train.TrainConfig(init_from=workdir, batch_size=2, steps=2)
+  mesh = make_mesh(cfg.mesh_shape)
+  for target_config in (VANILLA, BLOCK):
+    model = build_model(target_config)
+    fns = trainer.step_functions(model, mesh, tuple(axes.DEFAULT_RULES))
+    state = train.initial_state(fns, target_config, cfg)
+    expected = (source if target_config is VANILLA else
+                convert.init_params_from(workdir, target_config, abstract_params(model)))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
+                 state["params"], expected)
+    random_init = fns.init(jax.random.key(cfg.seed))["params"]
+    assert jax.tree.structure(state["params"]) == jax.tree.structure(random_init)
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(random_init)):
+      assert a.sharding == b.sharding and a.dtype == b.dtype

@@ -335,8 +335,8 @@ def test_checkpoint_round_trip_and_missing_checkpoint(tmp_path):
 
 def test_shipped_run_and_experiment_files_parse():
   for path in sorted((REPO / "gin_configs").glob("*/*.gin")):
-    if path.parent.name == "models" or path.name == "drafter.gin":
-      continue   # drafter.gin binds bt_jax.train_drafter (tests/test_gin_configs.py)
+    if path.parent.name in ("models", "sweeps") or path.name == "drafter.gin":
+      continue   # drafter.gin binds bt_jax.train_drafter (tests/test_gin_configs.py); sweeps: tests/sweeps
     files, params = [str(path)], []
     if path.name in ("pretrain.gin", "quickstart_common.gin"):  # procedures without a model
       files.insert(0, "models/block_b4_tiny.gin")
@@ -344,6 +344,10 @@ def test_shipped_run_and_experiment_files_parse():
       with pytest.raises(ValueError, match=r"LEARNING_RATE.*%gin.REQUIRED"):
         train.configs_from_gin(files, [])
       params = ["LEARNING_RATE = 6e-4", "BATCH_SIZE = 256", "STEPS = 100"]
+    if path.name == "uptrain.gin":    # the source model is required
+      with pytest.raises(ValueError, match=r"INIT_FROM.*%gin.REQUIRED"):
+        train.configs_from_gin(files, [])
+      params = ["INIT_FROM = '/a/vanilla/workdir'"]
     model_config, cfg, operative = train.configs_from_gin(files, params)
     assert "train." in operative, path
     if path.parent.name == "experiments":
