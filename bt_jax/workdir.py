@@ -40,13 +40,12 @@ LOCK_FILE = ".lock"
 DAMAGED_DIR = "checkpoints_damaged"
 
 # Bindings that may change when a run is resumed: how long it trains and how
-# often it logs, evaluates and checkpoints. Matched on the binding's last two
-# name components (`train.steps`, `TrainConfig.steps`, `train.checkpoint.every`
-# -> `checkpoint.every`), so both a function's and a class's binding count.
+# often it logs, evaluates and checkpoints (gin's `scope/name.field`, matched on
+# `name.field`).
 RESUMABLE_BINDINGS = frozenset({
-    "steps", "log_every", "eval_every", "eval_batches_every", "checkpoint_every",
-    "keep_checkpoints", "async_checkpointing", "progress_bar", "data_threads",
-    "stop_at_step", "every", "keep", "async_save", "peak_flops_per_device",
+    "train.steps", "train.stop_at_step", "train.log_every", "train.eval_every",
+    "train.progress_bar", "train.peak_flops_per_device", "data.threads", "checkpoint.every",
+    "checkpoint.keep", "checkpoint.async_save",
 })
 # Model fields that change how a step is computed, not what is trained.
 RESUMABLE_MODEL_FIELDS = frozenset({"attention_impl", "remat"})
@@ -119,8 +118,7 @@ def _in_string(line: str) -> bool:
 
 
 def _resumable_binding(name: str) -> bool:
-  parts = name.replace("/", ".").split(".")
-  return parts[-1] in RESUMABLE_BINDINGS
+  return ".".join(name.split("/")[-1].split(".")[-2:]) in RESUMABLE_BINDINGS
 
 
 def run_differences(workdir: str, model_config_json: str,
@@ -175,7 +173,7 @@ def check_same_run(workdir: str, model_config_json: str, operative_config: Optio
   if not differences:
     return
   lines = "\n".join(str(d) for d in differences)
-  resumable = ", ".join(sorted(RESUMABLE_BINDINGS - {"every", "keep", "async_save"}))
+  resumable = ", ".join(sorted(RESUMABLE_BINDINGS))
   raise WorkdirError(
       f"workdir {workdir!r} holds another run; {len(differences)} setting(s) differ:\n{lines}\n"
       f"Nothing was changed. Train in a new --workdir, or pass {start_over_flag} to move this "
