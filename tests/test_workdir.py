@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bt_jax import workdir as workdir_lib
+from tests.utils import snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,16 +44,6 @@ def _write_run(path, config=None, gin=OPERATIVE):
   return json.dumps(config)
 
 
-def _snapshot(path):
-  out = {}
-  for root, _, files in os.walk(path):
-    for name in files:
-      full = os.path.join(root, name)
-      with open(full, "rb") as f:
-        out[os.path.relpath(full, path)] = f.read()
-  return out
-
-
 def test_parse_gin_bindings_joins_continuations_and_drops_comments():
   bindings = workdir_lib.parse_gin_bindings(OPERATIVE)
   assert bindings == {
@@ -77,7 +68,7 @@ def test_same_run_with_more_steps_is_not_a_conflict(tmp_path):
 
 def test_another_run_is_refused_naming_each_field_and_nothing_changes(tmp_path):
   _write_run(tmp_path)
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   new_model = json.dumps({"kind": "block", "config": {"block_len": 8, "width": 64, "remat": "none"}})
   new_gin = OPERATIVE.replace("0.001", "0.01").replace("BlockConfig.block_len = 4",
                                                        "BlockConfig.block_len = 8")
@@ -89,7 +80,7 @@ def test_another_run_is_refused_naming_each_field_and_nothing_changes(tmp_path):
   assert "config.gin: train.learning_rate: this workdir has 0.001, the new run has 0.01" in message
   assert "config.gin: BlockConfig.block_len" in message
   assert "--start_over" in message and "new --workdir" in message
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
 
 
 def test_another_model_kind_is_a_difference(tmp_path):
@@ -101,10 +92,10 @@ def test_another_model_kind_is_a_difference(tmp_path):
 
 def test_move_run_aside_keeps_every_file(tmp_path):
   _write_run(tmp_path)
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   target = workdir_lib.move_run_aside(str(tmp_path))
   assert os.path.basename(target).startswith("replaced-")
-  assert _snapshot(target) == before
+  assert snapshot(target) == before
   assert sorted(os.listdir(tmp_path)) == [os.path.basename(target)]
 
 

@@ -4,27 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-TINY_RUN_GIN = """
-include 'models/block_b4_tiny.gin'
-BlockConfig.max_len = 64
-BlockConfig.block_layers = 1      # one layer per stack: a quick compile
-BlockConfig.token_layers = 1
-
-data.corpus = "stdlib"
-data.corpus_max_bytes = 150000
-data.validation_max_bytes = 30000
-train.seq_len = 64
-train.batch_size = 4
-train.steps = 6
-optimizer.warmup_steps = 2
-optimizer.learning_rate = 1e-3
-train.log_every = 1
-train.eval_every = 3
-train.eval_batches = 2
-checkpoint.every = 3
-checkpoint.keep = 5
-train.progress_bar = False
-"""
+from tests.utils import TINY_RUN_GIN   # the tiny run the train tests use too
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 retried and resumes exactly; a 2-process (multi-host, gloo) trial stopped
 with the sweep continues when the sweep is rerun, exactly.
 
-All trials train the same tiny config (conftest.TINY_RUN_GIN: 6 steps,
+All trials train the same tiny config (tests.utils.TINY_RUN_GIN: 6 steps,
 checkpoints at 3 and 6) and share a JAX compilation cache.
 """
 

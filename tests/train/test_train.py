@@ -30,32 +30,11 @@ from bt_jax.config import BlockConfig
 from bt_jax.models import build_model, init_params, sequence_loss
 from tests.multidevice import SHARDING_WARNINGS
 from tests.processes import sigterm_when
+from tests.utils import TINY_BATCH, TINY_RUN_GIN, TINY_SEQ_LEN, TINY_STEPS, snapshot
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-STEPS = 6
-SEQ_LEN = 64
-BATCH = 4
-RUN_GIN = f"""
-include 'models/block_b4_tiny.gin'
-BlockConfig.max_len = {SEQ_LEN}
-BlockConfig.block_layers = 1      # one layer per stack: a quick compile
-BlockConfig.token_layers = 1
-
-data.corpus = "stdlib"
-data.corpus_max_bytes = 150000
-data.validation_max_bytes = 30000
-train.seq_len = {SEQ_LEN}
-train.batch_size = {BATCH}
-train.steps = {STEPS}
-optimizer.warmup_steps = 2
-optimizer.learning_rate = 1e-3
-train.log_every = 1
-train.eval_every = 3
-train.eval_batches = 2
-checkpoint.every = 3
-checkpoint.keep = 5
-train.progress_bar = False
-"""
+STEPS, SEQ_LEN, BATCH = TINY_STEPS, TINY_SEQ_LEN, TINY_BATCH
+RUN_GIN = TINY_RUN_GIN
 
 
 _COMPILATION_CACHE = {}
@@ -529,16 +508,6 @@ def test_two_process_run_resumes_exactly_and_stops_together(run_gin, tmp_path):
 # The workdir belongs to one run (bt_jax.workdir), through the real binary.
 
 
-def _snapshot(path) -> dict[str, bytes]:
-  out = {}
-  for root, _, files in os.walk(path):
-    for name in files:
-      full = os.path.join(root, name)
-      with open(full, "rb") as f:
-        out[os.path.relpath(full, path)] = f.read()
-  return out
-
-
 @pytest.fixture
 def reference_copy(reference_run, tmp_path):
   copy = tmp_path / "run"
@@ -548,7 +517,7 @@ def reference_copy(reference_run, tmp_path):
 
 @pytest.mark.slow
 def test_another_run_in_the_workdir_is_refused_and_nothing_changes(run_gin, reference_copy):
-  before = _snapshot(reference_copy)
+  before = snapshot(reference_copy)
   result = _run(["-m", "bt_jax.train", f"--gin_file={run_gin}", f"--workdir={reference_copy}",
                  "--gin_param=optimizer.learning_rate = 0.01",
                  "--gin_param=BlockConfig.token_layers = 2"], timeout=300)
@@ -557,7 +526,7 @@ def test_another_run_in_the_workdir_is_refused_and_nothing_changes(run_gin, refe
   assert "optimizer.learning_rate: this workdir has 0.001, the new run has 0.01" in result.stderr
   assert "model_config.json: token_layers: this workdir has 1, the new run has 2" in result.stderr
   assert "--start_over" in result.stderr
-  assert _snapshot(reference_copy) == before
+  assert snapshot(reference_copy) == before
 
 
 @pytest.mark.slow
@@ -568,12 +537,12 @@ def test_a_workdir_held_by_a_live_run_is_refused_naming_it(run_gin, reference_co
        str(reference_copy)], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"
-    before = _snapshot(reference_copy)
+    before = snapshot(reference_copy)
     result = _run(["-m", "bt_jax.train", f"--gin_file={run_gin}", f"--workdir={reference_copy}",
                    "--gin_param=train.steps = 9"], timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"in use by a live run (host {socket.gethostname()} pid {holder.pid})" in result.stderr
-    assert _snapshot(reference_copy) == before
+    assert snapshot(reference_copy) == before
   finally:
     holder.kill()
     holder.wait(timeout=60)
