@@ -526,43 +526,35 @@ def _claim_workdir(workdir: str, model_config: config_lib.ModelConfig, cfg: Trai
 
 def train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfig,
                        *, operative_config: Optional[str] = None,
-                       start_over: bool = False) -> dict[str, Any]:
-  with contextlib.ExitStack() as stack:
-    stop_request = stack.enter_context(run_utils.StopRequest(exit_before_ready=True))
-    workdir = _claim_workdir(workdir, model_config, cfg, operative_config, start_over, stack)
-    return _train_and_evaluate(workdir, model_config, cfg, operative_config, stop_request)
-
-
-train_and_evaluate.__doc__ = """Trains (or resumes) in `workdir`; returns the summary (also written to summary.json).
+                       start_over: bool = False, exit_before_first_step: bool = False
+                       ) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`; returns the summary (also written to summary.json).
 
   The workdir belongs to one run (`bt_jax.workdir`): a workdir that a live run
   holds, or whose model_config.json / config.gin differ from this run's in
   anything but the resumable settings, is refused with WorkdirError (nothing
   changed); `start_over` moves the other run's files aside instead. Resuming
   restores the newest checkpoint that restores cleanly (damaged steps are moved
-  to checkpoints_damaged/). SIGTERM or Ctrl-C checkpoints and returns; before
-  the first step (start-up, restore, compile) it exits at once.
+  to checkpoints_damaged/). SIGTERM or Ctrl-C checkpoints and returns; with
+  `exit_before_first_step` (the binary) one before the first step (start-up,
+  restore, the first compile: nothing new to save) ends the process at once.
 
   Returns early, after checkpointing, when SIGTERM arrives or at `stop_at_step`;
   the summary then has "stopped_at" and no final eval (and is not written).
   Raises NonFiniteLossError when the loss or gradient norm becomes NaN/inf, and
   CheckpointSaveError when a save fails.
   """
+  with contextlib.ExitStack() as stack:
+    stop_request = stack.enter_context(
+        run_utils.StopRequest(exit_before_ready=exit_before_first_step))
+    workdir = _claim_workdir(workdir, model_config, cfg, operative_config, start_over, stack)
+    return _train_and_evaluate(workdir, model_config, cfg, operative_config, stop_request)
 
 
 def _train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfig,
                         operative_config: Optional[str],
                         stop_request: run_utils.StopRequest) -> dict[str, Any]:
-  """Trains (or resumes) in `workdir`; returns the summary (also written to summary.json).
-
-  Returns early, after checkpointing, when SIGTERM arrives or at `stop_at_step`;
-  the summary then has "stopped_at" and no final eval (and is not written).
-  Raises NonFiniteLossError when the loss or gradient norm becomes NaN/inf.
-
-  Parameters, optimizer state and batches are placed explicitly with
-  NamedSharding; activations follow the models' logical constraints under
-  `axes.DEFAULT_RULES` (batch over data+fsdp, heads/mlp/vocab over tensor).
-  """
+  """train_and_evaluate in a claimed workdir, with the stop request already listening."""
   start_time = time.time()
   run = _prepare(workdir, model_config, cfg, operative_config)
   fns, is_main = run.fns, jax.process_index() == 0
@@ -723,7 +715,7 @@ def main(argv: Sequence[str]) -> None:
     raise SystemExit(f"error: {e}") from None
   try:
     summary = train_and_evaluate(FLAGS.workdir, model_config, train_config, operative_config=operative,
-                                 start_over=FLAGS.start_over)
+                                 start_over=FLAGS.start_over, exit_before_first_step=True)
   except (NonFiniteLossError, CheckpointSaveError) as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None
