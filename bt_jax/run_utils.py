@@ -16,6 +16,17 @@ METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
 
+def tensorboard_tag(key: str) -> str:
+  """TensorBoard groups scalars by the part before '/': `train/...` and `eval/...`
+  (metrics.jsonl keeps the flat keys)."""
+  for prefix in ("eval_", "train_"):
+    if key.startswith(prefix):
+      return f"{prefix[:-1]}/{key[len(prefix):]}"
+  if key.startswith("heldout_"):
+    return f"eval/{key}"
+  return f"train/{key}"
+
+
 class MetricWriter:
   """metrics.jsonl + TensorBoard (tensorboardX), written by process 0 only."""
 
@@ -54,11 +65,12 @@ class MetricWriter:
       for key, value in record.items():
         if key == "step":
           continue
+        tag = tensorboard_tag(key)
         if isinstance(value, list):
           for i, v in enumerate(value):
-            self._tb.add_scalar(f"{key}/{i}", v, step)
+            self._tb.add_scalar(f"{tag}/{i}", v, step)
         else:
-          self._tb.add_scalar(key, value, step)
+          self._tb.add_scalar(tag, value, step)
     self._tb.flush()
 
   def close(self) -> None:

@@ -379,6 +379,7 @@ class _Loop:
     self.window: list[dict[str, Any]] = []      # host metrics since the last log
     self.rates: list[float] = []                # tokens/s of each logged window
     self.last_eval: Optional[tuple[int, dict[str, Any]]] = None
+    self.train_seconds, self.timed_steps = 0.0, 0    # after the first (compiling) step
     self._reset_timer()
 
   def _reset_timer(self) -> None:
@@ -409,6 +410,8 @@ class _Loop:
       record["train_loss_by_position"] = trainer.by_position(
           sum(m["pos_nll"] for m in window), sum(m["pos_tokens"] for m in window))
     if self.timer_steps > 0 and elapsed > 0:
+      self.train_seconds += elapsed
+      self.timed_steps += self.timer_steps
       rate = self.timer_steps * self.run.tokens_per_step / elapsed
       record["tokens_per_s"] = rate
       self.rates.append(rate)
@@ -433,6 +436,25 @@ class _Loop:
           f"saving the checkpoint of step {step} in {self.checkpointer.directory} failed "
           f"({type(e).__name__}: {e}); the run stops ({last})") from e
     self.last_good_step = step
+    if jax.process_index() == 0:
+      logging.info("checkpoint saved at step %d (%s)", step, self.checkpointer.directory)
+
+  def _log(self, step: int, record: dict[str, Any]) -> None:
+    """One line a person can follow in a log file (no terminal needed)."""
+    if jax.process_index() != 0:
+      return
+    if "train_loss" in record:
+      if self.timed_steps:
+        per_step = self.train_seconds / self.timed_steps
+        timing = (f"{record.get('tokens_per_s', 0.0):,.0f} tokens/s, elapsed "
+                  f"{_duration(self.train_seconds)}, ETA {_duration(per_step * (self.cfg.steps - step))}")
+      else:
+        timing = "compiling done"
+      logging.info("step %d/%d: train loss %.4f, learning rate %.3g, %s", step, self.cfg.steps,
+                   record["train_loss"], record["learning_rate"], timing)
+    if "eval_loss" in record:
+      logging.info("eval at step %d: loss %.4f, perplexity %.2f", step, record["eval_loss"],
+                   record["eval_perplexity"])
 
   def _next_batch(self) -> dict[str, jax.Array]:
     cfg, seq_len = self.cfg, self.run.seq_len
@@ -452,10 +474,13 @@ class _Loop:
           jax.block_until_ready(metrics)
           stop_request.ready()   # from now on a stop signal checkpoints first
           self._reset_timer()
+          if progress is not None:   # the bar's rate and ETA leave the compile out
+            progress.update(1)
+            progress.initial, progress.start_t = progress.n, time.time()
         else:
           self.timer_steps += 1
-        if progress is not None:
-          progress.update(1)
+          if progress is not None:
+            progress.update(1)
 
         evaluate = step % cfg.eval_every == 0 or step == cfg.steps
         record = self._train_record(step) if step % cfg.log_every == 0 or evaluate else {}
@@ -464,6 +489,7 @@ class _Loop:
           record.update(self.last_eval[1])
         if record:
           self.writer.write(record)
+          self._log(step, record)
           if progress is not None:
             progress.set_postfix({k: f"{record[k]:.3f}" for k in ("train_loss", "eval_loss") if k in record})
         preempted = stop_request.should_stop(
@@ -482,6 +508,11 @@ class _Loop:
           return step
       self._fetch()
     return None
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def initial_state(fns: trainer.StepFunctions, model_config: config_lib.ModelConfig,

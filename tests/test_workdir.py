@@ -260,3 +260,11 @@ def test_second_ctrl_c_exits_at_once():
   proc.send_signal(signal.SIGINT)
   code, _, err, _ = _finish(proc)
   assert code == 130 and "second interrupt" in err
+
+
+def test_tensorboard_scalars_are_grouped():
+  from bt_jax.run_utils import tensorboard_tag  # pylint: disable=import-outside-toplevel
+  assert [tensorboard_tag(k) for k in ("train_loss", "eval_loss", "learning_rate",
+                                       "heldout_acc_0", "eval_loss_by_position")] == [
+      "train/loss", "eval/loss", "train/learning_rate", "eval/heldout_acc_0",
+      "eval/loss_by_position"]

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -565,6 +566,11 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes(run_gin, r
                 timeout=300)
   assert result.returncode == 0, result.stderr[-4000:]
   assert "skipped damaged checkpoint step 6" in result.stderr
+  # Log lines a person can follow without a terminal (the bar is off here).
+  assert re.search(r"step 5/6: train loss \d+\.\d+, learning rate \S+, [\d,]+ tokens/s, "
+                   r"elapsed \d+:\d\d:\d\d, ETA \d+:\d\d:\d\d", result.stderr), result.stderr[-3000:]
+  assert re.search(r"eval at step 6: loss \d+\.\d+, perplexity", result.stderr)
+  assert "checkpoint saved at step 6" in result.stderr
   damaged = os.listdir(reference_copy / "checkpoints_damaged")
   assert len(damaged) == 1 and damaged[0].startswith("6-")
   assert _losses(reference_copy, "train_loss") == _losses(reference_run[0], "train_loss")
