@@ -15,7 +15,9 @@ from __future__ import annotations
 import sys
 from typing import Optional, TextIO
 
-from absl import app, flags
+from absl import flags
+
+from bt_jax import cli
 
 FLAGS = flags.FLAGS
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -186,9 +188,9 @@ def _speculative(model, params, tokenizer, ids, drafter_dir, beam_width, max_new
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise cli.UserError(f"unexpected arguments {argv[1:]}")
   if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
+    raise cli.UserError("--workdir is required")
   try:
     prompt = read_prompt(FLAGS.prompt, FLAGS.prompt_file)
     stream_generate(FLAGS.workdir, prompt, max_new_tokens=FLAGS.max_new_tokens,
@@ -196,14 +198,12 @@ def main(argv):
                     seed=FLAGS.seed, step=FLAGS.step, chunk_tokens=FLAGS.chunk_tokens,
                     sequence_devices=FLAGS.sequence_devices, drafter=FLAGS.drafter,
                     beam_width=FLAGS.beam_width, echo=not FLAGS.no_echo)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  except (FileNotFoundError, ValueError) as e:   # one line, exit status 2 (bt_jax.cli)
+    raise cli.UserError(str(e)) from e
 
 
 if __name__ == "__main__":
   from bt_jax import logging_utils  # pylint: disable=g-import-not-at-top
   logging_utils.quiet_orbax_logs()
-  from bt_jax import cli  # pylint: disable=g-import-not-at-top
   define_flags()
   cli.run(lambda _: main([sys.argv[0]]))   # --help exits 0; stray arguments are user errors

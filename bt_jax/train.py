@@ -44,13 +44,14 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from absl import app, flags, logging
+from absl import flags, logging
 import gin
 import jax
 import numpy as np
 
 from bt_jax import axes
 from bt_jax import checkpointing
+from bt_jax import cli
 from bt_jax import config as config_lib
 from bt_jax import data as data_lib
 from bt_jax import gin_utils
@@ -733,17 +734,17 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
 def main(argv: Sequence[str]) -> None:
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; use --gin_file / --gin_param")
+    raise cli.UserError(f"unexpected arguments {argv[1:]}; use --gin_file / --gin_param")
   if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
+    raise cli.UserError("--workdir is required")
   if not FLAGS.gin_file:
-    raise app.UsageError("--gin_file is required (e.g. --gin_file=gin_configs/runs/quickstart.gin)")
+    raise cli.UserError("--gin_file is required (e.g. --gin_file=gin_configs/runs/quickstart.gin)")
   maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                FLAGS.distributed)
   try:
     model_config, train_config, operative = configs_from_gin(FLAGS.gin_file, FLAGS.gin_param)
-  except (FileNotFoundError, ValueError) as e:  # a bad config: the message says it all
-    raise SystemExit(f"error: {e}") from None
+  except (FileNotFoundError, ValueError) as e:  # a bad config: one line, exit status 2
+    raise cli.UserError(str(e)) from e
   try:
     summary = train_and_evaluate(FLAGS.workdir, model_config, train_config, operative_config=operative,
                                  start_over=FLAGS.start_over, exit_before_first_step=True)
@@ -754,7 +755,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from bt_jax import cli  # pylint: disable=g-import-not-at-top
   define_flags()
   logging_utils.quiet_orbax_logs()
   cli.run(lambda _: main([sys.argv[0]]))   # --help exits 0; stray arguments are user errors

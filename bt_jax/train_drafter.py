@@ -45,9 +45,10 @@ import os
 import sys
 from typing import Optional
 
-from absl import app, flags
+from absl import flags
 import gin
 
+from bt_jax import cli
 from bt_jax import gin_utils
 
 
@@ -241,22 +242,20 @@ def define_flags() -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise cli.UserError(f"unexpected arguments {argv[1:]}")
   workdir = flags.FLAGS.workdir
   if not workdir:
-    raise app.UsageError("--workdir is required")
+    raise cli.UserError("--workdir is required")
   try:
     cfg, operative = config_from_gin(flags.FLAGS.gin_file, flags.FLAGS.gin_param)
     summary = train(workdir, cfg, operative)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  except (FileNotFoundError, ValueError) as e:   # one line, exit status 2 (bt_jax.cli)
+    raise cli.UserError(str(e)) from e
   print(json.dumps(summary))
 
 
 if __name__ == "__main__":
   from bt_jax import logging_utils  # pylint: disable=g-import-not-at-top
   logging_utils.quiet_orbax_logs()
-  from bt_jax import cli  # pylint: disable=g-import-not-at-top
   define_flags()
   cli.run(lambda _: main([sys.argv[0]]))   # --help exits 0; stray arguments are user errors

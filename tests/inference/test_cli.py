@@ -95,7 +95,7 @@ def test_generate_binary_reports_errors(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "bt_jax.generate", "--workdir", str(tmp_path),
                          "--prompt", ""], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=120, check=False)
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert "error: the prompt is empty" in proc.stderr
 
 

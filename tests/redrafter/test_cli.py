@@ -93,10 +93,10 @@ def test_train_drafter_then_generate_with_it(vanilla_workdir, tmp_path):
   assert sharded.returncode == 0 and sharded.stdout == plain.stdout, sharded.stderr[-2000:]
   bad_gin = _run("bt_jax.train_drafter", f"--workdir={vanilla_workdir}",
                  "--gin_param=drafter_train.steps = 0")
-  assert bad_gin.returncode == 1 and "drafter_train.steps must be positive; got 0" in bad_gin.stderr
+  assert bad_gin.returncode == 2 and "drafter_train.steps must be positive; got 0" in bad_gin.stderr
   missing = _run("bt_jax.generate", f"--workdir={vanilla_workdir}", f"--prompt={prompt}",
                  "--temperature=0", f"--drafter={tmp_path / 'nowhere'}")
-  assert missing.returncode == 1 and "holds no trained drafter" in missing.stderr
+  assert missing.returncode == 2 and "holds no trained drafter" in missing.stderr
 
 
 def _drafter_config(out, **overrides):
