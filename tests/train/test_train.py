@@ -348,7 +348,7 @@ def test_trained_workdir_serves_generate_and_eval_binaries(reference_run, tmp_pa
   want = generate(model, params, [tokenizer.encode(prompt)], max_new_tokens=8, eos_id=tokenizer.eos_id)
   want_ids = [int(t) for t in want.tokens[0, :int(want.lengths[0])] if t != tokenizer.eos_id]
   result = _run(["-m", "bt_jax.generate", f"--workdir={workdir}", f"--prompt={prompt}",
-                 "--max_new_tokens=8", "--temperature=0"], timeout=240)
+                 "--max_new_tokens=8", "--temperature=0", "--no_echo"], timeout=240)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip() == tokenizer.decode(want_ids).strip()   # greedy: the same text
   # No orbax lines: neither its INFO chatter nor the read-only restore warnings.
@@ -356,7 +356,7 @@ def test_trained_workdir_serves_generate_and_eval_binaries(reference_run, tmp_pa
   assert "checkpoint_manager.py" not in result.stderr, result.stderr[-2000:]
   # The KV cache split over 2 devices (tree-merged partials): the same greedy text.
   result = _run(["-m", "bt_jax.generate", f"--workdir={workdir}", f"--prompt={prompt}",
-                 "--max_new_tokens=8", "--temperature=0", "--sequence_devices=2"],
+                 "--max_new_tokens=8", "--temperature=0", "--sequence_devices=2", "--no_echo"],
                 timeout=240, devices=2)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip() == tokenizer.decode(want_ids).strip()
