@@ -33,7 +33,7 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def head_dim_for_width(width: int) -> int:
-  """The spec's head_dim rule: 32 if D <= 256, 64 if D <= 1536, else 128."""
+  """The Block Transformer paper's head_dim rule: 32 if D <= 256, 64 if D <= 1536, else 128."""
   if width <= 256:
     return 32
   if width <= 1536:
@@ -57,7 +57,7 @@ class StackConfig:
 
   num_layers: int
   width: int
-  head_dim: Optional[int] = None  # None: the spec's rule from the width
+  head_dim: Optional[int] = None  # None: head_dim_for_width (the Block Transformer paper's sizes)
   mlp_ratio: int = 4
   rotary_pct: float = 0.25
   rotary_base: float = 10000.0

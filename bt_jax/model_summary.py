@@ -35,7 +35,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                       "(instead of --gin_file).", **fv)
   flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.", **fv)
 
-# Embedding parameters: token tables and the output head (the spec's "non-emb"
+# Embedding parameters: token tables and the output head (the paper's "non-emb"
 # counts both stacks and the expansion, nothing of the vocabulary).
 EMBEDDING_PATHS = (("token_embed",), ("lm_head",), ("embedder", "lookup"),
                    ("embedder", "token_embed"))

@@ -34,11 +34,14 @@ import dataclasses
 import io
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from bt_jax import cli
 
 import matplotlib
 
@@ -354,19 +357,19 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise cli.UserError(f"unexpected arguments {argv[1:]}")
   if not FLAGS.root or not FLAGS.out:
-    raise app.UsageError("--root and --out are required")
+    raise cli.UserError("--root and --out are required")
   throughput = (dict(prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens, batch=FLAGS.batch_size)
                 if FLAGS.throughput else None)
   try:
     path = build_report(FLAGS.root, FLAGS.out, throughput=throughput)
-  except FileNotFoundError as e:
-    raise SystemExit(f"error: {e}") from None
+  except FileNotFoundError as e:   # one line, exit status 2 (bt_jax.cli)
+    raise cli.UserError(str(e)) from e
   logging.info("report in %s", path)
   print(path)
 
 
 if __name__ == "__main__":
   define_flags()
-  sweep_lib.run_binary(main, __doc__)
+  cli.run(lambda _: main([sys.argv[0]]))   # --help exits 0; user errors: one line, status 2

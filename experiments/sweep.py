@@ -56,7 +56,9 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from bt_jax import cli
 import gin
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -568,7 +570,7 @@ def _tpu_hosts(tpu_type: str) -> int:
   """Hosts of a Cloud TPU slice type (v4-16: 16 TensorCores = 8 chips = 2 hosts)."""
   match = re.fullmatch(r"v(\d+)([a-z]*)-(\d+)", tpu_type)
   if not match:
-    raise app.UsageError(f"--tpu_type={tpu_type!r}: expected e.g. v4-16, v5p-32, v5litepod-16")
+    raise cli.UserError(f"--tpu_type={tpu_type!r}: expected e.g. v4-16, v5p-32, v5litepod-16")
   version, variant, size = match.group(1), match.group(2), int(match.group(3))
   if version in ("2", "3", "4") or variant == "p":   # the number counts TensorCores, 2 per chip
     chips = size // 2
@@ -581,9 +583,9 @@ def _tpu_hosts(tpu_type: str) -> int:
 def main(argv: Sequence[str]) -> None:
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise cli.UserError(f"unexpected arguments {argv[1:]}")
   if not FLAGS.sweep or not FLAGS.root:
-    raise app.UsageError("--sweep and --root are required")
+    raise cli.UserError("--sweep and --root are required")
   num_hosts = FLAGS.num_hosts
   if FLAGS.tpu_type and num_hosts is None:
     num_hosts = _tpu_hosts(FLAGS.tpu_type)
@@ -591,8 +593,8 @@ def main(argv: Sequence[str]) -> None:
     spec, trials = load_trials(FLAGS.sweep, FLAGS.root, FLAGS.scale, num_hosts=num_hosts,
                                extra_bindings=FLAGS.gin_param)
     resources = parse_resources(FLAGS.resources_per_trial)
-  except (SweepError, ValueError) as e:
-    raise SystemExit(f"error: {e}") from None
+  except (SweepError, ValueError) as e:   # one line, exit status 2 (bt_jax.cli)
+    raise cli.UserError(str(e)) from e
   if FLAGS.dry_run:
     print(f"# sweep {spec.name} (scale {spec.scale}): {len(trials)} trials under {FLAGS.root}")
     for t in trials:
@@ -617,14 +619,6 @@ def main(argv: Sequence[str]) -> None:
     raise SystemExit(1 if c["failed"] else 130)
 
 
-def run_binary(main_fn, doc: str) -> None:
-  """app.run, except that --help prints the usage and flags and exits 0 (absl exits 1)."""
-  if any(arg in ("--help", "-h", "--helpshort", "--helpfull") for arg in sys.argv[1:]):
-    print(doc.strip() + "\n\nflags:\n" + flags.FLAGS.main_module_help())
-    sys.exit(0)
-  app.run(main_fn)
-
-
 if __name__ == "__main__":
   define_flags()
-  run_binary(main, __doc__)
+  cli.run(lambda _: main([sys.argv[0]]))   # --help exits 0; user errors: one line, status 2

@@ -1,5 +1,5 @@
 """Every shipped gin file parses and builds abstractly; the paper configs have
-the parameter counts of the spec tables (block_transformer.md section 2)."""
+the parameter counts of the Block Transformer paper's tables."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_gin_file_parses_and_builds_abstractly(gin_file):
   gin.clear_config()
 
 
-# (total, non-embedding) parameters from the spec tables.
+# (total, non-embedding) parameters from the paper's tables.
 PAPER_COUNTS = {
     "block_b4_5m": (33.9e6, 4.87e6),
     "block_b4_19m": (77.4e6, 19.4e6),

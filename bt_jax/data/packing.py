@@ -1,6 +1,6 @@
 """Packing tokenized documents into fixed-length training windows (numpy).
 
-Block-aligned packing (spec section 3), per document:
+Block-aligned packing (the Block Transformer paper's training data), per document:
 
     [pad] * r   document tokens   EOS   [pad] * (to the next block boundary)
     mask 0      mask 1            1     mask 0

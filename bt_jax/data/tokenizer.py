@@ -5,7 +5,7 @@
     ids = tokenizer.encode("def f(x):\n  return x")
     assert tokenizer.decode(ids) == "def f(x):\n  return x"
 
-Pad and EOS are the same token (spec section 1: pad = eos = id 0 when we train).
+Pad and EOS are the same token (as in Pythia: pad = eos = id 0 when we train).
 `encode` never adds special tokens of its own (packing adds the EOS), and
 `decode` keeps special tokens, so `decode(encode(s)) == s` for every str s
 (a literal "<|endoftext|>" in the text encodes to the EOS id and decodes back).

@@ -14,7 +14,7 @@ one token more than `token_logprobs` can (the scored token must sit inside the
 max_len window). Only inputs longer than the context are affected.
 
 Scores come from `bt_jax.models.token_logprobs`, so vanilla and block models
-(spec section 6 alignment) go through the same path. Requests are padded to a
+(the block models' evaluation alignment, `bt_jax.models.token_logprobs`) go through the same path. Requests are padded to a
 few bucket lengths (powers of two up to the context) and a fixed number of rows,
 so only a handful of shapes compile.
 """
@@ -112,7 +112,7 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 def greedy_hits(model: nn.Module, params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
   """[batch, length] bool: is tokens[b, t] the argmax of p(. | tokens[b, :t])?
 
-  Same alignment as `token_logprobs` (block models: spec section 6); position 0
+  Same alignment as `token_logprobs` (block models: L-1 left pads); position 0
   is False. The harness's `is_greedy` needs the argmax, which log-probs of the
   scored tokens alone cannot give.
   """

@@ -1,4 +1,4 @@
-"""Zero-shot multiple-choice tasks: loaders and prompts (spec: zero_shot.md).
+"""Zero-shot multiple-choice tasks: loaders and prompts (lm-evaluation-harness conventions).
 
 Every task becomes a list of `MultipleChoiceDoc`: a context, the choice texts
 and the gold index. The continuation scored for a choice is " " + choice (the
@@ -351,7 +351,7 @@ def load_task(task: str, path: str, *, split: Optional[str] = None,
   """Docs of `task` from `path`: a raw file, a folder holding one, a TFDS
   data_dir (a folder holding the builder's folder), or "tfds:DIR".
 
-  `split` applies to TFDS only (default: the split the spec scores); a raw
+  `split` applies to TFDS only (default: the split lm-evaluation-harness scores); a raw
   file is read whole. `limit` keeps the first N docs.
   """
   spec = task_spec(task)

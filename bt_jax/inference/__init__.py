@@ -3,7 +3,7 @@
     from bt_jax.inference import SamplingConfig, generate
     out = generate(model, params, [[5, 6, 7], [9]], max_new_tokens=16, eos_id=0)
 
-See `generation` for the API, `caches` for the cache layouts (spec section 4)
+See `generation` for the API, `caches` for the cache layouts (docs/inference.md)
 and `decoding` for the per-model prefill and step.
 """
 

@@ -167,7 +167,7 @@ class VanillaDecoder(_GlobalCache):
 
 
 class BlockDecoder(_GlobalCache):
-  """Block Transformer, spec section 4.
+  """Block Transformer (docs/inference.md).
 
   Global cache: the block decoder's, one slot per block. Per new block: the
   last context embedding is expanded, the token decoder runs on a fresh local

@@ -147,7 +147,7 @@ def token_logprobs(model: nn.Module, params: Any, tokens: jax.Array,
   tokens [batch, length] int, rows right-padded; mask [batch, length] is 1 on
   real tokens (all ones when None). Returns (logprobs [batch, length] f32,
   valid [batch, length] bool) with valid = mask & (t >= 1): every token except
-  the first is scored. Block models use the padding alignment of spec section 6;
+  the first is scored. Block models use the padding alignment of the Block Transformer paper's evaluation;
   with `eval_no_pad` they score tokens t >= block_len only.
   """
   if mask is None:

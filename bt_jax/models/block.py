@@ -137,7 +137,7 @@ class BlockTransformer(nn.Module):
     logits = self.lm_head(hidden).astype(jnp.float32)
     return logits.reshape(batch, m, block_len, cfg.vocab_size)
 
-  # ---- Cached inference (bt_jax.inference), spec section 4. ----
+  # ---- Cached inference (bt_jax.inference, docs/inference.md). ----
 
   def encode_blocks(self, blocks: jax.Array, positions: jax.Array, caches, cache_index,
                     mask: jax.Array, window=None, sharding=None):

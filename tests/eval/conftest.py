@@ -64,7 +64,7 @@ def brute_force_rows(model, params, tokens, exact_length=False):
   """Log-softmax rows [len(tokens), vocab] of one full forward: row t predicts
   tokens[t + 1] (the last row predicts the next token).
 
-  Block models: spec section 6 by hand: prepend L-1 pads, append a placeholder
+  Block models by hand: prepend L-1 pads, append a placeholder
   for the next token, right-pad to a multiple of L; logits[i-1, j] predicts
   aligned position i*L + j, and original position t sits at t + L - 1.
 

@@ -298,7 +298,7 @@ def test_pallas_multi_query_step_splits_context_and_new_keys():
            "value": jax.random.normal(keys[2], shape)}
   depth = jnp.array([0, 1, 2, 1, 2])
   positions = (index - pad)[:, None] + depth[None, :]
-  # The spec's example tree: 0 <- 1 <- 2, 0 <- 3 <- 4 (each sees its ancestors).
+  # An example tree: 0 <- 1 <- 2, 0 <- 3 <- 4 (each sees its ancestors).
   tree = jnp.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 0],
                     [1, 0, 0, 1, 1]], bool)
   slots = jnp.arange(cache_len)

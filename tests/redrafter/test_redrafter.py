@@ -1,6 +1,6 @@
 """ReDrafter: tree packing, beam search, teacher forcing, speculative decoding.
 
-References: the spec's worked example and brute force for the packing, a
+References: the ReDrafter paper's worked example and brute force for the packing, a
 NumPy beam search for the drafter's, explicit per-position cross-entropies
 for the loss, and plain greedy `generate` for speculative decoding (token for
 token).

@@ -60,4 +60,4 @@ def test_report_cli_errors_on_a_missing_root(tmp_path):
   result = subprocess.run([sys.executable, "-m", "experiments.report", f"--root={tmp_path}/none",
                            f"--out={tmp_path}/out"], cwd=REPO, capture_output=True, text=True, timeout=120,
                           check=False)
-  assert result.returncode == 1 and "error: --root" in result.stderr
+  assert result.returncode == 2 and "error: --root" in result.stderr

@@ -107,7 +107,7 @@ def test_cli_dry_run_lists_trials_and_a_bad_file_is_one_error(tmp_path):
   result = subprocess.run([sys.executable, "-m", "experiments.sweep", f"--sweep={bad}",
                            f"--root={tmp_path}/root"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120, check=False)
-  assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ")
   assert "equal lengths" in result.stderr and not (tmp_path / "root").exists()
   help_result = subprocess.run([sys.executable, "-m", "experiments.sweep", "--help"], cwd=REPO, env=env,
                                capture_output=True, text=True, timeout=120, check=False)
