@@ -4,14 +4,15 @@ the callers used before they moved there."""
 import pytest
 
 from bt_jax import config as config_lib
-from bt_jax.config import BlockConfig, VanillaConfig, cdiv, round_up
+from bt_jax.config import BlockConfig, cdiv, round_up
 from bt_jax.models import MODELS, BlockTransformer, VanillaLM, build_model
+from tests.utils import tiny_config
 
 
 def _configs():
-  yield VanillaConfig(num_layers=1, width=32, vocab_size=64, max_len=64)
+  yield tiny_config("vanilla", num_layers=1, width=32, vocab_size=64, max_len=64)
   for block_len in (1, 2, 3, 4, 8):
-    yield BlockConfig(block_len=block_len, block_width=64, max_len=96, embedder="projection",
+    yield tiny_config("block", block_len=block_len, block_width=64, max_len=96, embedder="projection",
                       block_layers=1, token_layers=1, token_width=32, vocab_size=64)
 
 
@@ -40,7 +41,7 @@ def test_cdiv_and_round_up():
 
 def test_models_are_built_by_kind():
   assert MODELS == {"vanilla": VanillaLM, "block": BlockTransformer}
-  assert isinstance(build_model(VanillaConfig(num_layers=1, width=32)), VanillaLM)
-  assert isinstance(build_model(BlockConfig(block_layers=1, token_layers=1)), BlockTransformer)
+  assert isinstance(build_model(tiny_config("vanilla", num_layers=1, width=32)), VanillaLM)
+  assert isinstance(build_model(tiny_config("block", block_layers=1, token_layers=1)), BlockTransformer)
   with pytest.raises(TypeError, match="unknown model config type dict"):
     build_model({"kind": "vanilla"})

@@ -11,15 +11,14 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from bt_jax import axes, distributed, mesh as mesh_lib
-from bt_jax.config import VanillaConfig
 from bt_jax.eval.sharding import EvalSharding
 from bt_jax.models import abstract_params, build_model
 from tests.multidevice import REPO
+from tests.utils import tiny_config
 
 
 def test_meshes_live_in_one_module():
@@ -35,7 +34,7 @@ def test_meshes_live_in_one_module():
 
 
 def test_param_shardings_are_the_training_rules():
-  model = build_model(VanillaConfig(num_layers=1, width=32, vocab_size=64, max_len=16))
+  model = build_model(tiny_config("vanilla", num_layers=1, width=32, vocab_size=64, max_len=16))
   mesh = mesh_lib.make_mesh((1, 1, 1))
   shardings = mesh_lib.param_shardings(model, mesh)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
@@ -50,14 +49,14 @@ def test_param_shardings_are_the_training_rules():
 
 _SCRIPT = r"""
 import json, jax
-from bt_jax.config import VanillaConfig
 from bt_jax.eval.scoring import LoglikelihoodScorer
 from bt_jax.inference import generate
 from bt_jax.mesh import make_mesh
 from bt_jax.models import abstract_params, build_model
 from bt_jax.redrafter import DraftHead, DrafterConfig, speculative_generate
+from tests.utils import tiny_config
 
-config = VanillaConfig(num_layers=1, width=32, head_dim=16, vocab_size=128, max_len=64)
+config = tiny_config("vanilla", num_layers=1, width=32, head_dim=16, vocab_size=128, max_len=64)
 model = build_model(config)
 params = abstract_params(model)          # shapes only: the error comes before any compile
 wide = make_mesh((1, 1, 4))              # 2 heads cannot be split 4 ways

@@ -15,10 +15,10 @@ import torch
 
 from bt_jax import convert
 from bt_jax.checkpointing import load_for_inference
-from bt_jax.config import BlockConfig
 from bt_jax.models import native_logprobs, token_logprobs
 from tests.convert import hf_models
 from tests.convert.official_block import random_official
+from tests.utils import tiny_config
 
 TINY = dict(vocab_size=512, max_len=128, block_len=4, prefix_len=2, block_layers=2,
             block_width=64, token_layers=2, token_width=64)
@@ -44,7 +44,7 @@ def test_converted_official_checkpoint_scores_exactly(tmp_path, tokenizer_file, 
   # An HF-Trainer folder: checkpoint-N/model.safetensors (+ trainer_state.json).
   folder = str(tmp_path / "run" / "checkpoint-1200")
   _save(reference, folder)
-  config = BlockConfig(embedder=embedder, **TINY)
+  config = tiny_config("block", embedder=embedder, **TINY)
   workdir = convert.from_block_transformer(folder, config, str(tmp_path / "wd"),
                                            tokenizer=tokenizer_file)
   model, params, _ = load_for_inference(workdir)
@@ -59,7 +59,7 @@ def test_converted_official_checkpoint_scores_exactly(tmp_path, tokenizer_file, 
 def test_eval_no_pad_is_recorded_and_scores_without_left_pad(tmp_path, tokenizer_file):
   reference = random_official(seed=1)
   path = _save(reference, str(tmp_path / "ckpt"))
-  workdir = convert.from_block_transformer(path, BlockConfig(**TINY), str(tmp_path / "wd"),
+  workdir = convert.from_block_transformer(path, tiny_config("block", **TINY), str(tmp_path / "wd"),
                                            tokenizer=tokenizer_file, eval_no_pad=True)
   with open(os.path.join(workdir, "model_config.json")) as f:
     assert json.load(f)["config"]["eval_no_pad"] is True
@@ -78,11 +78,11 @@ def test_eval_no_pad_is_recorded_and_scores_without_left_pad(tmp_path, tokenizer
 
 def test_wrong_gin_shape_names_tensor_and_shapes(tmp_path, tokenizer_file):
   path = _save(random_official(), str(tmp_path / "ckpt"))
-  config = BlockConfig(**{**TINY, "token_layers": 1})
+  config = tiny_config("block", **{**TINY, "token_layers": 1})
   with pytest.raises(convert.ConversionError, match="map onto nothing: "
                      r"\['token_decoder.gpt_neox.layers.1"):
     convert.from_block_transformer(path, config, str(tmp_path / "wd"), tokenizer=tokenizer_file)
-  config = BlockConfig(**{**TINY, "prefix_len": 3})
+  config = tiny_config("block", **{**TINY, "prefix_len": 3})
   with pytest.raises(convert.ConversionError,
                      match=r"'token_decoder.expansion_layer.weight' has shape \(128, 64, 1\), "
                            r"expected \(192, 64, 1\)"):
@@ -96,17 +96,17 @@ def test_unknown_and_missing_tensors(tmp_path, tokenizer_file):
   path = str(tmp_path / "extra.safetensors")
   safetensors.torch.save_file(extra, path)
   with pytest.raises(convert.ConversionError, match=r"\['token_decoder.lm_bias'\]"):
-    convert.from_block_transformer(path, BlockConfig(**TINY), str(tmp_path / "wd"),
+    convert.from_block_transformer(path, tiny_config("block", **TINY), str(tmp_path / "wd"),
                                    tokenizer=tokenizer_file)
   del state["token_decoder.embed_out.weight"]
   path = str(tmp_path / "missing.safetensors")
   safetensors.torch.save_file(state, path)
   with pytest.raises(convert.ConversionError,
                      match="'token_decoder.embed_out.weight' is missing"):
-    convert.from_block_transformer(path, BlockConfig(**TINY), str(tmp_path / "wd"),
+    convert.from_block_transformer(path, tiny_config("block", **TINY), str(tmp_path / "wd"),
                                    tokenizer=tokenizer_file)
   with pytest.raises(FileNotFoundError, match="pass --tokenizer"):
-    convert.from_block_transformer(str(tmp_path), BlockConfig(**TINY), str(tmp_path / "wd"))
+    convert.from_block_transformer(str(tmp_path), tiny_config("block", **TINY), str(tmp_path / "wd"))
 
 
 def test_no_pad_scoring_refuses_a_continuation_inside_block_zero():

@@ -18,6 +18,7 @@ from bt_jax.convert.safetensors_io import TensorSource
 from bt_jax.inference.generation import generate
 from bt_jax.models import token_logprobs
 from tests.convert import hf_models
+from tests.utils import tiny_config
 
 # name -> GPTNeoXConfig overrides. Tiny widths, the shapes that matter: rotary
 # on 25% or all of the head, head_dim 64 or 256, tied or untied head, a
@@ -246,10 +247,9 @@ def test_existing_workdir_is_not_overwritten(tmp_path, hf_dir):
 
 def test_to_hf_refuses_a_block_model(tmp_path):
   import jax
-  from bt_jax.config import BlockConfig
   from bt_jax.convert.workdir import write_workdir
   from bt_jax.models import abstract_params, build_model
-  config = BlockConfig(vocab_size=320, max_len=32, block_width=64, token_width=64,
+  config = tiny_config("block", vocab_size=320, max_len=32, block_width=64, token_width=64,
                        block_layers=1, token_layers=1)
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(build_model(config)))
   workdir = str(tmp_path / "block")

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from bt_jax import convert
-from bt_jax.config import BlockConfig, VanillaConfig
 from bt_jax.convert.workdir import write_workdir
 from bt_jax.models import abstract_params, build_model
 from tests.convert import hf_models
+from tests.utils import tiny_config
 
-VANILLA = VanillaConfig(vocab_size=320, max_len=64, num_layers=4, width=64)
-BLOCK = BlockConfig(vocab_size=320, max_len=64, block_layers=2, block_width=64, token_layers=2,
+VANILLA = tiny_config("vanilla", vocab_size=320, max_len=64, num_layers=4, width=64)
+BLOCK = tiny_config("block", vocab_size=320, max_len=64, block_layers=2, block_width=64, token_layers=2,
                     token_width=64, embedder="projection")
 
 

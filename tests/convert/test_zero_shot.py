@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the harness's model must not reach for the hub
 

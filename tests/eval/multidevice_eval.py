@@ -14,18 +14,18 @@ import sys
 import jax
 import numpy as np
 
-from bt_jax.config import BlockConfig, VanillaConfig
 from bt_jax.eval.perplexity import loss_by_position
 from bt_jax.eval.scoring import LoglikelihoodScorer, ScoreRequest
 from bt_jax.eval.sharding import EvalSharding, eval_sharding_from_flag
 from bt_jax.mesh import make_mesh
 from bt_jax.models import build_model, init_params
 from tests.multidevice import check, record, summary
+from tests.utils import tiny_config
 
 VOCAB = 128
 CONFIGS = {
-    "vanilla": VanillaConfig(vocab_size=VOCAB, num_layers=2, width=64, max_len=64, init_std=0.3),
-    "block-L4": BlockConfig(vocab_size=VOCAB, block_len=4, block_layers=2, block_width=64,
+    "vanilla": tiny_config("vanilla", vocab_size=VOCAB, num_layers=2, width=64, max_len=64, init_std=0.3),
+    "block-L4": tiny_config("block", vocab_size=VOCAB, block_len=4, block_layers=2, block_width=64,
                             token_layers=2, token_width=64, max_len=64, init_std=0.3),
 }
 MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x4x2": (1, 4, 2)}

@@ -16,13 +16,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 _RUNNER = textwrap.dedent("""
     import runpy, sys, types
-    from tests.eval.conftest import TOKENIZER_TEXTS, VOCAB_SIZE, tiny_model
+    from tests.utils import TOKENIZER_TEXTS, VOCAB_SIZE, eval_model
     from bt_jax.data.tokenizer import train_bpe
 
     def load_for_inference(workdir, sharding=None):
       assert sharding is None, sharding   # one CPU device: --mesh_shape auto is None
       kind = "block" if "block" in workdir else "vanilla"
-      return (*tiny_model(kind), train_bpe(TOKENIZER_TEXTS * 4, vocab_size=VOCAB_SIZE))
+      return (*eval_model(kind), train_bpe(TOKENIZER_TEXTS * 4, vocab_size=VOCAB_SIZE))
 
     sys.modules["bt_jax.checkpointing"] = types.SimpleNamespace(
         load_for_inference=load_for_inference)

@@ -16,14 +16,14 @@ from bt_jax.eval import tasks  # noqa: E402
 from bt_jax.eval.lm_eval_adapter import BtJaxLM  # noqa: E402
 from bt_jax.eval.scoring import encode_pair  # noqa: E402
 from bt_jax.eval.zero_shot import evaluate_zero_shot  # noqa: E402
-from tests.eval.conftest import TOKENIZER_TEXTS, brute_force_loglikelihood, tiny_model  # noqa: E402
+from tests.utils import TOKENIZER_TEXTS, brute_force_loglikelihood, eval_model  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 @pytest.fixture(scope="module", params=["vanilla", "block"])
 def adapter(request, tokenizer):
-  model, params = tiny_model(request.param)
+  model, params = eval_model(request.param)
   return BtJaxLM(model=model, params=params, tokenizer=tokenizer, batch_size="4", min_bucket=32)
 
 
@@ -54,7 +54,7 @@ def test_loglikelihoods_equal_native(adapter, tokenizer):
 
 def test_adapter_on_a_mesh(tokenizer):
   """mesh_shape="1,1,1": params placed by the mesh rules, the same scores."""
-  model, params = tiny_model("vanilla")
+  model, params = eval_model("vanilla")
   plain = BtJaxLM(model=model, params=params, tokenizer=tokenizer, batch_size="4",
                   mesh_shape="none")
   meshed = BtJaxLM(model=model, params=params, tokenizer=tokenizer, batch_size="4",
@@ -158,7 +158,7 @@ def test_simple_evaluate_matches_native(tokenizer, tmp_path, monkeypatch):
                           for r, d in zip(records, docs)))
   (tmp_path / "piqa_fixture.yaml").write_text(
       _PIQA_TASK_YAML.format(data=data, cache=tmp_path / "cache"))
-  model, params = tiny_model("vanilla")
+  model, params = eval_model("vanilla")
   lm = BtJaxLM(model=model, params=params, tokenizer=tokenizer, batch_size=4)
   out = lm_eval.simple_evaluate(model=lm, tasks=["piqa_fixture"], log_samples=True,
                                 task_manager=TaskManager(include_path=str(tmp_path)))

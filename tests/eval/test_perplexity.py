@@ -10,7 +10,7 @@ from bt_jax.data.tokenizer import train_bpe
 from bt_jax.cli import UserError
 from bt_jax.eval.perplexity import (PositionLoss, loss_by_position, read_corpus, rolling_windows,
                                     run_perplexity)
-from tests.eval.conftest import TOKENIZER_TEXTS, VOCAB_SIZE, brute_force_logprobs, tiny_model
+from tests.utils import TOKENIZER_TEXTS, VOCAB_SIZE, brute_force_logprobs, eval_model
 
 CONTEXT = 32
 
@@ -106,7 +106,7 @@ def test_loss_by_position_equals_brute_force(model_and_params, tokenizer):
 
 def test_run_perplexity_two_runs(tokenizer, tmp_path):
   (tmp_path / "corpus.txt").write_text(" ".join(TOKENIZER_TEXTS))
-  runs = [(kind, *tiny_model(kind), tokenizer) for kind in ("vanilla", "block")]
+  runs = [(kind, *eval_model(kind), tokenizer) for kind in ("vanilla", "block")]
   report = run_perplexity(runs, str(tmp_path / "*.txt"), out_dir=str(tmp_path / "out"),
                           context_len=CONTEXT, batch_size=4, bin_size=8, progress=False)
   saved = json.loads((tmp_path / "out" / "perplexity.json").read_text())
@@ -121,7 +121,7 @@ def test_run_perplexity_two_runs(tokenizer, tmp_path):
 def test_run_perplexity_flags_different_tokenizers(tokenizer, tmp_path, capsys):
   (tmp_path / "corpus.txt").write_text(" ".join(TOKENIZER_TEXTS))
   other = train_bpe(TOKENIZER_TEXTS * 4, vocab_size=VOCAB_SIZE - 20)
-  runs = [("a", *tiny_model("vanilla"), tokenizer), ("b", *tiny_model("vanilla"), other)]
+  runs = [("a", *eval_model("vanilla"), tokenizer), ("b", *eval_model("vanilla"), other)]
   report = run_perplexity(runs, str(tmp_path / "*.txt"), context_len=CONTEXT, batch_size=4,
                           bin_size=8, progress=False)
   assert report["same_tokenizer"] is False

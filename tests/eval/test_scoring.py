@@ -10,7 +10,7 @@ from bt_jax.eval import tasks
 from bt_jax.eval.scoring import (LoglikelihoodScorer, ScoreRequest, bucket_for, bucket_lengths,
                                  encode_pair, make_window)
 from bt_jax.eval.zero_shot import doc_requests
-from tests.eval.conftest import MAX_LEN, brute_force_loglikelihood, brute_force_rows
+from tests.utils import MAX_LEN, brute_force_loglikelihood, brute_force_rows
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

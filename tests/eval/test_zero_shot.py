@@ -12,7 +12,7 @@ from bt_jax.eval.scoring import LoglikelihoodScorer
 from bt_jax.eval.tasks import MultipleChoiceDoc
 from bt_jax.eval.zero_shot import (doc_requests, evaluate_zero_shot, format_table, mean_stderr,
                                    parse_task_flags, predict, run_zero_shot, task_metrics)
-from tests.eval.conftest import brute_force_loglikelihood
+from tests.utils import brute_force_loglikelihood
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -80,8 +80,8 @@ def test_parse_task_flags():
 
 
 def test_run_zero_shot_writes_json(tokenizer, tmp_path, capsys):
-  from tests.eval.conftest import tiny_model
-  model, params = tiny_model("vanilla")
+  from tests.utils import eval_model
+  model, params = eval_model("vanilla")
   out = tmp_path / "res" / "zero_shot.json"
   report = run_zero_shot(
       model, params, tokenizer, parse_task_flags(["arc_easy", "piqa"], data=FIXTURES),

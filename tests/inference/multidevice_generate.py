@@ -22,7 +22,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bt_jax.attention import xla_attention
-from bt_jax.config import BlockConfig, VanillaConfig
 from bt_jax.distributed import (ShardedKVCache, make_sequence_mesh, physical_slots,
                                 to_logical_order)
 from bt_jax.inference import generate, generate_fn, make_stream_fns, prepare_prompts
@@ -30,6 +29,7 @@ from bt_jax.inference.caches import padded_mask, padded_window
 from bt_jax.models import build_model, init_params
 from tests.kernel_calls import kernel_calls
 from tests.multidevice import check, record, summary
+from tests.utils import tiny_config
 
 # Neither is a multiple of L_B = 4 (the last block is cut). The block model
 # makes 18 blocks: with the prompt, 24 cache slots, 3 per device on 8 devices.
@@ -43,8 +43,8 @@ LOGITS_ATOL = 1e-4
 TINY = dict(vocab_size=128, max_len=128, init_std=0.3)
 BLOCK = dict(block_layers=2, block_width=32, token_layers=2, token_width=32, **TINY)
 CONFIGS = {
-    "vanilla": VanillaConfig(num_layers=2, width=32, head_dim=16, **TINY),
-    "block-L4": BlockConfig(block_len=4, **BLOCK),
+    "vanilla": tiny_config("vanilla", num_layers=2, width=32, head_dim=16, **TINY),
+    "block-L4": tiny_config("block", block_len=4, **BLOCK),
 }
 
 def assert_same_generation(got, want) -> float:

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from bt_jax.attention import window_mask
-from bt_jax.config import BlockConfig, StackConfig, VanillaConfig
+from bt_jax.config import BlockConfig, StackConfig
 from bt_jax.inference import (SamplingConfig, generate, make_stream_fns, prepare_prompts,
                               restrict_logits, sample_logits)
 from bt_jax.inference.caches import local_mask, local_window, padded_mask, padded_window
 from bt_jax.layers import Attention
 from bt_jax.models import build_model, init_params
 from tests.kernel_calls import kernel_calls
+from tests.utils import tiny_config
 
 VOCAB = 128
 MAX_LEN = 64
@@ -30,20 +31,20 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [1, 2, 3, 4, 5], [20, 21, 22, 23, 24, 2
 TINY = dict(vocab_size=VOCAB, max_len=MAX_LEN, init_std=0.3)
 BLOCK = dict(block_layers=2, block_width=32, token_layers=2, token_width=32, **TINY)
 CONFIGS = {
-    "vanilla": VanillaConfig(num_layers=2, width=32, **TINY),
-    "block-L1": BlockConfig(block_len=1, **BLOCK),
-    "block-L2": BlockConfig(block_len=2, **BLOCK),
-    "block-L4": BlockConfig(block_len=4, **BLOCK),
-    "block-L8-P3": BlockConfig(block_len=8, prefix_len=3, **BLOCK),
-    "block-L4-summation-encoder": BlockConfig(block_len=4, token_decoder="summation",
+    "vanilla": tiny_config("vanilla", num_layers=2, width=32, **TINY),
+    "block-L1": tiny_config("block", block_len=1, **BLOCK),
+    "block-L2": tiny_config("block", block_len=2, **BLOCK),
+    "block-L4": tiny_config("block", block_len=4, **BLOCK),
+    "block-L8-P3": tiny_config("block", block_len=8, prefix_len=3, **BLOCK),
+    "block-L4-summation-encoder": tiny_config("block", block_len=4, token_decoder="summation",
                                               embedder="encoder", encoder_layers=1,
                                               encoder_width=32, **BLOCK),
-    "block-L2-cross-projection": BlockConfig(block_len=2, token_decoder="cross_attention",
+    "block-L2-cross-projection": tiny_config("block", block_len=2, token_decoder="cross_attention",
                                              embedder="projection", **BLOCK),
     # Prefill through the attention_impl dispatch (flash_attention's API; its
     # XLA path on CPU), decode steps through the masked cache.
-    "vanilla-pallas": VanillaConfig(num_layers=2, width=32, attention_impl="pallas", **TINY),
-    "block-L4-pallas": BlockConfig(block_len=4, attention_impl="pallas", **BLOCK),
+    "vanilla-pallas": tiny_config("vanilla", num_layers=2, width=32, attention_impl="pallas", **TINY),
+    "block-L4-pallas": tiny_config("block", block_len=4, attention_impl="pallas", **BLOCK),
 }
 
 

@@ -15,12 +15,12 @@ import pytest
 from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from bt_jax.attention import xla_attention
-from bt_jax.config import VanillaConfig
 from bt_jax.distributed import (ShardedKVCache, make_sequence_mesh, masked_partial_attention,
                                 merge_many, physical_slots, round_robin_mask, to_logical_order)
 from bt_jax.inference import generate, generate_fn, make_stream_fns
 from bt_jax.models import build_model
 from tests.multidevice import run_check_script
+from tests.utils import tiny_config
 
 
 @pytest.mark.parametrize("cache_len,num_shards", [(12, 4), (24, 8), (9, 3), (5, 1)])
@@ -86,7 +86,7 @@ def test_masked_partials_merge_to_full_attention():
 
 
 def _tiny_vanilla():
-  return build_model(VanillaConfig(num_layers=1, width=32, vocab_size=64, max_len=32))
+  return build_model(tiny_config("vanilla", num_layers=1, width=32, vocab_size=64, max_len=32))
 
 
 def test_a_mesh_without_a_sequence_axis_is_an_error():

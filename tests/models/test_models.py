@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bt_jax.config import BlockConfig, StackConfig, VanillaConfig, head_dim_for_width
+from bt_jax.config import BlockConfig, StackConfig, head_dim_for_width
 from bt_jax.models import (block_aligned, build_model, init_params, sequence_loss,
                            token_logprobs)
+from tests.utils import tiny_config
 
 VOCAB = 61
 TINY_BLOCK = dict(vocab_size=VOCAB, max_len=64, block_layers=2, block_width=64, token_layers=2,
@@ -39,8 +40,8 @@ BLOCK_VARIANTS = {
 
 def make_config(name: str):
   if name == "vanilla":
-    return VanillaConfig(**TINY_VANILLA)
-  return BlockConfig(**{**TINY_BLOCK, **BLOCK_VARIANTS[name]})
+    return tiny_config("vanilla", **TINY_VANILLA)
+  return tiny_config("block", **{**TINY_BLOCK, **BLOCK_VARIANTS[name]})
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,11 +276,11 @@ def test_length_not_multiple_of_block_len():
 ])
 def test_bad_block_config(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    BlockConfig(**{**TINY_BLOCK, **kwargs})
+    tiny_config("block", **{**TINY_BLOCK, **kwargs})
 
 
 def test_projection_embedder_allows_any_width():
-  BlockConfig(**{**TINY_BLOCK, "block_len": 3, "max_len": 63, "embedder": "projection"})
+  tiny_config("block", **{**TINY_BLOCK, "block_len": 3, "max_len": 63, "embedder": "projection"})
 
 
 @pytest.mark.parametrize("name", ["vanilla", "lookup-prefix-L4"])
@@ -324,4 +325,4 @@ def test_remat_recomputes_the_same_loss_and_gradients(name, remat):
 
 def test_bad_remat_policy():
   with pytest.raises(ValueError, match=r"unknown remat 'everything'; valid values are"):
-    VanillaConfig(**TINY_VANILLA, remat="everything")
+    tiny_config("vanilla", **TINY_VANILLA, remat="everything")

@@ -15,15 +15,15 @@ import jax
 import numpy as np
 from jax.sharding import AxisType
 
-from bt_jax.config import VanillaConfig
 from bt_jax.inference import SamplingConfig
 from bt_jax.mesh import make_mesh
 from bt_jax.models import build_model, init_params
 from bt_jax.redrafter import (DraftHead, DrafterConfig, distillation_batches,
                               drafter_generate_fn, speculative_generate, train_drafter)
 from tests.multidevice import check, record, summary
+from tests.utils import tiny_config
 
-BASE = VanillaConfig(num_layers=2, width=32, head_dim=16, vocab_size=128, max_len=128,
+BASE = tiny_config("vanilla", num_layers=2, width=32, head_dim=16, vocab_size=128, max_len=128,
                      init_std=0.3)
 # Six ragged prompts: padded to 8 rows (one per device) with copies of the first.
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [1, 2, 3, 4, 5], [20, 21, 22, 23, 24, 25, 26, 27],

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from bt_jax import checkpointing
-from bt_jax.config import VanillaConfig
 from bt_jax.data.tokenizer import train_bpe
 from bt_jax.models import build_model, init_params
 from bt_jax.redrafter import load_drafter
 from tests.processes import sigterm_when
+from tests.utils import tiny_config
 
 pytestmark = pytest.mark.slow   # runs the binaries in subprocesses
 
@@ -43,7 +43,7 @@ def vanilla_workdir(tmp_path_factory):
   texts = [pathlib.Path(json.__file__).read_text(), pathlib.Path(os.__file__).read_text()]
   tokenizer = train_bpe(texts, vocab_size=384)
   tokenizer.save(workdir / checkpointing.TOKENIZER_FILE)
-  config = VanillaConfig(vocab_size=384, num_layers=2, width=32, head_dim=16, max_len=96,
+  config = tiny_config("vanilla", vocab_size=384, num_layers=2, width=32, head_dim=16, max_len=96,
                          init_std=0.3)
   checkpointing.save_model_config(workdir, config)
   params = init_params(build_model(config), jax.random.key(0))

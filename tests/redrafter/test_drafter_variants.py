@@ -13,22 +13,21 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bt_jax.config import VanillaConfig
 from bt_jax.models import build_model, init_params
 from bt_jax.redrafter import (DraftHead, DrafterConfig, beam_search, init_drafter, load_drafter,
                               save_drafter, speculative_generate, teacher_forcing_loss)
 from bt_jax.redrafter.checkpoint import check_drafter_fits
 from bt_jax.redrafter.drafter import base_head_of, drafter_cost, zero_state
 from bt_jax.redrafter.train import DistillationData, Objective
+from tests.utils import tiny_config
 
-BASE = VanillaConfig(num_layers=1, width=16, head_dim=8, vocab_size=24, max_len=32, init_std=0.5)
+BASE = tiny_config("vanilla", num_layers=1, width=16, head_dim=8, vocab_size=24, max_len=32, init_std=0.5)
 VARIANTS = {
     "paper": dict(lm_head="own", exit_ratio=1.0),
     "default": {},
@@ -268,7 +267,7 @@ def test_drafter_cost_counts_params_and_matches_xla_flops():
     xla = float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"])
     assert cost["draft_token_flops"] <= xla <= 1.05 * cost["draft_token_flops"] + 2000, (
         variant, cost["draft_token_flops"], xla)
-  quickstart = VanillaConfig(vocab_size=2048, max_len=128, num_layers=4, width=128)
+  quickstart = tiny_config("vanilla", vocab_size=2048, max_len=128, num_layers=4, width=128)
   paper = drafter_cost(DrafterConfig.for_base(quickstart, lm_head="own", exit_ratio=1.0),
                        quickstart)
   cheap = drafter_cost(DrafterConfig.for_base(quickstart), quickstart)
@@ -334,10 +333,9 @@ def test_a_drafter_that_does_not_fit_is_an_error_naming_both_sides():
   with pytest.raises(ValueError, match="trained for a block base model; this base model is "
                                        "vanilla"):
     check_drafter_fits(drafter, BASE, {"kind": "block", "width": 16, "vocab_size": 24})
-  from bt_jax.config import BlockConfig  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="drafts for a vanilla base model; this base model is "
                                        "block"):
-    check_drafter_fits(drafter, BlockConfig(vocab_size=24))
+    check_drafter_fits(drafter, tiny_config("block", vocab_size=24))
   with pytest.raises(ValueError, match="beam_width 25 exceeds the vocabulary \\(24\\)"):
     speculative_generate(model, params, drafter, dparams, prompts, max_new_tokens=2,
                          beam_width=25)

@@ -17,15 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bt_jax.config import VanillaConfig
 from bt_jax.inference import SamplingConfig, generate
 from bt_jax.models import build_model, init_params
 from bt_jax.redrafter import (DraftHead, DrafterConfig, beam_search, distillation_batches,
                               init_drafter, pack_beams, speculative_generate,
                               speculative_generate_fn, teacher_forcing_loss, train_drafter)
+from tests.utils import tiny_config
 
 # init_std 0.3: peaked distributions, so greedy argmaxes are not near-ties.
-BASE = VanillaConfig(num_layers=2, width=32, head_dim=16, vocab_size=128, max_len=128,
+BASE = tiny_config("vanilla", num_layers=2, width=32, head_dim=16, vocab_size=128, max_len=128,
                      init_std=0.3)
 # The paper's draft head (its own 2H x V head, ResBlocks at 2H), for the tests
 # whose figures were measured with it.
@@ -304,7 +304,7 @@ SAMPLINGS = {"t1": SamplingConfig(temperature=1.0),
 @functools.lru_cache(maxsize=1)
 def _tiny_sampling_setup():
   """An 8-token vanilla model and an untrained drafter (far from it)."""
-  config = VanillaConfig(vocab_size=8, num_layers=1, width=16, head_dim=8, max_len=32,
+  config = tiny_config("vanilla", vocab_size=8, num_layers=1, width=16, head_dim=8, max_len=32,
                          init_std=1.0)
   model = build_model(config)
   params = init_params(model, jax.random.key(0))
@@ -490,7 +490,7 @@ def _counting_rows(rng, rows, length):
 def _counting_base_and_drafter():
   import optax  # pylint: disable=import-outside-toplevel
   from bt_jax.redrafter.train import Objective  # pylint: disable=import-outside-toplevel
-  config = VanillaConfig(num_layers=1, width=32, head_dim=16, vocab_size=_COUNT_VOCAB, max_len=48)
+  config = tiny_config("vanilla", num_layers=1, width=32, head_dim=16, vocab_size=_COUNT_VOCAB, max_len=48)
   model = build_model(config)
   params = init_params(model, jax.random.key(0))
   optimizer = optax.adam(1e-2)
@@ -591,7 +591,7 @@ _JOINT_ROWS = 20000
 
 @functools.lru_cache(maxsize=1)
 def _four_token_setup():
-  config = VanillaConfig(vocab_size=4, num_layers=1, width=16, head_dim=8, max_len=32,
+  config = tiny_config("vanilla", vocab_size=4, num_layers=1, width=16, head_dim=8, max_len=32,
                          init_std=1.0)
   model = build_model(config)
   params = init_params(model, jax.random.key(3))

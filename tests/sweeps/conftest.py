@@ -12,9 +12,3 @@ def tiny_run_gin(tmp_path_factory) -> str:
   path = tmp_path_factory.mktemp("sweep_gin") / "tiny_run.gin"
   path.write_text(TINY_RUN_GIN)
   return str(path)
-
-
-def write_sweep(directory, text: str, name: str = "sweep.gin") -> str:
-  path = directory / name
-  path.write_text(text)
-  return str(path)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from experiments import sweep
-from tests.sweeps.conftest import write_sweep
+from tests.utils import write_file
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SHIPPED = sorted(str(p.relative_to(REPO / "gin_configs")) for p in (REPO / "gin_configs" / "sweeps").glob("*.gin"))
@@ -76,14 +76,14 @@ def test_shipped_sweeps_build_every_trial(path, scale, tmp_path):
     ('sweep.produkt = {"BlockConfig.block_len": [4]}', "produkt"),
 ])
 def test_bad_sweep_files_fail_before_anything_runs(text, error, tmp_path):
-  path = write_sweep(tmp_path, 'sweep.name = "bad"\nsweep.base_gin_files = ["runs/quickstart.gin"]\n' + text)
+  path = write_file(tmp_path, 'sweep.name = "bad"\nsweep.base_gin_files = ["runs/quickstart.gin"]\n' + text, "sweep.gin")
   with pytest.raises(sweep.SweepError, match=error):
     sweep.load_trials(path, str(tmp_path / "root"))
   assert not (tmp_path / "root").exists()
 
 
 def test_unknown_scale_and_missing_file(tmp_path):
-  path = write_sweep(tmp_path, 'sweep.name = "s"\nsweep.base_gin_files = []\nsweep.seeds = [0]')
+  path = write_file(tmp_path, 'sweep.name = "s"\nsweep.base_gin_files = []\nsweep.seeds = [0]', "sweep.gin")
   with pytest.raises(sweep.SweepError, match="no scale 'huge'.*'tiny', 'paper'"):
     sweep.load_sweep(path, "huge")
   with pytest.raises(sweep.SweepError, match="not found.*block_length"):
@@ -102,8 +102,8 @@ def test_cli_dry_run_lists_trials_and_a_bad_file_is_one_error(tmp_path):
   assert f"workdir: {tmp_path}/block_len=8" in result.stdout
   assert not os.listdir(tmp_path)
 
-  bad = write_sweep(tmp_path, 'sweep.name = "b"\nsweep.base_gin_files = ["runs/quickstart.gin"]\n'
-                    'sweep.zip = {"BlockConfig.block_len": [2, 4], "BlockConfig.prefix_len": [1]}')
+  bad = write_file(tmp_path, 'sweep.name = "b"\nsweep.base_gin_files = ["runs/quickstart.gin"]\n'
+                    'sweep.zip = {"BlockConfig.block_len": [2, 4], "BlockConfig.prefix_len": [1]}', "sweep.gin")
   result = subprocess.run([sys.executable, "-m", "experiments.sweep", f"--sweep={bad}",
                            f"--root={tmp_path}/root"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120, check=False)

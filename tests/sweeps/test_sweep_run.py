@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from experiments import sweep
-from tests.sweeps.conftest import write_sweep
+from tests.utils import write_file
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -42,8 +42,8 @@ def options(tmp_path_factory) -> sweep.RunOptions:
 
 
 def _load(tmp_path, tiny_run_gin, root, num_hosts=None):
-  path = write_sweep(tmp_path, f'sweep.name = "one"\nsweep.base_gin_files = ["{tiny_run_gin}"]\n'
-                     'sweep.product = {"BlockConfig.block_len": [4]}\n')
+  path = write_file(tmp_path, f'sweep.name = "one"\nsweep.base_gin_files = ["{tiny_run_gin}"]\n'
+                     'sweep.product = {"BlockConfig.block_len": [4]}\n', "sweep.gin")
   return sweep.load_trials(path, str(root), num_hosts=num_hosts)
 
 

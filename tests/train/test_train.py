@@ -27,11 +27,10 @@ import pytest
 from bt_jax import checkpointing
 from bt_jax import data as data_lib
 from bt_jax import train
-from bt_jax.config import BlockConfig
 from bt_jax.models import build_model, init_params, sequence_loss
 from tests.multidevice import SHARDING_WARNINGS
 from tests.processes import sigterm_when
-from tests.utils import TINY_BATCH, TINY_RUN_GIN, TINY_SEQ_LEN, TINY_STEPS, snapshot
+from tests.utils import tiny_config, TINY_BATCH, TINY_RUN_GIN, TINY_SEQ_LEN, TINY_STEPS, snapshot
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS, SEQ_LEN, BATCH = TINY_STEPS, TINY_SEQ_LEN, TINY_BATCH
@@ -291,7 +290,7 @@ def test_data_and_workdir_errors(run_gin, tmp_path):
 
 
 def test_checkpoint_round_trip_and_missing_checkpoint(tmp_path):
-  config = BlockConfig(vocab_size=300, max_len=16, block_layers=1, block_width=32, token_layers=1,
+  config = tiny_config("block", vocab_size=300, max_len=16, block_layers=1, block_width=32, token_layers=1,
                        token_width=32)
   model = build_model(config)
   params = init_params(model, jax.random.key(1))
