@@ -445,9 +445,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_process_run(run_gin, workdir, *params, sigterm_process=None, timeout=240):
+def _two_process_run(run_gin, workdir, *params, sigterm_process=None, timeout=900):
   """The binary as a 2-process (multi-host) job on CPU: jax.distributed with
-  gloo collectives, one device per process, one shared workdir.
+  gloo collectives, one device per process, one shared workdir. The timeout
+  is per process: a 2-process compile took over 240 s at a load average of 15
+  on 2 cores.
   sigterm_process: SIGTERM that process once both have logged a step."""
   env = _env()
   env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
