@@ -30,7 +30,10 @@ NamedShardings derived from the models' logical axis names and
 step is one `jax.jit`. Multi-host
 runs call `jax.distributed.initialize` when `--coordinator_address` (or
 JAX_COORDINATOR_ADDRESS) is given, or with `--distributed` on platforms jax
-auto-detects (Cloud TPU, SLURM).
+auto-detects (Cloud TPU, SLURM). Every process reads and packs the whole
+training stream and keeps the rows of each global batch that its devices
+hold, so a run's batches, and its losses up to float rounding, do not depend
+on the number of processes (docs/sweeps.md, "Multi-host trials").
 """
 
 from __future__ import annotations
@@ -250,8 +253,19 @@ def _tokenizer(workdir: str, data: DataConfig, train_docs, vocab_size: int) -> d
   return tokenizer
 
 
-def _to_global(local: dict[str, np.ndarray], sharding, global_shape) -> dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(sharding, v, global_shape) for k, v in local.items()}
+def _global_batch(batch: dict[str, np.ndarray], sharding, grad_accum: int) -> dict[str, jax.Array]:
+  """A global train batch {"tokens", "mask"} of [batch_size, seq_len], the same
+  on every process, as arrays of [grad_accum, batch_size // grad_accum, seq_len]
+  on `sharding`: micro-batch k is rows [k * micro, (k + 1) * micro), and each
+  process transfers to its devices only the rows the sharding puts there
+  (local data of the global shape: each device takes its own slice of it).
+  So the step sees the same rows, in the same micro-batches, for any number
+  of processes and any device order."""
+  out = {}
+  for key, value in batch.items():
+    value = value.reshape(grad_accum, -1, value.shape[-1])
+    out[key] = jax.make_array_from_process_local_data(sharding, value, value.shape)
+  return out
 
 
 def _replicated_to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -329,11 +343,13 @@ def _prepare(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfi
                      f"{model_config.pad_id}; set {type(model_config).__name__}.pad_id = {tokenizer.pad_id}")
   train_tokens = data_lib.TokenizedDocuments(train_docs, tokenizer, cache=cfg.data.cache_tokens)
   valid_tokens = data_lib.TokenizedDocuments(valid_docs, tokenizer, cache=cfg.data.cache_tokens)
+  # Every process packs the same global stream and yields whole global batches;
+  # `_global_batch` keeps the rows of this process's devices. The batches are
+  # thus the same for any process count (docs/sweeps.md, "Multi-host trials").
   train_iter = data_lib.make_train_iterator(
       train_tokens, tokenizer, seq_len=seq_len, block_len=block_len,
-      batch_size=cfg.batch_size // num_processes, seed=cfg.seed, packing=packing,
-      shuffle_window=cfg.data.shuffle_window, shard_index=jax.process_index(), shard_count=num_processes,
-      num_threads=cfg.data.threads)
+      batch_size=cfg.batch_size, seed=cfg.seed, packing=packing,
+      shuffle_window=cfg.data.shuffle_window, num_threads=cfg.data.threads)
   eval_np = data_lib.make_eval_batches(
       valid_tokens, tokenizer, seq_len=seq_len, block_len=block_len, batch_size=eval_batch_size,
       num_batches=cfg.eval_batches, packing=packing, seed=cfg.seed)
@@ -458,10 +474,8 @@ class _Loop:
                    record["eval_perplexity"])
 
   def _next_batch(self) -> dict[str, jax.Array]:
-    cfg, seq_len = self.cfg, self.run.seq_len
-    local = {k: v.reshape(cfg.grad_accum, -1, seq_len) for k, v in next(self.run.train_iter).items()}
-    return _to_global(local, self.run.fns.train_batch_sharding,
-                      (cfg.grad_accum, cfg.micro_batch_size, seq_len))
+    return _global_batch(next(self.run.train_iter), self.run.fns.train_batch_sharding,
+                         self.cfg.grad_accum)
 
   def __call__(self, progress=None) -> Optional[int]:
     """Trains to cfg.steps; returns the step it stopped at early, or None."""

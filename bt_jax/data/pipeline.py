@@ -203,6 +203,10 @@ def make_train_dataset(
   num_epochs: None repeats forever; otherwise the last partial batch is dropped.
   shuffle_window: windows mixed together (<= 1: no mixing, windows in stream order).
   shard_index/shard_count: this process takes documents shard_index::shard_count.
+    Each shard is then packed into its own stream, so the batches depend on
+    the shard count. `bt_jax.train` does not shard: every process packs the
+    whole stream and keeps its devices' rows of each global batch, which is
+    the same for any process count (docs/sweeps.md, "Multi-host trials").
   """
   _check_packing(packing, seq_len, block_len)
   if batch_size <= 0:
