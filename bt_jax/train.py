@@ -15,7 +15,8 @@ train_config)`, which takes plain arguments and runs the loop over the steps of
     model_config.json   the model trained (dtype overrides applied)
     tokenizer.json      trained on the training split, or copied from tokenizer_path
     checkpoints/<step>  params, optimizer state and data-iterator state (orbax)
-    metrics.jsonl       one JSON object per logged step: step, train_loss, ...
+    metrics.jsonl       one JSON object per logged step: step, train_loss, ...; a
+                        fresh run starts with its step-0 eval (eval_loss before any update)
     tb/                 TensorBoard event files
     summary.json        final_eval_loss, unigram_entropy, ... (at the end of the run)
 
@@ -477,11 +478,26 @@ class _Loop:
     return _global_batch(next(self.run.train_iter), self.run.fns.train_batch_sharding,
                          self.cfg.grad_accum)
 
+  def _initial_eval(self, progress=None) -> None:
+    """A fresh run evaluates once before its first update (step 0 in
+    metrics.jsonl), so the starting point of a fine-tune or uptrain is on its
+    curve. The eval step is a pure function of the parameters: the state, the
+    RNG and the data iterator are untouched. A resumed run keeps the record
+    of its first attempt and does not repeat it."""
+    self.last_eval = (0, trainer.evaluate(self.run.fns, self.state["params"], self.run.eval_batches))
+    record = {"step": 0, **self.last_eval[1]}
+    self.writer.write(record)
+    self._log(0, record)
+    if progress is not None:
+      progress.set_postfix({"eval_loss": f"{record['eval_loss']:.3f}"})
+
   def __call__(self, progress=None) -> Optional[int]:
     """Trains to cfg.steps; returns the step it stopped at early, or None."""
     cfg, fns = self.cfg, self.run.fns
     with contextlib.ExitStack() as stack:
       stop_request = self.stop_request or stack.enter_context(run_utils.StopRequest())
+      if self.start_step == 0:
+        self._initial_eval(progress)
       for step in range(self.start_step + 1, cfg.steps + 1):
         self.state, metrics = fns.train_step(self.state, self._next_batch(), self.run.hyperparams)
         self.pending.append((step, metrics))
@@ -630,7 +646,8 @@ def _train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg:
   logging.info("%s model, %s parameters; mesh %s; %d steps of %d x %d tokens", run.model_config.kind,
                f"{run.num_params:,}", dict(run.mesh.shape), cfg.steps, cfg.batch_size, run.seq_len)
 
-  writer = run_utils.MetricWriter(run.workdir, start_step, is_main)
+  # A fresh run drops every record an attempt without a checkpoint left (its step-0 eval too).
+  writer = run_utils.MetricWriter(run.workdir, start_step if latest is not None else -1, is_main)
   progress = None
   if is_main and cfg.progress_bar:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top

@@ -6,7 +6,9 @@ r"""Checkpoint conversion binary (docs/convert.md).
         --workdir OUT [--tokenizer tokenizer.json] [--eval_no_pad] [--dtype ...]
 
 Every output is written to a hidden folder beside it and renamed at the end:
-an error leaves nothing under the requested name.
+an error leaves nothing under the requested name. A user error (a bad flag,
+path, file or config) is one line `error: ...` on stderr and exit status 2, as
+in the other binaries (`bt_jax.cli`); `--verbose` adds its traceback.
 """
 
 from __future__ import annotations
@@ -14,13 +16,30 @@ from __future__ import annotations
 import argparse
 import sys
 
+import traceback
+
+from bt_jax import cli
 from bt_jax.config import DTYPES
+
+# What the converters raise for a bad input (ConversionError is a ValueError;
+# an existing output is FileExistsError), beside the OS's errors on a path.
+_USER_ERRORS = (*cli.USER_ERRORS, ValueError, FileExistsError)
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with a bad flag as one line and exit status 2 (its usage stays in --help)."""
+
+  def error(self, message):
+    self.exit(cli.USER_ERROR_EXIT_STATUS,
+              f"error: {self.prog}: {cli.one_line(message)} (see --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m bt_jax.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  commands = parser.add_subparsers(dest="command", required=True)
+  parser = _Parser(prog="python -m bt_jax.convert", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--verbose", action="store_true",
+                      help="show the traceback of a user error as well as its one-line message")
+  commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   p = commands.add_parser("from_hf", help="a local Hugging Face GPT-NeoX folder -> a workdir")
   p.add_argument("--input", required=True, help="folder with config.json, model.safetensors "
                  "(or shards + index, or pytorch_model.bin with torch) and tokenizer.json")
@@ -61,9 +80,11 @@ def main(argv=None) -> int:
       out = convert.from_block_transformer(args.input, config, args.workdir,
                                            tokenizer=args.tokenizer, dtype=args.dtype,
                                            eval_no_pad=args.eval_no_pad)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except _USER_ERRORS as e:
+    if args.verbose:
+      traceback.print_exc()
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
+    return cli.USER_ERROR_EXIT_STATUS
   print(f"wrote {out}")
   return 0
 

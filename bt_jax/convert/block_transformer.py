@@ -18,7 +18,11 @@ module (HF Trainer: `checkpoint-N/model.safetensors`). Names and layouts:
 
 Only the `prefix` token decoder and the `lookup` / `projection` embedders are
 read (the variants whose bt_jax forward was checked against the official
-layout); anything else is refused.
+layout); anything else is refused. Every released checkpoint (the paper's
+main models, the official configs `block_main_b4_*`) has the lookup embedder and
+the prefix token decoder; the official code's `summation` / `cross_attention`
+decoders and RoBERTa / T5 embedders belong to its ablations and baselines,
+which its README does not offer as checkpoints.
 """
 
 from __future__ import annotations
@@ -77,8 +81,13 @@ def block_params_from_official(source, config: BlockConfig, dtype: str = "float3
   """bt_jax BlockTransformer params from an official state dict; every tensor
   is mapped or deliberately skipped, and a shape mismatch names the tensor."""
   if config.token_decoder != "prefix":
-    raise ConversionError(f"token_decoder {config.token_decoder!r} cannot be read from an official "
-                          "checkpoint; only 'prefix' is supported")
+    raise ConversionError(
+        f"token_decoder {config.token_decoder!r} cannot be read from an official checkpoint: the "
+        "converter reads the 'prefix' token decoder only, the one every released checkpoint "
+        "(block_main_b4_*) uses; the official code's 'summation' and 'cross_attention' decoders "
+        "appear only in its ablation and MEGABYTE-baseline runs, which it does not offer as "
+        "checkpoints (docs/convert.md). Describe the checkpoint with a prefix model gin file "
+        "(BlockConfig.token_decoder = 'prefix', e.g. models/block_b4_85m.gin)")
   if config.embedder not in ("lookup", "projection"):
     raise ConversionError(f"embedder {config.embedder!r} cannot be read from an official "
                           "checkpoint; supported: 'lookup', 'projection'")

@@ -117,3 +117,16 @@ def test_no_pad_scoring_refuses_a_continuation_inside_block_zero():
   with pytest.raises(ValueError, match="continuation starts at token 2, but this model scores "
                      "tokens from position 4 on"):
     make_window(request, 16, first_scored=4)
+
+
+@pytest.mark.parametrize("decoder", ["summation", "cross_attention"])
+def test_other_token_decoders_are_refused_naming_the_variant(tmp_path, tokenizer_file, decoder):
+  """Every released official checkpoint has the prefix token decoder; a gin
+  file describing another one is refused before anything is read or written."""
+  path = _save(random_official(), str(tmp_path / "ckpt"))
+  config = BlockConfig(**{**TINY, "token_decoder": decoder})
+  with pytest.raises(convert.ConversionError,
+                     match=f"token_decoder '{decoder}' cannot be read .* reads the 'prefix' token "
+                           r"decoder only, the one every released checkpoint \(block_main_b4_\*\) uses"):
+    convert.from_block_transformer(path, config, str(tmp_path / "wd"), tokenizer=tokenizer_file)
+  assert not [p for p in os.listdir(tmp_path) if "wd" in p]

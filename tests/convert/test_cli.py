@@ -69,11 +69,18 @@ def test_cli_errors_are_one_line_and_leave_nothing(tmp_path):
   config["model_type"] = "llama"
   pathlib.Path(hf_dir, "config.json").write_text(json.dumps(config))
   result = _run("bt_jax.convert", "from_hf", "--input", hf_dir, "--workdir", str(tmp_path / "out"))
-  assert result.returncode == 1
+  # A user error: one line on stderr, exit status 2, as in the other binaries (bt_jax.cli).
+  assert result.returncode == 2, result.stderr[-3000:]
   assert result.stderr.strip().startswith("error: ") and "is not GPT-NeoX" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
   bad_dtype = _run("bt_jax.convert", "from_hf", "--input", hf_dir, "--workdir",
                    str(tmp_path / "out"), "--dtype", "float16")
   assert bad_dtype.returncode == 2 and "invalid choice: 'float16'" in bad_dtype.stderr
+  assert len(bad_dtype.stderr.strip().splitlines()) == 1, bad_dtype.stderr
+  missing = _run("bt_jax.convert", "to_hf", "--workdir", str(tmp_path / "nothing_here"),
+                 "--output", str(tmp_path / "out"))
+  assert missing.returncode == 2 and "nothing_here" in missing.stderr
+  assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
   assert not [p for p in os.listdir(tmp_path) if "out" in p]
 
 

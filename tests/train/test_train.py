@@ -94,12 +94,16 @@ def test_binary_smoke(reference_run):
   assert "train.steps = 6" in config and "BlockConfig.max_len = 64" in config
   assert checkpointing.load_model_config(workdir).max_len == SEQ_LEN
   assert (workdir / "tokenizer.json").exists()
-  records = _metrics(workdir)
+  first, *records = _metrics(workdir)
+  # A fresh run evaluates once before its first update: step 0, eval only.
+  assert sorted(first) == ["eval_loss", "eval_loss_by_position", "eval_perplexity", "step"]
+  assert first["step"] == 0 and math.isfinite(first["eval_loss"])
   assert [r["step"] for r in records] == list(range(1, STEPS + 1))
   for r in records:
     assert math.isfinite(r["train_loss"]) and math.isfinite(r["grad_norm"]) and r["learning_rate"] > 0
     assert len(r["train_loss_by_position"]) == 4
-  assert sorted(_losses(workdir, "eval_loss")) == [3, 6]
+  assert sorted(_losses(workdir, "eval_loss")) == [0, 3, 6]
+  assert _losses(workdir, "eval_loss")[STEPS] < first["eval_loss"]
   assert records[-1]["train_loss"] < records[0]["train_loss"]
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary == printed
@@ -217,6 +221,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_gin, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_fine_tune_starts_with_the_eval_loss_of_its_source(run_gin, reference_run, tmp_path):
+  """train.init_from: the step-0 eval (before any update) is the source
+  model's own eval loss; a resumed run keeps that one record of step 0."""
+  reference, _ = reference_run
+  params = [f"train.init_from = '{reference}'",
+            f"data.tokenizer_path = '{reference / 'tokenizer.json'}'", "train.steps = 3"]
+  model_config, cfg, operative = train.configs_from_gin([run_gin], params + ["train.stop_at_step = 1"])
+  assert train.train_and_evaluate(str(tmp_path), model_config, cfg,
+                                  operative_config=operative)["stopped_at"] == 1
+  first = _metrics(tmp_path)[0]
+  assert first["step"] == 0 and "train_loss" not in first
+  # The source's last eval (step STEPS): same eval batches, same parameters.
+  assert first["eval_loss"] == pytest.approx(_losses(reference, "eval_loss")[STEPS], rel=1e-6)
+  assert first["eval_loss"] < _losses(reference, "eval_loss")[0]
+
+  model_config, cfg, operative = train.configs_from_gin([run_gin], params)
+  train.train_and_evaluate(str(tmp_path), model_config, cfg, operative_config=operative)
+  assert [r["step"] for r in _metrics(tmp_path)] == [0, 1, 2, 3]
+  assert _metrics(tmp_path)[0] == first
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(run_gin, tmp_path):
   # The vanilla baseline (plain packing), through the binary: a second model file rebinds model.config.
   args = [sys.executable, "-m", "bt_jax.train", f"--gin_file={run_gin}", "--gin_file=models/vanilla_tiny.gin",
@@ -225,7 +251,7 @@ def test_sigterm_saves_and_exits_cleanly(run_gin, tmp_path):
           "--gin_param=train.eval_every = 100000"]
   metrics = tmp_path / train.METRICS_FILE
   returncode, stdout, stderr = sigterm_when(
-      args, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2,
+      args, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,  # step 0 + 2
       cwd=REPO, env=_env())
   assert returncode == 0, stderr[-4000:]
   assert "stopping at step" in stderr and "SIGTERM" in stderr
@@ -464,7 +490,7 @@ def _two_process_run(run_gin, workdir, *params, sigterm_process=None, timeout=90
       metrics = workdir / train.METRICS_FILE
       deadline = time.time() + timeout
       while time.time() < deadline and all(p.poll() is None for p in procs):
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # step 0 + 2
           break
         time.sleep(0.2)
       procs[sigterm_process].send_signal(signal.SIGTERM)
@@ -492,7 +518,7 @@ def test_two_process_run_resumes_exactly_and_stops_together(run_gin, reference_r
           == {k: v for k, v in full[1].items() if k not in timing})
   assert full[0]["step"] == STEPS and math.isfinite(full[0]["final_eval_loss"])
   assert "process 1 of 2" in outputs[1][1] or "process 1 of 2" in outputs[1][0]
-  assert [r["step"] for r in _metrics(tmp_path / "full")] == list(range(1, STEPS + 1))
+  assert [r["step"] for r in _metrics(tmp_path / "full")] == list(range(0, STEPS + 1))
   for key in ("train_loss", "eval_loss"):
     want, got = _losses(reference_run[0], key), _losses(tmp_path / "full", key)
     assert sorted(got) == sorted(want), key
