@@ -13,6 +13,11 @@ Two kinds of sources, nothing is ever downloaded:
   read (`tfds.data_source`).
 TFDS's hellaswag keeps only the joined `ctx`, so its HellaSwag prompt is an
 approximation of the harness's (see `hellaswag_doc_from_tfds`).
+
+The same raw files can be scored by the harness itself, offline: the task
+YAMLs in `LM_EVAL_TASKS_DIR` (hellaswag_local, piqa_local, arc_easy_local,
+arc_challenge_local, tag bt_jax_local) are the official task definitions
+reading these files, for lm-eval's `--include_path`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from absl import logging
 
 from bt_jax.jsonl import decode_utf8, read_jsonl
+
+# lm-evaluation-harness task YAMLs that read the raw files below from the
+# working directory (`--include_path`); see the YAMLs' comments.
+LM_EVAL_TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_tasks")
 
 
 @dataclasses.dataclass(frozen=True)
