@@ -5,6 +5,7 @@ nothing; a bug keeps its traceback; benchmark JSON is written atomically."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -133,6 +134,69 @@ def test_call_parses_a_fresh_flag_set():
     with pytest.raises(cli.UserError, match=message):
       tree_vs_ring.config_from_flags(cli.parse(tree_vs_ring.define_flags, argv))
 
+
+
+_LIBTPU = ("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: libtpu.so: "
+           "cannot open shared object file: No such file or directory")
+
+
+def test_missing_libtpu_line_dropped_and_nothing_else():
+  logger = logging.getLogger("jax._src.xla_bridge")
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  old_level, old_filters = logger.level, list(logger.filters)
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  try:
+    cli.quiet_missing_libtpu()
+    cli.quiet_missing_libtpu()   # idempotent
+    assert len(logger.filters) == len(old_filters) + 1
+    logger.info("Unable to initialize backend '%s': %s", "tpu", _LIBTPU.split(": ", 1)[1])
+    kept = ["Unable to initialize backend 'tpu': ABORTED: The TPU is already in use by process "
+            "with pid 17. Not attempting to load libtpu.so in this process.",
+            "Unable to initialize backend 'rocm': module has no attribute 'GpuAllocatorConfig'"]
+    for message in kept:
+      logger.info(message)
+    warnings = ["An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not "
+                "installed. Falling back to cpu.", _LIBTPU]   # a warning is never dropped
+    for message in warnings:
+      logger.warning(message)
+    assert [r.getMessage() for r in records] == kept + warnings
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+    logger.filters[:] = old_filters
+
+
+_ABSL_JAX_START = textwrap.dedent("""
+    from absl import app
+    def main(argv):
+      import jax
+      print(jax.devices())
+    app.run(main)
+""")
+
+
+@pytest.mark.slow
+def test_binaries_start_without_the_libtpu_line():
+  """JAX_PLATFORMS unset, as a user runs them: JAX tries the TPU backend first."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = ROOT
+
+  def run(args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+  plain = run(["-c", _ABSL_JAX_START])
+  assert plain.returncode == 0, plain.stderr[-2000:]
+  summary = run(["-m", "bt_jax.model_summary", "--gin_file",
+                 "gin_configs/models/block_b4_tiny.gin"])
+  assert summary.returncode == 0 and "total" in summary.stdout.lower(), summary.stderr[-2000:]
+  assert "libtpu" not in summary.stderr, summary.stderr[-2000:]
+  if "Failed to open libtpu.so" not in plain.stderr:
+    pytest.skip("this machine's JAX logs no missing-libtpu line (a TPU machine, or "
+                f"another JAX): {plain.stderr[-300:]!r}")
 
 # --- user errors of the real binaries: message, status 2, nothing changed ----
 
