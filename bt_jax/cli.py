@@ -17,11 +17,15 @@ file's content), into one line `error: ...` on stderr and exit status 2; a
 traceback is kept for bugs, and `--verbose` shows it for user errors too.
 `call(module, argv)` runs the same binary in-process on a fresh FlagValues,
 leaving absl's global flags alone (tests, notebooks).
+
+`run` also drops one harmless start-up line (see `quiet_missing_libtpu`): JAX
+saying it found no libtpu on a machine without TPUs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -78,9 +82,37 @@ def _parse_flags(argv: list[str]) -> list[str]:
   raise AssertionError("unreachable")
 
 
+class _NoMissingLibtpu(logging.Filter):
+  """Drops JAX's INFO line "Unable to initialize backend 'tpu': ... Failed to open
+  libtpu.so ..." (no libtpu installed: a CPU or GPU machine). Every other record
+  passes, a TPU backend that fails for another reason ("TPU in use by process ...")
+  and JAX's warnings ("A Google TPU may be present ...", "An NVIDIA GPU may be
+  present ... CUDA-enabled jaxlib is not installed") included: those name a real
+  problem."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno != logging.INFO:
+      return True
+    message = record.getMessage()
+    return not (message.startswith("Unable to initialize backend 'tpu'")
+                and "libtpu" in message and "cannot open shared object file" in message)
+
+
+# JAX's backend set-up logs through this logger (jax/_src/xla_bridge.py).
+_JAX_BACKEND_LOGGER = "jax._src.xla_bridge"
+
+
+def quiet_missing_libtpu() -> None:
+  """Silences the missing-libtpu start-up line of JAX (idempotent; `run` calls it)."""
+  logger = logging.getLogger(_JAX_BACKEND_LOGGER)
+  if not any(isinstance(f, _NoMissingLibtpu) for f in logger.filters):
+    logger.addFilter(_NoMissingLibtpu())
+
+
 def run(main: Callable[[flags.FlagValues], Any],
         define_flags: Optional[Callable[[flags.FlagValues], None]] = None) -> None:
   """Runs `main(flags.FLAGS)` as a program with absl (see the module docstring)."""
+  quiet_missing_libtpu()
   if define_flags is not None:
     define_flags(flags.FLAGS)
   _define_verbose(flags.FLAGS)

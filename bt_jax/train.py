@@ -195,7 +195,7 @@ class TrainConfig:
 
 def _check_workdir(workdir: str) -> str:
   if not workdir:
-    raise ValueError("workdir must be a directory path, got an empty string")
+    raise cli.UserError("workdir must be a directory path, got an empty string")
   workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"workdir {workdir!r} exists and is not a directory")
@@ -220,8 +220,10 @@ def _check_has_text(documents, corpus: str, split: str, probe: int = 1000) -> No
   for i in range(min(len(documents), probe)):
     if documents[i].strip():
       return
-  raise ValueError(f"the {split!r} split of corpus {corpus!r} has no text (checked the first "
-                   f"{min(len(documents), probe)} of {len(documents)} documents: all empty)")
+  raise cli.UserError(
+      f"the {split!r} split of corpus {corpus!r} has no text (checked the first "
+      f"{min(len(documents), probe)} of {len(documents)} documents: all empty); point "
+      "data.corpus (and data.validation_pattern) at files with text")
 
 
 def _sync(name: str) -> None:
@@ -240,8 +242,8 @@ def _tokenizer(workdir: str, data: DataConfig, train_docs, vocab_size: int) -> d
 
   tokenizer_vocab = data.tokenizer_vocab_size or vocab_size
   if data.tokenizer_path is None and tokenizer_vocab > vocab_size:
-    raise ValueError(f"data.tokenizer_vocab_size={tokenizer_vocab} exceeds the model's vocab_size "
-                     f"{vocab_size}")
+    raise cli.UserError(f"data.tokenizer_vocab_size={tokenizer_vocab} exceeds the model's "
+                        f"vocab_size {vocab_size}")
   if jax.process_index() == 0:
     tokenizer = data_lib.load_or_train_tokenizer(
         workdir, texts, vocab_size if data.tokenizer_path else tokenizer_vocab, data.tokenizer_path)
@@ -249,8 +251,8 @@ def _tokenizer(workdir: str, data: DataConfig, train_docs, vocab_size: int) -> d
   if jax.process_index() != 0:
     tokenizer = data_lib.Tokenizer.from_file(os.path.join(workdir, checkpointing.TOKENIZER_FILE))
   if tokenizer.vocab_size > vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                     f"{vocab_size}")
+    raise cli.UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                        f"vocab_size is {vocab_size}")
   return tokenizer
 
 
@@ -316,11 +318,12 @@ def _prepare(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfi
   model_config = resolve_model_config(model_config, cfg)
   seq_len = cfg.seq_len or model_config.max_len
   if seq_len > model_config.max_len:
-    raise ValueError(f"train.seq_len={seq_len} exceeds the model's max_len {model_config.max_len}")
+    raise cli.UserError(f"train.seq_len={seq_len} exceeds the model's max_len "
+                        f"{model_config.max_len}")
   packing = model_config.packing
   block_len = model_config.block_len if packing == "block" else None
   if seq_len % model_config.tokens_per_step:
-    raise ValueError(f"train.seq_len={seq_len} is not a multiple of block_len {block_len}")
+    raise cli.UserError(f"train.seq_len={seq_len} is not a multiple of block_len {block_len}")
 
   mesh = make_mesh(cfg.mesh_shape)
   rules = tuple(axes.DEFAULT_RULES)
@@ -330,9 +333,9 @@ def _prepare(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfi
   for name, size in (("micro batch (batch_size / grad_accum)", cfg.micro_batch_size),
                      ("eval batch", eval_batch_size)):
     if size % data_parallel or size % num_processes:
-      raise ValueError(f"the {name} of {size} sequences must divide evenly over the "
-                       f"{data_parallel} data-parallel shards (mesh {dict(mesh.shape)}) and "
-                       f"{num_processes} processes")
+      raise cli.UserError(f"the {name} of {size} sequences must divide evenly over the "
+                          f"{data_parallel} data-parallel shards (mesh {dict(mesh.shape)}) and "
+                          f"{num_processes} processes")
 
   train_docs = _load_split(cfg.data, data_lib.TRAIN)
   valid_docs = _load_split(cfg.data, data_lib.VALIDATION)
@@ -340,8 +343,9 @@ def _prepare(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfi
   _check_has_text(valid_docs, cfg.data.corpus, data_lib.VALIDATION)
   tokenizer = _tokenizer(workdir, cfg.data, train_docs, model_config.vocab_size)
   if tokenizer.pad_id != model_config.pad_id:
-    raise ValueError(f"the tokenizer's pad/eos id is {tokenizer.pad_id} but the model's pad_id is "
-                     f"{model_config.pad_id}; set {type(model_config).__name__}.pad_id = {tokenizer.pad_id}")
+    raise cli.UserError(f"the tokenizer's pad/eos id is {tokenizer.pad_id} but the model's pad_id "
+                        f"is {model_config.pad_id}; set {type(model_config).__name__}.pad_id = "
+                        f"{tokenizer.pad_id}")
   train_tokens = data_lib.TokenizedDocuments(train_docs, tokenizer, cache=cfg.data.cache_tokens)
   valid_tokens = data_lib.TokenizedDocuments(valid_docs, tokenizer, cache=cfg.data.cache_tokens)
   # Every process packs the same global stream and yields whole global batches;

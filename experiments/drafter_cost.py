@@ -9,19 +9,21 @@ measures the neighbours).
     python -m experiments.drafter_cost [--width 128 --layers 4 --vocab 2048] \
         [--batch_sizes 1,8] [--out /tmp/drafter_cost.json]
 
+--out (its folders are created) is rewritten after every measurement.
+
 The defaults are the quickstart vanilla model (gin_configs/runs/quickstart_vanilla.gin).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from bt_jax import cli
 from bt_jax.config import VanillaConfig
 from bt_jax.models import build_model, init_params
 from bt_jax.redrafter.drafter import (DrafterConfig, DraftHead, base_head_of, drafter_cost,
@@ -78,6 +80,16 @@ def _timings(model, params, drafter, dparams, batch, beam_width, context, repeat
   }
 
 
+def _batch_sizes(parser: argparse.ArgumentParser, text: str) -> list[int]:
+  try:
+    sizes = [int(b) for b in text.split(",")]
+  except ValueError:
+    sizes = []
+  if not sizes or min(sizes) <= 0:
+    parser.error(f"--batch_sizes {text!r} must be comma-separated positive integers, e.g. 1,8")
+  return sizes
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--width", type=int, default=128)
@@ -91,26 +103,30 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--repeats", type=int, default=30)   # the minimum is reported
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
-  base = VanillaConfig(vocab_size=args.vocab, max_len=args.max_len, num_layers=args.layers,
-                       width=args.width)
+  try:
+    base = VanillaConfig(vocab_size=args.vocab, max_len=args.max_len, num_layers=args.layers,
+                         width=args.width)
+  except ValueError as e:   # a bad size: argparse's one-line error, exit status 2
+    parser.error(str(e))
   model = build_model(base)
   params = init_params(model, jax.random.key(0))
+  batch_sizes = _batch_sizes(parser, args.batch_sizes)
+  meta = vars(args) | {"device": jax.devices()[0].device_kind}
   records = []
   for name, kwargs in VARIANTS.items():
     config = DrafterConfig.for_base(base, draft_len=args.draft_len, **kwargs)
     drafter = DraftHead(config)
     dparams = init_drafter(drafter, jax.random.key(2))
     cost = drafter_cost(config, base, beam_width=args.beam_width, context_len=args.context)
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+    for batch in batch_sizes:
       times = _timings(model, params, drafter, dparams, batch, args.beam_width, args.context,
                        args.repeats)
       records.append({"variant": name, "batch_size": batch, **cost, **times,
                       "draft_over_verify": times["draft_ms"] / times["verify_ms"],
                       "draft_over_decode_step": times["draft_ms"] / times["decode_step_ms"]})
-  report = {"meta": vars(args) | {"device": jax.devices()[0].device_kind}, "results": records}
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
+      if args.out:   # after every measurement, so a crash keeps what was measured
+        cli.write_json_atomic(args.out, {"meta": meta, "results": records})
+  report = {"meta": meta, "results": records}
   header = (f"{'variant':<42} {'B':>2} {'params':>7} {'FLOPs/tok':>9} {'FLOPs/step':>10} "
             f"{'draft ms':>8} {'verify ms':>9} {'step ms':>7} {'d/verify':>8} {'d/step':>6}")
   print(f"base: {base.num_layers} layers, width {base.width}, vocab {base.vocab_size}; "

@@ -5,6 +5,7 @@ nothing; a bug keeps its traceback; benchmark JSON is written atomically."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -53,6 +54,8 @@ BINARIES = [
     ("experiments.tree_vs_ring", "--out"),
     ("experiments.redrafter_bench", "--out"),
     ("experiments.plot_training", "--out"),
+    ("experiments.report", "--root"),
+    ("experiments.drafter_cost", "--batch_sizes"),   # argparse, not absl
 ]
 @pytest.mark.slow
 @pytest.mark.parametrize("module, flag", BINARIES)
@@ -134,6 +137,69 @@ def test_call_parses_a_fresh_flag_set():
       tree_vs_ring.config_from_flags(cli.parse(tree_vs_ring.define_flags, argv))
 
 
+
+_LIBTPU = ("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: libtpu.so: "
+           "cannot open shared object file: No such file or directory")
+
+
+def test_missing_libtpu_line_dropped_and_nothing_else():
+  logger = logging.getLogger("jax._src.xla_bridge")
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  old_level, old_filters = logger.level, list(logger.filters)
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  try:
+    cli.quiet_missing_libtpu()
+    cli.quiet_missing_libtpu()   # idempotent
+    assert len(logger.filters) == len(old_filters) + 1
+    logger.info("Unable to initialize backend '%s': %s", "tpu", _LIBTPU.split(": ", 1)[1])
+    kept = ["Unable to initialize backend 'tpu': ABORTED: The TPU is already in use by process "
+            "with pid 17. Not attempting to load libtpu.so in this process.",
+            "Unable to initialize backend 'rocm': module has no attribute 'GpuAllocatorConfig'"]
+    for message in kept:
+      logger.info(message)
+    warnings = ["An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not "
+                "installed. Falling back to cpu.", _LIBTPU]   # a warning is never dropped
+    for message in warnings:
+      logger.warning(message)
+    assert [r.getMessage() for r in records] == kept + warnings
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+    logger.filters[:] = old_filters
+
+
+_ABSL_JAX_START = textwrap.dedent("""
+    from absl import app
+    def main(argv):
+      import jax
+      print(jax.devices())
+    app.run(main)
+""")
+
+
+@pytest.mark.slow
+def test_binaries_start_without_the_libtpu_line():
+  """JAX_PLATFORMS unset, as a user runs them: JAX tries the TPU backend first."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = ROOT
+
+  def run(args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+  plain = run(["-c", _ABSL_JAX_START])
+  assert plain.returncode == 0, plain.stderr[-2000:]
+  summary = run(["-m", "bt_jax.model_summary", "--gin_file",
+                 "gin_configs/models/block_b4_tiny.gin"])
+  assert summary.returncode == 0 and "total" in summary.stdout.lower(), summary.stderr[-2000:]
+  assert "libtpu" not in summary.stderr, summary.stderr[-2000:]
+  if "Failed to open libtpu.so" not in plain.stderr:
+    pytest.skip("this machine's JAX logs no missing-libtpu line (a TPU machine, or "
+                f"another JAX): {plain.stderr[-300:]!r}")
+
 # --- user errors of the real binaries: message, status 2, nothing changed ----
 
 
@@ -213,3 +279,74 @@ def test_plot_training_bad_labels(tmp_path):
   with pytest.raises(cli.UserError, match="got 2 --label values for 1 --workdir"):
     cli.call(plot_training, ["--workdir", str(tmp_path), "--label", "a", "--label", "b"])
   assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+
+
+@pytest.mark.slow
+def test_eval_zero_shot_bad_record_names_file_and_line(workdir, tmp_path):
+  data = tmp_path / "hellaswag_val.jsonl"
+  with open(os.path.join(FIXTURES, "hellaswag_val.jsonl"), encoding="utf-8") as f:
+    data.write_text(f.readline() + '{"ind": 3, "label": 1, "ctx_a": "x"}\n', encoding="utf-8")
+  before = _listing(workdir)
+  proc = _run(["-m", "bt_jax.eval_zero_shot", "--workdir", str(workdir),
+               "--task", f"hellaswag={data}", "--out", str(tmp_path / "out" / "zs.json")])
+  # model_config.json is "{}": the records were read before the checkpoint.
+  _assert_user_error(proc, f"{data}:2 is not a valid HellaSwag record",
+                     "no field 'ctx_b'", "hellaswag_val.jsonl")
+  assert _listing(workdir) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bindings, fragments", [
+    (['data.corpus = "files:{data}/*"', 'data.validation_pattern = "{data}/*"'],
+     ["the 'train' split of corpus 'files:", "has no text", "point data.corpus"]),
+    (["train.seq_len = 256"], ["train.seq_len=256 exceeds the model's max_len 64"]),
+])
+def test_train_empty_data_or_bad_binding_is_a_user_error(tmp_path, bindings, fragments):
+  from tests.utils import TINY_RUN_GIN  # pylint: disable=import-outside-toplevel
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "a.jsonl").write_text("\n")
+  (data / "b.txt").write_text("  \n")
+  (data / "c.jsonl").write_text('{"text": ""}\n')
+  gin_file = tmp_path / "tiny.gin"
+  gin_file.write_text(TINY_RUN_GIN)
+  workdir = tmp_path / "run"
+  args = ["-m", "bt_jax.train", "--gin_file", str(gin_file), "--workdir", str(workdir)]
+  for binding in bindings:
+    args += ["--gin_param", binding.format(data=data)]
+  proc = _run(args)
+  _assert_user_error(proc, *fragments)
+  # Refused before anything was written: at most the (released) lock file.
+  assert set(os.listdir(workdir)) <= {".lock"}, os.listdir(workdir)
+
+
+def test_drafter_cost_out_folders_and_one_write_per_measurement(tmp_path, monkeypatch):
+  """--out's folders are created and the JSON is rewritten after every
+  measurement, so a crash keeps what was measured (weights and timings
+  stubbed: no compile)."""
+  from experiments import drafter_cost  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def timings(*args):
+    calls.append(args)
+    if len(calls) == 3:
+      raise RuntimeError("crash at the third measurement")
+    return {"draft_ms": 1.0, "verify_ms": 2.0, "decode_step_ms": 4.0}
+
+  monkeypatch.setattr(drafter_cost, "_timings", timings)
+  for name in ("init_params", "init_drafter"):   # weights only feed the timings
+    monkeypatch.setattr(drafter_cost, name, lambda *args: None)
+  out = tmp_path / "a" / "b" / "cost.json"
+  with pytest.raises(RuntimeError, match="third measurement"):
+    drafter_cost.main(["--width", "32", "--layers", "1", "--vocab", "64", "--max_len", "32",
+                       "--context", "8", "--beam_width", "2", "--draft_len", "2",
+                       "--batch_sizes", "1", "--out", str(out)])
+  report = json.loads(out.read_text())
+  assert len(report["results"]) == 2 and report["meta"]["batch_sizes"] == "1"
+  assert report["results"][0]["draft_over_verify"] == 0.5
+  for argv, message in [(["--batch_sizes", "1,x"], "--batch_sizes '1,x' must be"),
+                        (["--width", "16"], "width 16 is not divisible by head_dim")]:
+    with pytest.raises(SystemExit) as exit_info:
+      drafter_cost.main(argv + ["--out", str(tmp_path / "bad" / "x.json")])
+    assert exit_info.value.code == 2
+  assert not (tmp_path / "bad").exists()

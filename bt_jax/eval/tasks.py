@@ -13,6 +13,11 @@ Two kinds of sources, nothing is ever downloaded:
   read (`tfds.data_source`).
 TFDS's hellaswag keeps only the joined `ctx`, so its HellaSwag prompt is an
 approximation of the harness's (see `hellaswag_doc_from_tfds`).
+
+The same raw files can be scored by the harness itself, offline: the task
+YAMLs in `LM_EVAL_TASKS_DIR` (hellaswag_local, piqa_local, arc_easy_local,
+arc_challenge_local, tag bt_jax_local) are the official task definitions
+reading these files, for lm-eval's `--include_path`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,12 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from absl import logging
 
+from bt_jax.cli import UserError
 from bt_jax.jsonl import decode_utf8, read_jsonl
+
+# lm-evaluation-harness task YAMLs that read the raw files below from the
+# working directory (`--include_path`); see the YAMLs' comments.
+LM_EVAL_TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_tasks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,14 +257,47 @@ _TFDS_CONVERTERS = {
 
 
 
+_RECORD_FIELDS = {
+    "HellaSwag": 'a JSON object with "ind", "activity_label", "ctx_a", "ctx_b", "endings" (4 '
+                 'strings) and "label", as in hellaswag_val.jsonl',
+    "PIQA": 'a JSON object with "id", "goal", "sol1" and "sol2", as in valid.jsonl',
+    "ARC": 'a JSON object {"id", "question": {"stem", "choices": [{"text", "label"}]}, '
+           '"answerKey"}, as in ARC-Easy-Test.jsonl',
+}
+
+
+def _docs_from_records(path: str, kind: str, convert) -> list[MultipleChoiceDoc]:
+  """convert(index, record) for each record of a jsonl file; a record that is
+  not one of `kind` is a UserError naming the file and the line."""
+  docs = []
+  for index, (line_number, record) in enumerate(read_jsonl(path, line_numbers=True)):
+    try:
+      docs.append(convert(index, record))
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+      problem = f"no field {e.args[0]!r}" if isinstance(e, KeyError) else " ".join(str(e).split())
+      raise UserError(f"{path}:{line_number} is not a valid {kind} record ({problem}); expected "
+                      f"{_RECORD_FIELDS[kind]}") from e
+    except ValueError as e:
+      raise UserError(f"{path}:{line_number}: {' '.join(str(e).split())}") from e
+  return docs
+
+
 def read_hellaswag_jsonl(path: str) -> list[MultipleChoiceDoc]:
-  return [hellaswag_doc(record, doc_id=str(i)) for i, record in enumerate(read_jsonl(path))]
+  return _docs_from_records(path, "HellaSwag",
+                            lambda i, record: hellaswag_doc(record, doc_id=str(i)))
 
 
 def piqa_labels_path(jsonl_path: str) -> str:
   """valid.jsonl -> valid-labels.lst (the layout of both PIQA downloads)."""
   stem = jsonl_path[:-len(".jsonl")] if jsonl_path.endswith(".jsonl") else jsonl_path
   return stem + "-labels.lst"
+
+
+def _int_or_none(text: str) -> Optional[int]:
+  try:
+    return int(text)
+  except ValueError:
+    return None
 
 
 def read_piqa(jsonl_path: str, labels_path: Optional[str] = None) -> list[MultipleChoiceDoc]:
@@ -265,22 +308,28 @@ def read_piqa(jsonl_path: str, labels_path: Optional[str] = None) -> list[Multip
   if os.path.exists(labels_path):
     with open(labels_path, "rb") as f:
       text = decode_utf8(f.read(), labels_path)   # an error naming the file
-    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    labels = []
+    for line_number, line in enumerate(text.splitlines(), 1):
+      if line.strip():
+        if _int_or_none(line) not in (0, 1):
+          raise UserError(f"{labels_path}:{line_number}: label {line.strip()!r} is not 0 or 1 "
+                          "(a PIQA labels file holds one 0 or 1 a line)")
+        labels.append(line.strip())
     if len(labels) != len(records):
       raise ValueError(f"{labels_path} has {len(labels)} labels but {jsonl_path} has "
                        f"{len(records)} questions")
-  elif all("label" in record for record in records):
+  elif all(isinstance(record, dict) and "label" in record for record in records):
     labels = [record["label"] for record in records]
   else:
     raise FileNotFoundError(
         f"PIQA labels not found: expected {labels_path} next to {jsonl_path} (the test split "
         f"has no public labels). {_PIQA_HELP}")
-  return [piqa_doc(record, label, doc_id=str(i))
-          for i, (record, label) in enumerate(zip(records, labels))]
+  return _docs_from_records(jsonl_path, "PIQA",
+                            lambda i, record: piqa_doc(record, labels[i], doc_id=str(i)))
 
 
 def read_arc_jsonl(path: str) -> list[MultipleChoiceDoc]:
-  return [arc_doc(record) for record in read_jsonl(path)]
+  return _docs_from_records(path, "ARC", lambda i, record: arc_doc(record))
 
 
 _RAW_READERS = {

@@ -8,6 +8,7 @@ from unittest import mock
 
 import pytest
 
+from bt_jax import cli
 from bt_jax.eval import tasks
 from bt_jax.eval.tasks import MultipleChoiceDoc, load_task
 
@@ -102,6 +103,37 @@ def test_arc_raw():
   with pytest.raises(ValueError, match="answerKey 'F'"):
     tasks.arc_doc({"id": "x", "answerKey": "F", "question": {
         "stem": "q", "choices": [{"text": "a", "label": "A"}]}})
+
+
+_HELLASWAG_LINE = open(os.path.join(FIXTURES, "hellaswag_val.jsonl"), encoding="utf-8").readline()
+_PIQA_LINE = open(os.path.join(FIXTURES, "valid.jsonl"), encoding="utf-8").readline()
+
+
+@pytest.mark.parametrize("task, name, text, labels, message", [
+    ("hellaswag", "h.jsonl", _HELLASWAG_LINE + "\n[1, 2]\n", None,
+     r"h.jsonl:3 is not a valid HellaSwag record \('list' object .*; expected a JSON object with"),
+    ("hellaswag", "h.jsonl", _HELLASWAG_LINE + '{"label": 0, "activity_label": "a"}\n', None,
+     r"h.jsonl:2 is not a valid HellaSwag record \(no field 'ctx_a'\)"),
+    ("hellaswag", "h.jsonl", _HELLASWAG_LINE + '{"ind": 5}\n', None,
+     r"h.jsonl:2: HellaSwag record 5 has no label"),
+    ("hellaswag", "h.jsonl", _HELLASWAG_LINE + '{"ind": 5\n', None,
+     r"h.jsonl:2 is not valid JSON"),
+    ("arc_easy", "a.jsonl", '{"id": "y", "question": "q?", "answerKey": "A"}\n', None,
+     r"a.jsonl:1 is not a valid ARC record \(string indices"),
+    ("arc_easy", "a.jsonl", '{"id": "y", "question": {"stem": "q", "choices": []}, '
+     '"answerKey": "A"}\n', None, r"a.jsonl:1: ARC question 'y': answerKey 'A' is not one of"),
+    ("piqa", "valid.jsonl", _PIQA_LINE + '"a string"\n', "0\n1\n",
+     r"valid.jsonl:2 is not a valid PIQA record .*\"goal\", \"sol1\" and \"sol2\""),
+    ("piqa", "valid.jsonl", _PIQA_LINE * 2, "0\n\nyes\n",
+     r"valid-labels.lst:3: label 'yes' is not 0 or 1"),
+    ("piqa", "valid.jsonl", _PIQA_LINE * 2, "0\n2\n", r"valid-labels.lst:2: label '2' is not 0"),
+])
+def test_bad_records_name_the_file_and_line(tmp_path, task, name, text, labels, message):
+  (tmp_path / name).write_text(text, encoding="utf-8")
+  if labels is not None:
+    (tmp_path / "valid-labels.lst").write_text(labels, encoding="utf-8")
+  with pytest.raises(cli.UserError, match=message):
+    load_task(task, str(tmp_path / name))
 
 
 def test_missing_data_says_where_to_get_it(tmp_path):
