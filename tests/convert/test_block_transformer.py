@@ -124,7 +124,7 @@ def test_other_token_decoders_are_refused_naming_the_variant(tmp_path, tokenizer
   """Every released official checkpoint has the prefix token decoder; a gin
   file describing another one is refused before anything is read or written."""
   path = _save(random_official(), str(tmp_path / "ckpt"))
-  config = BlockConfig(**{**TINY, "token_decoder": decoder})
+  config = tiny_config("block", **{**TINY, "token_decoder": decoder})
   with pytest.raises(convert.ConversionError,
                      match=f"token_decoder '{decoder}' cannot be read .* reads the 'prefix' token "
                            r"decoder only, the one every released checkpoint \(block_main_b4_\*\) uses"):

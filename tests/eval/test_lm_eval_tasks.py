@@ -17,7 +17,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from bt_jax.eval import tasks  # noqa: E402
 from bt_jax.eval.lm_eval_adapter import BtJaxLM  # noqa: E402
 from bt_jax.eval.zero_shot import evaluate_zero_shot  # noqa: E402
-from tests.eval.conftest import tiny_model  # noqa: E402
+from tests.utils import eval_model  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 NAMES = {"hellaswag": "hellaswag_local", "piqa": "piqa_local", "arc_easy": "arc_easy_local",
@@ -111,7 +111,7 @@ def test_harness_requests_equal_native_docs(offline, data_dir):
 def test_tag_runs_all_four_through_the_harness(offline, data_dir, tokenizer):
   """`--tasks bt_jax_local` with the bt_jax model: the harness's acc / acc_norm and
   every log-likelihood equal the native evaluator's on the same raw files."""
-  model, params = tiny_model("vanilla")
+  model, params = eval_model("vanilla")
   lm = BtJaxLM(model=model, params=params, tokenizer=tokenizer, batch_size=4)
   out = lm_eval.simple_evaluate(model=lm, tasks=["bt_jax_local"], log_samples=True,
                                 task_manager=offline)
