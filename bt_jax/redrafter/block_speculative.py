@@ -358,9 +358,9 @@ def _block_speculate(model: BlockTransformer, draft_fn, num_beams: int, draft_le
     global_slots = jnp.arange(cache_len)
     mask = ((global_slots[None, :] >= pad_blocks[:, None])
             & (global_slots[None, :] <= slot[:, None]))[:, None, :]
-    context, cache = decoder._encode_blocks(params, block[:, None, :], positions,  # pylint: disable=protected-access
-                                            state["block_cache"], slot, mask,
-                                            window=(pad_blocks.astype(jnp.int32), slot + 1))
+    context, cache = apply(block[:, None, :], positions, state["block_cache"], slot, mask,
+                           method=BlockTransformer.encode_blocks,
+                           window=(pad_blocks.astype(jnp.int32), slot + 1))
     expanded, local, g0, hidden = start_block(context[:, 0], key)
     new = {"block_cache": cache, "expanded": expanded, "local": local, "g0": g0,
            "hidden": hidden}

@@ -172,9 +172,9 @@ def test_a_drafter_for_another_base_is_an_error_naming_both_sides():
                                    "vocab 64 and token decoder width 32"),
       (_config(4, vocab_size=80), "made for vocab 80 and width 32; this block base model has "
                                   "vocab 64 and token decoder width 32"),
-      (VanillaConfig(vocab_size=_VOCAB, width=48, head_dim=16), "made for vocab 64 and width 48; this "
-                                                   "block base model has vocab 64 and token "
-                                                   "decoder width 32")]:
+      (VanillaConfig(vocab_size=_VOCAB, width=48, head_dim=16),
+       "made for vocab 64 and width 48; this block base model has vocab 64 and token decoder "
+       "width 32")]:
     drafter = DraftHead(DrafterConfig.for_base(other, draft_len=2))
     with pytest.raises(ValueError, match=message):
       block_speculative_generate(model, params, drafter, None, [[1, 2]], max_new_tokens=2)
@@ -209,8 +209,8 @@ _SAMPLE_PROMPT = [1, 2, 3, 1]      # whole blocks for L_B 2 and 4
 
 @functools.lru_cache(maxsize=2)
 def _four_token_setup(block_len):
-  config = BlockConfig(vocab_size=4, block_len=block_len, block_layers=1, block_width=16,
-                       token_layers=1, token_width=16, prefix_len=2, max_len=32, init_std=1.0)
+  config = BlockConfig(vocab_size=4, block_len=block_len, block_layers=1, block_width=32,
+                       token_layers=1, token_width=32, prefix_len=2, max_len=32, init_std=1.0)
   model = build_model(config)
   params = init_params(model, jax.random.key(3))
   drafter = DraftHead(DrafterConfig.for_base(config, draft_len=2))
