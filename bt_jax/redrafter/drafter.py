@@ -96,7 +96,8 @@ class DrafterConfig:
     paper's."""
     if not exit_ratio > 0:
       raise ValueError(f"exit_ratio must be positive; got {exit_ratio}")
-    width = base_config.token_width if base_config.kind == "block" else base_config.width
+    block = getattr(base_config, "kind", "vanilla") == "block"
+    width = base_config.token_width if block else base_config.width
     probe = cls(vocab_size=base_config.vocab_size, hidden_dim=width,
                 embed_dim=width, lm_head=lm_head, **kwargs)
     exit_dim = max(1, int(round(exit_ratio * probe.input_dim)))
