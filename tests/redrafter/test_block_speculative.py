@@ -225,7 +225,9 @@ def _four_token_setup(block_len):
   full = np.concatenate([np.tile(_SAMPLE_PROMPT, (len(sequences), 1)), sequences], axis=1)
   logits = model.apply({"params": params}, jnp.asarray(full))     # blocks 1.. of 8 tokens
   logits = np.asarray(logits).reshape(len(sequences), -1, 4)[:, len(_SAMPLE_PROMPT) - block_len:]
-  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float64), axis=-1))
+  logits = logits.astype(np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
   exact = np.prod(np.take_along_axis(probs, sequences[:, :, None], axis=2)[..., 0], axis=1)
   return model, params, drafter, dparams, exact.reshape((4,) * 4)
 
