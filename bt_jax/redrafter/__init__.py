@@ -19,8 +19,11 @@ from bt_jax.redrafter.train import (DistillationData, DrafterTrainResult, Object
                                     corpus_windows, distill_drafter, distillation_batches,
                                     run_drafter_training, train_drafter)
 from bt_jax.redrafter.tree import PackedTree, batched_pack_beams, beam_search, pack_beams
+from bt_jax.redrafter.block_speculative import (block_hidden_states, block_speculative_generate,
+                                                train_block_drafter)
 
 __all__ = [
+    "block_hidden_states", "block_speculative_generate", "train_block_drafter",
     "DistillationData", "DraftHead", "DrafterConfig", "DrafterTrainResult", "Objective",
     "PackedTree", "SpeculativeOutput", "batched_pack_beams", "beam_search", "corpus_windows",
     "distill_drafter", "distillation_batches", "drafter_cost", "drafter_draft_fn",

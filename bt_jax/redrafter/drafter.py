@@ -87,15 +87,19 @@ class DrafterConfig:
   @classmethod
   def for_base(cls, base_config, *, lm_head: str = "base", exit_ratio: float = 0.5,
                **kwargs) -> "DrafterConfig":
-    """A drafter for a vanilla base LM config (hidden and embedding width =
-    width), ResBlocks of width round(exit_ratio * (H + state width)).
+    """A drafter for a base LM config (hidden and embedding width = width;
+    for a Block Transformer, its token decoder's width: the drafter reads
+    the token decoder, `block_speculative`), ResBlocks of width
+    round(exit_ratio * (H + state width)).
     The defaults (the base LM's head, exit_ratio 0.5: ResBlocks at H) are
     this library's cheap drafter; lm_head="own", exit_ratio=1.0 is the
     paper's."""
     if not exit_ratio > 0:
       raise ValueError(f"exit_ratio must be positive; got {exit_ratio}")
-    probe = cls(vocab_size=base_config.vocab_size, hidden_dim=base_config.width,
-                embed_dim=base_config.width, lm_head=lm_head, **kwargs)
+    block = getattr(base_config, "kind", "vanilla") == "block"
+    width = base_config.token_width if block else base_config.width
+    probe = cls(vocab_size=base_config.vocab_size, hidden_dim=width,
+                embed_dim=width, lm_head=lm_head, **kwargs)
     exit_dim = max(1, int(round(exit_ratio * probe.input_dim)))
     return dataclasses.replace(probe, exit_dim=None if exit_dim == probe.input_dim else exit_dim)
 
