@@ -530,10 +530,14 @@ def _run_group(sides, hf, scenario, prompt_len, new_tokens, batch, warmup, repea
     for _ in range(max(warmup, 1)):
       bt_tokens[side.name] = np.asarray(side.call())
     warm[side.name] = time.perf_counter() - begin
+  print(f"{scenario}: bt_jax warm-up " + ", ".join(f"{k} {v:.1f} s" for k, v in warm.items()),
+        flush=True)
   hf_tokens = hf.warm_up(warmup)
+  print(f"{scenario}: transformers {hf.name} warm-up {hf.warmup_s}, runs {hf.mode}"
+        + (f" (compile failed: {hf.compile_error})" if hf.compile_error else ""), flush=True)
   times = {side.name: [] for side in sides}
   hf_times = []
-  for _ in range(repeats):
+  for round_ in range(repeats):
     for side in sides:
       begin = time.perf_counter()
       side.call()
@@ -541,6 +545,9 @@ def _run_group(sides, hf, scenario, prompt_len, new_tokens, batch, warmup, repea
     begin = time.perf_counter()
     hf.call()
     hf_times.append(time.perf_counter() - begin)
+    print(f"{scenario} round {round_ + 1}/{repeats}: " + ", ".join(
+        f"{name} {t[-1]:.2f} s" for name, t in times.items()) + f", transformers {hf.name} "
+          f"{hf_times[-1]:.2f} s", flush=True)
   work = batch * new_tokens
   common = dict(scenario=scenario, prompt_len=prompt_len, new_tokens=new_tokens,
                 batch_size=batch, dtype=str(sides[0].config.dtype), repeats=repeats)
@@ -580,4 +587,6 @@ def main(flag_values: flags.FlagValues) -> dict:
 
 
 if __name__ == "__main__":
+  from bt_jax import logging_utils  # pylint: disable=g-import-not-at-top
+  logging_utils.quiet_orbax_logs()
   cli.run(main, define_flags)
