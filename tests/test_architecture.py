@@ -87,3 +87,45 @@ def test_the_check_can_fail():
     return lambda path: _imports(path) | {extra}
   assert _violations("bt_jax.layers", with_extra("bt_jax.distributed.sharded_cache"))
   assert _violations("pallas_kernels", with_extra("bt_jax.models"))
+
+
+# torch and transformers are test and benchmark dependencies (requirements-test.txt):
+# the library never imports transformers, and torch only inside the one function
+# that reads a pytorch_model.bin when the user has torch (docs/convert.md).
+PEER_PACKAGES = ("torch", "transformers")
+
+
+def _peer_imports(source: str) -> list[tuple[str, bool]]:
+  """(imported torch / transformers module, whether at module level) of a file."""
+  tree = ast.parse(source)
+  nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for n in ast.walk(f) if n is not f}
+  found = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      names = [node.module]
+    else:
+      continue
+    found += [(n, id(node) not in nested) for n in names if n.split(".")[0] in PEER_PACKAGES]
+  return found
+
+
+def _peer_violations(source: str) -> list[str]:
+  return [f"{name} ({'module level' if top else 'in a function'})"
+          for name, top in _peer_imports(source)
+          if name.split(".")[0] == "transformers" or top]
+
+
+def test_library_never_imports_torch_or_transformers():
+  bad = {_module_name(p): v for p in _files()
+         if (v := _peer_violations(p.read_text(encoding="utf-8")))}
+  assert not bad, f"bt_jax must not import torch or transformers (requirements-test.txt): {bad}"
+
+
+def test_the_peer_import_check_can_fail():
+  assert _peer_violations("import torch\n") == ["torch (module level)"]
+  assert _peer_violations("def f():\n  from transformers import AutoModel\n") == [
+      "transformers (in a function)"]
+  assert _peer_violations("def f():\n  import torch\n") == []
