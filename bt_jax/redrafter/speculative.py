@@ -61,17 +61,25 @@ class SpeculativeOutput:
   """tokens [batch, max_new_tokens] (pad_id after a row's end); lengths
   [batch] (EOS included); steps: base-LM forwards after the prefill (scalar);
   row_steps [batch]: the steps each row was active; accepted [batch]: draft
-  tokens accepted in all (tokens per step of a row = lengths / row_steps)."""
+  tokens accepted in all (tokens per step of a row = lengths / row_steps).
+  Per step, [batch, max_new_tokens] (what the benchmark reads; None from
+  loops that do not record them): step_accepted, the drafts accepted at each
+  step (-1 once the row had finished or past the last step);
+  step_tree_tokens, the packed tokens verified after the prefix dedupe (of
+  M (C + 1); 0 there)."""
 
   tokens: jax.Array
   lengths: jax.Array
   steps: jax.Array
   row_steps: jax.Array
   accepted: jax.Array
+  step_accepted: Optional[jax.Array] = None
+  step_tree_tokens: Optional[jax.Array] = None
 
 
 jax.tree_util.register_dataclass(
-    SpeculativeOutput, data_fields=["tokens", "lengths", "steps", "row_steps", "accepted"],
+    SpeculativeOutput, data_fields=["tokens", "lengths", "steps", "row_steps", "accepted",
+                                    "step_accepted", "step_tree_tokens"],
     meta_fields=[])
 
 
@@ -194,6 +202,121 @@ def _accept_sampled(logits, unpacker, beams, q_logprobs, sampling, key):
       logits, unpacker, beams, q_logprobs, keys)
 
 
+def _tree_query(beams: jax.Array, length: jax.Array, pad: jax.Array, cache_len: int):
+  """The packed, deduplicated tree of beams [B, M, D] and what the verify
+  forward needs: (tree, mask [B, P, cache_len], positions [B, P]). Each
+  packed token sees the committed context [pad, length) and, among the
+  packed slots [length, length + P), its ancestors and itself."""
+  batch, num_beams, depth_len = beams.shape
+  packed_len = num_beams * depth_len
+  tree = batched_pack_beams(beams)
+  cache_slots = jnp.arange(cache_len)
+  context = (cache_slots[None, :] >= pad[:, None]) & (cache_slots[None, :] < length[:, None])
+  relative = cache_slots[None, :] - length[:, None]                        # [B, S]
+  in_tree = (relative >= 0) & (relative < packed_len)
+  tree_visible = jnp.take_along_axis(
+      tree.mask, jnp.broadcast_to(jnp.clip(relative, 0, packed_len - 1)[:, None, :],
+                                  (batch, packed_len, cache_len)), axis=2)
+  mask = context[:, None, :] | (tree_visible & in_tree[:, None, :])
+  positions = (length - pad)[:, None] + tree.depth
+  return tree, mask, positions
+
+
+def _verify(decoder: VanillaDecoder, params, tree, mask, positions, cache, length, pad):
+  """One base-model forward over the packed tokens, their K/V written at
+  [length, length + P): (logits [B, P, V], cache, hidden [B, P, H]). The
+  context every packed token sees is the run [pad, length): its window."""
+  return decoder.apply_decode(params, tree.tokens, positions, cache, length, mask, False, True,
+                              window=(pad.astype(jnp.int32), length))
+
+
+def _accept_greedy(logits, unpacker, beams):
+  """Greedy verification: (best [B]: the first beam with the most leading
+  drafts equal to the base model's argmax, accepted [B] of that beam,
+  predicted [B, P]: the argmax at each packed token)."""
+  draft_len = beams.shape[2] - 1
+  rows = jnp.arange(beams.shape[0])
+  predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)              # [B, P]
+  beam_predicted = jax.vmap(lambda p, u: p[u])(predicted, unpacker)       # [B, M, D]
+  matches = beam_predicted[:, :, :draft_len] == beams[:, :, 1:]
+  accepted = jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1)  # [B, M]
+  best = jnp.argmax(accepted, axis=-1)                                    # first of the longest
+  return best, accepted[rows, best], predicted
+
+
+def _commit(decoder: VanillaDecoder, state, beams, tree, cache, hidden, best, num_accepted,
+            new_g0, max_new_tokens: int, eos_id):
+  """The state after a step: the chosen beam's accepted K/V moved into place,
+  g0 and its accepted drafts appended to the output (cut at the first EOS
+  and at max_new_tokens), the next g0 (`new_g0` [B], or None: the base
+  model's argmax after the last accepted draft, `new_g0` then being
+  predicted [B, P]) and h; and the per-step record (accepted drafts, -1
+  where the row had finished; packed tokens after the dedupe, 0 there)."""
+  length, done = state["length"], state["done"]
+  depth_len = beams.shape[2]
+  rows = jnp.arange(beams.shape[0])
+  best_slots = tree.unpacker[rows, best]                                  # [B, D] packed index
+  # Move the chosen beam's K/V from its packed slots to length .. length + C.
+  cache = decoder.move_slots(cache, length[:, None] + best_slots, length)
+  committed = beams[rows, best]                                           # [B, D], g0 first
+  next_at = best_slots[rows, num_accepted]                                # packed index
+  if new_g0.ndim == 2:   # the argmax at each packed token: the one after the accepted drafts
+    new_g0 = new_g0[rows, next_at]
+  new_hidden = hidden[rows, next_at]
+  # Output: g0 and the accepted drafts; cut at the first EOS and at max_new.
+  keep = jnp.arange(depth_len)[None, :] <= num_accepted[:, None]
+  is_eos = (committed == eos_id) & keep
+  has_eos = jnp.any(is_eos, axis=-1)
+  count = jnp.where(has_eos, jnp.argmax(is_eos, axis=-1) + 1, num_accepted + 1)
+  count = jnp.minimum(count, max_new_tokens - state["n_out"])
+  count = jnp.where(done, 0, count)
+  # (Written whole: what lies past a row's n_out is cut at the end.)
+  out = jax.vmap(lambda o, c, i: jax.lax.dynamic_update_slice_in_dim(o, c, i, axis=0))(
+      state["out"], committed, state["n_out"])
+  n_out = state["n_out"] + count
+  new_done = done | has_eos | (n_out >= max_new_tokens)
+  active = ~done
+  step = state["step"]
+  return {
+      "cache": cache,
+      "length": jnp.where(active, length + num_accepted + 1, length),
+      "g0": jnp.where(active, new_g0, state["g0"]),
+      "hidden": jnp.where(active[:, None], new_hidden, state["hidden"]),
+      "out": out,
+      "n_out": n_out,
+      "done": new_done,
+      "step": step + 1,
+      "row_steps": state["row_steps"] + active.astype(jnp.int32),
+      "accepted": state["accepted"] + jnp.where(active, num_accepted, 0),
+      "step_accepted": state["step_accepted"].at[:, step].set(
+          jnp.where(active, num_accepted, -1)),
+      "step_tree_tokens": state["step_tree_tokens"].at[:, step].set(
+          jnp.where(active, tree.num_valid, 0)),
+  }
+
+
+def _initial_state(prefill, first, prompt_len: int, out_len: int, max_new_tokens: int,
+                   pad_id: int):
+  """The loop state after the prefill (`VanillaDecoder.prefill` with
+  return_hidden) and its first token `first` [B]."""
+  batch = first.shape[0]
+  return {
+      "cache": prefill["cache"],
+      "length": jnp.full((batch,), prompt_len, jnp.int32),     # committed cache slots
+      "g0": first.astype(jnp.int32),
+      "hidden": prefill["hidden"],
+      "out": jnp.full((batch, out_len), pad_id, jnp.int32),
+      "n_out": jnp.zeros((batch,), jnp.int32),
+      "done": jnp.zeros((batch,), bool),
+      "step": jnp.int32(0),
+      "row_steps": jnp.zeros((batch,), jnp.int32),
+      "accepted": jnp.zeros((batch,), jnp.int32),
+      # Per step (at most max_new_tokens steps): accepted drafts, packed tree tokens.
+      "step_accepted": jnp.full((batch, max_new_tokens), -1, jnp.int32),
+      "step_tree_tokens": jnp.zeros((batch, max_new_tokens), jnp.int32),
+  }
+
+
 def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: int,
                max_new_tokens: int, params, tokens, pad, eos_id,
                sampling: Optional[SamplingConfig] = None, rng: Optional[jax.Array] = None,
@@ -201,7 +324,9 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
   """The loop; sampling None (or greedy) verifies greedily, otherwise by
   recursive rejection sampling over sampled drafts (see `sampled_draft_fn`,
   `_accept_sampled`): draft_fn then also takes a key and returns (beams
-  [B, M, C+1], q log-probs [B, M, C, V])."""
+  [B, M, C+1], q log-probs [B, M, C, V]). Each step is draft ->
+  `_tree_query` -> `_verify` -> accept -> `_commit` (`greedy_step_parts`
+  jits them one by one, for timing)."""
   cfg: VanillaConfig = model.config
   sampled = sampling is not None and not sampling.greedy
   if sampled and rng is None:
@@ -226,23 +351,9 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
                                    axis=-1)
   else:
     first = jnp.argmax(prefill["logits"], axis=-1)
-  state = {
-      "cache": prefill["cache"],
-      "length": jnp.full((batch,), prompt_len, jnp.int32),     # committed cache slots
-      "g0": first.astype(jnp.int32),
-      "hidden": prefill["hidden"],
-      "out": jnp.full((batch, out_len), cfg.pad_id, jnp.int32),
-      "n_out": jnp.zeros((batch,), jnp.int32),
-      "done": jnp.zeros((batch,), bool),
-      "step": jnp.int32(0),
-      "row_steps": jnp.zeros((batch,), jnp.int32),
-      "accepted": jnp.zeros((batch,), jnp.int32),
-  }
-  cache_slots = jnp.arange(cache_len)
-  rows = jnp.arange(batch)
+  state = _initial_state(prefill, first, prompt_len, out_len, max_new_tokens, cfg.pad_id)
 
   def step(state):
-    length, done = state["length"], state["done"]
     if sampled:
       key = jax.random.fold_in(rng, state["step"])
       beams, q_logprobs = draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"],
@@ -253,74 +364,101 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
     if beams.shape[1:] != (num_beams, depth_len):
       raise ValueError(f"draft_fn returned beams of shape {beams.shape}; expected "
                        f"[batch, {num_beams}, {depth_len}] (num_beams, draft_len + 1)")
-    tree = batched_pack_beams(beams)
-    # Each packed token sees the committed context [pad, length) and, among
-    # the packed slots [length, length + P), its ancestors and itself.
-    context = (cache_slots[None, :] >= pad[:, None]) & (cache_slots[None, :] < length[:, None])
-    relative = cache_slots[None, :] - length[:, None]                      # [B, S]
-    in_tree = (relative >= 0) & (relative < packed_len)
-    tree_visible = jnp.take_along_axis(
-        tree.mask, jnp.broadcast_to(jnp.clip(relative, 0, packed_len - 1)[:, None, :],
-                                    (batch, packed_len, cache_len)), axis=2)
-    mask = context[:, None, :] | (tree_visible & in_tree[:, None, :])
-    positions = (length - pad)[:, None] + tree.depth
-    # The context every packed token sees is the run [pad, length): its window.
-    logits, cache, hidden = decoder.apply_decode(params, tree.tokens, positions,
-                                                 state["cache"], length, mask, False, True,
-                                                 window=(pad.astype(jnp.int32), length))
+    tree, mask, positions = _tree_query(beams, state["length"], pad, cache_len)
+    logits, cache, hidden = _verify(decoder, params, tree, mask, positions, state["cache"],
+                                    state["length"], pad)
     if sampled:
       best, num_accepted, new_g0 = _accept_sampled(
           logits, tree.unpacker, beams, q_logprobs, sampling, jax.random.fold_in(key, 1))
     else:
-      predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)            # [B, P]
-      beam_predicted = jax.vmap(lambda p, u: p[u])(predicted, tree.unpacker)  # [B, M, D]
-      matches = beam_predicted[:, :, :draft_len] == beams[:, :, 1:]
-      accepted = jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1)  # [B, M]
-      best = jnp.argmax(accepted, axis=-1)                                  # first of the longest
-      num_accepted = accepted[rows, best]
-    best_slots = tree.unpacker[rows, best]                                  # [B, D] packed index
-    # Move the chosen beam's K/V from its packed slots to length .. length + C.
-    cache = decoder.move_slots(cache, length[:, None] + best_slots, length)
-    committed = beams[rows, best]                                           # [B, D], g0 first
-    next_at = best_slots[rows, num_accepted]                                # packed index
-    if not sampled:
-      new_g0 = predicted[rows, next_at]
-    new_hidden = hidden[rows, next_at]
-    # Output: g0 and the accepted drafts; cut at the first EOS and at max_new.
-    keep = jnp.arange(depth_len)[None, :] <= num_accepted[:, None]
-    is_eos = (committed == eos_id) & keep
-    has_eos = jnp.any(is_eos, axis=-1)
-    count = jnp.where(has_eos, jnp.argmax(is_eos, axis=-1) + 1, num_accepted + 1)
-    count = jnp.minimum(count, max_new_tokens - state["n_out"])
-    count = jnp.where(done, 0, count)
-    # (Written whole: what lies past a row's n_out is cut at the end.)
-    out = jax.vmap(lambda o, c, i: jax.lax.dynamic_update_slice_in_dim(o, c, i, axis=0))(
-        state["out"], committed, state["n_out"])
-    n_out = state["n_out"] + count
-    new_done = done | has_eos | (n_out >= max_new_tokens)
-    active = ~done
-    return {
-        "cache": cache,
-        "length": jnp.where(active, length + num_accepted + 1, length),
-        "g0": jnp.where(active, new_g0, state["g0"]),
-        "hidden": jnp.where(active[:, None], new_hidden, state["hidden"]),
-        "out": out,
-        "n_out": n_out,
-        "done": new_done,
-        "step": state["step"] + 1,
-        "row_steps": state["row_steps"] + active.astype(jnp.int32),
-        "accepted": state["accepted"] + jnp.where(active, num_accepted, 0),
-    }
+      best, num_accepted, new_g0 = _accept_greedy(logits, tree.unpacker, beams)
+    return _commit(decoder, state, beams, tree, cache, hidden, best, num_accepted, new_g0,
+                   max_new_tokens, eos_id)
 
   def cond(state):
     return ~jnp.all(state["done"]) & (state["step"] < max_new_tokens)
 
   state = jax.lax.while_loop(cond, step, state)
+  return _output(state, max_new_tokens, cfg.pad_id)
+
+
+def _output(state, max_new_tokens: int, pad_id: int) -> "SpeculativeOutput":
   positions = jnp.arange(max_new_tokens)[None, :]
   tokens_out = jnp.where(positions < state["n_out"][:, None], state["out"][:, :max_new_tokens],
-                         cfg.pad_id)
+                         pad_id)
   return SpeculativeOutput(tokens=tokens_out, lengths=state["n_out"], steps=state["step"],
-                           row_steps=state["row_steps"], accepted=state["accepted"])
+                           row_steps=state["row_steps"], accepted=state["accepted"],
+                           step_accepted=state["step_accepted"],
+                           step_tree_tokens=state["step_tree_tokens"])
+
+
+@dataclasses.dataclass(frozen=True)
+class GreedyStepParts:
+  """The greedy loop of `drafter_generate_fn` cut into separately jitted
+  parts (`greedy_step_parts`), each the very function the loop traces, for
+  timing one speculative step part by part (experiments.redrafter_bench):
+
+    prefill(params, tokens, pad) -> state          the prompt, g0 and h
+    draft(drafter_params, params, state) -> beams  the drafter's beam search
+    tree(state, beams, pad) -> (tree, mask, positions)     pack + dedupe, masks
+    verify(params, state, tree, mask, positions, pad) -> (logits, cache, hidden)
+    commit(state, beams, tree, logits, cache, hidden) -> state   accept, move K/V, output
+    output(state) -> SpeculativeOutput
+
+  Chained for `output(state).steps` steps they give the loop's tokens. One
+  device (no mesh); eos_id is fixed when the parts are made."""
+
+  prefill: Callable
+  draft: Callable
+  tree: Callable
+  verify: Callable
+  commit: Callable
+  output: Callable
+
+
+def greedy_step_parts(model: VanillaLM, drafter: DraftHead, beam_width: int,
+                      max_new_tokens: int, prompt_len: int, eos_id: int = -1,
+                      draft_top_k: Optional[int] = None) -> GreedyStepParts:
+  """`GreedyStepParts` of the greedy loop for prompts of `prompt_len` tokens."""
+  _check(model, beam_width=beam_width, max_new_tokens=max_new_tokens, prompt_len=prompt_len)
+  check_beam_width(beam_width, drafter.config.vocab_size)
+  cfg: VanillaConfig = model.config
+  draft_len = drafter.config.draft_len
+  depth_len = draft_len + 1
+  after_prompt = max_new_tokens + depth_len + beam_width * depth_len
+  cache_len = prompt_len + after_prompt
+  decoder = VanillaDecoder(model)
+
+  def prefill(params, tokens, pad):
+    carry = decoder.prefill(params, tokens, pad, after_prompt, return_hidden=True)
+    first = jnp.argmax(carry["logits"], axis=-1)
+    return _initial_state(carry, first, prompt_len, max_new_tokens + depth_len, max_new_tokens,
+                          cfg.pad_id)
+
+  def draft(drafter_params, params, state):
+    draft_fn = drafter_draft_fn(drafter, drafter_params, params["token_embed"]["embedding"],
+                                beam_width=beam_width, base_head=base_head_of(drafter, params),
+                                top_k=draft_top_k)
+    return draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"]).astype(
+        jnp.int32)
+
+  def tree(state, beams, pad):
+    return _tree_query(beams, state["length"], pad, cache_len)
+
+  def verify(params, state, tree, mask, positions, pad):
+    return _verify(decoder, params, tree, mask, positions, state["cache"], state["length"], pad)
+
+  def commit(state, beams, tree, logits, cache, hidden):
+    best, num_accepted, predicted = _accept_greedy(logits, tree.unpacker, beams)
+    return _commit(decoder, state, beams, tree, cache, hidden, best, num_accepted, predicted,
+                   max_new_tokens, jnp.int32(eos_id))
+
+  def output(state):
+    return _output(state, max_new_tokens, cfg.pad_id)
+
+  return GreedyStepParts(prefill=jax.jit(prefill), draft=jax.jit(draft), tree=jax.jit(tree),
+                         verify=jax.jit(verify), commit=jax.jit(commit),
+                         output=jax.jit(output))
 
 
 def _check(model, **sizes) -> None:
@@ -401,7 +539,8 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
   if len(prompts) == num_prompts:
     return out
   return dataclasses.replace(out, **{name: getattr(out, name)[:num_prompts]
-                                     for name in ("tokens", "lengths", "row_steps", "accepted")})
+                                     for name in ("tokens", "lengths", "row_steps", "accepted", "step_accepted",
+                                                  "step_tree_tokens")})
 
 
 _is_model_mesh = mesh_lib.is_model_mesh
@@ -481,7 +620,7 @@ def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
     return jax.jit(run)
   replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, _rows_spec(mesh))
   out = SpeculativeOutput(tokens=rows, lengths=rows, steps=replicated, row_steps=rows,
-                          accepted=rows)
+                          accepted=rows, step_accepted=rows, step_tree_tokens=rows)
   if _is_model_mesh(mesh):   # the models' logical constraints shard the activations
     run = with_logical_rules(run, mesh, axes.DEFAULT_RULES)
   return jax.jit(run, in_shardings=_in_shardings(model, mesh), out_shardings=out)

@@ -273,13 +273,16 @@ def test_benchmark_smoke(tmp_path):
   report = cli.call(redrafter_bench, ["--train_steps", "4", "--distill_prompts", "8",
                                  "--train_batch", "4", "--batch_sizes", "2",
                                  "--max_new_tokens", "8", "--prompt_len", "8",
-                                 "--repeats", "1", "--draft_len", "2", "--beam_width", "2",
-                                 "--sample_beams", "2", "--out", str(out)])
+                                 "--repeats", "1", "--draft_len", "2", "--beam_widths", "2",
+                                 "--split_repeats", "1", "--sample_beams", "2",
+                                 "--out", str(out)])
   assert json.loads(out.read_text()) == json.loads(json.dumps(report))
   (record,) = report["results"]
   assert record["same_tokens_as_greedy"] and record["batch_size"] == 2
   assert 1.0 <= record["tokens_per_step"] <= 3.0
-  assert record["speedup"] == pytest.approx(record["greedy_ms"] / record["speculative_ms"])
+  assert record["beam_width"] == record["draft_len"] == 2
+  assert record["speedup"] == pytest.approx(record["greedy_ms"]["median"]
+                                            / record["speculative_ms"]["median"])
   assert report["meta"]["weights"] == "random" and report["meta"]["complete"]
   (sampled,) = report["sampling"]
   assert sampled["drafts"] == 2 and sampled["temperature"] == 1.0
