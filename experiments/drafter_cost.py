@@ -16,11 +16,9 @@ The defaults are the quickstart vanilla model (gin_configs/runs/quickstart_vanil
 
 from __future__ import annotations
 
-import argparse
-import sys
-from typing import Optional, Sequence
 
 import jax
+from absl import flags
 import jax.numpy as jnp
 
 from bt_jax import cli
@@ -80,38 +78,45 @@ def _timings(model, params, drafter, dparams, batch, beam_width, context, repeat
   }
 
 
-def _batch_sizes(parser: argparse.ArgumentParser, text: str) -> list[int]:
+def define_flags(flag_values: flags.FlagValues) -> None:
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_integer("width", 128, "Base model width.", **fv)
+  flags.DEFINE_integer("layers", 4, "Base model layers.", **fv)
+  flags.DEFINE_integer("vocab", 2048, "Vocabulary size.", **fv)
+  flags.DEFINE_integer("max_len", 128, "Base model context.", **fv)
+  flags.DEFINE_integer("context", 64, "Tokens in the cache when drafting and verifying.", **fv)
+  flags.DEFINE_integer("beam_width", 4, "Beams M.", **fv)
+  flags.DEFINE_integer("draft_len", 4, "Draft length C.", **fv)
+  flags.DEFINE_string("batch_sizes", "1,8", "Comma-separated batch sizes.", **fv)
+  flags.DEFINE_integer("repeats", 30, "Calls per timing (the minimum is reported).", **fv)
+  flags.DEFINE_string("out", None, "JSON output (folders created; rewritten after every "
+                      "measurement).", **fv)
+
+
+def _batch_sizes(text: str) -> list[int]:
   try:
     sizes = [int(b) for b in text.split(",")]
   except ValueError:
     sizes = []
   if not sizes or min(sizes) <= 0:
-    parser.error(f"--batch_sizes {text!r} must be comma-separated positive integers, e.g. 1,8")
+    raise cli.UserError(f"--batch_sizes {text!r} must be comma-separated positive integers, "
+                        "e.g. 1,8")
   return sizes
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--width", type=int, default=128)
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--vocab", type=int, default=2048)
-  parser.add_argument("--max_len", type=int, default=128)
-  parser.add_argument("--context", type=int, default=64)
-  parser.add_argument("--beam_width", type=int, default=4)
-  parser.add_argument("--draft_len", type=int, default=4)
-  parser.add_argument("--batch_sizes", default="1,8")
-  parser.add_argument("--repeats", type=int, default=30)   # the minimum is reported
-  parser.add_argument("--out", default=None)
-  args = parser.parse_args(argv)
+def main(args: flags.FlagValues) -> dict:
+  batch_sizes = _batch_sizes(args.batch_sizes)
   try:
     base = VanillaConfig(vocab_size=args.vocab, max_len=args.max_len, num_layers=args.layers,
                          width=args.width)
-  except ValueError as e:   # a bad size: argparse's one-line error, exit status 2
-    parser.error(str(e))
+  except ValueError as e:   # a bad size: one line, exit status 2
+    raise cli.UserError(cli.one_line(e)) from e
   model = build_model(base)
   params = init_params(model, jax.random.key(0))
-  batch_sizes = _batch_sizes(parser, args.batch_sizes)
-  meta = vars(args) | {"device": jax.devices()[0].device_kind}
+  meta = {name: args[name].value for name in ("width", "layers", "vocab", "max_len", "context",
+                                              "beam_width", "draft_len", "batch_sizes",
+                                              "repeats", "out")}
+  meta["device"] = jax.devices()[0].device_kind
   records = []
   for name, kwargs in VARIANTS.items():
     config = DrafterConfig.for_base(base, draft_len=args.draft_len, **kwargs)
@@ -142,5 +147,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
-  sys.exit(0)
+  cli.run(main, define_flags)

@@ -55,7 +55,11 @@ BINARIES = [
     ("experiments.redrafter_bench", "--out"),
     ("experiments.plot_training", "--out"),
     ("experiments.report", "--root"),
-    ("experiments.drafter_cost", "--batch_sizes"),   # argparse, not absl
+    ("experiments.drafter_cost", "--batch_sizes"),
+    ("bt_jax.convert", "--workdir"),
+    ("experiments.sweep", "--sweep"),
+    ("experiments.peer_bench", "--models"),
+    ("experiments.uptrain_vs_scratch", "--out"),
 ]
 @pytest.mark.slow
 @pytest.mark.parametrize("module, flag", BINARIES)
@@ -338,15 +342,14 @@ def test_drafter_cost_out_folders_and_one_write_per_measurement(tmp_path, monkey
     monkeypatch.setattr(drafter_cost, name, lambda *args: None)
   out = tmp_path / "a" / "b" / "cost.json"
   with pytest.raises(RuntimeError, match="third measurement"):
-    drafter_cost.main(["--width", "32", "--layers", "1", "--vocab", "64", "--max_len", "32",
-                       "--context", "8", "--beam_width", "2", "--draft_len", "2",
-                       "--batch_sizes", "1", "--out", str(out)])
+    cli.call(drafter_cost, ["--width", "32", "--layers", "1", "--vocab", "64", "--max_len", "32",
+                            "--context", "8", "--beam_width", "2", "--draft_len", "2",
+                            "--batch_sizes", "1", "--out", str(out)])
   report = json.loads(out.read_text())
   assert len(report["results"]) == 2 and report["meta"]["batch_sizes"] == "1"
   assert report["results"][0]["draft_over_verify"] == 0.5
   for argv, message in [(["--batch_sizes", "1,x"], "--batch_sizes '1,x' must be"),
                         (["--width", "16"], "width 16 is not divisible by head_dim")]:
-    with pytest.raises(SystemExit) as exit_info:
-      drafter_cost.main(argv + ["--out", str(tmp_path / "bad" / "x.json")])
-    assert exit_info.value.code == 2
+    with pytest.raises(cli.UserError, match=message):
+      cli.call(drafter_cost, argv + ["--out", str(tmp_path / "bad" / "x.json")])
   assert not (tmp_path / "bad").exists()

@@ -13,83 +13,88 @@ in the other binaries (`bt_jax.cli`); `--verbose` adds its traceback.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import sys
+from typing import Optional, Sequence
 
-import traceback
+from absl import flags
 
 from bt_jax import cli
 from bt_jax.config import DTYPES
 
-# What the converters raise for a bad input (ConversionError is a ValueError;
-# an existing output is FileExistsError), beside the OS's errors on a path.
-_USER_ERRORS = (*cli.USER_ERRORS, ValueError, FileExistsError)
+COMMANDS = ("from_hf", "to_hf", "from_block_transformer")
+
+# Which flags each command needs (a missing one is a user error naming it).
+_REQUIRED = {
+    "from_hf": ("input", "workdir"),
+    "to_hf": ("workdir", "output"),
+    "from_block_transformer": ("input", "gin_file", "workdir"),
+}
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse with a bad flag as one line and exit status 2 (its usage stays in --help)."""
-
-  def error(self, message):
-    self.exit(cli.USER_ERROR_EXIT_STATUS,
-              f"error: {self.prog}: {cli.one_line(message)} (see --help)\n")
-
-
-def _parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="python -m bt_jax.convert", description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--verbose", action="store_true",
-                      help="show the traceback of a user error as well as its one-line message")
-  commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-  p = commands.add_parser("from_hf", help="a local Hugging Face GPT-NeoX folder -> a workdir")
-  p.add_argument("--input", required=True, help="folder with config.json, model.safetensors "
-                 "(or shards + index, or pytorch_model.bin with torch) and tokenizer.json")
-  p.add_argument("--workdir", required=True, help="new bt_jax workdir to write")
-  p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter dtype")
-  p = commands.add_parser("to_hf", help="a vanilla workdir -> a Hugging Face folder")
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  p.add_argument("--output", required=True, help="new folder to write")
-  p = commands.add_parser("from_block_transformer",
-                          help="an official Block Transformer checkpoint -> a workdir")
-  p.add_argument("--input", required=True, help="model.safetensors (or .bin) or an HF-Trainer "
-                 "checkpoint-N/ folder")
-  p.add_argument("--gin_file", action="append", required=True,
-                 help="model gin file describing the checkpoint (e.g. models/block_b4_85m.gin)")
-  p.add_argument("--gin_param", action="append", default=[], help="extra gin bindings")
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--tokenizer", default=None,
-                 help="tokenizer.json (default: the one inside --input)")
-  p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-  p.add_argument("--eval_no_pad", action="store_true",
-                 help="score zero-shot tasks without the L-1 left pads (the released >= 300M "
-                 "checkpoints, trained without random left padding)")
-  return parser
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """The flags of every command (absl has no subcommands: the command is argv[1])."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("input", None, "from_hf: folder with config.json, model.safetensors (or "
+                      "shards + index, or pytorch_model.bin with torch) and tokenizer.json; "
+                      "from_block_transformer: model.safetensors (or .bin) or an HF-Trainer "
+                      "checkpoint-N/ folder.", **fv)
+  flags.DEFINE_string("workdir", None, "from_hf, from_block_transformer: the new bt_jax workdir "
+                      "to write; to_hf: the vanilla workdir to read.", **fv)
+  flags.DEFINE_string("output", None, "to_hf: the new Hugging Face folder to write.", **fv)
+  flags.DEFINE_integer("step", None, "to_hf: checkpoint step (default: the newest good one).",
+                       **fv)
+  flags.DEFINE_multi_string("gin_file", [], "from_block_transformer: model gin file describing "
+                            "the checkpoint (e.g. models/block_b4_85m.gin).", **fv)
+  flags.DEFINE_multi_string("gin_param", [], "from_block_transformer: extra gin bindings.", **fv)
+  flags.DEFINE_string("tokenizer", None, "from_block_transformer: tokenizer.json (default: the "
+                      "one inside --input).", **fv)
+  flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Parameter dtype of the output.", **fv)
+  flags.DEFINE_bool("eval_no_pad", False, "from_block_transformer: score zero-shot tasks without "
+                    "the L-1 left pads (the released >= 300M checkpoints, trained without random "
+                    "left padding).", **fv)
 
 
-def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
+def split_command(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
+  """(command, argv without it): the command is the first argument when it is not a flag."""
+  argv = list(argv)
+  if len(argv) > 1 and not argv[1].startswith("-"):
+    return argv[1], [argv[0], *argv[2:]]
+  return None, argv
+
+
+def main(flag_values: flags.FlagValues, command: Optional[str] = None) -> str:
+  if command not in COMMANDS:
+    given = "no command" if command is None else f"command {command!r}"
+    raise cli.UserError(f"{given}: expected one of {', '.join(COMMANDS)} first, e.g. "
+                        "`python -m bt_jax.convert from_hf --input HF_DIR --workdir OUT`")
+  missing = [f"--{name}" for name in _REQUIRED[command] if not flag_values[name].value]
+  if missing:
+    raise cli.UserError(f"{command} needs {', '.join(missing)} (see --help)")
   from bt_jax import convert  # pylint: disable=import-outside-toplevel
+  f = flag_values
   try:
-    if args.command == "from_hf":
-      out = convert.from_hf(args.input, args.workdir, dtype=args.dtype)
-    elif args.command == "to_hf":
-      out = convert.to_hf(args.workdir, args.output, step=args.step)
+    if command == "from_hf":
+      out = convert.from_hf(f.input, f.workdir, dtype=f.dtype)
+    elif command == "to_hf":
+      out = convert.to_hf(f.workdir, f.output, step=f.step)
     else:
       from bt_jax import gin_utils  # pylint: disable=import-outside-toplevel
-      config = gin_utils.model_config_from_gin(args.gin_file, args.gin_param)
-      out = convert.from_block_transformer(args.input, config, args.workdir,
-                                           tokenizer=args.tokenizer, dtype=args.dtype,
-                                           eval_no_pad=args.eval_no_pad)
-  except _USER_ERRORS as e:
-    if args.verbose:
-      traceback.print_exc()
-    print(f"error: {cli.one_line(e)}", file=sys.stderr)
-    return cli.USER_ERROR_EXIT_STATUS
+      config = gin_utils.model_config_from_gin(f.gin_file, f.gin_param)
+      out = convert.from_block_transformer(f.input, config, f.workdir, tokenizer=f.tokenizer,
+                                           dtype=f.dtype, eval_no_pad=f.eval_no_pad)
+  except (ValueError, FileExistsError) as e:
+    # What the converters raise for a bad input (ConversionError is a ValueError; an
+    # existing output is FileExistsError): a user error, one line.
+    if isinstance(e, cli.UserError):
+      raise
+    raise cli.UserError(cli.one_line(e)) from e
   print(f"wrote {out}")
-  return 0
+  return out
 
 
 if __name__ == "__main__":
   from bt_jax import logging_utils  # pylint: disable=g-import-not-at-top
   logging_utils.quiet_orbax_logs()
-  sys.exit(main())
+  _command, sys.argv = split_command(sys.argv)
+  cli.run(functools.partial(main, command=_command), define_flags)

@@ -75,7 +75,8 @@ def test_cli_errors_are_one_line_and_leave_nothing(tmp_path):
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
   bad_dtype = _run("bt_jax.convert", "from_hf", "--input", hf_dir, "--workdir",
                    str(tmp_path / "out"), "--dtype", "float16")
-  assert bad_dtype.returncode == 2 and "invalid choice: 'float16'" in bad_dtype.stderr
+  assert bad_dtype.returncode == 2 and "--dtype=float16" in bad_dtype.stderr
+  assert "bfloat16|float32" in bad_dtype.stderr
   assert len(bad_dtype.stderr.strip().splitlines()) == 1, bad_dtype.stderr
   missing = _run("bt_jax.convert", "to_hf", "--workdir", str(tmp_path / "nothing_here"),
                  "--output", str(tmp_path / "out"))
