@@ -74,9 +74,9 @@ def test_oracle_drafts_give_greedy_tokens_for_every_block_len(block_len, token_d
   lengths (and from different beams) and finish blocks at different steps;
   drafts past the block's end are cut. The tokens equal plain greedy
   Block Transformer decoding, with ragged prompts, with and without EOS,
-  for every L_B in {1, 2, 4, 8} and the three token decoders. (Breaking the
-  K/V move of the chosen beam fails the L_B = 8 case, where steps continue
-  in a block after a beam other than the first was chosen.)"""
+  for every L_B in {1, 2, 4, 8} and the three token decoders. (Leaving out
+  the K/V move of the chosen beam fails the L_B = 4 and 8 cases, where
+  steps continue in a block after a beam other than the first was chosen.)"""
   model, params = _base(block_len, token_decoder)
   max_new, draft_len, num_beams = 18, 3, 3
   want = generate(model, params, _PROMPTS, max_new_tokens=max_new)
@@ -88,12 +88,15 @@ def test_oracle_drafts_give_greedy_tokens_for_every_block_len(block_len, token_d
     true = jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, draft_len + 1))(
         reference, n_out).at[:, 0].set(g0)
     depth = jnp.arange(draft_len + 1)[None, :]
-    beam0 = jnp.where(depth == 1 + ((rows + step) % draft_len)[:, None], (true + 1) % _VOCAB, true)
+    # Beam 0 (whose tokens fill the first packed slots) is wrong from depth
+    # 1, so a chosen later beam's K/V must be moved into place.
+    beam0 = jnp.where(depth >= 1, (true * 7 + 5) % _VOCAB, true)
+    beam1 = jnp.where(depth == 1 + ((rows + step) % draft_len)[:, None], (true + 1) % _VOCAB,
+                      true)
     # Even rows: all correct; odd rows: wrong from depth 1 (rows 1, 5) or 2.
-    beam1 = jnp.where((rows % 2 == 0)[:, None], true,
+    beam2 = jnp.where((rows % 2 == 0)[:, None], true,
                       jnp.where(depth >= 1 + (rows // 2 % 2)[:, None], (true + 2) % _VOCAB,
                                 true))
-    beam2 = jnp.where(depth >= 1, (true * 7 + 5) % _VOCAB, true)
     return jnp.stack([beam0, beam1, beam2], axis=1)
 
   fn = block_speculative_generate_fn(model, draft_fn, num_beams=num_beams, draft_len=draft_len,
