@@ -17,6 +17,7 @@ timeout 200 python3 -m bt_jax.train --gin_file=gin_configs/runs/quickstart_vanil
     --workdir=/tmp/qs_vanilla 2>&1 | grep -v "^[IW][0-9]\{4\} \|%|" | tail -n 3 | tee -a "$OUT/log.txt"
 echo "=== redrafter_bench" | tee -a "$OUT/log.txt"
 timeout 180 python3 -m experiments.redrafter_bench --workdir /tmp/qs_vanilla \
-    --batch_sizes 1,8 --repeats 10 --out "$OUT/redrafter_gpu.json" 2>&1 \
-    | grep -v "^[IW][0-9]\{4\} \|%|" | tail -n 12 | tee -a "$OUT/log.txt"
+    --batch_sizes 1,8 --beam_widths 1,4 --repeats 10 --out "$OUT/redrafter_gpu.json" \
+    --plot "$OUT/redrafter_gpu.png" 2>&1 \
+    | grep -v "^[IW][0-9]\{4\} \|%|" | tail -n 16 | tee -a "$OUT/log.txt"
 echo "done in $SECONDS s" | tee -a "$OUT/log.txt"

@@ -538,9 +538,8 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
   out = fn(*args)
   if len(prompts) == num_prompts:
     return out
-  return dataclasses.replace(out, **{name: getattr(out, name)[:num_prompts]
-                                     for name in ("tokens", "lengths", "row_steps", "accepted", "step_accepted",
-                                                  "step_tree_tokens")})
+  return dataclasses.replace(out, **{name: getattr(out, name)[:num_prompts] for name in (
+      "tokens", "lengths", "row_steps", "accepted", "step_accepted", "step_tree_tokens")})
 
 
 _is_model_mesh = mesh_lib.is_model_mesh
