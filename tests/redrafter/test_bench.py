@@ -68,12 +68,12 @@ def test_per_step_records_agree_with_the_totals():
   """step_accepted / step_tree_tokens (what the bench reads) against the
   loop's totals and the packed tree of each step."""
   import jax  # pylint: disable=import-outside-toplevel
-  from bt_jax.config import VanillaConfig  # pylint: disable=import-outside-toplevel
+  from tests.utils import tiny_config  # pylint: disable=import-outside-toplevel
   from bt_jax.models import build_model, init_params  # pylint: disable=import-outside-toplevel
   from bt_jax.redrafter import (DraftHead, DrafterConfig, init_drafter,  # pylint: disable=import-outside-toplevel
                                 speculative_generate)
   from experiments.redrafter_bench import acceptance_stats  # pylint: disable=import-outside-toplevel
-  config = VanillaConfig(num_layers=1, width=32, head_dim=16, vocab_size=64, max_len=64)
+  config = tiny_config("vanilla", num_layers=1, width=32, head_dim=16, vocab_size=64, max_len=64)
   model = build_model(config)
   params = init_params(model, jax.random.key(0))
   drafter = DraftHead(DrafterConfig.for_base(config, draft_len=2))

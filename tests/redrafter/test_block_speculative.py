@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bt_jax.config import BlockConfig, VanillaConfig
 from bt_jax.inference import SamplingConfig, generate, prepare_prompts
 from bt_jax.models import build_model, init_params
 from bt_jax.redrafter import DraftHead, DrafterConfig, init_drafter
@@ -25,6 +24,7 @@ from bt_jax.redrafter.block_speculative import (block_drafter_generate_fn, block
                                                 block_speculative_generate,
                                                 block_speculative_generate_fn,
                                                 check_block_drafter_fits, train_block_drafter)
+from tests.utils import tiny_config
 
 _VOCAB = 64
 
@@ -34,7 +34,7 @@ def _config(block_len, **kwargs):
   fields = dict(vocab_size=_VOCAB, block_len=block_len, block_layers=1, block_width=32,
                 token_layers=1, token_width=32, prefix_len=2, max_len=128, init_std=0.3)
   fields.update(kwargs)
-  return BlockConfig(**fields)
+  return tiny_config("block", **fields)
 
 
 @functools.lru_cache(maxsize=4)
@@ -181,7 +181,7 @@ def test_a_drafter_for_another_base_is_an_error_naming_both_sides():
                                    "vocab 64 and token decoder width 32"),
       (_config(4, vocab_size=80), "made for vocab 80 and width 32; this block base model has "
                                   "vocab 64 and token decoder width 32"),
-      (VanillaConfig(vocab_size=_VOCAB, width=48, head_dim=16),
+      (tiny_config("vanilla", vocab_size=_VOCAB, width=48, head_dim=16),
        "made for vocab 64 and width 48; this block base model has vocab 64 and token decoder "
        "width 32")]:
     drafter = DraftHead(DrafterConfig.for_base(other, draft_len=2))
@@ -196,9 +196,9 @@ def test_a_drafter_for_another_base_is_an_error_naming_both_sides():
                                               "vocab_size": _VOCAB})
   with pytest.raises(ValueError, match="drafts for a block base model; this base model is "
                                        "vanilla"):
-    check_block_drafter_fits(drafter, VanillaConfig(vocab_size=_VOCAB, width=32))
+    check_block_drafter_fits(drafter, tiny_config("vanilla", vocab_size=_VOCAB, width=32))
   with pytest.raises(TypeError, match="needs a BlockTransformer base model; got VanillaLM"):
-    block_speculative_generate(build_model(VanillaConfig(vocab_size=_VOCAB, width=32)), None,
+    block_speculative_generate(build_model(tiny_config("vanilla", vocab_size=_VOCAB, width=32)), None,
                                drafter, None, [[1, 2]], max_new_tokens=2)
   with pytest.raises(ValueError, match="beam_width 65 exceeds the vocabulary \\(64\\)"):
     block_speculative_generate(model, params, drafter, None, [[1, 2]], max_new_tokens=2,
@@ -218,7 +218,7 @@ _SAMPLE_PROMPT = [1, 2, 3, 1]      # whole blocks for L_B 2 and 4
 
 @functools.lru_cache(maxsize=2)
 def _four_token_setup(block_len):
-  config = BlockConfig(vocab_size=4, block_len=block_len, block_layers=1, block_width=32,
+  config = tiny_config("block", vocab_size=4, block_len=block_len, block_layers=1, block_width=32,
                        token_layers=1, token_width=32, prefix_len=2, max_len=32, init_std=1.0)
   model = build_model(config)
   params = init_params(model, jax.random.key(3))
