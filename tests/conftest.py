@@ -42,5 +42,6 @@ def pytest_collection_modifyitems(config, items):
   del config
   heavy = _heavy_tests()
   for item in items:
-    if item.get_closest_marker("multidevice") is not None or item.nodeid in heavy:
+    listed = item.nodeid in heavy or item.nodeid.split("[")[0] in heavy   # a bare name: every case
+    if item.get_closest_marker("multidevice") is not None or listed:
       item.add_marker(pytest.mark.slow)
