@@ -32,7 +32,7 @@ model configs this reuses):
 - A block model (`block_b4_*`) has no transformers equivalent: it runs in the
   same rounds against the transformers vanilla model of equal non-embedding
   size (`experiments.throughput.PAIRS`), as the paper compares them, and its
-  ratio is reported beside the paper's (its Table of throughput on one H100).
+  ratio is reported beside the paper's (its throughput table, one H100).
 
 transformers runs in its fastest CPU configuration: `torch.inference_mode`,
 `attn_implementation="sdpa"`, and (--hf_compile auto, the default) a static
@@ -88,7 +88,7 @@ MIN_AGREE = 32
 GPU_CONTEXT = 2048 + 128    # the paper's prefill-heavy scenario, past the trained 2048
 
 # The paper's generation throughput on one H100 (thousands of tokens/s,
-# prefill-heavy / decode-heavy; Ho et al. 2024, arXiv 2406.02657, Table 2),
+# prefill-heavy / decode-heavy; Ho et al. 2024, arXiv 2406.02657, throughput table),
 # vanilla measured with transformers' generate. block / vanilla ratios follow.
 PAPER_TOKENS_PER_S = {
     ("block_b4_5m", "vanilla_5m"): {"prefill_heavy": (272.3, 10.8),
