@@ -65,10 +65,13 @@ def _warn_fallback_once(backend: str) -> None:
   if not _warned_fallback:
     _warned_fallback = True
     warnings.warn(
-        f"attention impl 'pallas' has no Pallas kernels on the {backend!r} backend: it runs "
-        "the XLA (jnp) reference instead. Use 'pallas_interpret' to run the kernels in "
-        "the Pallas interpreter, or 'xla' to choose the reference explicitly. "
-        "(Said once per process.)", KernelFallbackWarning, stacklevel=3)
+      f"attention impl 'pallas' has no Pallas kernels on the {backend!r} backend: it runs "
+      "the XLA (jnp) reference instead. Use 'pallas_interpret' to run the kernels in "
+      "the Pallas interpreter, or 'xla' to choose the reference explicitly. "
+      "(Said once per process.)",
+      KernelFallbackWarning,
+      stacklevel=3,
+    )
 
 
 def kernel_impl(impl: Optional[str]) -> Optional[str]:
@@ -90,13 +93,22 @@ def kernel_impl(impl: Optional[str]) -> Optional[str]:
       return "pallas"
     _warn_fallback_once(backend)
     return "xla"
-  raise ValueError(f"unknown attention impl {impl!r} for a kernel; valid values are "
-                   f"None, 'xla', {', '.join(repr(i) for i in KERNEL_IMPLS)}")
+  raise ValueError(
+    f"unknown attention impl {impl!r} for a kernel; valid values are "
+    f"None, 'xla', {', '.join(repr(i) for i in KERNEL_IMPLS)}"
+  )
 
 
-def decode_attention(query: jax.Array, key: jax.Array, value: jax.Array, ends: jax.Array, *,
-                     starts: Optional[jax.Array] = None, impl: Optional[str] = None,
-                     sm_scale: Optional[float] = None) -> Tuple[jax.Array, jax.Array]:
+def decode_attention(
+  query: jax.Array,
+  key: jax.Array,
+  value: jax.Array,
+  ends: jax.Array,
+  *,
+  starts: Optional[jax.Array] = None,
+  impl: Optional[str] = None,
+  sm_scale: Optional[float] = None,
+) -> Tuple[jax.Array, jax.Array]:
   """Split-KV decode attention: row b's queries see cache slots [starts[b], ends[b]).
 
   query [batch, q_len, heads, head_dim]; key/value [batch, slots, kv_heads,
@@ -106,12 +118,14 @@ def decode_attention(query: jax.Array, key: jax.Array, value: jax.Array, ends: j
   """
   kernel = kernel_impl(impl)
   block_k = INTERPRET_DECODE_BLOCK_K if kernel == "interpret" else None
-  return pallas_kernels.decode_attention(query, key, value, ends, starts=starts,
-                                         sm_scale=sm_scale, impl=kernel, block_k=block_k)
+  return pallas_kernels.decode_attention(
+    query, key, value, ends, starts=starts, sm_scale=sm_scale, impl=kernel, block_k=block_k
+  )
 
 
-def attention_mask(q_len: int, kv_len: int, *, causal: bool,
-                   local_block: Optional[int] = None) -> jax.Array:
+def attention_mask(
+  q_len: int, kv_len: int, *, causal: bool, local_block: Optional[int] = None
+) -> jax.Array:
   """Static boolean [q_len, kv_len] mask (bottom-right aligned when causal)."""
   q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
   k_pos = jnp.arange(kv_len)[None, :]
@@ -140,16 +154,28 @@ def new_keys_mask(mask: jax.Array, cache_index, length: int, batch: int) -> jax.
   mask = jnp.broadcast_to(mask.astype(bool), (batch,) + mask.shape[1:])
   read_len = mask.shape[-1]
   index = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (batch,))
-  new_slots = index[:, None] + jnp.arange(length)[None, :]                 # [batch, length]
+  new_slots = index[:, None] + jnp.arange(length)[None, :]  # [batch, length]
   readable = new_slots < read_len
-  return jnp.take_along_axis(
-      mask, jnp.broadcast_to(jnp.minimum(new_slots, read_len - 1)[:, None, :],
-                             (batch, length, length)), axis=2) & readable[:, None, :]
+  return (
+    jnp.take_along_axis(
+      mask,
+      jnp.broadcast_to(jnp.minimum(new_slots, read_len - 1)[:, None, :], (batch, length, length)),
+      axis=2,
+    )
+    & readable[:, None, :]
+  )
 
 
-def xla_attention_with_lse(query, key, value, *, causal: bool = False,
-                           local_block: Optional[int] = None, mask: Optional[jax.Array] = None,
-                           scale: Optional[float] = None):
+def xla_attention_with_lse(
+  query,
+  key,
+  value,
+  *,
+  causal: bool = False,
+  local_block: Optional[int] = None,
+  mask: Optional[jax.Array] = None,
+  scale: Optional[float] = None,
+):
   """Reference attention in jnp, returning (out f32, lse f32).
 
   out [batch, q_len, heads, head_dim]; lse [batch, heads, q_len], the natural
@@ -160,19 +186,28 @@ def xla_attention_with_lse(query, key, value, *, causal: bool = False,
   """
   q_len, head_dim = query.shape[1], query.shape[3]
   kv_len = key.shape[1]
-  scale = head_dim ** -0.5 if scale is None else scale
+  scale = head_dim**-0.5 if scale is None else scale
   full_mask = attention_mask(q_len, kv_len, causal=causal, local_block=local_block)[None]
   if mask is not None:
     full_mask = full_mask & mask
   return kernel_reference.masked_attention(query, key, value, full_mask, scale)
 
 
-def xla_attention(query, key, value, *, causal: bool, local_block: Optional[int] = None,
-                  mask: Optional[jax.Array] = None, scale: Optional[float] = None):
+def xla_attention(
+  query,
+  key,
+  value,
+  *,
+  causal: bool,
+  local_block: Optional[int] = None,
+  mask: Optional[jax.Array] = None,
+  scale: Optional[float] = None,
+):
   """Reference attention in jnp (f32 softmax). `mask` is boolean [batch, q_len, kv_len].
   A fully masked row gives zeros, never NaN."""
-  out, _ = xla_attention_with_lse(query, key, value, causal=causal, local_block=local_block,
-                                  mask=mask, scale=scale)
+  out, _ = xla_attention_with_lse(
+    query, key, value, causal=causal, local_block=local_block, mask=mask, scale=scale
+  )
   return out.astype(query.dtype)
 
 
@@ -181,27 +216,36 @@ def _check_impl(impl: str) -> None:
     raise ValueError(f"unknown attention_impl {impl!r}; valid values are {list(ATTENTION_IMPLS)}")
 
 
-def dot_product_attention(query, key, value, *, causal: bool, impl: str = "xla",
-                          local_block: Optional[int] = None,
-                          mask: Optional[jax.Array] = None) -> jax.Array:
+def dot_product_attention(
+  query,
+  key,
+  value,
+  *,
+  causal: bool,
+  impl: str = "xla",
+  local_block: Optional[int] = None,
+  mask: Optional[jax.Array] = None,
+) -> jax.Array:
   """Attention through the implementation named by `impl` (no cache)."""
   _check_impl(impl)
   if impl == "xla":
     return xla_attention(query, key, value, causal=causal, local_block=local_block, mask=mask)
   if impl in KERNEL_IMPLS:
-    return pallas_kernels.flash_attention(query, key, value, causal=causal,
-                                          local_block=local_block, mask=mask,
-                                          impl=kernel_impl(impl))
+    return pallas_kernels.flash_attention(
+      query, key, value, causal=causal, local_block=local_block, mask=mask, impl=kernel_impl(impl)
+    )
   # cudnn
   if local_block is not None:
-    full = attention_mask(query.shape[1], key.shape[1], causal=causal,
-                          local_block=local_block)[None]
+    full = attention_mask(query.shape[1], key.shape[1], causal=causal, local_block=local_block)[
+      None
+    ]
     mask = full if mask is None else (mask & full)
     causal = False
   # jax.nn.dot_product_attention takes mask [batch, heads, q, k] (broadcastable).
   nn_mask = None if mask is None else mask[:, None]
-  return jax.nn.dot_product_attention(query, key, value, mask=nn_mask, is_causal=causal,
-                                      implementation="cudnn")
+  return jax.nn.dot_product_attention(
+    query, key, value, mask=nn_mask, is_causal=causal, implementation="cudnn"
+  )
 
 
 def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
@@ -211,14 +255,24 @@ def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
   if jnp.ndim(index) == 0:
     return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=1)
   return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(
-      cache, new, index)
+    cache, new, index
+  )
 
 
-def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
-           mask: Optional[jax.Array] = None, causal: bool = False,
-           local_block: Optional[int] = None, cache: Optional[dict] = None,
-           cache_index=None, window: Optional[Window] = None, impl: str = "xla",
-           sharding: Any = None) -> Tuple[jax.Array, Optional[dict]]:
+def attend(
+  query: jax.Array,
+  key: jax.Array,
+  value: jax.Array,
+  *,
+  mask: Optional[jax.Array] = None,
+  causal: bool = False,
+  local_block: Optional[int] = None,
+  cache: Optional[dict] = None,
+  cache_index=None,
+  window: Optional[Window] = None,
+  impl: str = "xla",
+  sharding: Any = None,
+) -> Tuple[jax.Array, Optional[dict]]:
   """The models' attention: every path and kernel choice; returns (out, new_cache).
 
   query [batch, length, heads, head_dim] (rotary applied); key/value
@@ -258,22 +312,28 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
   """
   _check_impl(impl)
   if cache is None:
-    return dot_product_attention(query, key, value, causal=causal, impl=impl, mask=mask,
-                                 local_block=local_block), None
+    return dot_product_attention(
+      query, key, value, causal=causal, impl=impl, mask=mask, local_block=local_block
+    ), None
   if sharding is not None:
-    return sharding.attend(query, key, value, cache, cache_index, mask, window=window,
-                           impl=impl)
-  new_cache = {"key": write_cache(cache["key"], key, cache_index),
-               "value": write_cache(cache["value"], value, cache_index)}
+    return sharding.attend(query, key, value, cache, cache_index, mask, window=window, impl=impl)
+  new_cache = {
+    "key": write_cache(cache["key"], key, cache_index),
+    "value": write_cache(cache["value"], value, cache_index),
+  }
   length = query.shape[1]
   if isinstance(cache_index, int) and cache_index == 0 and length > 1:
     # Prefill into an empty cache: the queries see only the keys written
     # now, so attend over those (not the whole cache) through the
     # configured implementation (flash attention with "pallas"/"cudnn").
-    out = dot_product_attention(query, key.astype(query.dtype), value.astype(query.dtype),
-                                causal=False, impl=impl,
-                                mask=jnp.broadcast_to(mask[..., :length],
-                                                      (query.shape[0], length, length)))
+    out = dot_product_attention(
+      query,
+      key.astype(query.dtype),
+      value.astype(query.dtype),
+      causal=False,
+      impl=impl,
+      mask=jnp.broadcast_to(mask[..., :length], (query.shape[0], length, length)),
+    )
     return out, new_cache
   use_kernel = impl in KERNEL_IMPLS and window is not None
   if use_kernel and length == 1:
@@ -282,8 +342,9 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
     # outside it. The whole cache is passed (a slice would copy it every
     # step): tiles past each row's end are not read.
     starts, ends = window
-    out, _ = decode_attention(query, new_cache["key"], new_cache["value"], ends,
-                              starts=starts, impl=impl)
+    out, _ = decode_attention(
+      query, new_cache["key"], new_cache["value"], ends, starts=starts, impl=impl
+    )
     return out.astype(query.dtype), new_cache
   if use_kernel and length <= MAX_SPLIT_QUERIES:
     # A few queries with their own new keys (speculative verification of a
@@ -292,10 +353,12 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
     # keys under their own mask (tree or causal). The kernel holds all the
     # queries of a head in one tile: at most MAX_SPLIT_QUERIES rows.
     from bt_jax.distributed.merge import merge_pair  # pylint: disable=import-outside-toplevel
+
     starts, ends = window
     new_mask = new_keys_mask(mask, cache_index, length, query.shape[0])
-    context_out, context_lse = decode_attention(query, new_cache["key"], new_cache["value"],
-                                                ends, starts=starts, impl=impl)
+    context_out, context_lse = decode_attention(
+      query, new_cache["key"], new_cache["value"], ends, starts=starts, impl=impl
+    )
     # The new keys as the cache holds them (its dtype), read in the query's.
     own_key = key.astype(cache["key"].dtype).astype(query.dtype)
     own_value = value.astype(cache["value"].dtype).astype(query.dtype)
@@ -303,8 +366,12 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
     out, _ = merge_pair(context_out, context_lse, own_out, own_lse)
     return out.astype(query.dtype), new_cache
   # A few queries against a masked cache: the jnp path (any mask).
-  read_len = mask.shape[-1]   # static: later slots are not read at all
-  out = xla_attention(query, new_cache["key"][:, :read_len].astype(query.dtype),
-                      new_cache["value"][:, :read_len].astype(query.dtype),
-                      causal=False, mask=mask)
+  read_len = mask.shape[-1]  # static: later slots are not read at all
+  out = xla_attention(
+    query,
+    new_cache["key"][:, :read_len].astype(query.dtype),
+    new_cache["value"][:, :read_len].astype(query.dtype),
+    causal=False,
+    mask=mask,
+  )
   return out, new_cache

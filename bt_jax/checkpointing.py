@@ -57,14 +57,23 @@ class Checkpointer:
   at the end.
   """
 
-  def __init__(self, workdir: str | os.PathLike, *, keep: Optional[int] = None,
-               async_save: bool = True, read_only: bool = False):
+  def __init__(
+    self,
+    workdir: str | os.PathLike,
+    *,
+    keep: Optional[int] = None,
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     if keep is not None and keep <= 0:
       raise ValueError(f"keep={keep} must be a positive number of checkpoints (or None: keep all)")
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=async_save)
+      max_to_keep=keep,
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=async_save,
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> Optional[int]:
@@ -79,8 +88,9 @@ class Checkpointer:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, step: int, abstract_params: Any, abstract_train_state: Any = None,
-              data_iterator=None):
+  def restore(
+    self, step: int, abstract_params: Any, abstract_train_state: Any = None, data_iterator=None
+  ):
     """Restores onto the shardings of the abstract trees (ShapeDtypeStructs with .sharding).
 
     Returns (params, train_state or None); `data_iterator` is set to the saved
@@ -126,21 +136,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def save_model_config(workdir: str | os.PathLike, model_config: config_lib.ModelConfig) -> None:
-  write_text_atomic(os.path.join(os.fspath(workdir), MODEL_CONFIG_FILE), model_config_to_json(model_config))
+  write_text_atomic(
+    os.path.join(os.fspath(workdir), MODEL_CONFIG_FILE), model_config_to_json(model_config)
+  )
 
 
 def load_model_config(workdir: str | os.PathLike) -> config_lib.ModelConfig:
   path = os.path.join(os.fspath(workdir), MODEL_CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"workdir {os.fspath(workdir)!r} has no {MODEL_CONFIG_FILE}; expected a directory written by "
-        "`python -m bt_jax.train --workdir=...`")
+      f"workdir {os.fspath(workdir)!r} has no {MODEL_CONFIG_FILE}; expected a directory written by "
+      "`python -m bt_jax.train --workdir=...`"
+    )
   with open(path, encoding="utf-8") as f:
     return model_config_from_json(f.read(), path)
 
 
-def load_for_inference(workdir: str | os.PathLike, step: Optional[int] = None, *,
-                       sharding: Any = None):
+def load_for_inference(
+  workdir: str | os.PathLike, step: Optional[int] = None, *, sharding: Any = None
+):
   """(model, params, tokenizer) from a training workdir: the latest (or the given) step.
 
   Reads DIR/model_config.json, DIR/tokenizer.json and only the `params` item of
@@ -167,38 +181,49 @@ def load_for_inference(workdir: str | os.PathLike, step: Optional[int] = None, *
   ckpt_dir = checkpoint_dir(workdir)
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(
-        f"workdir {workdir!r} has no checkpoints: expected step directories under {ckpt_dir!r}")
+      f"workdir {workdir!r} has no checkpoints: expected step directories under {ckpt_dir!r}"
+    )
   checkpointer = Checkpointer(workdir, read_only=True, async_save=False)
   try:
     steps = checkpointer.all_steps()
     if not steps:
       raise FileNotFoundError(
-          f"workdir {workdir!r} has no checkpoints: expected step directories under {ckpt_dir!r}")
+        f"workdir {workdir!r} has no checkpoints: expected step directories under {ckpt_dir!r}"
+      )
     if step is not None and step not in steps:
       raise FileNotFoundError(
-          f"workdir {workdir!r} has no checkpoint for step {step}; saved steps: {sorted(steps)}")
+        f"workdir {workdir!r} has no checkpoint for step {step}; saved steps: {sorted(steps)}"
+      )
     model = build_model(model_config)
     abstract = abstract_params(model)
-    if isinstance(sharding, jax.sharding.Mesh) or hasattr(sharding, "rules"):   # by the rules
-      mesh, rules = (sharding, axes.DEFAULT_RULES) if isinstance(sharding, jax.sharding.Mesh) else (
-          sharding.mesh, sharding.rules)
+    if isinstance(sharding, jax.sharding.Mesh) or hasattr(sharding, "rules"):  # by the rules
+      mesh, rules = (
+        (sharding, axes.DEFAULT_RULES)
+        if isinstance(sharding, jax.sharding.Mesh)
+        else (sharding.mesh, sharding.rules)
+      )
       if not mesh_lib.is_model_mesh(mesh):
-        raise ValueError(f"parameters are placed on a (data, fsdp, tensor) mesh "
-                         f"(bt_jax.mesh.make_mesh); the mesh has axes {dict(mesh.shape)}")
+        raise ValueError(
+          f"parameters are placed on a (data, fsdp, tensor) mesh "
+          f"(bt_jax.mesh.make_mesh); the mesh has axes {dict(mesh.shape)}"
+        )
       shardings = mesh_lib.check_params_fit(model, mesh, abstract, rules)
     elif sharding is None or isinstance(sharding, jax.sharding.Sharding):
       one = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       shardings = jax.tree.map(lambda _: one, abstract)
-    else:                                         # a pytree of shardings
+    else:  # a pytree of shardings
       shardings = sharding
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, shardings)
+    target = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )
     from bt_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
     # The newest step that restores cleanly (a damaged one is named in one log
     # line and moved to checkpoints_damaged/); an asked-for damaged step is an
     # error naming the newest good one.
     _, (params, _) = workdir_lib.restore_newest_good(
-        ckpt_dir, steps, lambda s: checkpointer.restore(s, target), step=step)
+      ckpt_dir, steps, lambda s: checkpointer.restore(s, target), step=step
+    )
   finally:
     checkpointer.close()
   return model, params, tokenizer

@@ -43,8 +43,7 @@ class UserError(ValueError):
 
 # What a binary reports as a user error: UserError, and the OS's word on a path
 # it was given (those messages name the path).
-USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def one_line(error: BaseException) -> str:
@@ -55,8 +54,13 @@ def one_line(error: BaseException) -> str:
 
 def _define_verbose(flag_values: flags.FlagValues) -> None:
   if "verbose" not in flag_values:
-    flags.DEFINE_bool("verbose", False, "Show the traceback of a user error (bad flag, path or "
-                      "file) as well as its one-line message.", flag_values=flag_values)
+    flags.DEFINE_bool(
+      "verbose",
+      False,
+      "Show the traceback of a user error (bad flag, path or "
+      "file) as well as its one-line message.",
+      flag_values=flag_values,
+    )
 
 
 def _fail(message: str) -> None:
@@ -94,8 +98,11 @@ class _NoMissingLibtpu(logging.Filter):
     if record.levelno != logging.INFO:
       return True
     message = record.getMessage()
-    return not (message.startswith("Unable to initialize backend 'tpu'")
-                and "libtpu" in message and "cannot open shared object file" in message)
+    return not (
+      message.startswith("Unable to initialize backend 'tpu'")
+      and "libtpu" in message
+      and "cannot open shared object file" in message
+    )
 
 
 # JAX's backend set-up logs through this logger (jax/_src/xla_bridge.py).
@@ -109,8 +116,10 @@ def quiet_missing_libtpu() -> None:
     logger.addFilter(_NoMissingLibtpu())
 
 
-def run(main: Callable[[flags.FlagValues], Any],
-        define_flags: Optional[Callable[[flags.FlagValues], None]] = None) -> None:
+def run(
+  main: Callable[[flags.FlagValues], Any],
+  define_flags: Optional[Callable[[flags.FlagValues], None]] = None,
+) -> None:
   """Runs `main(flags.FLAGS)` as a program with absl (see the module docstring)."""
   quiet_missing_libtpu()
   if define_flags is not None:
@@ -120,8 +129,7 @@ def run(main: Callable[[flags.FlagValues], Any],
   def absl_main(argv):
     try:
       if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]}; every input is a --flag "
-                        "(see --help)")
+        raise UserError(f"unexpected arguments {argv[1:]}; every input is a --flag (see --help)")
       main(flags.FLAGS)
     except USER_ERRORS as e:
       if flags.FLAGS.verbose:
@@ -131,8 +139,9 @@ def run(main: Callable[[flags.FlagValues], Any],
   app.run(absl_main, flags_parser=_parse_flags)
 
 
-def parse(define_flags: Callable[[flags.FlagValues], None], argv: Sequence[str],
-          program: str = "binary") -> flags.FlagValues:
+def parse(
+  define_flags: Callable[[flags.FlagValues], None], argv: Sequence[str], program: str = "binary"
+) -> flags.FlagValues:
   """A binary's flags parsed from `argv` (flags only) on a fresh FlagValues;
   a bad flag is a UserError."""
   flag_values = flags.FlagValues()

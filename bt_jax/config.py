@@ -67,13 +67,13 @@ class StackConfig:
     _check_positive("num_layers", self.num_layers)
     _check_positive("width", self.width)
     if self.width % self.resolved_head_dim:
-      raise ValueError(
-          f"width {self.width} is not divisible by head_dim {self.resolved_head_dim}")
+      raise ValueError(f"width {self.width} is not divisible by head_dim {self.resolved_head_dim}")
     rot = self.rotary_dims
     if rot % 2:
       raise ValueError(
-          f"rotary_pct {self.rotary_pct} of head_dim {self.resolved_head_dim} gives an odd "
-          f"number of rotary dims ({rot}); it must be even")
+        f"rotary_pct {self.rotary_pct} of head_dim {self.resolved_head_dim} gives an odd "
+        f"number of rotary dims ({rot}); it must be even"
+      )
 
   @property
   def resolved_head_dim(self) -> int:
@@ -91,13 +91,13 @@ class StackConfig:
 @dataclasses.dataclass(frozen=True)
 class _CommonConfig:
   vocab_size: int = 50304
-  max_len: int = 2048            # context length in tokens
-  dtype: str = "float32"         # compute dtype
+  max_len: int = 2048  # context length in tokens
+  dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   attention_impl: str = "xla"
   init_std: float = 0.02
-  pad_id: int = 0                # pad = eos (Pythia's <|endoftext|>)
-  remat: str = "none"            # REMAT_POLICIES: memory for compute in training
+  pad_id: int = 0  # pad = eos (Pythia's <|endoftext|>)
+  remat: str = "none"  # REMAT_POLICIES: memory for compute in training
 
   def _validate_common(self):
     _check_positive("vocab_size", self.vocab_size)
@@ -151,8 +151,9 @@ class VanillaConfig(_CommonConfig):
     if not 0.0 <= self.rotary_pct <= 1.0:
       raise ValueError(f"rotary_pct {self.rotary_pct} must lie in [0, 1]")
     if not self.rotary_base > 0 or not self.layer_norm_eps > 0:
-      raise ValueError(f"rotary_base {self.rotary_base} and layer_norm_eps "
-                       f"{self.layer_norm_eps} must be positive")
+      raise ValueError(
+        f"rotary_base {self.rotary_base} and layer_norm_eps {self.layer_norm_eps} must be positive"
+      )
     self.stack  # validates the stack
 
   @property
@@ -186,9 +187,15 @@ class VanillaConfig(_CommonConfig):
 
   @property
   def stack(self) -> StackConfig:
-    return StackConfig(num_layers=self.num_layers, width=self.width, head_dim=self.head_dim,
-                       mlp_ratio=self.mlp_ratio, rotary_pct=self.rotary_pct,
-                       rotary_base=self.rotary_base, layer_norm_eps=self.layer_norm_eps)
+    return StackConfig(
+      num_layers=self.num_layers,
+      width=self.width,
+      head_dim=self.head_dim,
+      mlp_ratio=self.mlp_ratio,
+      rotary_pct=self.rotary_pct,
+      rotary_base=self.rotary_base,
+      layer_norm_eps=self.layer_norm_eps,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,9 +210,9 @@ class BlockConfig(_CommonConfig):
   prefix_len: int = 2
   embedder: str = "lookup"
   token_decoder: str = "prefix"
-  encoder_layers: int = 3         # `encoder` embedder only
+  encoder_layers: int = 3  # `encoder` embedder only
   encoder_width: int = 256
-  bos_id: int = 0                 # `summation` / `cross_attention` start token
+  bos_id: int = 0  # `summation` / `cross_attention` start token
   # Zero-shot / log-likelihood scoring without the L-1 left pads (block_len
   # tokens of real context fill block 0, which is never scored). The released
   # official checkpoints of >= 300M parameters were trained without the random
@@ -220,12 +227,12 @@ class BlockConfig(_CommonConfig):
     _check_choice("token_decoder", self.token_decoder, TOKEN_DECODERS)
     if self.embedder == "lookup" and self.block_width % self.block_len:
       raise ValueError(
-          f"the lookup embedder needs block_width divisible by block_len: block_width "
-          f"{self.block_width} is not divisible by block_len {self.block_len} (valid block_len "
-          f"values divide {self.block_width}; or use embedder='projection')")
+        f"the lookup embedder needs block_width divisible by block_len: block_width "
+        f"{self.block_width} is not divisible by block_len {self.block_len} (valid block_len "
+        f"values divide {self.block_width}; or use embedder='projection')"
+      )
     if self.max_len % self.block_len:
-      raise ValueError(
-          f"max_len {self.max_len} is not a multiple of block_len {self.block_len}")
+      raise ValueError(f"max_len {self.max_len} is not a multiple of block_len {self.block_len}")
     self.block_stack, self.token_stack  # validate
     if self.embedder == "encoder":
       self.encoder_stack

@@ -28,18 +28,27 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   fv = dict(flag_values=flag_values)
   flags.DEFINE_string("workdir", None, "Trained run to evaluate.", required=True, **fv)
   flags.DEFINE_string("compare_workdir", None, "A second run, plotted beside the first.", **fv)
-  flags.DEFINE_string("data", None, "Glob of text files (one document a file) or JSON-lines "
-                      "files (.jsonl, .ndjson, .json; .gz allowed).", required=True, **fv)
+  flags.DEFINE_string(
+    "data",
+    None,
+    "Glob of text files (one document a file) or JSON-lines "
+    "files (.jsonl, .ndjson, .json; .gz allowed).",
+    required=True,
+    **fv,
+  )
   flags.DEFINE_string("text_field", "text", "Field of a JSON-lines record to read.", **fv)
   flags.DEFINE_string("out_dir", None, "Output folder (default WORKDIR/perplexity).", **fv)
   flags.DEFINE_integer("max_docs", None, "Read at most N documents.", **fv)
   flags.DEFINE_integer("max_windows", None, "Score at most N windows.", **fv)
-  flags.DEFINE_integer("context_len", None, "Window length (default: each model's max_len).",
-                       **fv)
+  flags.DEFINE_integer("context_len", None, "Window length (default: each model's max_len).", **fv)
   flags.DEFINE_string(
-      "mesh_shape", "auto", "Devices to evaluate on: 'auto' (every local device data-parallel "
-      "when there are several), 'none' (one device), or data,fsdp,tensor sizes such as 2,2,2 "
-      "(parameters placed by the training rules, batches split over data x fsdp).", **fv)
+    "mesh_shape",
+    "auto",
+    "Devices to evaluate on: 'auto' (every local device data-parallel "
+    "when there are several), 'none' (one device), or data,fsdp,tensor sizes such as 2,2,2 "
+    "(parameters placed by the training rules, batches split over data x fsdp).",
+    **fv,
+  )
   flags.DEFINE_integer("batch_size", 8, "Windows per batch.", **fv)
   flags.DEFINE_integer("bin_size", 64, "Positions per smoothing bin.", **fv)
 
@@ -53,6 +62,7 @@ def main(flag_values: flags.FlagValues) -> dict:
   from bt_jax.checkpointing import load_for_inference
   from bt_jax.eval.perplexity import read_corpus, run_perplexity
   from bt_jax.eval.sharding import eval_sharding_from_flag
+
   # pylint: enable=import-outside-toplevel
   args = flag_values
   for flag in ("max_docs", "max_windows", "batch_size", "bin_size"):
@@ -68,13 +78,22 @@ def main(flag_values: flags.FlagValues) -> dict:
     model, params, tokenizer = load_for_inference(workdir, sharding=sharding)
     runs.append((_label(workdir, model), model, params, tokenizer))
   return run_perplexity(
-      runs, args.data, out_dir=args.out_dir or os.path.join(args.workdir, "perplexity"),
-      text_field=args.text_field, max_docs=args.max_docs, max_windows=args.max_windows,
-      context_len=args.context_len, batch_size=args.batch_size, bin_size=args.bin_size,
-      sharding=sharding, texts=texts)
+    runs,
+    args.data,
+    out_dir=args.out_dir or os.path.join(args.workdir, "perplexity"),
+    text_field=args.text_field,
+    max_docs=args.max_docs,
+    max_windows=args.max_windows,
+    context_len=args.context_len,
+    batch_size=args.batch_size,
+    bin_size=args.bin_size,
+    sharding=sharding,
+    texts=texts,
+  )
 
 
 if __name__ == "__main__":
   from bt_jax import logging_utils  # pylint: disable=g-import-not-at-top
+
   logging_utils.quiet_orbax_logs()
   cli.run(main, define_flags)

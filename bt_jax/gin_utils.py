@@ -59,8 +59,13 @@ def _resolve_file(path: str) -> str:
   raise FileNotFoundError(f"gin file {path!r} not found (searched {_search_paths()}){hint}")
 
 
-def parse_gin(gin_files: Sequence[str] = (), gin_params: Sequence[str] = (),
-              *, finalize: bool = True, skip_unknown: bool = False) -> None:
+def parse_gin(
+  gin_files: Sequence[str] = (),
+  gin_params: Sequence[str] = (),
+  *,
+  finalize: bool = True,
+  skip_unknown: bool = False,
+) -> None:
   """Parses gin files then bindings, raising errors that name the bad file or binding.
 
   skip_unknown: ignore bindings of configurables not registered in this
@@ -77,20 +82,24 @@ def parse_gin(gin_files: Sequence[str] = (), gin_params: Sequence[str] = (),
       raise ValueError(f"could not parse gin file {path!r}: {e}") from e
   for binding in gin_params:
     if "=" not in binding and not binding.strip().startswith(("include", "import")):
-      raise ValueError(f"malformed gin binding {binding!r}: bindings look like "
-                       "'Configurable.parameter = value' (e.g. 'BlockConfig.block_len = 8')")
+      raise ValueError(
+        f"malformed gin binding {binding!r}: bindings look like "
+        "'Configurable.parameter = value' (e.g. 'BlockConfig.block_len = 8')"
+      )
     try:
       gin.parse_config(binding, skip_unknown=skip_unknown)
     except Exception as e:
-      raise ValueError(f"could not parse gin binding {binding!r}: {e}. Bindings look like "
-                       "'Configurable.parameter = value' (e.g. 'BlockConfig.block_len = 8')"
-                       ) from e
+      raise ValueError(
+        f"could not parse gin binding {binding!r}: {e}. Bindings look like "
+        "'Configurable.parameter = value' (e.g. 'BlockConfig.block_len = 8')"
+      ) from e
   if finalize:
     gin.finalize()
 
 
-def model_config_from_gin(gin_files: Sequence[str] = (), gin_params: Sequence[str] = (),
-                          *, skip_unknown: bool = False):
+def model_config_from_gin(
+  gin_files: Sequence[str] = (), gin_params: Sequence[str] = (), *, skip_unknown: bool = False
+):
   """Parses gin and returns the bound model config (skip_unknown: see parse_gin;
   it lets a run or experiment gin file, which includes a model, be read too)."""
   parse_gin(gin_files, gin_params, skip_unknown=skip_unknown)

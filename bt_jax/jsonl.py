@@ -19,8 +19,10 @@ def decode_utf8(data: bytes, where: str) -> str:
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise UserError(f"{where} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
-                    "convert it to UTF-8") from e
+    raise UserError(
+      f"{where} is not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r}); "
+      "convert it to UTF-8"
+    ) from e
 
 
 def read_jsonl(path: str, *, line_numbers: bool = False) -> list[Any]:

@@ -7,8 +7,10 @@ import logging
 
 # Warnings orbax gives on every read-only restore (the inference and eval
 # binaries open the checkpoints read-only on purpose): nothing to act on.
-_EXPECTED_ORBAX_WARNINGS = ("read_only=True, setting save_interval_steps=0",
-                            "Given directory is read only")
+_EXPECTED_ORBAX_WARNINGS = (
+  "read_only=True, setting save_interval_steps=0",
+  "Given directory is read only",
+)
 
 
 class _QuietOrbax(logging.Filter):

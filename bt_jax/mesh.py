@@ -37,35 +37,49 @@ from bt_jax import axes
 from bt_jax.config import round_up
 
 
-def make_mesh(mesh_shape: Sequence[int], devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
+def make_mesh(
+  mesh_shape: Sequence[int], devices: Optional[Sequence[Any]] = None
+) -> jax.sharding.Mesh:
   """A (data, fsdp, tensor) mesh with Auto axes; one size may be -1 (the rest)."""
   devices = list(devices if devices is not None else jax.devices())
   shape = list(mesh_shape)
-  if len(shape) != len(axes.MESH_AXES) or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
-    raise ValueError(f"mesh_shape {tuple(mesh_shape)} must be {len(axes.MESH_AXES)} sizes for the axes "
-                     f"{axes.MESH_AXES}, each positive or one of them -1")
+  if (
+    len(shape) != len(axes.MESH_AXES) or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1
+  ):
+    raise ValueError(
+      f"mesh_shape {tuple(mesh_shape)} must be {len(axes.MESH_AXES)} sizes for the axes "
+      f"{axes.MESH_AXES}, each positive or one of them -1"
+    )
   if -1 in shape:
     rest = math.prod(s for s in shape if s != -1)
     if len(devices) % rest:
       raise ValueError(f"mesh_shape {tuple(mesh_shape)} does not divide the {len(devices)} devices")
     shape[shape.index(-1)] = len(devices) // rest
   if math.prod(shape) != len(devices):
-    raise ValueError(f"mesh_shape {tuple(mesh_shape)} (axes {axes.MESH_AXES}) needs "
-                     f"{math.prod(shape)} devices but there are {len(devices)}; use -1 for one axis "
-                     "to take the remaining devices")
-  return jax.make_mesh(tuple(shape), axes.MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices)
+    raise ValueError(
+      f"mesh_shape {tuple(mesh_shape)} (axes {axes.MESH_AXES}) needs "
+      f"{math.prod(shape)} devices but there are {len(devices)}; use -1 for one axis "
+      "to take the remaining devices"
+    )
+  return jax.make_mesh(
+    tuple(shape),
+    axes.MESH_AXES,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+    devices=devices,
+  )
 
 
 def parse_mesh_shape(text: str) -> tuple[int, ...]:
-  """"-1,1,1" -> (-1, 1, 1), for command-line flags; errors name the text."""
+  """ "-1,1,1" -> (-1, 1, 1), for command-line flags; errors name the text."""
   try:
     shape = tuple(int(part) for part in text.split(","))
   except ValueError:
     shape = ()
   if len(shape) != len(axes.MESH_AXES):
-    raise ValueError(f"mesh_shape {text!r} must be {len(axes.MESH_AXES)} comma-separated ints "
-                     f"for the axes {axes.MESH_AXES}, e.g. -1,1,1")
+    raise ValueError(
+      f"mesh_shape {text!r} must be {len(axes.MESH_AXES)} comma-separated ints "
+      f"for the axes {axes.MESH_AXES}, e.g. -1,1,1"
+    )
   return shape
 
 
@@ -86,16 +100,22 @@ def data_parallel_size(mesh: jax.sharding.Mesh, rules) -> int:
 def with_logical_rules(fn: Callable, mesh: jax.sharding.Mesh, rules) -> Callable:
   """fn traced with the mesh and the logical axis rules active, so the models'
   `nn.with_logical_constraint` calls shard the activations (wrap before jit)."""
+
   @functools.wraps(fn)
   def wrapped(*args):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       return fn(*args)
+
   return wrapped
 
 
-def make_sequence_mesh(num_devices: Optional[int] = None, *,
-                       devices: Optional[Sequence[jax.Device]] = None,
-                       axis_name: str = "sequence", data_devices: int = 1) -> Mesh:
+def make_sequence_mesh(
+  num_devices: Optional[int] = None,
+  *,
+  devices: Optional[Sequence[jax.Device]] = None,
+  axis_name: str = "sequence",
+  data_devices: int = 1,
+) -> Mesh:
   """1-D mesh of the first `num_devices` devices (all by default), Auto axes.
 
   data_devices > 1: a 2-D (data, sequence) mesh of data_devices x num_devices
@@ -109,26 +129,32 @@ def make_sequence_mesh(num_devices: Optional[int] = None, *,
   if num_devices is None:
     num_devices = len(devices) // data_devices
   if not 1 <= num_devices * data_devices <= len(devices):
-    raise ValueError(f"num_devices must be in [1, {len(devices) // data_devices}] "
-                     f"(x data_devices={data_devices} <= {len(devices)} devices); "
-                     f"got {num_devices}")
+    raise ValueError(
+      f"num_devices must be in [1, {len(devices) // data_devices}] "
+      f"(x data_devices={data_devices} <= {len(devices)} devices); "
+      f"got {num_devices}"
+    )
   if data_devices == 1:
-    return Mesh(np.array(devices[:num_devices]), (axis_name,),
-                axis_types=(AxisType.Auto,))
-  grid = np.array(devices[:data_devices * num_devices]).reshape(data_devices, num_devices)
+    return Mesh(np.array(devices[:num_devices]), (axis_name,), axis_types=(AxisType.Auto,))
+  grid = np.array(devices[: data_devices * num_devices]).reshape(data_devices, num_devices)
   return Mesh(grid, ("data", axis_name), axis_types=(AxisType.Auto,) * 2)
 
 
-def make_two_level_mesh(num_nodes: int, devices_per_node: int, *,
-                        devices: Optional[Sequence[jax.Device]] = None,
-                        node_axis: str = "node",
-                        local_axis: str = "local") -> Mesh:
+def make_two_level_mesh(
+  num_nodes: int,
+  devices_per_node: int,
+  *,
+  devices: Optional[Sequence[jax.Device]] = None,
+  node_axis: str = "node",
+  local_axis: str = "local",
+) -> Mesh:
   """(node, local) mesh; devices_per_node consecutive devices form a node."""
   devices = list(jax.devices() if devices is None else devices)
   needed = num_nodes * devices_per_node
   if needed > len(devices):
-    raise ValueError(f"a {num_nodes}x{devices_per_node} mesh needs {needed} "
-                     f"devices; only {len(devices)} available")
+    raise ValueError(
+      f"a {num_nodes}x{devices_per_node} mesh needs {needed} devices; only {len(devices)} available"
+    )
   grid = np.array(devices[:needed]).reshape(num_nodes, devices_per_node)
   return Mesh(grid, (node_axis, local_axis), axis_types=(AxisType.Auto,) * 2)
 
@@ -151,6 +177,7 @@ def logical_shardings(boxed: Any, mesh: Mesh, rules=axes.DEFAULT_RULES) -> Any:
 @functools.lru_cache(maxsize=16)
 def _param_shardings(model: nn.Module, mesh: Mesh, rules: tuple) -> Any:
   from bt_jax.models import abstract_params  # pylint: disable=import-outside-toplevel
+
   return logical_shardings(abstract_params(model, unbox=False), mesh, rules)
 
 
@@ -161,6 +188,7 @@ def param_shardings(model: nn.Module, mesh: Mesh, rules=axes.DEFAULT_RULES) -> A
 
 def check_divisible(params: Any, shardings: Any) -> None:
   """A clear error when a mesh axis does not divide the parameter dim it splits."""
+
   def check(path, x, sharding):
     for dim, (size, names) in enumerate(zip(x.shape, sharding.spec)):
       names = (names,) if isinstance(names, str) else (names or ())
@@ -169,14 +197,17 @@ def check_divisible(params: Any, shardings: Any) -> None:
         ways *= sharding.mesh.shape[name]
       if size % ways:
         raise ValueError(
-            f"parameter {jax.tree_util.keystr(path)} of shape {tuple(x.shape)}: dim {dim} "
-            f"({size}) cannot be split {ways} ways over the mesh axes {names} of "
-            f"{dict(sharding.mesh.shape)}; choose a mesh_shape whose axes divide it")
+          f"parameter {jax.tree_util.keystr(path)} of shape {tuple(x.shape)}: dim {dim} "
+          f"({size}) cannot be split {ways} ways over the mesh axes {names} of "
+          f"{dict(sharding.mesh.shape)}; choose a mesh_shape whose axes divide it"
+        )
+
   jax.tree_util.tree_map_with_path(check, params, shardings)
 
 
-def check_params_fit(model: nn.Module, mesh: Optional[Mesh], params: Any = None,
-                     rules=axes.DEFAULT_RULES) -> Optional[Any]:
+def check_params_fit(
+  model: nn.Module, mesh: Optional[Mesh], params: Any = None, rules=axes.DEFAULT_RULES
+) -> Optional[Any]:
   """On a model mesh: the parameter shardings, after checking that every mesh
   axis divides the dims it splits (of `params`, or of the model's abstract
   parameters). None for no mesh or a sequence mesh (parameters replicated)."""
@@ -185,6 +216,7 @@ def check_params_fit(model: nn.Module, mesh: Optional[Mesh], params: Any = None,
   shardings = param_shardings(model, mesh, rules)
   if params is None:
     from bt_jax.models import abstract_params  # pylint: disable=import-outside-toplevel
+
     params = abstract_params(model)
   check_divisible(params, shardings)
   return shardings

@@ -27,18 +27,32 @@ from bt_jax.models import abstract_params, build_model
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   fv = dict(flag_values=flag_values)
-  flags.DEFINE_multi_string("gin_file", [], "Gin files to parse: a model file, or a run or "
-                            "experiment file that includes one.", **fv)
-  flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. "
-                            "'BlockConfig.block_len = 8'.", **fv)
-  flags.DEFINE_string("workdir", None, "A training workdir: summarise its model_config.json "
-                      "(instead of --gin_file).", **fv)
+  flags.DEFINE_multi_string(
+    "gin_file",
+    [],
+    "Gin files to parse: a model file, or a run or experiment file that includes one.",
+    **fv,
+  )
+  flags.DEFINE_multi_string(
+    "gin_param", [], "Gin bindings, e.g. 'BlockConfig.block_len = 8'.", **fv
+  )
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "A training workdir: summarise its model_config.json (instead of --gin_file).",
+    **fv,
+  )
   flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.", **fv)
+
 
 # Embedding parameters: token tables and the output head (the paper's "non-emb"
 # counts both stacks and the expansion, nothing of the vocabulary).
-EMBEDDING_PATHS = (("token_embed",), ("lm_head",), ("embedder", "lookup"),
-                   ("embedder", "token_embed"))
+EMBEDDING_PATHS = (
+  ("token_embed",),
+  ("lm_head",),
+  ("embedder", "lookup"),
+  ("embedder", "token_embed"),
+)
 
 
 def _count(tree: Any) -> int:
@@ -64,18 +78,20 @@ def param_counts(config) -> dict[str, Any]:
   total = _count(params)
   embedding = sum(_count(_get(params, p)) for p in EMBEDDING_PATHS if _get(params, p) is not None)
   return {
-      "kind": config.kind,
-      "components": components,
-      "total_params": total,
-      "embedding_params": embedding,
-      "non_embedding_params": total - embedding,
+    "kind": config.kind,
+    "components": components,
+    "total_params": total,
+    "embedding_params": embedding,
+    "non_embedding_params": total - embedding,
   }
 
 
 def format_table(counts: dict[str, Any]) -> str:
   rows = [("component", "params")] + [(k, f"{v:,}") for k, v in counts["components"].items()]
-  rows += [("non-embedding", f"{counts['non_embedding_params']:,}"),
-           ("total", f"{counts['total_params']:,}")]
+  rows += [
+    ("non-embedding", f"{counts['non_embedding_params']:,}"),
+    ("total", f"{counts['total_params']:,}"),
+  ]
   width = max(len(r[0]) for r in rows)
   return "\n".join(f"{name:<{width}}  {value:>15}" for name, value in rows)
 
@@ -83,20 +99,24 @@ def format_table(counts: dict[str, Any]) -> str:
 def model_config_from_flags(flag_values: flags.FlagValues):
   """The config of --workdir, or of the --gin_file / --gin_param files."""
   if bool(flag_values.workdir) == bool(flag_values.gin_file):
-    raise cli.UserError("give either --gin_file (a model, run or experiment gin file) or "
-                        "--workdir (a training run), not both or neither")
+    raise cli.UserError(
+      "give either --gin_file (a model, run or experiment gin file) or "
+      "--workdir (a training run), not both or neither"
+    )
   if flag_values.workdir:
     if flag_values.gin_param:
       raise cli.UserError("--gin_param applies to --gin_file, not to --workdir")
     from bt_jax import checkpointing  # pylint: disable=import-outside-toplevel  (orbax: slow)
+
     try:
       return checkpointing.load_model_config(flag_values.workdir)
-    except ValueError as e:   # an unreadable model_config.json
+    except ValueError as e:  # an unreadable model_config.json
       raise cli.UserError(cli.one_line(e)) from e
   try:
-    return gin_utils.model_config_from_gin(flag_values.gin_file, flag_values.gin_param,
-                                           skip_unknown=True)
-  except ValueError as e:   # a gin file that does not parse or names no model
+    return gin_utils.model_config_from_gin(
+      flag_values.gin_file, flag_values.gin_param, skip_unknown=True
+    )
+  except ValueError as e:  # a gin file that does not parse or names no model
     raise cli.UserError(cli.one_line(e)) from e
 
 

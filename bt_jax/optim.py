@@ -36,23 +36,25 @@ class OptimizerConfig:
   learning_rate: float = 1e-3
   warmup_steps: int = 100
   min_lr_ratio: float = 0.1
-  weight_decay: float = 0.1          # on matrices and embeddings; not on biases and norms
+  weight_decay: float = 0.1  # on matrices and embeddings; not on biases and norms
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
-  clip_norm: Optional[float] = 1.0   # None: no clipping
+  clip_norm: Optional[float] = 1.0  # None: no clipping
 
   def __post_init__(self):
     if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-      raise ValueError(f"optimizer.warmup_steps must be a non-negative integer, got "
-                       f"{self.warmup_steps!r}")
+      raise ValueError(
+        f"optimizer.warmup_steps must be a non-negative integer, got {self.warmup_steps!r}"
+      )
     if self.learning_rate <= 0:
       raise ValueError(f"optimizer.learning_rate must be positive, got {self.learning_rate}")
     if not 0.0 <= self.min_lr_ratio <= 1.0:
       raise ValueError(f"optimizer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
     if self.clip_norm is not None and self.clip_norm <= 0:
-      raise ValueError(f"optimizer.clip_norm must be positive (or None: no clipping), got "
-                       f"{self.clip_norm}")
+      raise ValueError(
+        f"optimizer.clip_norm must be positive (or None: no clipping), got {self.clip_norm}"
+      )
 
   def hyperparams(self, total_steps: int) -> dict[str, np.ndarray]:
     """The settings as f32 scalars for `make_optimizer` (clip_norm None -> inf)."""
@@ -96,9 +98,16 @@ def make_optimizer(hyperparams) -> optax.GradientTransformation:
   (numbers or traced scalars); the state's structure does not depend on them."""
   hp = hyperparams
   return optax.chain(
-      optax.clip_by_global_norm(hp["clip_norm"]),
-      optax.adamw(warmup_cosine_schedule(hp), b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
-                  weight_decay=hp["weight_decay"], mask=decay_mask))
+    optax.clip_by_global_norm(hp["clip_norm"]),
+    optax.adamw(
+      warmup_cosine_schedule(hp),
+      b1=hp["b1"],
+      b2=hp["b2"],
+      eps=hp["eps"],
+      weight_decay=hp["weight_decay"],
+      mask=decay_mask,
+    ),
+  )
 
 
 def drafter_schedule(learning_rate: float, steps: int, warmup_fraction: float = 0.1):
@@ -108,9 +117,11 @@ def drafter_schedule(learning_rate: float, steps: int, warmup_fraction: float = 
   return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1))
 
 
-def drafter_optimizer(learning_rate: float, steps: int, weight_decay: float = 0.0,
-                      warmup_fraction: float = 0.1) -> optax.GradientTransformation:
+def drafter_optimizer(
+  learning_rate: float, steps: int, weight_decay: float = 0.0, warmup_fraction: float = 0.1
+) -> optax.GradientTransformation:
   """AdamW (optax defaults: b1 0.9, b2 0.999, eps 1e-8), no clipping, with
   `drafter_schedule`; weight decay (none by default) on every leaf."""
-  return optax.adamw(drafter_schedule(learning_rate, steps, warmup_fraction),
-                     weight_decay=weight_decay)
+  return optax.adamw(
+    drafter_schedule(learning_rate, steps, warmup_fraction), weight_decay=weight_decay
+  )

@@ -21,7 +21,7 @@ def tensorboard_tag(key: str) -> str:
   (metrics.jsonl keeps the flat keys)."""
   for prefix in ("eval_", "train_"):
     if key.startswith(prefix):
-      return f"{prefix[:-1]}/{key[len(prefix):]}"
+      return f"{prefix[:-1]}/{key[len(prefix) :]}"
   if key.startswith("heldout_"):
     return f"eval/{key}"
   return f"train/{key}"
@@ -49,6 +49,7 @@ class MetricWriter:
     with open(self.path, "w", encoding="utf-8") as f:
       f.writelines(kept)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
     self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
 
   def write(self, record: dict[str, Any]) -> None:
@@ -152,7 +153,7 @@ class StopRequest:
     if self._pipe is not None:
       signal.set_wakeup_fd(self._previous_fd if self._previous_fd is not None else -1)
       read_fd, write_fd = self._pipe
-      os.close(write_fd)            # the watcher reads end-of-file and returns
+      os.close(write_fd)  # the watcher reads end-of-file and returns
       self._watcher.join(timeout=5)
       os.close(read_fd)
       self._pipe = None
@@ -167,6 +168,7 @@ class StopRequest:
     if jax.process_count() == 1:
       return self.requested.is_set()
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     try:  # the preemption notice of TPU / cloud schedulers, when the service runs
       if multihost_utils.reached_preemption_sync_point(step):
         return True

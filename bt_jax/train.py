@@ -87,8 +87,9 @@ def _check_positive(scope: str, config, names, optional: bool = False) -> None:
     if optional and value is None:
       continue
     if not isinstance(value, int) or value <= 0:
-      raise ValueError(f"{scope}.{name} must be a positive integer{' or None' if optional else ''}, "
-                       f"got {value!r}")
+      raise ValueError(
+        f"{scope}.{name} must be a positive integer{' or None' if optional else ''}, got {value!r}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,21 +98,21 @@ class DataConfig:
 
   # "stdlib", "files:<glob>" or "tfds:<name>" (see bt_jax.data.load_corpus).
   corpus: str = "stdlib"
-  corpus_max_bytes: Optional[int] = None       # cap on the training split (local corpora)
+  corpus_max_bytes: Optional[int] = None  # cap on the training split (local corpora)
   validation_max_bytes: Optional[int] = None
   validation_fraction: float = data_lib.DEFAULT_VALIDATION_FRACTION
   validation_pattern: Optional[str] = None
   text_field: str = "text"
   data_dir: Optional[str] = None
-  cache_tokens: bool = True          # keep tokenized documents in memory (small corpora)
+  cache_tokens: bool = True  # keep tokenized documents in memory (small corpora)
   shuffle_window: int = 256
   threads: int = 2
   # Tokenizer: a byte-level BPE trained on the training split and cached in the
   # workdir, or a tokenizer.json from `tokenizer_path`.
-  tokenizer_vocab_size: Optional[int] = None   # None: the model's vocab_size
+  tokenizer_vocab_size: Optional[int] = None  # None: the model's vocab_size
   tokenizer_path: Optional[str] = None
   tokenizer_max_docs: Optional[int] = 100_000  # training documents the BPE is trained on
-  unigram_max_docs: int = 10_000     # training documents the unigram baseline is fitted on
+  unigram_max_docs: int = 10_000  # training documents the unigram baseline is fitted on
 
   def __post_init__(self):
     _check_positive("data", self, ("unigram_max_docs", "threads"))
@@ -122,8 +123,8 @@ class DataConfig:
 class CheckpointConfig:
   """When and how checkpoints are written (gin name `checkpoint`)."""
 
-  every: int = 1000                  # steps between checkpoints (and at the last step)
-  keep: int = 3                      # the newest `keep` are kept
+  every: int = 1000  # steps between checkpoints (and at the last step)
+  keep: int = 3  # the newest `keep` are kept
   async_save: bool = True
 
   def __post_init__(self):
@@ -141,8 +142,8 @@ class TrainConfig:
   """
 
   steps: int = 1000
-  batch_size: int = 32               # sequences per optimizer step, over all hosts
-  seq_len: Optional[int] = None      # None: the model's max_len
+  batch_size: int = 32  # sequences per optimizer step, over all hosts
+  seq_len: Optional[int] = None  # None: the model's max_len
   grad_accum: int = 1
   # Mixed precision: None keeps the model file's dtype / param_dtype.
   compute_dtype: Optional[str] = None
@@ -150,7 +151,7 @@ class TrainConfig:
   # Evaluation and logging.
   eval_every: int = 500
   eval_batches: int = 16
-  eval_batch_size: Optional[int] = None   # None: batch_size // grad_accum
+  eval_batch_size: Optional[int] = None  # None: batch_size // grad_accum
   log_every: int = 50
   stop_at_step: Optional[int] = None  # save and exit at this step (the schedule still uses `steps`)
   # Start from existing weights (a bt_jax workdir or a HF GPT-NeoX folder) instead
@@ -168,21 +169,32 @@ class TrainConfig:
   checkpoint: CheckpointConfig = CheckpointConfig()
 
   def __post_init__(self):
-    _check_positive("train", self, ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
-                                    "log_every"))
+    _check_positive(
+      "train",
+      self,
+      ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every"),
+    )
     _check_positive("train", self, ("seq_len", "eval_batch_size", "stop_at_step"), optional=True)
     if self.batch_size % self.grad_accum:
-      raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
-                       f"train.grad_accum={self.grad_accum}")
+      raise ValueError(
+        f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}"
+      )
     for name in ("compute_dtype", "param_dtype"):
       value = getattr(self, name)
       if value is not None and value not in config_lib.DTYPES:
-        raise ValueError(f"train.{name}={value!r}; valid values are {list(config_lib.DTYPES)} or None")
+        raise ValueError(
+          f"train.{name}={value!r}; valid values are {list(config_lib.DTYPES)} or None"
+        )
     shape = tuple(self.mesh_shape)
-    if len(shape) != len(axes.MESH_AXES) or any(not isinstance(s, int) or (s <= 0 and s != -1)
-                                                for s in shape) or shape.count(-1) > 1:
-      raise ValueError(f"train.mesh_shape={self.mesh_shape!r} must be {len(axes.MESH_AXES)} positive "
-                       f"sizes for the axes {axes.MESH_AXES}, at most one of them -1")
+    if (
+      len(shape) != len(axes.MESH_AXES)
+      or any(not isinstance(s, int) or (s <= 0 and s != -1) for s in shape)
+      or shape.count(-1) > 1
+    ):
+      raise ValueError(
+        f"train.mesh_shape={self.mesh_shape!r} must be {len(axes.MESH_AXES)} positive "
+        f"sizes for the axes {axes.MESH_AXES}, at most one of them -1"
+      )
 
   @property
   def micro_batch_size(self) -> int:
@@ -211,8 +223,14 @@ def _check_workdir(workdir: str) -> str:
 def _load_split(data: DataConfig, split: str):
   max_bytes = data.corpus_max_bytes if split == data_lib.TRAIN else data.validation_max_bytes
   return data_lib.load_corpus(
-      data.corpus, split, validation_fraction=data.validation_fraction, max_bytes=max_bytes,
-      validation_pattern=data.validation_pattern, text_field=data.text_field, data_dir=data.data_dir)
+    data.corpus,
+    split,
+    validation_fraction=data.validation_fraction,
+    max_bytes=max_bytes,
+    validation_pattern=data.validation_pattern,
+    text_field=data.text_field,
+    data_dir=data.data_dir,
+  )
 
 
 def _check_has_text(documents, corpus: str, split: str, probe: int = 1000) -> None:
@@ -221,19 +239,22 @@ def _check_has_text(documents, corpus: str, split: str, probe: int = 1000) -> No
     if documents[i].strip():
       return
   raise cli.UserError(
-      f"the {split!r} split of corpus {corpus!r} has no text (checked the first "
-      f"{min(len(documents), probe)} of {len(documents)} documents: all empty); point "
-      "data.corpus (and data.validation_pattern) at files with text")
+    f"the {split!r} split of corpus {corpus!r} has no text (checked the first "
+    f"{min(len(documents), probe)} of {len(documents)} documents: all empty); point "
+    "data.corpus (and data.validation_pattern) at files with text"
+  )
 
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)
 
 
 def _tokenizer(workdir: str, data: DataConfig, train_docs, vocab_size: int) -> data_lib.Tokenizer:
   """Process 0 trains (or copies) the tokenizer into the workdir; the others read it."""
+
   def texts():
     limit = len(train_docs)
     if data.tokenizer_max_docs is not None:
@@ -242,17 +263,20 @@ def _tokenizer(workdir: str, data: DataConfig, train_docs, vocab_size: int) -> d
 
   tokenizer_vocab = data.tokenizer_vocab_size or vocab_size
   if data.tokenizer_path is None and tokenizer_vocab > vocab_size:
-    raise cli.UserError(f"data.tokenizer_vocab_size={tokenizer_vocab} exceeds the model's "
-                        f"vocab_size {vocab_size}")
+    raise cli.UserError(
+      f"data.tokenizer_vocab_size={tokenizer_vocab} exceeds the model's vocab_size {vocab_size}"
+    )
   if jax.process_index() == 0:
     tokenizer = data_lib.load_or_train_tokenizer(
-        workdir, texts, vocab_size if data.tokenizer_path else tokenizer_vocab, data.tokenizer_path)
+      workdir, texts, vocab_size if data.tokenizer_path else tokenizer_vocab, data.tokenizer_path
+    )
   _sync("tokenizer")
   if jax.process_index() != 0:
     tokenizer = data_lib.Tokenizer.from_file(os.path.join(workdir, checkpointing.TOKENIZER_FILE))
   if tokenizer.vocab_size > vocab_size:
-    raise cli.UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                        f"vocab_size is {vocab_size}")
+    raise cli.UserError(
+      f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}"
+    )
   return tokenizer
 
 
@@ -272,15 +296,19 @@ def _global_batch(batch: dict[str, np.ndarray], sharding, grad_accum: int) -> di
 
 
 def _replicated_to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: np.asarray(v[idx]))
-          for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: np.asarray(v[idx]))
+    for k, v in batch.items()
+  }
 
 
 # ---------------------------------------------------------------------------
 # The training loop
 
 
-def resolve_model_config(model_config: config_lib.ModelConfig, cfg: TrainConfig) -> config_lib.ModelConfig:
+def resolve_model_config(
+  model_config: config_lib.ModelConfig, cfg: TrainConfig
+) -> config_lib.ModelConfig:
   """The model config with the run's dtype overrides (train.compute_dtype, train.param_dtype)."""
   overrides = {"dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype}
   return dataclasses.replace(model_config, **{k: v for k, v in overrides.items() if v is not None})
@@ -298,10 +326,10 @@ class _Run:
   fns: trainer.StepFunctions
   tokenizer: data_lib.Tokenizer
   train_tokens: data_lib.TokenizedDocuments
-  train_iter: Any                       # grain DatasetIterator (checkpointed)
+  train_iter: Any  # grain DatasetIterator (checkpointed)
   eval_np: list[dict[str, np.ndarray]]  # host copies (unigram baseline)
   eval_batches: list[dict[str, jax.Array]]
-  hyperparams: dict[str, jax.Array]     # OptimizerConfig as replicated scalars
+  hyperparams: dict[str, jax.Array]  # OptimizerConfig as replicated scalars
   num_params: int
   flops_per_step: Optional[float]
   peak_flops: Optional[float]
@@ -311,15 +339,20 @@ class _Run:
     return self.cfg.batch_size * self.seq_len
 
 
-def _prepare(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfig,
-             operative_config: Optional[str]) -> _Run:
+def _prepare(
+  workdir: str,
+  model_config: config_lib.ModelConfig,
+  cfg: TrainConfig,
+  operative_config: Optional[str],
+) -> _Run:
   """Checks the config, loads data and tokenizer, writes config files, builds the step functions."""
   workdir = _check_workdir(workdir)
   model_config = resolve_model_config(model_config, cfg)
   seq_len = cfg.seq_len or model_config.max_len
   if seq_len > model_config.max_len:
-    raise cli.UserError(f"train.seq_len={seq_len} exceeds the model's max_len "
-                        f"{model_config.max_len}")
+    raise cli.UserError(
+      f"train.seq_len={seq_len} exceeds the model's max_len {model_config.max_len}"
+    )
   packing = model_config.packing
   block_len = model_config.block_len if packing == "block" else None
   if seq_len % model_config.tokens_per_step:
@@ -330,12 +363,16 @@ def _prepare(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfi
   num_processes = jax.process_count()
   data_parallel = row_groups(mesh, rules)
   eval_batch_size = cfg.eval_batch_size or cfg.micro_batch_size
-  for name, size in (("micro batch (batch_size / grad_accum)", cfg.micro_batch_size),
-                     ("eval batch", eval_batch_size)):
+  for name, size in (
+    ("micro batch (batch_size / grad_accum)", cfg.micro_batch_size),
+    ("eval batch", eval_batch_size),
+  ):
     if size % data_parallel or size % num_processes:
-      raise cli.UserError(f"the {name} of {size} sequences must divide evenly over the "
-                          f"{data_parallel} data-parallel shards (mesh {dict(mesh.shape)}) and "
-                          f"{num_processes} processes")
+      raise cli.UserError(
+        f"the {name} of {size} sequences must divide evenly over the "
+        f"{data_parallel} data-parallel shards (mesh {dict(mesh.shape)}) and "
+        f"{num_processes} processes"
+      )
 
   train_docs = _load_split(cfg.data, data_lib.TRAIN)
   valid_docs = _load_split(cfg.data, data_lib.VALIDATION)
@@ -343,21 +380,37 @@ def _prepare(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfi
   _check_has_text(valid_docs, cfg.data.corpus, data_lib.VALIDATION)
   tokenizer = _tokenizer(workdir, cfg.data, train_docs, model_config.vocab_size)
   if tokenizer.pad_id != model_config.pad_id:
-    raise cli.UserError(f"the tokenizer's pad/eos id is {tokenizer.pad_id} but the model's pad_id "
-                        f"is {model_config.pad_id}; set {type(model_config).__name__}.pad_id = "
-                        f"{tokenizer.pad_id}")
+    raise cli.UserError(
+      f"the tokenizer's pad/eos id is {tokenizer.pad_id} but the model's pad_id "
+      f"is {model_config.pad_id}; set {type(model_config).__name__}.pad_id = "
+      f"{tokenizer.pad_id}"
+    )
   train_tokens = data_lib.TokenizedDocuments(train_docs, tokenizer, cache=cfg.data.cache_tokens)
   valid_tokens = data_lib.TokenizedDocuments(valid_docs, tokenizer, cache=cfg.data.cache_tokens)
   # Every process packs the same global stream and yields whole global batches;
   # `_global_batch` keeps the rows of this process's devices. The batches are
   # thus the same for any process count (docs/sweeps.md, "Multi-host trials").
   train_iter = data_lib.make_train_iterator(
-      train_tokens, tokenizer, seq_len=seq_len, block_len=block_len,
-      batch_size=cfg.batch_size, seed=cfg.seed, packing=packing,
-      shuffle_window=cfg.data.shuffle_window, num_threads=cfg.data.threads)
+    train_tokens,
+    tokenizer,
+    seq_len=seq_len,
+    block_len=block_len,
+    batch_size=cfg.batch_size,
+    seed=cfg.seed,
+    packing=packing,
+    shuffle_window=cfg.data.shuffle_window,
+    num_threads=cfg.data.threads,
+  )
   eval_np = data_lib.make_eval_batches(
-      valid_tokens, tokenizer, seq_len=seq_len, block_len=block_len, batch_size=eval_batch_size,
-      num_batches=cfg.eval_batches, packing=packing, seed=cfg.seed)
+    valid_tokens,
+    tokenizer,
+    seq_len=seq_len,
+    block_len=block_len,
+    batch_size=eval_batch_size,
+    num_batches=cfg.eval_batches,
+    packing=packing,
+    seed=cfg.seed,
+  )
 
   if jax.process_index() == 0:
     if operative_config is not None:
@@ -368,14 +421,25 @@ def _prepare(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfi
   fns = trainer.step_functions(model, mesh, rules)
   flops = trainer.forward_flops(model, fns.abstract_state["params"], cfg.micro_batch_size, seq_len)
   return _Run(
-      workdir=workdir, cfg=cfg, model_config=model_config, seq_len=seq_len, mesh=mesh, fns=fns,
-      tokenizer=tokenizer, train_tokens=train_tokens, train_iter=train_iter, eval_np=eval_np,
-      eval_batches=[_replicated_to_global(b, fns.eval_batch_sharding) for b in eval_np],
-      hyperparams=_replicated_to_global(cfg.optimizer.hyperparams(total_steps=cfg.steps),
-                                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
-      num_params=sum(x.size for x in jax.tree.leaves(fns.abstract_state["params"])),
-      flops_per_step=None if flops is None else flops * 3 * cfg.grad_accum,  # fwd + bwd (2x fwd)
-      peak_flops=cfg.peak_flops_per_device or trainer.peak_flops(jax.devices()[0]))
+    workdir=workdir,
+    cfg=cfg,
+    model_config=model_config,
+    seq_len=seq_len,
+    mesh=mesh,
+    fns=fns,
+    tokenizer=tokenizer,
+    train_tokens=train_tokens,
+    train_iter=train_iter,
+    eval_np=eval_np,
+    eval_batches=[_replicated_to_global(b, fns.eval_batch_sharding) for b in eval_np],
+    hyperparams=_replicated_to_global(
+      cfg.optimizer.hyperparams(total_steps=cfg.steps),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    ),
+    num_params=sum(x.size for x in jax.tree.leaves(fns.abstract_state["params"])),
+    flops_per_step=None if flops is None else flops * 3 * cfg.grad_accum,  # fwd + bwd (2x fwd)
+    peak_flops=cfg.peak_flops_per_device or trainer.peak_flops(jax.devices()[0]),
+  )
 
 
 class _Loop:
@@ -386,9 +450,16 @@ class _Loop:
   before anything is logged or checkpointed.
   """
 
-  def __init__(self, run: _Run, checkpointer: checkpointing.Checkpointer, writer: run_utils.MetricWriter,
-               state, start_step: int, last_good_step: Optional[int],
-               stop_request: Optional[run_utils.StopRequest] = None):
+  def __init__(
+    self,
+    run: _Run,
+    checkpointer: checkpointing.Checkpointer,
+    writer: run_utils.MetricWriter,
+    state,
+    start_step: int,
+    last_good_step: Optional[int],
+    stop_request: Optional[run_utils.StopRequest] = None,
+  ):
     self.run = run
     self.stop_request = stop_request
     self.cfg = run.cfg
@@ -397,11 +468,11 @@ class _Loop:
     self.state = state
     self.start_step = start_step
     self.last_good_step = last_good_step
-    self.pending: list[tuple[int, Any]] = []    # device metrics not yet checked
-    self.window: list[dict[str, Any]] = []      # host metrics since the last log
-    self.rates: list[float] = []                # tokens/s of each logged window
+    self.pending: list[tuple[int, Any]] = []  # device metrics not yet checked
+    self.window: list[dict[str, Any]] = []  # host metrics since the last log
+    self.rates: list[float] = []  # tokens/s of each logged window
     self.last_eval: Optional[tuple[int, dict[str, Any]]] = None
-    self.train_seconds, self.timed_steps = 0.0, 0    # after the first (compiling) step
+    self.train_seconds, self.timed_steps = 0.0, 0  # after the first (compiling) step
     self._reset_timer()
 
   def _reset_timer(self) -> None:
@@ -411,12 +482,16 @@ class _Loop:
     for step, metrics in self.pending:
       metrics = jax.device_get(metrics)
       if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-        last = ("no checkpoint was saved" if self.last_good_step is None else
-                f"the last good checkpoint is step {self.last_good_step} in {self.checkpointer.directory}")
+        last = (
+          "no checkpoint was saved"
+          if self.last_good_step is None
+          else f"the last good checkpoint is step {self.last_good_step} in {self.checkpointer.directory}"
+        )
         raise NonFiniteLossError(
-            f"non-finite loss {float(metrics['loss'])} / gradient norm {float(metrics['grad_norm'])} at "
-            f"step {step}; stopping without checkpointing it ({last}). Lower optimizer.learning_rate or "
-            "raise optimizer.warmup_steps, then rerun to resume from that checkpoint")
+          f"non-finite loss {float(metrics['loss'])} / gradient norm {float(metrics['grad_norm'])} at "
+          f"step {step}; stopping without checkpointing it ({last}). Lower optimizer.learning_rate or "
+          "raise optimizer.warmup_steps, then rerun to resume from that checkpoint"
+        )
       self.window.append(metrics)
     self.pending = []
 
@@ -425,12 +500,16 @@ class _Loop:
     window, elapsed = self.window, time.time() - self.timer_start
     nll = sum(float(m["nll"]) for m in window)
     tokens = sum(float(m["tokens"]) for m in window)
-    record = {"step": step, "train_loss": nll / max(tokens, 1.0),
-              "learning_rate": float(window[-1]["learning_rate"]),
-              "grad_norm": float(window[-1]["grad_norm"])}
+    record = {
+      "step": step,
+      "train_loss": nll / max(tokens, 1.0),
+      "learning_rate": float(window[-1]["learning_rate"]),
+      "grad_norm": float(window[-1]["grad_norm"]),
+    }
     if "pos_nll" in window[-1]:
       record["train_loss_by_position"] = trainer.by_position(
-          sum(m["pos_nll"] for m in window), sum(m["pos_tokens"] for m in window))
+        sum(m["pos_nll"] for m in window), sum(m["pos_tokens"] for m in window)
+      )
     if self.timer_steps > 0 and elapsed > 0:
       self.train_seconds += elapsed
       self.timed_steps += self.timer_steps
@@ -449,14 +528,22 @@ class _Loop:
     self._fetch()
     state = self.state
     try:
-      self.checkpointer.save(step, state["params"],
-                             {"step": state["step"], "opt_state": state["opt_state"]}, self.run.train_iter)
+      self.checkpointer.save(
+        step,
+        state["params"],
+        {"step": state["step"], "opt_state": state["opt_state"]},
+        self.run.train_iter,
+      )
     except Exception as e:  # a run never trains on after a failed save
-      last = ("no checkpoint was saved" if self.last_good_step is None else
-              f"the last good checkpoint is step {self.last_good_step}")
+      last = (
+        "no checkpoint was saved"
+        if self.last_good_step is None
+        else f"the last good checkpoint is step {self.last_good_step}"
+      )
       raise CheckpointSaveError(
-          f"saving the checkpoint of step {step} in {self.checkpointer.directory} failed "
-          f"({type(e).__name__}: {e}); the run stops ({last})") from e
+        f"saving the checkpoint of step {step} in {self.checkpointer.directory} failed "
+        f"({type(e).__name__}: {e}); the run stops ({last})"
+      ) from e
     self.last_good_step = step
     if jax.process_index() == 0:
       logging.info("checkpoint saved at step %d (%s)", step, self.checkpointer.directory)
@@ -468,19 +555,32 @@ class _Loop:
     if "train_loss" in record:
       if self.timed_steps:
         per_step = self.train_seconds / self.timed_steps
-        timing = (f"{record.get('tokens_per_s', 0.0):,.0f} tokens/s, elapsed "
-                  f"{_duration(self.train_seconds)}, ETA {_duration(per_step * (self.cfg.steps - step))}")
+        timing = (
+          f"{record.get('tokens_per_s', 0.0):,.0f} tokens/s, elapsed "
+          f"{_duration(self.train_seconds)}, ETA {_duration(per_step * (self.cfg.steps - step))}"
+        )
       else:
         timing = "compiling done"
-      logging.info("step %d/%d: train loss %.4f, learning rate %.3g, %s", step, self.cfg.steps,
-                   record["train_loss"], record["learning_rate"], timing)
+      logging.info(
+        "step %d/%d: train loss %.4f, learning rate %.3g, %s",
+        step,
+        self.cfg.steps,
+        record["train_loss"],
+        record["learning_rate"],
+        timing,
+      )
     if "eval_loss" in record:
-      logging.info("eval at step %d: loss %.4f, perplexity %.2f", step, record["eval_loss"],
-                   record["eval_perplexity"])
+      logging.info(
+        "eval at step %d: loss %.4f, perplexity %.2f",
+        step,
+        record["eval_loss"],
+        record["eval_perplexity"],
+      )
 
   def _next_batch(self) -> dict[str, jax.Array]:
-    return _global_batch(next(self.run.train_iter), self.run.fns.train_batch_sharding,
-                         self.cfg.grad_accum)
+    return _global_batch(
+      next(self.run.train_iter), self.run.fns.train_batch_sharding, self.cfg.grad_accum
+    )
 
   def _initial_eval(self, progress=None) -> None:
     """A fresh run evaluates once before its first update (step 0 in
@@ -488,7 +588,10 @@ class _Loop:
     curve. The eval step is a pure function of the parameters: the state, the
     RNG and the data iterator are untouched. A resumed run keeps the record
     of its first attempt and does not repeat it."""
-    self.last_eval = (0, trainer.evaluate(self.run.fns, self.state["params"], self.run.eval_batches))
+    self.last_eval = (
+      0,
+      trainer.evaluate(self.run.fns, self.state["params"], self.run.eval_batches),
+    )
     record = {"step": 0, **self.last_eval[1]}
     self.writer.write(record)
     self._log(0, record)
@@ -507,9 +610,9 @@ class _Loop:
         self.pending.append((step, metrics))
         if step == self.start_step + 1:  # the first step includes compilation: time from its end
           jax.block_until_ready(metrics)
-          stop_request.ready()   # from now on a stop signal checkpoints first
+          stop_request.ready()  # from now on a stop signal checkpoints first
           self._reset_timer()
-          if progress is not None:   # the bar's rate and ETA leave the compile out
+          if progress is not None:  # the bar's rate and ETA leave the compile out
             progress.update(1)
             progress.initial, progress.start_t = progress.n, time.time()
         else:
@@ -520,26 +623,39 @@ class _Loop:
         evaluate = step % cfg.eval_every == 0 or step == cfg.steps
         record = self._train_record(step) if step % cfg.log_every == 0 or evaluate else {}
         if evaluate:
-          self.last_eval = (step, trainer.evaluate(fns, self.state["params"], self.run.eval_batches))
+          self.last_eval = (
+            step,
+            trainer.evaluate(fns, self.state["params"], self.run.eval_batches),
+          )
           record.update(self.last_eval[1])
         if record:
           self.writer.write(record)
           self._log(step, record)
           if progress is not None:
-            progress.set_postfix({k: f"{record[k]:.3f}" for k in ("train_loss", "eval_loss") if k in record})
+            progress.set_postfix(
+              {k: f"{record[k]:.3f}" for k in ("train_loss", "eval_loss") if k in record}
+            )
         preempted = stop_request.should_stop(
-            step, sync_point=bool(record) or step % cfg.checkpoint.every == 0)
+          step, sync_point=bool(record) or step % cfg.checkpoint.every == 0
+        )
         stop = preempted or step == cfg.stop_at_step
         if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop:
           self._save(step)
         if record or stop:  # evals and saves do not count as training time
           self._reset_timer()
         if stop:
-          logging.warning("stopping at step %d (%s); checkpoint saved in %s", step,
-                          ("SIGTERM" if stop_request.requested.is_set() else
-                           "SIGTERM or preemption on another host") if preempted
-                          else "train.stop_at_step",
-                          self.checkpointer.directory)
+          logging.warning(
+            "stopping at step %d (%s); checkpoint saved in %s",
+            step,
+            (
+              "SIGTERM"
+              if stop_request.requested.is_set()
+              else "SIGTERM or preemption on another host"
+            )
+            if preempted
+            else "train.stop_at_step",
+            self.checkpointer.directory,
+          )
           return step
       self._fetch()
     return None
@@ -550,25 +666,37 @@ def _duration(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def initial_state(fns: trainer.StepFunctions, model_config: config_lib.ModelConfig,
-                  cfg: TrainConfig) -> dict[str, Any]:
+def initial_state(
+  fns: trainer.StepFunctions, model_config: config_lib.ModelConfig, cfg: TrainConfig
+) -> dict[str, Any]:
   """The state of a fresh run: a random init, or with `cfg.init_from` the
   parameters of that model, placed on the random init's shardings (the
   optimizer state, zeros, does not depend on the parameter values)."""
   state = fns.init(jax.random.key(cfg.seed))
   if cfg.init_from:
     from bt_jax.convert import init_params_from  # pylint: disable=g-import-not-at-top
+
     loaded = init_params_from(cfg.init_from, model_config, fns.abstract_state["params"])
-    state = dict(state, params=jax.tree.map(
+    state = dict(
+      state,
+      params=jax.tree.map(
         lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding),
-        loaded, state["params"]))
+        loaded,
+        state["params"],
+      ),
+    )
     logging.info("initialised the parameters from %s", cfg.init_from)
   return state
 
 
-def _claim_workdir(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfig,
-                   operative_config: Optional[str], start_over: bool,
-                   stack: contextlib.ExitStack) -> str:
+def _claim_workdir(
+  workdir: str,
+  model_config: config_lib.ModelConfig,
+  cfg: TrainConfig,
+  operative_config: Optional[str],
+  start_over: bool,
+  stack: contextlib.ExitStack,
+) -> str:
   """One writer and one run per workdir (`bt_jax.workdir`): refuses, changing
   nothing, a workdir held by a live run or holding another run; with
   `start_over` the other run's files are moved aside (kept) instead."""
@@ -584,16 +712,21 @@ def _claim_workdir(workdir: str, model_config: config_lib.ModelConfig, cfg: Trai
     else:
       workdir_lib.check_same_run(workdir, model_json, operative_config)
 
-  check()                      # read-only: a refused run leaves the workdir as it was
+  check()  # read-only: a refused run leaves the workdir as it was
   stack.enter_context(workdir_lib.WorkdirLock(workdir))
-  check()                      # again under the lock: another run may have started meanwhile
+  check()  # again under the lock: another run may have started meanwhile
   return workdir
 
 
-def train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfig,
-                       *, operative_config: Optional[str] = None,
-                       start_over: bool = False, exit_before_first_step: bool = False
-                       ) -> dict[str, Any]:
+def train_and_evaluate(
+  workdir: str,
+  model_config: config_lib.ModelConfig,
+  cfg: TrainConfig,
+  *,
+  operative_config: Optional[str] = None,
+  start_over: bool = False,
+  exit_before_first_step: bool = False,
+) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the summary (also written to summary.json).
 
   The workdir belongs to one run (`bt_jax.workdir`): a workdir that a live run
@@ -612,20 +745,26 @@ def train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg: 
   """
   with contextlib.ExitStack() as stack:
     stop_request = stack.enter_context(
-        run_utils.StopRequest(exit_before_ready=exit_before_first_step))
+      run_utils.StopRequest(exit_before_ready=exit_before_first_step)
+    )
     workdir = _claim_workdir(workdir, model_config, cfg, operative_config, start_over, stack)
     return _train_and_evaluate(workdir, model_config, cfg, operative_config, stop_request)
 
 
-def _train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg: TrainConfig,
-                        operative_config: Optional[str],
-                        stop_request: run_utils.StopRequest) -> dict[str, Any]:
+def _train_and_evaluate(
+  workdir: str,
+  model_config: config_lib.ModelConfig,
+  cfg: TrainConfig,
+  operative_config: Optional[str],
+  stop_request: run_utils.StopRequest,
+) -> dict[str, Any]:
   """train_and_evaluate in a claimed workdir, with the stop request already listening."""
   start_time = time.time()
   run = _prepare(workdir, model_config, cfg, operative_config)
   fns, is_main = run.fns, jax.process_index() == 0
-  checkpointer = checkpointing.Checkpointer(run.workdir, keep=cfg.checkpoint.keep,
-                                            async_save=cfg.checkpoint.async_save)
+  checkpointer = checkpointing.Checkpointer(
+    run.workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+  )
   steps = workdir_lib.existing_steps(checkpointer.directory)
   if not steps:
     latest = None
@@ -635,27 +774,42 @@ def _train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg:
 
     def restore(step):
       return checkpointer.restore(
-          step, abstract["params"], {"step": abstract["step"], "opt_state": abstract["opt_state"]},
-          data_iterator=run.train_iter)
+        step,
+        abstract["params"],
+        {"step": abstract["step"], "opt_state": abstract["opt_state"]},
+        data_iterator=run.train_iter,
+      )
 
     latest, (params, train_state) = workdir_lib.restore_newest_good(
-        checkpointer.directory, steps, restore, move_aside=is_main)
-    if latest != max(steps):   # damaged steps were moved aside: reopen on what is left
+      checkpointer.directory, steps, restore, move_aside=is_main
+    )
+    if latest != max(steps):  # damaged steps were moved aside: reopen on what is left
       checkpointer.close()
-      checkpointer = checkpointing.Checkpointer(run.workdir, keep=cfg.checkpoint.keep,
-                                                async_save=cfg.checkpoint.async_save)
+      checkpointer = checkpointing.Checkpointer(
+        run.workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+      )
     state = {"step": train_state["step"], "params": params, "opt_state": train_state["opt_state"]}
     start_step = int(jax.device_get(state["step"]))
     logging.info("resumed from %s at step %d", checkpointer.directory, start_step)
-  logging.info("%s model, %s parameters; mesh %s; %d steps of %d x %d tokens", run.model_config.kind,
-               f"{run.num_params:,}", dict(run.mesh.shape), cfg.steps, cfg.batch_size, run.seq_len)
+  logging.info(
+    "%s model, %s parameters; mesh %s; %d steps of %d x %d tokens",
+    run.model_config.kind,
+    f"{run.num_params:,}",
+    dict(run.mesh.shape),
+    cfg.steps,
+    cfg.batch_size,
+    run.seq_len,
+  )
 
   # A fresh run drops every record an attempt without a checkpoint left (its step-0 eval too).
   writer = run_utils.MetricWriter(run.workdir, start_step if latest is not None else -1, is_main)
   progress = None
   if is_main and cfg.progress_bar:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    progress = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    progress = tqdm(
+      total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+    )
   loop = _Loop(run, checkpointer, writer, state, start_step, latest, stop_request)
   try:
     stopped_at = loop(progress)
@@ -667,8 +821,12 @@ def _train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg:
 
   state = loop.state
   final_step = int(jax.device_get(state["step"]))
-  summary: dict[str, Any] = {"model": run.model_config.kind, "num_params": int(run.num_params),
-                             "steps": cfg.steps, "step": final_step}
+  summary: dict[str, Any] = {
+    "model": run.model_config.kind,
+    "num_params": int(run.num_params),
+    "steps": cfg.steps,
+    "step": final_step,
+  }
   if loop.rates:
     summary["tokens_per_s"] = float(np.median(loop.rates))
   if stopped_at is not None:
@@ -683,14 +841,21 @@ def _train_and_evaluate(workdir: str, model_config: config_lib.ModelConfig, cfg:
   summary["final_eval_perplexity"] = final["eval_perplexity"]
   if "eval_loss_by_position" in final:
     summary["final_eval_loss_by_position"] = final["eval_loss_by_position"]
-  summary["unigram_entropy"] = _unigram_entropy(run.train_tokens, run.eval_np, run.model_config, cfg)
+  summary["unigram_entropy"] = _unigram_entropy(
+    run.train_tokens, run.eval_np, run.model_config, cfg
+  )
   summary["final_eval_loss_vs_unigram"] = summary["final_eval_loss"] / summary["unigram_entropy"]
   summary["wall_s"] = time.time() - start_time
   if is_main:
-    checkpointing.write_text_atomic(os.path.join(run.workdir, SUMMARY_FILE),
-                                    json.dumps(summary, indent=2) + "\n")
-  logging.info("final eval loss %.4f nats (unigram %.4f); summary in %s", summary["final_eval_loss"],
-               summary["unigram_entropy"], os.path.join(run.workdir, SUMMARY_FILE))
+    checkpointing.write_text_atomic(
+      os.path.join(run.workdir, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n"
+    )
+  logging.info(
+    "final eval loss %.4f nats (unigram %.4f); summary in %s",
+    summary["final_eval_loss"],
+    summary["unigram_entropy"],
+    os.path.join(run.workdir, SUMMARY_FILE),
+  )
   return summary
 
 
@@ -698,7 +863,9 @@ def _unigram_entropy(train_tokens, eval_np, model_config, cfg: TrainConfig) -> f
   """Unigram cross-entropy on exactly the validation targets the eval loss scores."""
   length = eval_np[0]["tokens"].shape[1]
   scorable = (np.arange(length) >= model_config.first_scored_position)[None, :]
-  valid = [{"tokens": b["tokens"], "mask": ((b["mask"] > 0) & scorable).astype(np.int32)} for b in eval_np]
+  valid = [
+    {"tokens": b["tokens"], "mask": ((b["mask"] > 0) & scorable).astype(np.int32)} for b in eval_np
+  ]
   train = (train_tokens[i] for i in range(min(len(train_tokens), cfg.data.unigram_max_docs)))
   return data_lib.unigram_cross_entropy(train, valid, model_config.vocab_size)
 
@@ -708,8 +875,9 @@ def _unigram_entropy(train_tokens, eval_np, model_config, cfg: TrainConfig) -> f
 
 # The sub-configs are built from their own gin names (`optimizer.learning_rate
 # = ...`), not bound through `train.optimizer`.
-GinTrainConfig = gin.external_configurable(TrainConfig, "train",
-                                           denylist=["optimizer", "data", "checkpoint"])
+GinTrainConfig = gin.external_configurable(
+  TrainConfig, "train", denylist=["optimizer", "data", "checkpoint"]
+)
 GinOptimizerConfig = gin.external_configurable(optim.OptimizerConfig, "optimizer")
 GinDataConfig = gin.external_configurable(DataConfig, "data")
 GinCheckpointConfig = gin.external_configurable(CheckpointConfig, "checkpoint")
@@ -718,8 +886,10 @@ GinCheckpointConfig = gin.external_configurable(CheckpointConfig, "checkpoint")
 def train_config_from_gin() -> TrainConfig:
   """The TrainConfig bound by the parsed gin config: `train.*` with its
   `optimizer.*`, `data.*` and `checkpoint.*` sub-configs."""
-  return GinTrainConfig(optimizer=GinOptimizerConfig(), data=GinDataConfig(),
-                        checkpoint=GinCheckpointConfig())
+  return GinTrainConfig(
+    optimizer=GinOptimizerConfig(), data=GinDataConfig(), checkpoint=GinCheckpointConfig()
+  )
+
 
 def define_flags() -> None:
   """The binary's flags. Defined only when run as a program, so that importing
@@ -728,15 +898,25 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("gin_file", [], "Gin files (gin_configs/ is on the search path).")
   flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. 'train.steps = 100'.")
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs "
-                      "(default: $JAX_COORDINATOR_ADDRESS).")
+  flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0 for multi-host runs (default: $JAX_COORDINATOR_ADDRESS).",
+  )
   flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
   flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
-  flags.DEFINE_bool("start_over", False, "If --workdir holds another run, move its files aside "
-                    "(into WORKDIR/replaced-<time>/) and start from scratch; without it such a "
-                    "workdir is refused.")
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detected "
-                    "settings (Cloud TPU pods, SLURM, ...).")
+  flags.DEFINE_bool(
+    "start_over",
+    False,
+    "If --workdir holds another run, move its files aside "
+    "(into WORKDIR/replaced-<time>/) and start from scratch; without it such a "
+    "workdir is refused.",
+  )
+  flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() with auto-detected settings (Cloud TPU pods, SLURM, ...).",
+  )
 
 
 def configs_from_gin(gin_files: Sequence[str], gin_params: Sequence[str]):
@@ -745,23 +925,30 @@ def configs_from_gin(gin_files: Sequence[str], gin_params: Sequence[str]):
   try:
     model_config = gin_utils.model()
   except Exception as e:
-    raise ValueError(f"gin files {list(gin_files)} do not define a valid model (model.config): {e}") from e
+    raise ValueError(
+      f"gin files {list(gin_files)} do not define a valid model (model.config): {e}"
+    ) from e
   try:
     train_config = train_config_from_gin()
   except Exception as e:
-    raise ValueError(f"invalid train config from gin files {list(gin_files)} and bindings "
-                     f"{list(gin_params)}: {e}") from e
+    raise ValueError(
+      f"invalid train config from gin files {list(gin_files)} and bindings {list(gin_params)}: {e}"
+    ) from e
   return model_config, train_config, gin.operative_config_str()
 
 
-def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
-                                 num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None, auto: bool = False) -> bool:
+def maybe_initialize_distributed(
+  coordinator_address: Optional[str] = None,
+  num_processes: Optional[int] = None,
+  process_id: Optional[int] = None,
+  auto: bool = False,
+) -> bool:
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if coordinator_address is None and not auto:
     return False
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
   logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
   return True
 
@@ -774,15 +961,22 @@ def main(argv: Sequence[str]) -> None:
     raise cli.UserError("--workdir is required")
   if not FLAGS.gin_file:
     raise cli.UserError("--gin_file is required (e.g. --gin_file=gin_configs/runs/quickstart.gin)")
-  maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                               FLAGS.distributed)
+  maybe_initialize_distributed(
+    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
+  )
   try:
     model_config, train_config, operative = configs_from_gin(FLAGS.gin_file, FLAGS.gin_param)
   except (FileNotFoundError, ValueError) as e:  # a bad config: one line, exit status 2
     raise cli.UserError(str(e)) from e
   try:
-    summary = train_and_evaluate(FLAGS.workdir, model_config, train_config, operative_config=operative,
-                                 start_over=FLAGS.start_over, exit_before_first_step=True)
+    summary = train_and_evaluate(
+      FLAGS.workdir,
+      model_config,
+      train_config,
+      operative_config=operative,
+      start_over=FLAGS.start_over,
+      exit_before_first_step=True,
+    )
   except (NonFiniteLossError, CheckpointSaveError) as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None
@@ -792,4 +986,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
   define_flags()
   logging_utils.quiet_orbax_logs()
-  cli.run(lambda _: main([sys.argv[0]]))   # --help exits 0; stray arguments are user errors
+  cli.run(lambda _: main([sys.argv[0]]))  # --help exits 0; stray arguments are user errors

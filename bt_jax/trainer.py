@@ -31,10 +31,17 @@ from bt_jax.optim import OptimizerConfig, make_optimizer, warmup_cosine_schedule
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (device_kind prefixes).
 PEAK_FLOPS = (
-    ("NVIDIA H200", 989e12), ("NVIDIA H100", 989e12), ("NVIDIA A100", 312e12),
-    ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12),
-    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v4", 275e12), ("TPU v3", 123e12),
+  ("NVIDIA H200", 989e12),
+  ("NVIDIA H100", 989e12),
+  ("NVIDIA A100", 312e12),
+  ("NVIDIA L4", 121e12),
+  ("NVIDIA A10", 125e12),
+  ("TPU v6", 918e12),
+  ("TPU v5p", 459e12),
+  ("TPU v5 lite", 197e12),
+  ("TPU v5e", 197e12),
+  ("TPU v4", 275e12),
+  ("TPU v3", 123e12),
 )
 
 
@@ -42,9 +49,9 @@ PEAK_FLOPS = (
 class StepFunctions:
   """The jitted functions of one (model, mesh, rules) and the shardings they take."""
 
-  init: Any            # rng -> state, placed on state_shardings
-  train_step: Any      # (state, batch [accum, micro, T], hyperparams) -> (state, metrics)
-  eval_step: Any       # (params, batch [B, T]) -> sums
+  init: Any  # rng -> state, placed on state_shardings
+  train_step: Any  # (state, batch [accum, micro, T], hyperparams) -> (state, metrics)
+  eval_step: Any  # (params, batch [B, T]) -> sums
   state_shardings: Any
   abstract_state: Any  # ShapeDtypeStructs with shardings
   train_batch_sharding: Any
@@ -54,9 +61,9 @@ class StepFunctions:
 def loss_sums(model: nn.Module, params, tokens, mask):
   """(sum of target NLLs, {"nll", "tokens", ["pos_nll", "pos_tokens"]}) over one batch."""
   _, aux = sequence_loss(model, params, tokens, mask)
-  token_nll, weights = aux["token_nll"], aux["weights"]   # [batch, length]
+  token_nll, weights = aux["token_nll"], aux["weights"]  # [batch, length]
   sums = {"nll": jnp.sum(token_nll), "tokens": jnp.sum(weights)}
-  if model.config.tokens_per_step > 1:   # block models: loss by position inside a block
+  if model.config.tokens_per_step > 1:  # block models: loss by position inside a block
     step_len = model.config.tokens_per_step
     batch, length = tokens.shape
     # position t sits at t % step_len inside its block
@@ -85,12 +92,21 @@ def train_step(model, param_shardings, state, batch, hyperparams):
   sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
   num_tokens = jnp.maximum(sums["tokens"], 1.0)
   grads = jax.tree.map(lambda g, p: (g / num_tokens).astype(p.dtype), grads, params)
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+  grad_norm = jnp.sqrt(
+    sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
+  )
   updates, opt_state = tx.update(grads, state["opt_state"], params)
-  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-               "opt_state": opt_state}
-  metrics = dict(sums, loss=sums["nll"] / num_tokens, grad_norm=grad_norm,
-                 learning_rate=warmup_cosine_schedule(hyperparams)(state["step"]))
+  new_state = {
+    "step": state["step"] + 1,
+    "params": optax.apply_updates(params, updates),
+    "opt_state": opt_state,
+  }
+  metrics = dict(
+    sums,
+    loss=sums["nll"] / num_tokens,
+    grad_norm=grad_norm,
+    learning_rate=warmup_cosine_schedule(hyperparams)(state["step"]),
+  )
   return new_state, metrics
 
 
@@ -102,7 +118,7 @@ def eval_step(model, params, batch):
 def init_state(model, rng):
   """{"step", "params" (boxed with logical axis names), "opt_state"} of a fresh run."""
   tokens = jnp.zeros((1, model.config.init_length), jnp.int32)
-  params = model.init(rng, tokens)["params"]   # boxed with logical axis names
+  params = model.init(rng, tokens)["params"]  # boxed with logical axis names
   # The optimizer state's structure does not depend on the hyperparameter values.
   tx = make_optimizer(OptimizerConfig().hyperparams(total_steps=1))
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
@@ -113,9 +129,12 @@ def step_functions(model: nn.Module, mesh: jax.sharding.Mesh, rules: tuple) -> S
   """Jitted init / train / eval functions (cached: runs in one process share compiles)."""
   boxed = jax.eval_shape(functools.partial(init_state, model), jax.random.key(0))
   state_shardings = logical_shardings(boxed, mesh, rules)
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                nn.unbox(boxed), state_shardings)
-  rows = rows_spec(mesh, rules)   # the batch over the data-parallel axes
+  abstract_state = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    nn.unbox(boxed),
+    state_shardings,
+  )
+  rows = rows_spec(mesh, rules)  # the batch over the data-parallel axes
   P = jax.sharding.PartitionSpec
   train_batch = jax.sharding.NamedSharding(mesh, P(None, *rows, None))
   eval_batch = jax.sharding.NamedSharding(mesh, P(*rows, None))
@@ -124,15 +143,25 @@ def step_functions(model: nn.Module, mesh: jax.sharding.Mesh, rules: tuple) -> S
   with_rules = functools.partial(with_logical_rules, mesh=mesh, rules=rules)
   init = jax.jit(lambda rng: nn.unbox(init_state(model, rng)), out_shardings=state_shardings)
   jitted_train_step = jax.jit(
-      with_rules(functools.partial(train_step, model, state_shardings["params"])),
-      in_shardings=(state_shardings, {"tokens": train_batch, "mask": train_batch}, replicated),
-      out_shardings=(state_shardings, replicated), donate_argnums=0)
+    with_rules(functools.partial(train_step, model, state_shardings["params"])),
+    in_shardings=(state_shardings, {"tokens": train_batch, "mask": train_batch}, replicated),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+  )
   jitted_eval_step = jax.jit(
-      with_rules(functools.partial(eval_step, model)),
-      in_shardings=(state_shardings["params"], {"tokens": eval_batch, "mask": eval_batch}),
-      out_shardings=replicated)
-  return StepFunctions(init, jitted_train_step, jitted_eval_step, state_shardings, abstract_state,
-                       train_batch, eval_batch)
+    with_rules(functools.partial(eval_step, model)),
+    in_shardings=(state_shardings["params"], {"tokens": eval_batch, "mask": eval_batch}),
+    out_shardings=replicated,
+  )
+  return StepFunctions(
+    init,
+    jitted_train_step,
+    jitted_eval_step,
+    state_shardings,
+    abstract_state,
+    train_batch,
+    eval_batch,
+  )
 
 
 def forward_flops(model, abstract_params, batch_size: int, seq_len: int) -> Optional[float]:

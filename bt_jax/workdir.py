@@ -42,11 +42,20 @@ DAMAGED_DIR = "checkpoints_damaged"
 # Bindings that may change when a run is resumed: how long it trains and how
 # often it logs, evaluates and checkpoints (gin's `scope/name.field`, matched on
 # `name.field`).
-RESUMABLE_BINDINGS = frozenset({
-    "train.steps", "train.stop_at_step", "train.log_every", "train.eval_every",
-    "train.progress_bar", "train.peak_flops_per_device", "data.threads", "checkpoint.every",
-    "checkpoint.keep", "checkpoint.async_save",
-})
+RESUMABLE_BINDINGS = frozenset(
+  {
+    "train.steps",
+    "train.stop_at_step",
+    "train.log_every",
+    "train.eval_every",
+    "train.progress_bar",
+    "train.peak_flops_per_device",
+    "data.threads",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "checkpoint.async_save",
+  }
+)
 # Model fields that change how a step is computed, not what is trained.
 RESUMABLE_MODEL_FIELDS = frozenset({"attention_impl", "remat"})
 
@@ -65,8 +74,8 @@ class CheckpointRestoreError(WorkdirError):
 
 @dataclasses.dataclass(frozen=True)
 class Difference:
-  where: str          # "model_config.json" or "config.gin"
-  name: str           # the field or binding
+  where: str  # "model_config.json" or "config.gin"
+  name: str  # the field or binding
   old: Any
   new: Any
 
@@ -121,8 +130,9 @@ def _resumable_binding(name: str) -> bool:
   return ".".join(name.split("/")[-1].split(".")[-2:]) in RESUMABLE_BINDINGS
 
 
-def run_differences(workdir: str, model_config_json: str,
-                    operative_config: Optional[str]) -> list[Difference]:
+def run_differences(
+  workdir: str, model_config_json: str, operative_config: Optional[str]
+) -> list[Difference]:
   """What differs between the run saved in `workdir` and a new one.
 
   `model_config_json` is the new run's `model_config.json` text; the gin
@@ -139,19 +149,28 @@ def run_differences(workdir: str, model_config_json: str,
     try:
       old = json.loads(old_text)
     except ValueError as e:
-      raise WorkdirError(f"{model_path} is not valid JSON ({e}); this workdir's model config is "
-                         "damaged: train in a new --workdir") from e
+      raise WorkdirError(
+        f"{model_path} is not valid JSON ({e}); this workdir's model config is "
+        "damaged: train in a new --workdir"
+      ) from e
     new = json.loads(model_config_json)
     if old.get("kind") != new.get("kind"):
-      differences.append(Difference(checkpointing.MODEL_CONFIG_FILE, "kind", old.get("kind"),
-                                    new.get("kind")))
+      differences.append(
+        Difference(checkpointing.MODEL_CONFIG_FILE, "kind", old.get("kind"), new.get("kind"))
+      )
     old_fields, new_fields = old.get("config", {}), new.get("config", {})
     for key in sorted(set(old_fields) | set(new_fields)):
       if key in RESUMABLE_MODEL_FIELDS:
         continue
       if old_fields.get(key, "<unset>") != new_fields.get(key, "<unset>"):
-        differences.append(Difference(checkpointing.MODEL_CONFIG_FILE, key,
-                                      old_fields.get(key, "<unset>"), new_fields.get(key, "<unset>")))
+        differences.append(
+          Difference(
+            checkpointing.MODEL_CONFIG_FILE,
+            key,
+            old_fields.get(key, "<unset>"),
+            new_fields.get(key, "<unset>"),
+          )
+        )
   gin_path = os.path.join(workdir, "config.gin")
   if operative_config is not None and os.path.isfile(gin_path):
     with open(gin_path, encoding="utf-8") as f:
@@ -166,8 +185,13 @@ def run_differences(workdir: str, model_config_json: str,
   return differences
 
 
-def check_same_run(workdir: str, model_config_json: str, operative_config: Optional[str], *,
-                   start_over_flag: str = "--start_over") -> None:
+def check_same_run(
+  workdir: str,
+  model_config_json: str,
+  operative_config: Optional[str],
+  *,
+  start_over_flag: str = "--start_over",
+) -> None:
   """Raises WorkdirError, naming every difference, when `workdir` holds another run."""
   differences = run_differences(workdir, model_config_json, operative_config)
   if not differences:
@@ -175,10 +199,11 @@ def check_same_run(workdir: str, model_config_json: str, operative_config: Optio
   lines = "\n".join(str(d) for d in differences)
   resumable = ", ".join(sorted(RESUMABLE_BINDINGS))
   raise WorkdirError(
-      f"workdir {workdir!r} holds another run; {len(differences)} setting(s) differ:\n{lines}\n"
-      f"Nothing was changed. Train in a new --workdir, or pass {start_over_flag} to move this "
-      f"run's files aside (into {workdir}/replaced-<time>/) and start from scratch. Only these "
-      f"settings may change when a run resumes: {resumable}, and the model's attention_impl / remat.")
+    f"workdir {workdir!r} holds another run; {len(differences)} setting(s) differ:\n{lines}\n"
+    f"Nothing was changed. Train in a new --workdir, or pass {start_over_flag} to move this "
+    f"run's files aside (into {workdir}/replaced-<time>/) and start from scratch. Only these "
+    f"settings may change when a run resumes: {resumable}, and the model's attention_impl / remat."
+  )
 
 
 def move_run_aside(workdir: str) -> Optional[str]:
@@ -228,8 +253,9 @@ class WorkdirLock:
       holder = f.read().strip() or "an unknown process"
       f.close()
       raise WorkdirBusyError(
-          f"workdir {os.path.dirname(self.path)!r} is in use by a live run ({holder}); "
-          "wait for it to finish or stop it, or train in another --workdir") from None
+        f"workdir {os.path.dirname(self.path)!r} is in use by a live run ({holder}); "
+        "wait for it to finish or stop it, or train in another --workdir"
+      ) from None
     f.seek(0)
     f.truncate()
     f.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
@@ -278,15 +304,21 @@ def set_aside(checkpoint_dir: str, step: int, reason: str) -> Optional[str]:
     with open(os.path.join(target, "REASON"), "w", encoding="utf-8") as f:
       f.write(reason + "\n")
   except OSError as e:
-    logging.warning("could not move damaged checkpoint step %d aside (%s); it is only skipped",
-                    step, e)
+    logging.warning(
+      "could not move damaged checkpoint step %d aside (%s); it is only skipped", step, e
+    )
     return None
   return target
 
 
-def restore_newest_good(checkpoint_dir: str, steps: Sequence[int], restore: Callable[[int], T], *,
-                        step: Optional[int] = None,
-                        move_aside: bool = True) -> tuple[int, T]:
+def restore_newest_good(
+  checkpoint_dir: str,
+  steps: Sequence[int],
+  restore: Callable[[int], T],
+  *,
+  step: Optional[int] = None,
+  move_aside: bool = True,
+) -> tuple[int, T]:
   """(step, restore(step)) for the newest step that restores cleanly.
 
   Steps whose restore raises are logged in one line each (which step, why) and,
@@ -309,11 +341,15 @@ def restore_newest_good(checkpoint_dir: str, steps: Sequence[int], restore: Call
           break
         except Exception:  # pylint: disable=broad-except
           continue
-      newest = ("no other step restores" if good is None else
-                f"the newest good step is {good} (pass --step {good})")
+      newest = (
+        "no other step restores"
+        if good is None
+        else f"the newest good step is {good} (pass --step {good})"
+      )
       raise CheckpointRestoreError(
-          f"checkpoint step {step} in {checkpoint_dir} does not restore ({_short_reason(e)}); "
-          f"{newest}") from e
+        f"checkpoint step {step} in {checkpoint_dir} does not restore ({_short_reason(e)}); "
+        f"{newest}"
+      ) from e
   failures = []
   for candidate in ordered:
     try:
@@ -323,10 +359,12 @@ def restore_newest_good(checkpoint_dir: str, steps: Sequence[int], restore: Call
       failures.append(f"{candidate} ({reason})")
       moved = set_aside(checkpoint_dir, candidate, reason) if move_aside else None
       where = f"; moved to {moved}" if moved else ""
-      logging.warning("skipped damaged checkpoint step %d in %s: %s%s", candidate, checkpoint_dir,
-                      reason, where)
+      logging.warning(
+        "skipped damaged checkpoint step %d in %s: %s%s", candidate, checkpoint_dir, reason, where
+      )
   raise CheckpointRestoreError(
-      f"no checkpoint in {checkpoint_dir} restores: {'; '.join(failures) or 'no steps'}")
+    f"no checkpoint in {checkpoint_dir} restores: {'; '.join(failures) or 'no steps'}"
+  )
 
 
 def existing_steps(checkpoint_dir: str) -> list[int]:
@@ -334,5 +372,8 @@ def existing_steps(checkpoint_dir: str) -> list[int]:
   orbax writes a step under a temporary name and renames it when complete)."""
   if not os.path.isdir(checkpoint_dir):
     return []
-  return sorted(int(name) for name in os.listdir(checkpoint_dir)
-                if name.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, name)))
+  return sorted(
+    int(name)
+    for name in os.listdir(checkpoint_dir)
+    if name.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, name))
+  )

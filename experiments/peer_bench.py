@@ -82,66 +82,101 @@ from bt_jax.inference import generate_fn, num_steps_for
 from bt_jax.models import build_model, init_params
 from experiments import throughput
 
-MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "gin_configs", "models")
+MODELS_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs", "models"
+)
 MIN_AGREE = 32
-GPU_CONTEXT = 2048 + 128    # the paper's prefill-heavy scenario, past the trained 2048
+GPU_CONTEXT = 2048 + 128  # the paper's prefill-heavy scenario, past the trained 2048
 
 # The paper's generation throughput on one H100 (thousands of tokens/s,
 # prefill-heavy / decode-heavy; Ho et al. 2024, arXiv 2406.02657, throughput table),
 # vanilla measured with transformers' generate. block / vanilla ratios follow.
 PAPER_TOKENS_PER_S = {
-    ("block_b4_5m", "vanilla_5m"): {"prefill_heavy": (272.3, 10.8),
-                                    "decode_heavy": (809.5, 41.6)},
-    ("block_b4_85m", "vanilla_85m"): {"prefill_heavy": (59.0, 2.3),
-                                      "decode_heavy": (134.7, 6.2)},
-    ("block_b4_1p2b", "vanilla_302m"): {"prefill_heavy": (12.4, 0.8),
-                                        "decode_heavy": (25.7, 2.1)},
+  ("block_b4_5m", "vanilla_5m"): {"prefill_heavy": (272.3, 10.8), "decode_heavy": (809.5, 41.6)},
+  ("block_b4_85m", "vanilla_85m"): {"prefill_heavy": (59.0, 2.3), "decode_heavy": (134.7, 6.2)},
+  ("block_b4_1p2b", "vanilla_302m"): {"prefill_heavy": (12.4, 0.8), "decode_heavy": (25.7, 2.1)},
 }
 
 PRESETS = {
-    "cpu": dict(models="vanilla_5m,vanilla_19m,block_b4_5m,block_b4_19m",
-                scenarios="decode_heavy,prefill_heavy", batch_size=8, dtype="float32",
-                repeats=3, warmup=1, context=None),
-    "gpu": dict(models="vanilla_5m,block_b4_5m,vanilla_85m,block_b4_85m",
-                scenarios=",".join(throughput.SCENARIOS), batch_size=64, dtype="bfloat16",
-                repeats=3, warmup=1, context=GPU_CONTEXT),
+  "cpu": dict(
+    models="vanilla_5m,vanilla_19m,block_b4_5m,block_b4_19m",
+    scenarios="decode_heavy,prefill_heavy",
+    batch_size=8,
+    dtype="float32",
+    repeats=3,
+    warmup=1,
+    context=None,
+  ),
+  "gpu": dict(
+    models="vanilla_5m,block_b4_5m,vanilla_85m,block_b4_85m",
+    scenarios=",".join(throughput.SCENARIOS),
+    batch_size=64,
+    dtype="bfloat16",
+    repeats=3,
+    warmup=1,
+    context=GPU_CONTEXT,
+  ),
 }
 
-INSTALL_HINT = ("pip install -r requirements-test.txt (torch 2.13 CPU build and "
-                "transformers>=5.24; see the comments in that file)")
+INSTALL_HINT = (
+  "pip install -r requirements-test.txt (torch 2.13 CPU build and "
+  "transformers>=5.24; see the comments in that file)"
+)
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   fv = dict(flag_values=flag_values)
   flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Defaults for the flags below.", **fv)
-  flags.DEFINE_string("models", None, "Comma-separated gin model names (gin_configs/models); "
-                      "block models run against the transformers vanilla of their size.", **fv)
-  flags.DEFINE_string("scenarios", None,
-                      "Comma-separated scenario names, or NAME=PROMPT/NEW (e.g. tiny=8/8).", **fv)
+  flags.DEFINE_string(
+    "models",
+    None,
+    "Comma-separated gin model names (gin_configs/models); "
+    "block models run against the transformers vanilla of their size.",
+    **fv,
+  )
+  flags.DEFINE_string(
+    "scenarios", None, "Comma-separated scenario names, or NAME=PROMPT/NEW (e.g. tiny=8/8).", **fv
+  )
   flags.DEFINE_integer("batch_size", None, "Rows per generate call.", **fv)
   flags.DEFINE_integer("repeats", None, "Timed rounds (default 3): min / median / max.", **fv)
   flags.DEFINE_integer("warmup", None, "Untimed rounds first (the first one compiles).", **fv)
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Param and compute dtype.", **fv)
-  flags.DEFINE_integer("context", None, "Longest prompt + generated length accepted (default: "
-                       "each model's max_len; the gpu preset: 2176).", **fv)
-  flags.DEFINE_enum("hf_compile", "auto", ["auto", "on", "off"],
-                    "transformers' static cache + torch.compile: auto tries it and falls back "
-                    "to the eager dynamic cache (on a CPU, keeps the faster); on: only "
-                    "compiled; off: only eager.", **fv)
-  flags.DEFINE_integer("cache_segments", 4, "bt_jax decode loop pieces (as "
-                       "experiments.throughput).", **fv)
+  flags.DEFINE_integer(
+    "context",
+    None,
+    "Longest prompt + generated length accepted (default: "
+    "each model's max_len; the gpu preset: 2176).",
+    **fv,
+  )
+  flags.DEFINE_enum(
+    "hf_compile",
+    "auto",
+    ["auto", "on", "off"],
+    "transformers' static cache + torch.compile: auto tries it and falls back "
+    "to the eager dynamic cache (on a CPU, keeps the faster); on: only "
+    "compiled; off: only eager.",
+    **fv,
+  )
+  flags.DEFINE_integer(
+    "cache_segments", 4, "bt_jax decode loop pieces (as experiments.throughput).", **fv
+  )
   flags.DEFINE_integer("seed", 0, "Seed of the random weights and prompts.", **fv)
-  flags.DEFINE_string("out", None, "JSON output path (its folder is created; rewritten after "
-                      "every measurement).", **fv)
+  flags.DEFINE_string(
+    "out",
+    None,
+    "JSON output path (its folder is created; rewritten after every measurement).",
+    **fv,
+  )
 
 
 # ---------------------------------------------------------------------------
 # Input checks: nothing here makes weights.
 
+
 def known_models() -> list[str]:
-  names = (os.path.splitext(os.path.basename(p))[0]
-           for p in glob.glob(os.path.join(MODELS_DIR, "*.gin")))
+  names = (
+    os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(MODELS_DIR, "*.gin"))
+  )
   return sorted(n for n in names if not n.endswith("_base"))
 
 
@@ -153,8 +188,10 @@ def hf_partner(name: str) -> str:
   for block, vanilla, _ in throughput.PAIRS:
     if block == name:
       return vanilla
-  raise cli.UserError(f"model {name!r} has no vanilla partner; block models with one are "
-                      f"{[b for b, _, _ in throughput.PAIRS]}")
+  raise cli.UserError(
+    f"model {name!r} has no vanilla partner; block models with one are "
+    f"{[b for b, _, _ in throughput.PAIRS]}"
+  )
 
 
 def parse_models(spec: str) -> list[str]:
@@ -172,12 +209,14 @@ def parse_models(spec: str) -> list[str]:
 def needed_length(config, prompt_len: int, new_tokens: int) -> int:
   """Positions a generate call of this scenario fills (block models align the
   prompt to a block boundary and generate whole blocks)."""
-  return (config.aligned_length(prompt_len)
-          + num_steps_for(config, new_tokens) * config.tokens_per_step)
+  return (
+    config.aligned_length(prompt_len) + num_steps_for(config, new_tokens) * config.tokens_per_step
+  )
 
 
-def check_context(names: list[str], chosen: dict[str, tuple[int, int]],
-                  context: Optional[int]) -> dict[str, Any]:
+def check_context(
+  names: list[str], chosen: dict[str, tuple[int, int]], context: Optional[int]
+) -> dict[str, Any]:
   """The gin configs of `names` and their vanilla partners (no weights), after
   refusing a scenario longer than a model's context."""
   configs = {}
@@ -189,10 +228,11 @@ def check_context(names: list[str], chosen: dict[str, tuple[int, int]],
       needed = needed_length(config, prompt_len, new_tokens)
       if needed > limit:
         raise cli.UserError(
-            f"scenario {scenario!r} ({prompt_len} prompt + {new_tokens} generated tokens, "
-            f"{needed} positions) is longer than model {name!r}'s context of {limit}; "
-            f"scenarios that fit: {fits or 'none'} (or NAME=PROMPT/NEW with PROMPT + NEW <= "
-            f"{limit}, or a larger --context)")
+          f"scenario {scenario!r} ({prompt_len} prompt + {new_tokens} generated tokens, "
+          f"{needed} positions) is longer than model {name!r}'s context of {limit}; "
+          f"scenarios that fit: {fits or 'none'} (or NAME=PROMPT/NEW with PROMPT + NEW <= "
+          f"{limit}, or a larger --context)"
+        )
     configs[name] = config
   return configs
 
@@ -203,28 +243,32 @@ def import_torch():
     import torch  # pylint: disable=import-outside-toplevel
     import transformers  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise cli.UserError(f"the peer benchmark needs torch and transformers ({e}); install "
-                        f"them with: {INSTALL_HINT}") from e
+    raise cli.UserError(
+      f"the peer benchmark needs torch and transformers ({e}); install them with: {INSTALL_HINT}"
+    ) from e
   return torch, transformers
 
 
 def check_gpu(torch) -> None:
   if jax.default_backend() != "gpu" or not torch.cuda.is_available():
     raise cli.UserError(
-        f"--preset gpu needs a CUDA GPU for both JAX and PyTorch; found JAX backend "
-        f"{jax.default_backend()!r} and torch.cuda.is_available()="
-        f"{torch.cuda.is_available()}; use --preset cpu here")
+      f"--preset gpu needs a CUDA GPU for both JAX and PyTorch; found JAX backend "
+      f"{jax.default_backend()!r} and torch.cuda.is_available()="
+      f"{torch.cuda.is_available()}; use --preset cpu here"
+    )
 
 
 # ---------------------------------------------------------------------------
 # The two sides.
 
+
 def lifted(config, chosen: dict[str, tuple[int, int]], dtype: str):
   """`config` in `dtype`, its max_len raised to the longest scenario (checked
   against the context already)."""
   longest = max(needed_length(config, p, n) for p, n in chosen.values())
-  return dataclasses.replace(config, dtype=dtype, param_dtype=dtype,
-                             max_len=max(config.max_len, longest))
+  return dataclasses.replace(
+    config, dtype=dtype, param_dtype=dtype, max_len=max(config.max_len, longest)
+  )
 
 
 def export_to_hf(config, params, folder: str) -> str:
@@ -233,8 +277,13 @@ def export_to_hf(config, params, folder: str) -> str:
   # Random prompts are token ids; the tokenizer only has to exist (to_hf copies it).
   tokenizer = train_bpe(["peer benchmark"], vocab_size=300)
   workdir = os.path.join(folder, "workdir")
-  write_workdir(workdir, config, jax.device_get(params), tokenizer.to_json(),
-                info={"source": "experiments.peer_bench random weights"})
+  write_workdir(
+    workdir,
+    config,
+    jax.device_get(params),
+    tokenizer.to_json(),
+    info={"source": "experiments.peer_bench random weights"},
+  )
   return convert.to_hf(workdir, os.path.join(folder, "hf"))
 
 
@@ -249,8 +298,9 @@ class BtJaxSide:
 
   def prepare(self, batch: int, prompt_len: int, new_tokens: int):
     self.fn = generate_fn(self.model, new_tokens, segments=self.cache_segments)
-    self.tokens, self.pad = throughput.random_prompts(self.config, batch, prompt_len,
-                                                      np.random.default_rng(self.seed))
+    self.tokens, self.pad = throughput.random_prompts(
+      self.config, batch, prompt_len, np.random.default_rng(self.seed)
+    )
     self.rng = jax.random.key(self.seed)
 
   def call(self) -> np.ndarray:
@@ -267,11 +317,15 @@ class HfSide:
     self.torch, self.transformers = torch, transformers
     self.name, self.config, self.device, self.compile_mode = name, config, device, compile_mode
     self.seed = seed
-    self.model = transformers.GPTNeoXForCausalLM.from_pretrained(
+    self.model = (
+      transformers.GPTNeoXForCausalLM.from_pretrained(
         folder, attn_implementation="sdpa", dtype=getattr(torch, config.param_dtype)
-    ).to(device).eval()
+      )
+      .to(device)
+      .eval()
+    )
     config = self.model.generation_config
-    config.eos_token_id = None      # forced full length: no stopping, no EOS processor
+    config.eos_token_id = None  # forced full length: no stopping, no EOS processor
     config.pad_token_id = 0
     self.mode = self.compile_error = self.modes_agree_first = None
     self.warmup_s: dict[str, list[float]] = {}
@@ -281,8 +335,9 @@ class HfSide:
     """The prompts of `BtJaxSide.prepare` for the same vanilla config and seed:
     equal lengths, so no padding and no attention mask to apply."""
     torch = self.torch
-    tokens, pad = throughput.random_prompts(self.config, batch, prompt_len,
-                                            np.random.default_rng(self.seed))
+    tokens, pad = throughput.random_prompts(
+      self.config, batch, prompt_len, np.random.default_rng(self.seed)
+    )
     assert not np.asarray(pad).any() and tokens.shape == (batch, prompt_len)
     self.input_ids = torch.tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
     self.new_tokens = new_tokens
@@ -300,9 +355,13 @@ class HfSide:
     if mode == "static_compiled":
       kwargs = dict(cache_implementation="static", compile_config=self._compile_config())
     with self.torch.inference_mode():
-      out = self.model.generate(self.input_ids,
-                                attention_mask=self.torch.ones_like(self.input_ids),
-                                max_new_tokens=self.new_tokens, do_sample=False, **kwargs)
+      out = self.model.generate(
+        self.input_ids,
+        attention_mask=self.torch.ones_like(self.input_ids),
+        max_new_tokens=self.new_tokens,
+        do_sample=False,
+        **kwargs,
+      )
     if self.device != "cpu":
       self.torch.cuda.synchronize()
     if mode == "static_compiled" and not hasattr(self.model, "_compiled_call"):
@@ -311,7 +370,7 @@ class HfSide:
 
   def call(self, mode: Optional[str] = None) -> np.ndarray:
     out = self._generate(mode or self.mode)
-    return out[:, self.input_ids.shape[1]:].cpu().numpy()
+    return out[:, self.input_ids.shape[1] :].cpu().numpy()
 
   def warm_up(self, calls: int) -> np.ndarray:
     """Untimed calls in each candidate mode, then picks the mode the timed
@@ -319,8 +378,11 @@ class HfSide:
     On a CPU with --hf_compile auto both modes run and one more call of each
     decides;
     on a GPU the compiled one runs unless compiling fails."""
-    candidates = {"auto": ["static_compiled", "eager_dynamic"], "on": ["static_compiled"],
-                  "off": ["eager_dynamic"]}[self.compile_mode]
+    candidates = {
+      "auto": ["static_compiled", "eager_dynamic"],
+      "on": ["static_compiled"],
+      "off": ["eager_dynamic"],
+    }[self.compile_mode]
     choose = self.device == "cpu" and len(candidates) > 1
     self.warmup_s, self.selection_s, self.compile_error = {}, {}, None
     tokens = {}
@@ -360,12 +422,19 @@ class HfSide:
 # ---------------------------------------------------------------------------
 # Statistics and the report.
 
+
 def summary(times: list[float], work: int) -> dict[str, Any]:
   """tokens/s min / median / max over per-call wall times (`work` tokens each)."""
   wall = statistics.median(times)
-  return {"tokens_per_s": work / wall, "tokens_per_s_min": work / max(times),
-          "tokens_per_s_max": work / min(times), "wall_s": wall, "wall_s_min": min(times),
-          "wall_s_max": max(times), "wall_s_repeats": list(times)}
+  return {
+    "tokens_per_s": work / wall,
+    "tokens_per_s_min": work / max(times),
+    "tokens_per_s_max": work / min(times),
+    "wall_s": wall,
+    "wall_s_min": min(times),
+    "wall_s_max": max(times),
+    "wall_s_repeats": list(times),
+  }
 
 
 def first_divergence(a: np.ndarray, b: np.ndarray) -> int:
@@ -385,28 +454,40 @@ def paper_ratio(block: str, vanilla: str, scenario: str) -> Optional[float]:
 
 def comparison(bt: dict, hf: dict, pair: str) -> dict[str, Any]:
   rounds = [h / b for b, h in zip(bt["wall_s_repeats"], hf["wall_s_repeats"])]
-  value = {"bt_model": bt["model"], "hf_model": hf["model"], "scenario": bt["scenario"],
-           "pair": pair, "batch_size": bt["batch_size"],
-           "bt_tokens_per_s": bt["tokens_per_s"], "hf_tokens_per_s": hf["tokens_per_s"],
-           "ratio": bt["tokens_per_s"] / hf["tokens_per_s"],
-           "ratio_min": bt["tokens_per_s_min"] / hf["tokens_per_s_max"],
-           "ratio_max": bt["tokens_per_s_max"] / hf["tokens_per_s_min"],
-           "round_ratios": rounds}
+  value = {
+    "bt_model": bt["model"],
+    "hf_model": hf["model"],
+    "scenario": bt["scenario"],
+    "pair": pair,
+    "batch_size": bt["batch_size"],
+    "bt_tokens_per_s": bt["tokens_per_s"],
+    "hf_tokens_per_s": hf["tokens_per_s"],
+    "ratio": bt["tokens_per_s"] / hf["tokens_per_s"],
+    "ratio_min": bt["tokens_per_s_min"] / hf["tokens_per_s_max"],
+    "ratio_max": bt["tokens_per_s_max"] / hf["tokens_per_s_min"],
+    "round_ratios": rounds,
+  }
   if pair != "same weights":
     value["paper_ratio"] = paper_ratio(bt["model"], hf["model"], bt["scenario"])
   return value
 
 
 def format_table(results: list[dict], comparisons: list[dict]) -> str:
-  lines = [f"{'side':<8}{'model':<15}{'scenario':<15}{'batch':>6}{'tokens/s':>11}"
-           f"{'min..max':>20}  mode"]
+  lines = [
+    f"{'side':<8}{'model':<15}{'scenario':<15}{'batch':>6}{'tokens/s':>11}{'min..max':>20}  mode"
+  ]
   for r in results:
     spread = f"{r['tokens_per_s_min']:.1f}..{r['tokens_per_s_max']:.1f}"
-    lines.append(f"{r['engine']:<8}{r['model']:<15}{r['scenario']:<15}{r['batch_size']:>6}"
-                 f"{r['tokens_per_s']:>11.1f}{spread:>20}  {r.get('mode', '')}")
+    lines.append(
+      f"{r['engine']:<8}{r['model']:<15}{r['scenario']:<15}{r['batch_size']:>6}"
+      f"{r['tokens_per_s']:>11.1f}{spread:>20}  {r.get('mode', '')}"
+    )
   if comparisons:
-    lines += ["", f"{'bt_jax / transformers':<30}{'scenario':<15}{'ratio':>7}{'min..max':>14}"
-                  f"{'rounds':>14}  tokens agree / paper"]
+    lines += [
+      "",
+      f"{'bt_jax / transformers':<30}{'scenario':<15}{'ratio':>7}{'min..max':>14}"
+      f"{'rounds':>14}  tokens agree / paper",
+    ]
     for c in comparisons:
       spread = f"{c['ratio_min']:.2f}..{c['ratio_max']:.2f}"
       rounds = f"{min(c['round_ratios']):.2f}..{max(c['round_ratios']):.2f}"
@@ -415,8 +496,10 @@ def format_table(results: list[dict], comparisons: list[dict]) -> str:
       else:
         paper = c.get("paper_ratio")
         note = f"paper {paper:.1f}x" if paper else "paper: not measured"
-      lines.append(f"{c['bt_model'] + ' / ' + c['hf_model']:<30}{c['scenario']:<15}"
-                   f"{c['ratio']:>6.2f}x{spread:>14}{rounds:>14}  {note}")
+      lines.append(
+        f"{c['bt_model'] + ' / ' + c['hf_model']:<30}{c['scenario']:<15}"
+        f"{c['ratio']:>6.2f}x{spread:>14}{rounds:>14}  {note}"
+      )
   return "\n".join(lines)
 
 
@@ -424,25 +507,39 @@ class TokensDisagree(RuntimeError):
   pass
 
 
-def run(*, preset: str = "cpu", models: Optional[str] = None, scenarios: Optional[str] = None,
-        batch_size: Optional[int] = None, repeats: Optional[int] = None,
-        warmup: Optional[int] = None, dtype: Optional[str] = None,
-        context: Optional[int] = None, hf_compile: str = "auto", cache_segments: int = 4,
-        seed: int = 0, out: Optional[str] = None) -> dict:
+def run(
+  *,
+  preset: str = "cpu",
+  models: Optional[str] = None,
+  scenarios: Optional[str] = None,
+  batch_size: Optional[int] = None,
+  repeats: Optional[int] = None,
+  warmup: Optional[int] = None,
+  dtype: Optional[str] = None,
+  context: Optional[int] = None,
+  hf_compile: str = "auto",
+  cache_segments: int = 4,
+  seed: int = 0,
+  out: Optional[str] = None,
+) -> dict:
   """Runs every scenario x model group; returns the report and writes it to
   `out` after every measurement ("complete" says whether all ran)."""
   defaults = PRESETS[preset]
   names = parse_models(models or defaults["models"])
-  chosen = throughput.parse_scenarios(scenarios or defaults["scenarios"],
-                                      "cpu" if preset == "cpu" else "paper")
+  chosen = throughput.parse_scenarios(
+    scenarios or defaults["scenarios"], "cpu" if preset == "cpu" else "paper"
+  )
   if not chosen:
-    raise cli.UserError("no scenarios given; valid names are "
-                        f"{list(throughput.CPU_SCENARIOS if preset == 'cpu' else throughput.SCENARIOS)}"
-                        " or NAME=PROMPT/NEW")
+    raise cli.UserError(
+      "no scenarios given; valid names are "
+      f"{list(throughput.CPU_SCENARIOS if preset == 'cpu' else throughput.SCENARIOS)}"
+      " or NAME=PROMPT/NEW"
+    )
   for scenario, (prompt_len, new_tokens) in chosen.items():
     if prompt_len < 1 or new_tokens < 1:
-      raise cli.UserError(f"scenario {scenario!r} needs a prompt and new tokens >= 1, got "
-                          f"{prompt_len}/{new_tokens}")
+      raise cli.UserError(
+        f"scenario {scenario!r} needs a prompt and new tokens >= 1, got {prompt_len}/{new_tokens}"
+      )
   batch = defaults["batch_size"] if batch_size is None else batch_size
   repeats = defaults["repeats"] if repeats is None else repeats
   warmup = defaults["warmup"] if warmup is None else warmup
@@ -465,25 +562,49 @@ def run(*, preset: str = "cpu", models: Optional[str] = None, scenarios: Optiona
   groups: dict[str, list[str]] = {}
   for name in names:
     groups.setdefault(hf_partner(name), []).append(name)
-  settings = dict(preset=preset, batch_size=batch, repeats=repeats, warmup=warmup, dtype=dtype,
-                  context=context, hf_compile=hf_compile, cache_segments=cache_segments,
-                  seed=seed)
-  environment = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds"), "jax": jax.__version__, "jax_backend": jax.default_backend(),
-      "jax_device": str(jax.devices()[0].device_kind), "torch": torch.__version__,
-      "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
-      "cpu_count": os.cpu_count(), "machine": platform.machine(),
-      "processor": platform.processor(), "load_average_start": _load_average()}
+  settings = dict(
+    preset=preset,
+    batch_size=batch,
+    repeats=repeats,
+    warmup=warmup,
+    dtype=dtype,
+    context=context,
+    hf_compile=hf_compile,
+    cache_segments=cache_segments,
+    seed=seed,
+  )
+  environment = {
+    "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "jax": jax.__version__,
+    "jax_backend": jax.default_backend(),
+    "jax_device": str(jax.devices()[0].device_kind),
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "torch_threads": torch.get_num_threads(),
+    "cpu_count": os.cpu_count(),
+    "machine": platform.machine(),
+    "processor": platform.processor(),
+    "load_average_start": _load_average(),
+  }
   start = time.perf_counter()
   results: list[dict] = []
   comparisons: list[dict] = []
   failures: list[str] = []
 
   def report(complete: bool) -> dict:
-    value = {"preset": preset, "settings": settings, "environment": environment,
-             "scenarios": chosen, "groups": groups, "results": results,
-             "comparisons": comparisons, "token_failures": failures, "complete": complete,
-             "load_average_end": _load_average(), "total_wall_s": time.perf_counter() - start}
+    value = {
+      "preset": preset,
+      "settings": settings,
+      "environment": environment,
+      "scenarios": chosen,
+      "groups": groups,
+      "results": results,
+      "comparisons": comparisons,
+      "token_failures": failures,
+      "complete": complete,
+      "load_average_end": _load_average(),
+      "total_wall_s": time.perf_counter() - start,
+    }
     if out:
       cli.write_json_atomic(out, value)
     return value
@@ -494,20 +615,36 @@ def run(*, preset: str = "cpu", models: Optional[str] = None, scenarios: Optiona
       reference = BtJaxSide(vanilla, base, seed, cache_segments)
       folder = export_to_hf(base, reference.params, os.path.join(scratch, vanilla))
       hf = HfSide(vanilla, base, folder, device, hf_compile, seed)
-      sides = [reference if name == vanilla else
-               BtJaxSide(name, lifted(configs[name], chosen, dtype), seed, cache_segments)
-               for name in members]
+      sides = [
+        reference
+        if name == vanilla
+        else BtJaxSide(name, lifted(configs[name], chosen, dtype), seed, cache_segments)
+        for name in members
+      ]
       del reference
       for scenario, (prompt_len, new_tokens) in chosen.items():
-        _run_group(sides, hf, scenario, prompt_len, new_tokens, batch, warmup, repeats,
-                   results, comparisons, failures)
+        _run_group(
+          sides,
+          hf,
+          scenario,
+          prompt_len,
+          new_tokens,
+          batch,
+          warmup,
+          repeats,
+          results,
+          comparisons,
+          failures,
+        )
         report(complete=False)
       del hf, sides
   final = report(complete=True)
   print(format_table(results, comparisons))
-  print(f"total wall time {final['total_wall_s']:.1f} s; load average "
-        f"{environment['load_average_start']} at the start, {final['load_average_end']} "
-        f"at the end ({os.cpu_count()} CPUs)")
+  print(
+    f"total wall time {final['total_wall_s']:.1f} s; load average "
+    f"{environment['load_average_start']} at the start, {final['load_average_end']} "
+    f"at the end ({os.cpu_count()} CPUs)"
+  )
   if failures:
     raise TokensDisagree("; ".join(failures))
   return final
@@ -519,8 +656,19 @@ def _load_average() -> Optional[list[float]]:
   return None
 
 
-def _run_group(sides, hf, scenario, prompt_len, new_tokens, batch, warmup, repeats,
-               results, comparisons, failures) -> None:
+def _run_group(
+  sides,
+  hf,
+  scenario,
+  prompt_len,
+  new_tokens,
+  batch,
+  warmup,
+  repeats,
+  results,
+  comparisons,
+  failures,
+) -> None:
   """One scenario of one group: the bt_jax models and their transformers
   vanilla, warmed up, then `repeats` interleaved rounds."""
   for side in sides:
@@ -533,11 +681,16 @@ def _run_group(sides, hf, scenario, prompt_len, new_tokens, batch, warmup, repea
     for _ in range(max(warmup, 1)):
       bt_tokens[side.name] = np.asarray(side.call())
     warm[side.name] = time.perf_counter() - begin
-  print(f"{scenario}: bt_jax warm-up " + ", ".join(f"{k} {v:.1f} s" for k, v in warm.items()),
-        flush=True)
+  print(
+    f"{scenario}: bt_jax warm-up " + ", ".join(f"{k} {v:.1f} s" for k, v in warm.items()),
+    flush=True,
+  )
   hf_tokens = hf.warm_up(warmup)
-  print(f"{scenario}: transformers {hf.name} warm-up {hf.warmup_s}, runs {hf.mode}"
-        + (f" (compile failed: {hf.compile_error})" if hf.compile_error else ""), flush=True)
+  print(
+    f"{scenario}: transformers {hf.name} warm-up {hf.warmup_s}, runs {hf.mode}"
+    + (f" (compile failed: {hf.compile_error})" if hf.compile_error else ""),
+    flush=True,
+  )
   times = {side.name: [] for side in sides}
   hf_times = []
   for round_ in range(repeats):
@@ -548,48 +701,91 @@ def _run_group(sides, hf, scenario, prompt_len, new_tokens, batch, warmup, repea
     begin = time.perf_counter()
     hf.call()
     hf_times.append(time.perf_counter() - begin)
-    print(f"{scenario} round {round_ + 1}/{repeats}: " + ", ".join(
-        f"{name} {t[-1]:.2f} s" for name, t in times.items()) + f", transformers {hf.name} "
-          f"{hf_times[-1]:.2f} s", flush=True)
+    print(
+      f"{scenario} round {round_ + 1}/{repeats}: "
+      + ", ".join(f"{name} {t[-1]:.2f} s" for name, t in times.items())
+      + f", transformers {hf.name} "
+      f"{hf_times[-1]:.2f} s",
+      flush=True,
+    )
   work = batch * new_tokens
-  common = dict(scenario=scenario, prompt_len=prompt_len, new_tokens=new_tokens,
-                batch_size=batch, dtype=str(sides[0].config.dtype), repeats=repeats)
-  hf_result = {"engine": "hf", "model": hf.name, **common, **summary(hf_times, work),
-               "mode": hf.mode, "hf_compile_error": hf.compile_error,
-               "hf_warmup_s": dict(hf.warmup_s), "hf_selection_s": dict(hf.selection_s),
-               "hf_modes_agree_first": hf.modes_agree_first, "attn_implementation": "sdpa",
-               "inference_mode": True}
+  common = dict(
+    scenario=scenario,
+    prompt_len=prompt_len,
+    new_tokens=new_tokens,
+    batch_size=batch,
+    dtype=str(sides[0].config.dtype),
+    repeats=repeats,
+  )
+  hf_result = {
+    "engine": "hf",
+    "model": hf.name,
+    **common,
+    **summary(hf_times, work),
+    "mode": hf.mode,
+    "hf_compile_error": hf.compile_error,
+    "hf_warmup_s": dict(hf.warmup_s),
+    "hf_selection_s": dict(hf.selection_s),
+    "hf_modes_agree_first": hf.modes_agree_first,
+    "attn_implementation": "sdpa",
+    "inference_mode": True,
+  }
   for side in sides:
-    bt = {"engine": "bt_jax", "model": side.name, "kind": side.config.kind, **common,
-          **summary(times[side.name], work), "warmup_s": warm[side.name],
-          "mode": f"jit, cache_segments={side.cache_segments}"}
+    bt = {
+      "engine": "bt_jax",
+      "model": side.name,
+      "kind": side.config.kind,
+      **common,
+      **summary(times[side.name], work),
+      "warmup_s": warm[side.name],
+      "mode": f"jit, cache_segments={side.cache_segments}",
+    }
     results.append(bt)
-    pair = "same weights" if side is vanilla else next(
-        why for block, v, why in throughput.PAIRS if block == side.name and v == hf.name)
+    pair = (
+      "same weights"
+      if side is vanilla
+      else next(why for block, v, why in throughput.PAIRS if block == side.name and v == hf.name)
+    )
     c = comparison(bt, hf_result, pair)
     if side is vanilla:
       agree = first_divergence(bt_tokens[side.name], hf_tokens)
       needed = min(MIN_AGREE, new_tokens)
       c.update(new_tokens=new_tokens, tokens_agree_first=agree, tokens_agree=agree >= needed)
       if agree < needed:
-        failures.append(f"{side.name} {scenario}: bt_jax and transformers tokens differ at "
-                        f"position {agree}, before the first {needed}")
+        failures.append(
+          f"{side.name} {scenario}: bt_jax and transformers tokens differ at "
+          f"position {agree}, before the first {needed}"
+        )
     comparisons.append(c)
-    print(f"{side.name} {scenario}: bt_jax {bt['tokens_per_s']:.1f} tokens/s, transformers "
-          f"{hf.name} ({hf.mode}) {hf_result['tokens_per_s']:.1f}: {c['ratio']:.2f}x "
-          f"({c['ratio_min']:.2f}..{c['ratio_max']:.2f})", flush=True)
+    print(
+      f"{side.name} {scenario}: bt_jax {bt['tokens_per_s']:.1f} tokens/s, transformers "
+      f"{hf.name} ({hf.mode}) {hf_result['tokens_per_s']:.1f}: {c['ratio']:.2f}x "
+      f"({c['ratio_min']:.2f}..{c['ratio_max']:.2f})",
+      flush=True,
+    )
   results.append(hf_result)
 
 
 def main(flag_values: flags.FlagValues) -> dict:
   args = flag_values
-  return run(preset=args.preset, models=args.models, scenarios=args.scenarios,
-             batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup,
-             dtype=args.dtype, context=args.context, hf_compile=args.hf_compile,
-             cache_segments=args.cache_segments, seed=args.seed, out=args.out)
+  return run(
+    preset=args.preset,
+    models=args.models,
+    scenarios=args.scenarios,
+    batch_size=args.batch_size,
+    repeats=args.repeats,
+    warmup=args.warmup,
+    dtype=args.dtype,
+    context=args.context,
+    hf_compile=args.hf_compile,
+    cache_segments=args.cache_segments,
+    seed=args.seed,
+    out=args.out,
+  )
 
 
 if __name__ == "__main__":
   from bt_jax import logging_utils  # pylint: disable=g-import-not-at-top
+
   logging_utils.quiet_orbax_logs()
   cli.run(main, define_flags)

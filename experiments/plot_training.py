@@ -36,8 +36,10 @@ DEFAULT_PNG = "loss_curves.png"
 def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
-    raise cli.UserError(f"--workdir {workdir!r} has no {METRICS_FILE}; give a directory "
-                        "written by `python -m bt_jax.train` or `bt_jax.train_drafter`")
+    raise cli.UserError(
+      f"--workdir {workdir!r} has no {METRICS_FILE}; give a directory "
+      "written by `python -m bt_jax.train` or `bt_jax.train_drafter`"
+    )
   records = read_jsonl(path)
   if not records:
     raise cli.UserError(f"{path} has no records yet; plot once the run has logged a step")
@@ -68,12 +70,15 @@ def series(records: Sequence[dict]) -> dict[str, list[tuple[int, float]]]:
 
 def plot(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = None) -> str:
   if labels and len(labels) != len(workdirs):
-    raise cli.UserError(f"got {len(labels)} --label values for {len(workdirs)} --workdir "
-                        "values; give one label per workdir, or none")
+    raise cli.UserError(
+      f"got {len(labels)} --label values for {len(workdirs)} --workdir "
+      "values; give one label per workdir, or none"
+    )
   runs = [(workdir, series(read_metrics(workdir))) for workdir in workdirs]
   drafter_runs = any(any(k.startswith("acc_") for k in curves) for _, curves in runs)
-  fig, axes = plt.subplots(1, 2 if drafter_runs else 1, figsize=(13 if drafter_runs else 8, 5),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, 2 if drafter_runs else 1, figsize=(13 if drafter_runs else 8, 5), squeeze=False
+  )
   ax = axes[0, 0]
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for i, (workdir, curves) in enumerate(runs):
@@ -90,8 +95,12 @@ def plot(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = None)
       ax.axhline(unigram, color=color, linestyle=":", linewidth=1, label=f"{label} unigram")
     accuracy = sorted((k for k in curves if k.startswith("acc_")), key=lambda k: int(k[4:]))
     for j, key in enumerate(accuracy):
-      axes[0, 1].plot(*zip(*curves[key]), color=color, alpha=1.0 - 0.6 * j / max(len(accuracy), 1),
-                      label=f"{label} draft step {int(key[4:]) + 1}")
+      axes[0, 1].plot(
+        *zip(*curves[key]),
+        color=color,
+        alpha=1.0 - 0.6 * j / max(len(accuracy), 1),
+        label=f"{label} draft step {int(key[4:]) + 1}",
+      )
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats/token)")
   ax.set_title("Training loss")
@@ -114,11 +123,20 @@ def plot(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = None)
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   fv = dict(flag_values=flag_values)
-  flags.DEFINE_multi_string("workdir", None, "A training workdir or drafter folder (repeat to "
-                            "compare runs).", required=True, **fv)
+  flags.DEFINE_multi_string(
+    "workdir",
+    None,
+    "A training workdir or drafter folder (repeat to compare runs).",
+    required=True,
+    **fv,
+  )
   flags.DEFINE_multi_string("label", None, "Legend label per workdir, in the same order.", **fv)
-  flags.DEFINE_string("out", None, f"PNG path (default: WORKDIR/{DEFAULT_PNG} of the first "
-                      "workdir); its folder is created.", **fv)
+  flags.DEFINE_string(
+    "out",
+    None,
+    f"PNG path (default: WORKDIR/{DEFAULT_PNG} of the first workdir); its folder is created.",
+    **fv,
+  )
 
 
 def main(flag_values: flags.FlagValues) -> str:

@@ -33,7 +33,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-PEER_GRACE_S = 30.0      # the other hosts of a failed trial may sit in a collective
+PEER_GRACE_S = 30.0  # the other hosts of a failed trial may sit in a collective
 PLACEMENT_POLL_S = 1.0
 
 
@@ -46,8 +46,14 @@ def init(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
   else:
     # address="local": always a new instance, never a cluster found on this machine.
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=100 * 1024 * 1024,
-             include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+    ray.init(
+      address="local",
+      num_cpus=num_cpus or os.cpu_count(),
+      object_store_memory=100 * 1024 * 1024,
+      include_dashboard=False,
+      runtime_env=runtime_env,
+      log_to_driver=False,
+    )
 
 
 def shutdown() -> None:
@@ -63,7 +69,10 @@ def result(ref) -> dict[str, Any]:
   try:
     return ray.get(ref)
   except Exception as e:  # pylint: disable=broad-except  (RayActorError, RayTaskError, ...)
-    return {"returncodes": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    return {
+      "returncodes": None,
+      "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+    }
 
 
 def request_stop(runner) -> None:
@@ -94,13 +103,17 @@ def _child_setup(niceness: Optional[int]):
         os.setpriority(os.PRIO_PROCESS, 0, niceness)
       except OSError:
         pass
+
   return setup
 
 
 def _actor_options(bundle: dict[str, float]) -> dict[str, Any]:
   bundle = dict(bundle)
-  return {"num_cpus": bundle.pop("CPU", 0), "num_gpus": bundle.pop("GPU", 0),
-          "resources": bundle or None}
+  return {
+    "num_cpus": bundle.pop("CPU", 0),
+    "num_gpus": bundle.pop("GPU", 0),
+    "resources": bundle or None,
+  }
 
 
 @ray.remote
@@ -112,21 +125,39 @@ class Host:
     self.stopping = False
 
   def info(self) -> dict[str, Any]:
-    return {"ip": ray.util.get_node_ip_address(), "port": _free_port(),
-            "tpu_worker_id": int(os.environ.get("TPU_WORKER_ID", "0") or 0)}
+    return {
+      "ip": ray.util.get_node_ip_address(),
+      "port": _free_port(),
+      "tpu_worker_id": int(os.environ.get("TPU_WORKER_ID", "0") or 0),
+    }
 
-  def run(self, args: list[str], env: dict[str, str], cwd: str, log_path: str, header: str,
-          niceness: Optional[int] = None) -> int:
+  def run(
+    self,
+    args: list[str],
+    env: dict[str, str],
+    cwd: str,
+    log_path: str,
+    header: str,
+    niceness: Optional[int] = None,
+  ) -> int:
     if self.stopping:
       return -int(signal.SIGTERM)
     full_env = dict(os.environ)
     full_env.update(env)
-    full_env["PYTHONPATH"] = os.pathsep.join([cwd] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    full_env["PYTHONPATH"] = os.pathsep.join(
+      [cwd] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    )
     with open(log_path, "a", encoding="utf-8") as log:
       log.write(f"\n===== {header} {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(args)}\n")
       log.flush()
-      self.proc = subprocess.Popen(args, cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                   preexec_fn=_child_setup(niceness))
+      self.proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_child_setup(niceness),
+      )
       return self.proc.wait()
 
   def pid(self) -> Optional[int]:
@@ -144,8 +175,12 @@ class _SliceHead:
 
   def info(self) -> dict[str, Any]:
     from ray.util import tpu  # pylint: disable=g-import-not-at-top
-    return {"pod": tpu.get_current_pod_name(), "hosts": tpu.get_current_pod_worker_count(),
-            "chips": tpu.get_num_tpu_chips_on_node()}
+
+    return {
+      "pod": tpu.get_current_pod_name(),
+      "hosts": tpu.get_current_pod_worker_count(),
+      "chips": tpu.get_num_tpu_chips_on_node(),
+    }
 
 
 @ray.remote
@@ -164,33 +199,49 @@ class TrialRunner:
       keep.append(head)
       info = ray.get(head.info.remote())
       if info["hosts"] != num_hosts:
-        raise RuntimeError(f"slice {info['pod']} ({tpu_type}) has {info['hosts']} hosts; the trial "
-                           f"asked for {num_hosts} (--num_hosts)")
+        raise RuntimeError(
+          f"slice {info['pod']} ({tpu_type}) has {info['hosts']} hosts; the trial "
+          f"asked for {num_hosts} (--num_hosts)"
+        )
       bundles = [{info["pod"]: 1, "TPU": info["chips"]}] * num_hosts
       strategy = "STRICT_SPREAD"
     else:
       bundles = [dict(resources or {"CPU": 1})] * num_hosts
       strategy = "SPREAD"
     group = placement_group(bundles, strategy=strategy)
-    while not self.stopping.is_set():   # waits for free resources; a stop request ends the wait
+    while not self.stopping.is_set():  # waits for free resources; a stop request ends the wait
       ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_POLL_S)
       if ready:
         break
     return group, bundles, keep
 
-  def run(self, trial: dict[str, Any], resources: dict[str, float], tpu_type: Optional[str],
-          env: dict[str, str], working_dir: str, python: str, attempt: int,
-          niceness: Optional[int] = None) -> dict[str, Any]:
+  def run(
+    self,
+    trial: dict[str, Any],
+    resources: dict[str, float],
+    tpu_type: Optional[str],
+    env: dict[str, str],
+    working_dir: str,
+    python: str,
+    attempt: int,
+    niceness: Optional[int] = None,
+  ) -> dict[str, Any]:
     from experiments.sweep import Trial  # pylint: disable=g-import-not-at-top
+
     trial = Trial(**trial)
     group, keep = None, []
     try:
       group, bundles, keep = self._place(trial.num_hosts, resources, tpu_type)
       if self.stopping.is_set():
         return {"returncodes": None, "error": "stopped before it started"}
-      self.hosts = [Host.options(
-          max_concurrency=4, scheduling_strategy=PlacementGroupSchedulingStrategy(group, i),
-          **_actor_options(bundle)).remote() for i, bundle in enumerate(bundles)]
+      self.hosts = [
+        Host.options(
+          max_concurrency=4,
+          scheduling_strategy=PlacementGroupSchedulingStrategy(group, i),
+          **_actor_options(bundle),
+        ).remote()
+        for i, bundle in enumerate(bundles)
+      ]
       infos = ray.get([h.info.remote() for h in self.hosts])
       if tpu_type:  # process ids in the slice's worker order
         order = sorted(range(len(infos)), key=lambda i: infos[i]["tpu_worker_id"])
@@ -200,8 +251,16 @@ class TrialRunner:
       for i, host in enumerate(self.hosts):
         log = os.path.join(trial.workdir, "train.log" if i == 0 else f"train.host{i}.log")
         args = trial.command(python, coordinator=coordinator, process_id=i)
-        refs.append(host.run.remote(args, env, working_dir, log,
-                                    f"attempt {attempt}, host {i} of {trial.num_hosts}", niceness))
+        refs.append(
+          host.run.remote(
+            args,
+            env,
+            working_dir,
+            log,
+            f"attempt {attempt}, host {i} of {trial.num_hosts}",
+            niceness,
+          )
+        )
       return self._wait(refs)
     finally:
       for actor in self.hosts + keep:

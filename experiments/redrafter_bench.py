@@ -75,8 +75,14 @@ from bt_jax import cli
 from bt_jax.data import load_corpus
 from bt_jax.inference import SamplingConfig, generate_fn, prepare_prompts
 from bt_jax.models.vanilla import VanillaLM
-from bt_jax.redrafter import (DraftHead, corpus_windows, distill_drafter, drafter_cost,
-                              drafter_generate_fn, load_drafter)
+from bt_jax.redrafter import (
+  DraftHead,
+  corpus_windows,
+  distill_drafter,
+  drafter_cost,
+  drafter_generate_fn,
+  load_drafter,
+)
 from bt_jax.redrafter.checkpoint import check_drafter_fits
 from bt_jax.redrafter.speculative import greedy_step_parts
 from experiments.timing import time_call
@@ -89,25 +95,60 @@ BASES = ("vanilla", "block")
 
 # Keys of one grid point in the JSON (tests check the schema).
 POINT_KEYS = (
-    "base", "batch_size", "beam_width", "draft_len", "same_tokens_as_greedy", "tokens_per_step",
-    "mean_accepted", "acceptance_by_depth", "dedupe_removed", "tree_tokens_per_step",
-    "base_steps", "greedy_steps", "generated_tokens", "greedy_ms", "speculative_ms", "speedup",
-    "speedup_per_repeat", "greedy_tokens_per_s", "speculative_tokens_per_s", "split")
+  "base",
+  "batch_size",
+  "beam_width",
+  "draft_len",
+  "same_tokens_as_greedy",
+  "tokens_per_step",
+  "mean_accepted",
+  "acceptance_by_depth",
+  "dedupe_removed",
+  "tree_tokens_per_step",
+  "base_steps",
+  "greedy_steps",
+  "generated_tokens",
+  "greedy_ms",
+  "speculative_ms",
+  "speedup",
+  "speedup_per_repeat",
+  "greedy_tokens_per_s",
+  "speculative_tokens_per_s",
+  "split",
+)
 SPLIT_KEYS = (
-    "method", "prefill_ms", "draft_ms", "verify_ms", "bookkeeping_ms", "tree_ms", "commit_ms",
-    "parts_ms", "shares", "loop_step_ms", "greedy_step_ms", "parts_over_loop",
-    "verify_over_greedy_step", "parts_same_tokens", "timed_steps")
-SPLIT_METHOD = ("each part the function the loop traces, jitted apart, block_until_ready after "
-                "each; per-step times over whole generations, median")
+  "method",
+  "prefill_ms",
+  "draft_ms",
+  "verify_ms",
+  "bookkeeping_ms",
+  "tree_ms",
+  "commit_ms",
+  "parts_ms",
+  "shares",
+  "loop_step_ms",
+  "greedy_step_ms",
+  "parts_over_loop",
+  "verify_over_greedy_step",
+  "parts_same_tokens",
+  "timed_steps",
+)
+SPLIT_METHOD = (
+  "each part the function the loop traces, jitted apart, block_until_ready after "
+  "each; per-step times over whole generations, median"
+)
 
 
 def _load(workdir):
   if workdir:
     from bt_jax.checkpointing import load_for_inference  # pylint: disable=import-outside-toplevel
+
     model, params, tokenizer = load_for_inference(workdir)
     if not isinstance(model, VanillaLM):
-      raise cli.UserError(f"{workdir} holds a {model.config.kind} model; --base vanilla drafts "
-                          "for a vanilla base model")
+      raise cli.UserError(
+        f"{workdir} holds a {model.config.kind} model; --base vanilla drafts "
+        "for a vanilla base model"
+      )
     return model, params, tokenizer, "trained"
   from bt_jax.config import VanillaConfig  # pylint: disable=import-outside-toplevel
   from bt_jax.models import build_model, init_params  # pylint: disable=import-outside-toplevel
@@ -128,10 +169,14 @@ def _check_base(base: str) -> None:
     raise cli.UserError(f"--base {base!r} must be one of {BASES}")
   if base == "block":
     if importlib.util.find_spec(BLOCK_MODULE) is None:
-      raise cli.UserError(f"--base block needs {BLOCK_MODULE} (ReDrafter drafting for a Block "
-                          "Transformer), which this checkout does not have; use --base vanilla")
-    raise cli.UserError(f"--base block: {BLOCK_MODULE} exists but is not wired into "
-                        "experiments.redrafter_bench yet; use --base vanilla")
+      raise cli.UserError(
+        f"--base block needs {BLOCK_MODULE} (ReDrafter drafting for a Block "
+        "Transformer), which this checkout does not have; use --base vanilla"
+      )
+    raise cli.UserError(
+      f"--base block: {BLOCK_MODULE} exists but is not wired into "
+      "experiments.redrafter_bench yet; use --base vanilla"
+    )
 
 
 def _table(header: str, rows) -> None:
@@ -145,31 +190,45 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   fv = dict(flag_values=flag_values)
   flags.DEFINE_string("workdir", None, "A trained vanilla run (default: random weights).", **fv)
   flags.DEFINE_string("base", "vanilla", f"The kind of base model: one of {BASES}.", **fv)
-  flags.DEFINE_string("drafter", None, "A drafter trained for --workdir (python -m "
-                      "bt_jax.train_drafter); default: distill one here.", **fv)
-  flags.DEFINE_integer("draft_len", 4, "Tokens the drafter distilled here learns to draft.",
-                       **fv)
+  flags.DEFINE_string(
+    "drafter",
+    None,
+    "A drafter trained for --workdir (python -m bt_jax.train_drafter); default: distill one here.",
+    **fv,
+  )
+  flags.DEFINE_integer("draft_len", 4, "Tokens the drafter distilled here learns to draft.", **fv)
   flags.DEFINE_string("beam_widths", "1,2,4", "Comma-separated beam widths M.", **fv)
-  flags.DEFINE_string("draft_lens", "", "Comma-separated draft lengths C, each at most the "
-                      "drafter's (default: the drafter's).", **fv)
+  flags.DEFINE_string(
+    "draft_lens",
+    "",
+    "Comma-separated draft lengths C, each at most the drafter's (default: the drafter's).",
+    **fv,
+  )
   flags.DEFINE_string("batch_sizes", "1,4", "Comma-separated decode batch sizes.", **fv)
-  flags.DEFINE_integer("train_steps", 600, "Drafter distillation steps (without --drafter).",
-                       **fv)
+  flags.DEFINE_integer("train_steps", 600, "Drafter distillation steps (without --drafter).", **fv)
   flags.DEFINE_float("learning_rate", 3e-3, "Drafter learning rate.", **fv)
-  flags.DEFINE_integer("distill_prompts", 256, "Prompts the base model continues to distill.",
-                       **fv)
+  flags.DEFINE_integer("distill_prompts", 256, "Prompts the base model continues to distill.", **fv)
   flags.DEFINE_integer("train_batch", 32, "Drafter training batch.", **fv)
   flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.", **fv)
   flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per row.", **fv)
   flags.DEFINE_integer("warmup", 1, "Untimed calls of each decoder before the repeats.", **fv)
-  flags.DEFINE_integer("repeats", 5, "Interleaved timed rounds (greedy, speculative) per point.",
-                       **fv)
-  flags.DEFINE_integer("split_repeats", 2, "Generations stepped part by part for the time "
-                       "split (after one warm-up generation).", **fv)
-  flags.DEFINE_float("temperature", 1.0, "For the sampling comparison (with --sample_beams).",
-                     **fv)
-  flags.DEFINE_string("sample_beams", "", "Drafts per step to time speculative sampling "
-                      "with, against plain sampling at --temperature ('': skip).", **fv)
+  flags.DEFINE_integer(
+    "repeats", 5, "Interleaved timed rounds (greedy, speculative) per point.", **fv
+  )
+  flags.DEFINE_integer(
+    "split_repeats",
+    2,
+    "Generations stepped part by part for the time split (after one warm-up generation).",
+    **fv,
+  )
+  flags.DEFINE_float("temperature", 1.0, "For the sampling comparison (with --sample_beams).", **fv)
+  flags.DEFINE_string(
+    "sample_beams",
+    "",
+    "Drafts per step to time speculative sampling "
+    "with, against plain sampling at --temperature ('': skip).",
+    **fv,
+  )
   flags.DEFINE_integer("seed", 0, "Seed of prompts and training.", **fv)
   flags.DEFINE_string("out", None, "JSON output (its folder is created).", **fv)
   flags.DEFINE_string("plot", None, "PNG of speedup against beam width and draft length.", **fv)
@@ -187,16 +246,18 @@ def _int_list(flag: str, value: str, minimum: int = 1) -> list[int]:
 
 
 def _spread(values) -> Dict[str, float]:
-  return dict(min=float(min(values)), median=float(statistics.median(values)),
-              max=float(max(values)))
+  return dict(
+    min=float(min(values)), median=float(statistics.median(values)), max=float(max(values))
+  )
 
 
 def _wait(value):
   return jax.block_until_ready(value)
 
 
-def interleaved_times(fns: Dict[str, Any], args: Dict[str, tuple], warmup: int,
-                      repeats: int) -> Dict[str, list]:
+def interleaved_times(
+  fns: Dict[str, Any], args: Dict[str, tuple], warmup: int, repeats: int
+) -> Dict[str, list]:
   """Seconds of each call of fns[name](*args[name]) over `repeats` rounds,
   one call of each per round, the order rotating each round, after
   `warmup` untimed rounds; each call waited for."""
@@ -208,15 +269,16 @@ def interleaved_times(fns: Dict[str, Any], args: Dict[str, tuple], warmup: int,
       _wait(fns[name](*args[name]))
   times = {name: [] for name in names}
   for r in range(repeats):
-    for name in names[r % len(names):] + names[:r % len(names)]:
+    for name in names[r % len(names) :] + names[: r % len(names)]:
       start = time.perf_counter()
       _wait(fns[name](*args[name]))
       times[name].append(time.perf_counter() - start)
   return times
 
 
-def time_split(parts, params, drafter_params, tokens, pad, repeats: int,
-               reference: Optional[np.ndarray] = None) -> Dict[str, Any]:
+def time_split(
+  parts, params, drafter_params, tokens, pad, repeats: int, reference: Optional[np.ndarray] = None
+) -> Dict[str, Any]:
   """One speculative step in parts (`GreedyStepParts`): a generation stepped
   part by part, each part waited for and timed, `repeats` times after an
   untimed pass (compilation). Returns the medians over all steps in ms:
@@ -230,8 +292,10 @@ def time_split(parts, params, drafter_params, tokens, pad, repeats: int,
     state = _wait(parts.prefill(params, tokens, pad))
     prefill_s = time.perf_counter() - start
     laps = {name: [] for name in per_part}
-    while not bool(np.all(np.asarray(state["done"]))) and int(state["step"]) < (
-        state["step_accepted"].shape[1]):
+    while (
+      not bool(np.all(np.asarray(state["done"])))
+      and int(state["step"]) < (state["step_accepted"].shape[1])
+    ):
       start = time.perf_counter()
       beams = _wait(parts.draft(drafter_params, params, state))
       t1 = time.perf_counter()
@@ -243,7 +307,7 @@ def time_split(parts, params, drafter_params, tokens, pad, repeats: int,
       t4 = time.perf_counter()
       for name, seconds in zip(per_part, (t1 - start, t2 - t1, t3 - t2, t4 - t3)):
         laps[name].append(seconds)
-    if rep == 0:   # the warm-up pass: compilation
+    if rep == 0:  # the warm-up pass: compilation
       tokens_out = np.asarray(parts.output(state).tokens)
       continue
     prefill_times.append(prefill_s)
@@ -254,18 +318,25 @@ def time_split(parts, params, drafter_params, tokens, pad, repeats: int,
   bookkeeping = ms["tree"] + ms["commit"]
   total = ms["draft"] + ms["verify"] + bookkeeping
   return dict(
-      method=SPLIT_METHOD, prefill_ms=1e3 * statistics.median(prefill_times),
-      draft_ms=ms["draft"], verify_ms=ms["verify"], bookkeeping_ms=bookkeeping,
-      tree_ms=ms["tree"], commit_ms=ms["commit"], parts_ms=total,
-      shares=dict(draft=ms["draft"] / total, verify=ms["verify"] / total,
-                  bookkeeping=bookkeeping / total),
-      parts_same_tokens=None if reference is None else bool(
-          np.array_equal(tokens_out, reference)),
-      timed_steps=steps)
+    method=SPLIT_METHOD,
+    prefill_ms=1e3 * statistics.median(prefill_times),
+    draft_ms=ms["draft"],
+    verify_ms=ms["verify"],
+    bookkeeping_ms=bookkeeping,
+    tree_ms=ms["tree"],
+    commit_ms=ms["commit"],
+    parts_ms=total,
+    shares=dict(
+      draft=ms["draft"] / total, verify=ms["verify"] / total, bookkeeping=bookkeeping / total
+    ),
+    parts_same_tokens=None if reference is None else bool(np.array_equal(tokens_out, reference)),
+    timed_steps=steps,
+  )
 
 
-def acceptance_stats(step_accepted: np.ndarray, step_tree_tokens: np.ndarray, beam_width: int,
-                     draft_len: int) -> Dict[str, Any]:
+def acceptance_stats(
+  step_accepted: np.ndarray, step_tree_tokens: np.ndarray, beam_width: int, draft_len: int
+) -> Dict[str, Any]:
   """From a loop's per-step records ([B, max_new], -1 / 0 where a row had
   finished): the share of row-steps accepting at least d drafts (d =
   1..C), the mean accepted, the tree tokens verified per row-step and the
@@ -275,17 +346,20 @@ def acceptance_stats(step_accepted: np.ndarray, step_tree_tokens: np.ndarray, be
   accepted = step_accepted[active]
   tree_tokens = float(step_tree_tokens[active].sum()) / count
   return dict(
-      acceptance_by_depth=[float((accepted >= d).sum()) / count for d in range(1, draft_len + 1)],
-      mean_accepted=float(accepted.sum()) / count,
-      tree_tokens_per_step=tree_tokens,
-      dedupe_removed=1.0 - tree_tokens / (beam_width * (draft_len + 1)))
+    acceptance_by_depth=[float((accepted >= d).sum()) / count for d in range(1, draft_len + 1)],
+    mean_accepted=float(accepted.sum()) / count,
+    tree_tokens_per_step=tree_tokens,
+    dedupe_removed=1.0 - tree_tokens / (beam_width * (draft_len + 1)),
+  )
 
 
 def _with_draft_len(drafter: DraftHead, draft_len: int) -> DraftHead:
   trained = drafter.config.draft_len
   if draft_len > trained:
-    raise cli.UserError(f"--draft_lens {draft_len} exceeds the drafter's draft_len {trained} "
-                        f"(what it was trained to draft); use values in [1, {trained}]")
+    raise cli.UserError(
+      f"--draft_lens {draft_len} exceeds the drafter's draft_len {trained} "
+      f"(what it was trained to draft); use values in [1, {trained}]"
+    )
   if draft_len == trained:
     return drafter
   return DraftHead(dataclasses.replace(drafter.config, draft_len=draft_len))
@@ -295,15 +369,20 @@ def plot_speedup(points: List[Dict[str, Any]], path: str) -> None:
   """Median speedup (min-max bars over the repeats' ratios) against beam
   width, a line per draft length, a panel per batch size."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   batch_sizes = sorted({p["batch_size"] for p in points})
-  fig, axes = plt.subplots(1, len(batch_sizes), figsize=(3.2 * len(batch_sizes) + 0.6, 2.8),
-                           squeeze=False, sharey=True)
+  fig, axes = plt.subplots(
+    1, len(batch_sizes), figsize=(3.2 * len(batch_sizes) + 0.6, 2.8), squeeze=False, sharey=True
+  )
   for ax, batch_size in zip(axes[0], batch_sizes):
     for draft_len in sorted({p["draft_len"] for p in points}):
-      line = sorted((p for p in points if p["batch_size"] == batch_size
-                     and p["draft_len"] == draft_len), key=lambda p: p["beam_width"])
+      line = sorted(
+        (p for p in points if p["batch_size"] == batch_size and p["draft_len"] == draft_len),
+        key=lambda p: p["beam_width"],
+      )
       if not line:
         continue
       x = [p["beam_width"] for p in line]
@@ -326,10 +405,29 @@ def plot_speedup(points: List[Dict[str, Any]], path: str) -> None:
 def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
   args = flag_values
   _check_base(args.base)
-  settings = {name: args[name].value for name in (
-      "base", "drafter", "draft_len", "beam_widths", "draft_lens", "batch_sizes", "train_steps",
-      "learning_rate", "distill_prompts", "train_batch", "prompt_len", "max_new_tokens",
-      "warmup", "repeats", "split_repeats", "temperature", "sample_beams", "seed")}
+  settings = {
+    name: args[name].value
+    for name in (
+      "base",
+      "drafter",
+      "draft_len",
+      "beam_widths",
+      "draft_lens",
+      "batch_sizes",
+      "train_steps",
+      "learning_rate",
+      "distill_prompts",
+      "train_batch",
+      "prompt_len",
+      "max_new_tokens",
+      "warmup",
+      "repeats",
+      "split_repeats",
+      "temperature",
+      "sample_beams",
+      "seed",
+    )
+  }
   batch_sizes = _int_list("batch_sizes", args.batch_sizes)
   beam_widths = _int_list("beam_widths", args.beam_widths)
   sample_beams = _int_list("sample_beams", args.sample_beams)
@@ -350,27 +448,48 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
     drafter_info = dict(source=args.drafter)
   else:
     drafter, result = distill_drafter(
-        model, params, tokenizer, train_docs, draft_len=args.draft_len,
-        num_prompts=args.distill_prompts, prompt_len=args.prompt_len,
-        continuation_len=args.max_new_tokens, batch_size=args.train_batch,
-        steps=args.train_steps, learning_rate=args.learning_rate, seed=args.seed)
+      model,
+      params,
+      tokenizer,
+      train_docs,
+      draft_len=args.draft_len,
+      num_prompts=args.distill_prompts,
+      prompt_len=args.prompt_len,
+      continuation_len=args.max_new_tokens,
+      batch_size=args.train_batch,
+      steps=args.train_steps,
+      learning_rate=args.learning_rate,
+      seed=args.seed,
+    )
     drafter_params, history = result.params, result.history
-    drafter_info = dict(source="distilled here", first_loss=history[0]["loss"],
-                        final_loss=history[-1]["loss"], final_acc_i=history[-1]["acc_i"])
-    print(f"drafter: {args.train_steps} steps in {time.perf_counter() - t0:.0f} s, loss "
-          f"{history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, top-1 accuracy per draft "
-          f"step {[round(a, 3) for a in history[-1]['acc_i']]}")
+    drafter_info = dict(
+      source="distilled here",
+      first_loss=history[0]["loss"],
+      final_loss=history[-1]["loss"],
+      final_acc_i=history[-1]["acc_i"],
+    )
+    print(
+      f"drafter: {args.train_steps} steps in {time.perf_counter() - t0:.0f} s, loss "
+      f"{history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, top-1 accuracy per draft "
+      f"step {[round(a, 3) for a in history[-1]['acc_i']]}"
+    )
   train_seconds = time.perf_counter() - t0
   draft_lens = _int_list("draft_lens", args.draft_lens) or [drafter.config.draft_len]
   drafters = {c: _with_draft_len(drafter, c) for c in draft_lens}
   for m in beam_widths:
     if m > model.config.vocab_size:
       raise cli.UserError(f"--beam_widths {m} exceeds the vocabulary ({model.config.vocab_size})")
-  cost = drafter_cost(drafter.config, model.config, beam_width=max(beam_widths),
-                      context_len=args.prompt_len + args.max_new_tokens // 2)
-  drafter_info.update(config=dataclasses.asdict(drafter.config),
-                      params_fraction=cost["params_fraction"],
-                      draft_token_flops_fraction=cost["draft_token_fraction"])
+  cost = drafter_cost(
+    drafter.config,
+    model.config,
+    beam_width=max(beam_widths),
+    context_len=args.prompt_len + args.max_new_tokens // 2,
+  )
+  drafter_info.update(
+    config=dataclasses.asdict(drafter.config),
+    params_fraction=cost["params_fraction"],
+    draft_token_flops_fraction=cost["draft_token_fraction"],
+  )
   base_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   embed = int(np.prod(params["token_embed"]["embedding"].shape))
   head = int(np.prod(params["lm_head"]["kernel"].shape)) if "lm_head" in params else 0
@@ -380,14 +499,25 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
 
   def report(complete: bool) -> Dict[str, Any]:
     value = dict(
-        meta=dict(device=device.device_kind, backend=jax.default_backend(),
-                  jax=jax.__version__, python=platform.python_version(), weights=weights,
-                  workdir=args.workdir, seconds=time.perf_counter() - started,
-                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  train_seconds=train_seconds, complete=complete,
-                  base_params=base_params, base_non_embedding_params=base_params - embed - head,
-                  **settings),
-        drafter=drafter_info, results=records, sampling=sampling_records)
+      meta=dict(
+        device=device.device_kind,
+        backend=jax.default_backend(),
+        jax=jax.__version__,
+        python=platform.python_version(),
+        weights=weights,
+        workdir=args.workdir,
+        seconds=time.perf_counter() - started,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        train_seconds=train_seconds,
+        complete=complete,
+        base_params=base_params,
+        base_non_embedding_params=base_params - embed - head,
+        **settings,
+      ),
+      drafter=drafter_info,
+      results=records,
+      sampling=sampling_records,
+    )
     if args.out:
       cli.write_json_atomic(args.out, value, indent=1)
     return value
@@ -397,7 +527,7 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
     eval_prompts = corpus_windows(tokenizer, valid_docs, batch_size, args.prompt_len, rng)
     batch = prepare_prompts(eval_prompts, model.config, max_new)
     tokens, pad = jnp.asarray(batch.tokens), jnp.asarray(batch.pad)
-    greedy = generate_fn(model, max_new)   # cached: one compile per shape
+    greedy = generate_fn(model, max_new)  # cached: one compile per shape
     greedy_args = (params, tokens, pad, jax.random.key(0))
     want = np.asarray(greedy(*greedy_args).tokens)
     for draft_len in draft_lens:
@@ -406,38 +536,50 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
         spec_args = (params, drafter_params, tokens, pad, jnp.int32(-1), jax.random.key(0))
         got = spec(*spec_args)
         got_tokens = np.asarray(got.tokens)
-        times = interleaved_times({"greedy": greedy, "speculative": spec},
-                                  {"greedy": greedy_args, "speculative": spec_args},
-                                  args.warmup, args.repeats)
-        parts = greedy_step_parts(model, drafters[draft_len], beam_width, max_new,
-                                  tokens.shape[1])
-        split = time_split(parts, params, drafter_params, tokens, pad, args.split_repeats,
-                           reference=got_tokens)
+        times = interleaved_times(
+          {"greedy": greedy, "speculative": spec},
+          {"greedy": greedy_args, "speculative": spec_args},
+          args.warmup,
+          args.repeats,
+        )
+        parts = greedy_step_parts(model, drafters[draft_len], beam_width, max_new, tokens.shape[1])
+        split = time_split(
+          parts, params, drafter_params, tokens, pad, args.split_repeats, reference=got_tokens
+        )
         greedy_med = statistics.median(times["greedy"])
         spec_med = statistics.median(times["speculative"])
         steps = int(got.steps)
         split.update(
-            loop_step_ms=(1e3 * spec_med - split["prefill_ms"]) / max(1, steps),
-            greedy_step_ms=(1e3 * greedy_med - split["prefill_ms"]) / max_new)
+          loop_step_ms=(1e3 * spec_med - split["prefill_ms"]) / max(1, steps),
+          greedy_step_ms=(1e3 * greedy_med - split["prefill_ms"]) / max_new,
+        )
         split["parts_over_loop"] = split["parts_ms"] / split["loop_step_ms"]
         split["verify_over_greedy_step"] = split["verify_ms"] / split["greedy_step_ms"]
         split = {key: split[key] for key in SPLIT_KEYS}
         generated = int(np.asarray(got.lengths).sum())
         record = dict(
-            base=args.base, batch_size=batch_size, beam_width=beam_width, draft_len=draft_len,
-            same_tokens_as_greedy=bool(np.array_equal(want, got_tokens)),
-            tokens_per_step=generated / max(1, int(np.asarray(got.row_steps).sum())),
-            **acceptance_stats(np.asarray(got.step_accepted), np.asarray(got.step_tree_tokens),
-                               beam_width, draft_len),
-            base_steps=steps, greedy_steps=max_new, generated_tokens=generated,
-            greedy_ms=_spread([1e3 * t for t in times["greedy"]]),
-            speculative_ms=_spread([1e3 * t for t in times["speculative"]]),
-            speedup=greedy_med / spec_med,
-            speedup_per_repeat=_spread([g / s for g, s in zip(times["greedy"],
-                                                              times["speculative"])]),
-            greedy_tokens_per_s=generated / greedy_med,
-            speculative_tokens_per_s=generated / spec_med,
-            split=split)
+          base=args.base,
+          batch_size=batch_size,
+          beam_width=beam_width,
+          draft_len=draft_len,
+          same_tokens_as_greedy=bool(np.array_equal(want, got_tokens)),
+          tokens_per_step=generated / max(1, int(np.asarray(got.row_steps).sum())),
+          **acceptance_stats(
+            np.asarray(got.step_accepted), np.asarray(got.step_tree_tokens), beam_width, draft_len
+          ),
+          base_steps=steps,
+          greedy_steps=max_new,
+          generated_tokens=generated,
+          greedy_ms=_spread([1e3 * t for t in times["greedy"]]),
+          speculative_ms=_spread([1e3 * t for t in times["speculative"]]),
+          speedup=greedy_med / spec_med,
+          speedup_per_repeat=_spread(
+            [g / s for g, s in zip(times["greedy"], times["speculative"])]
+          ),
+          greedy_tokens_per_s=generated / greedy_med,
+          speculative_tokens_per_s=generated / spec_med,
+          split=split,
+        )
         records.append({key: record[key] for key in POINT_KEYS})
         print(_row(records[-1]), flush=True)
         report(complete=False)
@@ -459,14 +601,19 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
       sampled_time = time_call(sampled, spec_args, warmup=args.warmup, repeats=args.repeats)
       made = int(np.asarray(out.lengths).sum())
       sample_record = dict(
-          batch_size=batch_size, drafts=beams, temperature=args.temperature,
-          tokens_per_step=made / max(1, int(np.asarray(out.row_steps).sum())),
-          base_steps=int(out.steps), sampling_ms=plain_time["median_ms"],
-          speculative_ms=sampled_time["median_ms"],
-          sampling_tokens_per_s=plain_tokens / (plain_time["median_ms"] * 1e-3),
-          speculative_tokens_per_s=made / (sampled_time["median_ms"] * 1e-3))
-      sample_record["speedup"] = (sample_record["speculative_tokens_per_s"]
-                                  / sample_record["sampling_tokens_per_s"])
+        batch_size=batch_size,
+        drafts=beams,
+        temperature=args.temperature,
+        tokens_per_step=made / max(1, int(np.asarray(out.row_steps).sum())),
+        base_steps=int(out.steps),
+        sampling_ms=plain_time["median_ms"],
+        speculative_ms=sampled_time["median_ms"],
+        sampling_tokens_per_s=plain_tokens / (plain_time["median_ms"] * 1e-3),
+        speculative_tokens_per_s=made / (sampled_time["median_ms"] * 1e-3),
+      )
+      sample_record["speedup"] = (
+        sample_record["speculative_tokens_per_s"] / sample_record["sampling_tokens_per_s"]
+      )
       sampling_records.append(sample_record)
       report(complete=False)
 
@@ -475,13 +622,20 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
   print(f"split ms per step: parts jitted apart ({SPLIT_METHOD}); loop = the loop's own step")
   _table(SPLIT_HEADER, [_split_row(r) for r in records])
   if sampling_records:
-    print(f"speculative sampling at temperature {args.temperature} against plain sampling "
-          "(tokens/s: generated lengths differ by EOS)")
-    _table(f"{'batch':>5} {'drafts':>6} {'tok/step':>8} {'steps':>5} {'plain ms':>9} "
-           f"{'spec ms':>9} {'speedup':>8}",
-           [f"{r['batch_size']:>5} {r['drafts']:>6} {r['tokens_per_step']:>8.2f} "
-            f"{r['base_steps']:>5} {r['sampling_ms']:>9.1f} {r['speculative_ms']:>9.1f} "
-            f"{r['speedup']:>7.2f}x" for r in sampling_records])
+    print(
+      f"speculative sampling at temperature {args.temperature} against plain sampling "
+      "(tokens/s: generated lengths differ by EOS)"
+    )
+    _table(
+      f"{'batch':>5} {'drafts':>6} {'tok/step':>8} {'steps':>5} {'plain ms':>9} "
+      f"{'spec ms':>9} {'speedup':>8}",
+      [
+        f"{r['batch_size']:>5} {r['drafts']:>6} {r['tokens_per_step']:>8.2f} "
+        f"{r['base_steps']:>5} {r['sampling_ms']:>9.1f} {r['speculative_ms']:>9.1f} "
+        f"{r['speedup']:>7.2f}x"
+        for r in sampling_records
+      ],
+    )
   final = report(complete=True)
   if args.plot and records:
     plot_speedup(records, args.plot)
@@ -491,28 +645,36 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
   return final
 
 
-HEADER = (f"{'B':>2} {'M':>2} {'C':>2} {'same':>5} {'tok/step':>8} {'accepted >= d':<24} "
-          f"{'dedupe':>6} {'greedy ms':>9} {'spec ms':>8} {'speedup (min/med/max)':>22}")
-SPLIT_HEADER = (f"{'B':>2} {'M':>2} {'C':>2} {'draft':>7} {'verify':>7} {'bookkeep':>8} "
-                f"{'parts':>7} {'loop':>7} {'greedy':>7} {'verify/greedy':>13} {'parts ok':>8}")
+HEADER = (
+  f"{'B':>2} {'M':>2} {'C':>2} {'same':>5} {'tok/step':>8} {'accepted >= d':<24} "
+  f"{'dedupe':>6} {'greedy ms':>9} {'spec ms':>8} {'speedup (min/med/max)':>22}"
+)
+SPLIT_HEADER = (
+  f"{'B':>2} {'M':>2} {'C':>2} {'draft':>7} {'verify':>7} {'bookkeep':>8} "
+  f"{'parts':>7} {'loop':>7} {'greedy':>7} {'verify/greedy':>13} {'parts ok':>8}"
+)
 
 
 def _row(r: Dict[str, Any]) -> str:
   depth = " ".join(f"{a:.2f}" for a in r["acceptance_by_depth"])
   s = r["speedup_per_repeat"]
-  return (f"{r['batch_size']:>2} {r['beam_width']:>2} {r['draft_len']:>2} "
-          f"{str(r['same_tokens_as_greedy']):>5} {r['tokens_per_step']:>8.2f} {depth:<24} "
-          f"{100 * r['dedupe_removed']:>5.0f}% {r['greedy_ms']['median']:>9.1f} "
-          f"{r['speculative_ms']['median']:>8.1f} "
-          f"{s['min']:>6.2f} / {s['median']:.2f} / {s['max']:.2f}x")
+  return (
+    f"{r['batch_size']:>2} {r['beam_width']:>2} {r['draft_len']:>2} "
+    f"{str(r['same_tokens_as_greedy']):>5} {r['tokens_per_step']:>8.2f} {depth:<24} "
+    f"{100 * r['dedupe_removed']:>5.0f}% {r['greedy_ms']['median']:>9.1f} "
+    f"{r['speculative_ms']['median']:>8.1f} "
+    f"{s['min']:>6.2f} / {s['median']:.2f} / {s['max']:.2f}x"
+  )
 
 
 def _split_row(r: Dict[str, Any]) -> str:
   s = r["split"]
-  return (f"{r['batch_size']:>2} {r['beam_width']:>2} {r['draft_len']:>2} {s['draft_ms']:>7.2f} "
-          f"{s['verify_ms']:>7.2f} {s['bookkeeping_ms']:>8.2f} {s['parts_ms']:>7.2f} "
-          f"{s['loop_step_ms']:>7.2f} {s['greedy_step_ms']:>7.2f} "
-          f"{s['verify_over_greedy_step']:>13.2f} {str(s['parts_same_tokens']):>8}")
+  return (
+    f"{r['batch_size']:>2} {r['beam_width']:>2} {r['draft_len']:>2} {s['draft_ms']:>7.2f} "
+    f"{s['verify_ms']:>7.2f} {s['bookkeeping_ms']:>8.2f} {s['parts_ms']:>7.2f} "
+    f"{s['loop_step_ms']:>7.2f} {s['greedy_step_ms']:>7.2f} "
+    f"{s['verify_over_greedy_step']:>13.2f} {str(s['parts_same_tokens']):>8}"
+  )
 
 
 if __name__ == "__main__":

@@ -96,8 +96,10 @@ def read_rows(root: str) -> tuple[dict[str, Any], list[Row]]:
       if summary is not None:
         rows.append(Row(name, "done", {}, summary, workdir))
   if not rows:
-    raise FileNotFoundError(f"no trials under {root!r}: expected {sweep_lib.SWEEP_FILE} written by "
-                            "`python -m experiments.sweep` or trial folders with summary.json")
+    raise FileNotFoundError(
+      f"no trials under {root!r}: expected {sweep_lib.SWEEP_FILE} written by "
+      "`python -m experiments.sweep` or trial folders with summary.json"
+    )
   return record, rows
 
 
@@ -126,18 +128,30 @@ def table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
   """(header, rows of strings) shared by the CSV and the markdown table."""
   keys = swept_keys(rows)
   positions = max((len(r.by_position) for r in rows), default=0)
-  header = ["trial", *[_short_key(k) if k != "gin_file" else k for k in keys], "state",
-            "final_eval_loss", *[f"loss_pos{i}" for i in range(positions)], "num_params",
-            "train_tokens_per_s"]
+  header = [
+    "trial",
+    *[_short_key(k) if k != "gin_file" else k for k in keys],
+    "state",
+    "final_eval_loss",
+    *[f"loss_pos{i}" for i in range(positions)],
+    "num_params",
+    "train_tokens_per_s",
+  ]
   if any(r.generation_tokens_per_s is not None for r in rows):
     header.append("generation_tokens_per_s")
   header.append("wall_s")
   out = []
   for r in rows:
     by_pos = r.by_position + [None] * (positions - len(r.by_position))
-    line = [r.name, *[_value_label(k, r.swept[k]) if k in r.swept else "" for k in keys], r.state,
-            _fmt(r.loss), *[_fmt(x) for x in by_pos], _fmt(r.summary.get("num_params")),
-            _fmt(r.summary.get("tokens_per_s"), 0)]
+    line = [
+      r.name,
+      *[_value_label(k, r.swept[k]) if k in r.swept else "" for k in keys],
+      r.state,
+      _fmt(r.loss),
+      *[_fmt(x) for x in by_pos],
+      _fmt(r.summary.get("num_params")),
+      _fmt(r.summary.get("tokens_per_s"), 0),
+    ]
     if "generation_tokens_per_s" in header:
       line.append(_fmt(r.generation_tokens_per_s, 0))
     line.append(_fmt(r.summary.get("wall_s"), 0))
@@ -172,10 +186,14 @@ def plot_loss_vs(rows: Sequence[Row], key: str, path: str) -> bool:
   if not done:
     return False
   values = list(dict.fromkeys(_value_label(key, r.swept[key]) for r in done))
-  others = [k for k in swept_keys(done) if k != key and _short_key(k) != SEED_KEY and k != "train.seed"]
+  others = [
+    k for k in swept_keys(done) if k != key and _short_key(k) != SEED_KEY and k != "train.seed"
+  ]
   groups: dict[str, dict[str, list[float]]] = {}
   for r in done:
-    label = ", ".join(f"{_short_key(k)}={_value_label(k, r.swept.get(k))}" for k in others) or "loss"
+    label = (
+      ", ".join(f"{_short_key(k)}={_value_label(k, r.swept.get(k))}" for k in others) or "loss"
+    )
     groups.setdefault(label, {}).setdefault(_value_label(key, r.swept[key]), []).append(r.loss)
   fig, ax = plt.subplots(figsize=(6, 4))
   for label, by_value in groups.items():
@@ -203,8 +221,11 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
   (higher or equal throughput and lower or equal loss, one strictly), by throughput."""
   front = []
   for i, (tp, loss) in enumerate(points):
-    dominated = any(tp2 >= tp and l2 <= loss and (tp2 > tp or l2 < loss)
-                    for j, (tp2, l2) in enumerate(points) if j != i)
+    dominated = any(
+      tp2 >= tp and l2 <= loss and (tp2 > tp or l2 < loss)
+      for j, (tp2, l2) in enumerate(points)
+      if j != i
+    )
     if not dominated:
       front.append(i)
   return sorted(front, key=lambda i: points[i][0])
@@ -224,8 +245,15 @@ def plot_pareto(rows: Sequence[Row], path: str) -> Optional[str]:
   front = pareto_front(pts)
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue")
-  ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:red", marker="o",
-          markerfacecolor="none", markersize=11, label="Pareto front")
+  ax.plot(
+    [pts[i][0] for i in front],
+    [pts[i][1] for i in front],
+    color="tab:red",
+    marker="o",
+    markerfacecolor="none",
+    markersize=11,
+    label="Pareto front",
+  )
   for (tp, loss), name in zip(pts, names):
     ax.annotate(name, (tp, loss), fontsize=7, xytext=(3, 3), textcoords="offset points")
   ax.set_xlabel(metric)
@@ -263,8 +291,9 @@ def plot_loss_by_position(rows: Sequence[Row], path: str) -> bool:
 # Generation throughput (random weights, experiments.throughput's protocol)
 
 
-def generation_tokens_per_s(workdir: str, *, prompt_len: int, new_tokens: int, batch: int,
-                            repeats: int = 3, seed: int = 0) -> float:
+def generation_tokens_per_s(
+  workdir: str, *, prompt_len: int, new_tokens: int, batch: int, repeats: int = 3, seed: int = 0
+) -> float:
   """Generated tokens/s of the model of a trained workdir, with random weights."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -280,10 +309,10 @@ def generation_tokens_per_s(workdir: str, *, prompt_len: int, new_tokens: int, b
   config = dataclasses.replace(config, max_len=max(config.max_len, needed))
   model = build_model(config)
   params = init_params(model, jax.random.key(seed))
-  fn = generate_fn(model, new_tokens)    # greedy, EOS disabled
+  fn = generate_fn(model, new_tokens)  # greedy, EOS disabled
   tokens, pad = throughput.random_prompts(config, batch, prompt_len, np.random.default_rng(seed))
   rng = jax.random.key(seed)
-  jax.block_until_ready(fn(params, tokens, pad, rng))   # compile + warm-up
+  jax.block_until_ready(fn(params, tokens, pad, rng))  # compile + warm-up
   start = time.perf_counter()
   for _ in range(repeats):
     jax.block_until_ready(fn(params, tokens, pad, rng))
@@ -321,16 +350,22 @@ def build_report(root: str, out: str, *, throughput: Optional[dict[str, int]] = 
   text.write(f"# Sweep {title}\n\n")
   if record.get("description"):
     text.write(f"{record['description']}. ")
-  text.write(f"Scale {record.get('scale', '?')}, sweep file {record.get('source', '?')}, "
-             f"{len(rows)} trials under `{root}`.\n\n")
+  text.write(
+    f"Scale {record.get('scale', '?')}, sweep file {record.get('source', '?')}, "
+    f"{len(rows)} trials under `{root}`.\n\n"
+  )
   text.write(markdown_table(header, lines))
-  text.write("\nfinal_eval_loss: mean next-token loss (nats) on the validation batches at the last step; "
-             "loss_posI: the same at position I within the block; train_tokens_per_s: median training "
-             "throughput; wall_s: the binary's wall time of its last attempt.\n")
+  text.write(
+    "\nfinal_eval_loss: mean next-token loss (nats) on the validation batches at the last step; "
+    "loss_posI: the same at position I within the block; train_tokens_per_s: median training "
+    "throughput; wall_s: the binary's wall time of its last attempt.\n"
+  )
   if throughput:
-    text.write(f"generation_tokens_per_s: random weights, prompt {throughput['prompt_len']}, "
-               f"{throughput['new_tokens']} generated, batch {throughput['batch']}, on "
-               f"{_device_name()}.\n")
+    text.write(
+      f"generation_tokens_per_s: random weights, prompt {throughput['prompt_len']}, "
+      f"{throughput['new_tokens']} generated, batch {throughput['batch']}, on "
+      f"{_device_name()}.\n"
+    )
   for caption, name in plots:
     text.write(f"\n![{caption}]({name})\n")
   path = os.path.join(out, "report.md")
@@ -341,6 +376,7 @@ def build_report(root: str, out: str, *, throughput: Optional[dict[str, int]] = 
 
 def _device_name() -> str:
   import jax  # pylint: disable=g-import-not-at-top
+
   device = jax.devices()[0]
   return f"{jax.device_count()} x {device.device_kind}"
 
@@ -348,7 +384,9 @@ def _device_name() -> str:
 def define_flags() -> None:
   flags.DEFINE_string("root", None, "Sweep directory (experiments.sweep --root).")
   flags.DEFINE_string("out", None, "Report directory: report.md, trials.csv, PNGs.")
-  flags.DEFINE_bool("throughput", False, "Measure each trial's generation tokens/s (random weights).")
+  flags.DEFINE_bool(
+    "throughput", False, "Measure each trial's generation tokens/s (random weights)."
+  )
   flags.DEFINE_integer("prompt_len", 16, "Throughput: prompt tokens.")
   flags.DEFINE_integer("new_tokens", 64, "Throughput: generated tokens.")
   flags.DEFINE_integer("batch_size", 8, "Throughput: prompts per generate call.")
@@ -360,11 +398,14 @@ def main(argv: Sequence[str]) -> None:
     raise cli.UserError(f"unexpected arguments {argv[1:]}")
   if not FLAGS.root or not FLAGS.out:
     raise cli.UserError("--root and --out are required")
-  throughput = (dict(prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens, batch=FLAGS.batch_size)
-                if FLAGS.throughput else None)
+  throughput = (
+    dict(prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens, batch=FLAGS.batch_size)
+    if FLAGS.throughput
+    else None
+  )
   try:
     path = build_report(FLAGS.root, FLAGS.out, throughput=throughput)
-  except FileNotFoundError as e:   # one line, exit status 2 (bt_jax.cli)
+  except FileNotFoundError as e:  # one line, exit status 2 (bt_jax.cli)
     raise cli.UserError(str(e)) from e
   logging.info("report in %s", path)
   print(path)
@@ -372,4 +413,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(lambda _: main([sys.argv[0]]))   # --help exits 0; user errors: one line, status 2
+  cli.run(lambda _: main([sys.argv[0]]))  # --help exits 0; user errors: one line, status 2

@@ -99,36 +99,72 @@ class Trial:
   """One run of the binary: its name, gin files, bindings and workdir."""
 
   name: str
-  swept: dict[str, Any]            # the swept keys and this trial's values (the name's source)
+  swept: dict[str, Any]  # the swept keys and this trial's values (the name's source)
   gin_files: tuple[str, ...]
-  bindings: tuple[str, ...]        # base bindings, then the swept ones
+  bindings: tuple[str, ...]  # base bindings, then the swept ones
   workdir: str
   num_hosts: int = 1
 
-  def command(self, python: str = sys.executable, *, coordinator: Optional[str] = None,
-              process_id: int = 0) -> list[str]:
+  def command(
+    self, python: str = sys.executable, *, coordinator: Optional[str] = None, process_id: int = 0
+  ) -> list[str]:
     """The binary's command line (for host `process_id` of a multi-host trial)."""
-    args = [python, "-m", "bt_jax.train", *[f"--gin_file={f}" for f in self.gin_files],
-            *[f"--gin_param={b}" for b in self.bindings], f"--workdir={self.workdir}"]
+    args = [
+      python,
+      "-m",
+      "bt_jax.train",
+      *[f"--gin_file={f}" for f in self.gin_files],
+      *[f"--gin_param={b}" for b in self.bindings],
+      f"--workdir={self.workdir}",
+    ]
     if self.num_hosts > 1:
       if coordinator is None:
-        raise ValueError(f"trial {self.name!r} runs on {self.num_hosts} hosts: it needs a coordinator")
-      args += [f"--coordinator_address={coordinator}", f"--num_processes={self.num_hosts}",
-               f"--process_id={process_id}"]
+        raise ValueError(
+          f"trial {self.name!r} runs on {self.num_hosts} hosts: it needs a coordinator"
+        )
+      args += [
+        f"--coordinator_address={coordinator}",
+        f"--num_processes={self.num_hosts}",
+        f"--process_id={process_id}",
+      ]
     return args
 
   def to_json(self) -> dict[str, Any]:
-    return {"name": self.name, "swept": self.swept, "gin_files": list(self.gin_files),
-            "bindings": list(self.bindings), "workdir": self.workdir, "num_hosts": self.num_hosts}
+    return {
+      "name": self.name,
+      "swept": self.swept,
+      "gin_files": list(self.gin_files),
+      "bindings": list(self.bindings),
+      "workdir": self.workdir,
+      "num_hosts": self.num_hosts,
+    }
 
 
 @gin.configurable("sweep")
-def _sweep_bindings(name=gin.REQUIRED, base_gin_files=gin.REQUIRED, base_bindings=(), product=None,
-                    zip=None, seeds=None, seed_binding="train.seed", num_hosts=1, scales=DEFAULT_SCALES,
-                    description=""):  # pylint: disable=redefined-builtin
-  return dict(name=name, base_gin_files=base_gin_files, base_bindings=base_bindings,
-              product=product, zip=zip, seeds=seeds, seed_binding=seed_binding, num_hosts=num_hosts,
-              scales=scales, description=description)
+def _sweep_bindings(
+  name=gin.REQUIRED,
+  base_gin_files=gin.REQUIRED,
+  base_bindings=(),
+  product=None,
+  zip=None,
+  seeds=None,
+  seed_binding="train.seed",
+  num_hosts=1,
+  scales=DEFAULT_SCALES,
+  description="",
+):  # pylint: disable=redefined-builtin
+  return dict(
+    name=name,
+    base_gin_files=base_gin_files,
+    base_bindings=base_bindings,
+    product=product,
+    zip=zip,
+    seeds=seeds,
+    seed_binding=seed_binding,
+    num_hosts=num_hosts,
+    scales=scales,
+    description=description,
+  )
 
 
 def resolve_sweep_file(path: str) -> str:
@@ -139,8 +175,9 @@ def resolve_sweep_file(path: str) -> str:
     if os.path.isfile(candidate):
       return candidate
   shipped = sorted(str(p.relative_to(GIN_DIR)) for p in (GIN_DIR / "sweeps").glob("*.gin"))
-  raise SweepError(f"sweep file {path!r} not found (also looked under {GIN_DIR}); shipped sweeps: "
-                   f"{shipped}")
+  raise SweepError(
+    f"sweep file {path!r} not found (also looked under {GIN_DIR}); shipped sweeps: {shipped}"
+  )
 
 
 def load_sweep(path: str, scale: str = "tiny") -> SweepSpec:
@@ -162,23 +199,35 @@ def load_sweep(path: str, scale: str = "tiny") -> SweepSpec:
   def as_grid(field):
     value = raw[field] or {}
     if not isinstance(value, dict):
-      raise SweepError(f"sweep file {path!r}: sweep.{field} must be a dict of binding -> list of "
-                       f"values, got {value!r}")
+      raise SweepError(
+        f"sweep file {path!r}: sweep.{field} must be a dict of binding -> list of "
+        f"values, got {value!r}"
+      )
     for key, values in value.items():
       if not isinstance(values, (list, tuple)):
-        raise SweepError(f"sweep file {path!r}: sweep.{field}[{key!r}] must be a list of values, "
-                         f"got {values!r}")
+        raise SweepError(
+          f"sweep file {path!r}: sweep.{field}[{key!r}] must be a list of values, got {values!r}"
+        )
     return {str(k): list(v) for k, v in value.items()}
 
   if isinstance(raw["base_gin_files"], str) or isinstance(raw["base_bindings"], str):
     raise SweepError(f"sweep file {path!r}: sweep.base_gin_files and sweep.base_bindings are lists")
   if not isinstance(raw["num_hosts"], int) or raw["num_hosts"] < 1:
-    raise SweepError(f"sweep file {path!r}: sweep.num_hosts must be a positive integer, "
-                     f"got {raw['num_hosts']!r}")
-  return SweepSpec(name=str(raw["name"]), scale=scale, base_gin_files=tuple(raw["base_gin_files"]),
-                   base_bindings=tuple(raw["base_bindings"]), product=as_grid("product"),
-                   zip=as_grid("zip"), seeds=tuple(raw["seeds"] or ()), seed_binding=raw["seed_binding"],
-                   num_hosts=raw["num_hosts"], description=raw["description"])
+    raise SweepError(
+      f"sweep file {path!r}: sweep.num_hosts must be a positive integer, got {raw['num_hosts']!r}"
+    )
+  return SweepSpec(
+    name=str(raw["name"]),
+    scale=scale,
+    base_gin_files=tuple(raw["base_gin_files"]),
+    base_bindings=tuple(raw["base_bindings"]),
+    product=as_grid("product"),
+    zip=as_grid("zip"),
+    seeds=tuple(raw["seeds"] or ()),
+    seed_binding=raw["seed_binding"],
+    num_hosts=raw["num_hosts"],
+    description=raw["description"],
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -198,8 +247,10 @@ def format_value(value: Any) -> str:
 
 def _short_keys(keys: Sequence[str]) -> dict[str, str]:
   """Name part of each swept key: the parameter name when that is unambiguous."""
+
   def short(key):
     return key.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
+
   shorts = [short(k) for k in keys]
   return {k: (s if shorts.count(s) == 1 else k) for k, s in zip(keys, shorts)}
 
@@ -224,17 +275,27 @@ def expand(spec: SweepSpec, root: str, source: str = "<sweep>") -> list[Trial]:
   """The trials of a sweep, in a stable order; raises SweepError on a bad grid."""
   overlap = set(spec.product) & set(spec.zip)
   if overlap:
-    raise SweepError(f"sweep file {source!r}: {sorted(overlap)} in both sweep.product and sweep.zip")
+    raise SweepError(
+      f"sweep file {source!r}: {sorted(overlap)} in both sweep.product and sweep.zip"
+    )
   if spec.seeds and spec.seed_binding in {**spec.product, **spec.zip}:
-    raise SweepError(f"sweep file {source!r}: {spec.seed_binding!r} is swept and also set by sweep.seeds")
+    raise SweepError(
+      f"sweep file {source!r}: {spec.seed_binding!r} is swept and also set by sweep.seeds"
+    )
   lengths = {k: len(v) for k, v in spec.zip.items()}
   if len(set(lengths.values())) > 1:
-    raise SweepError(f"sweep file {source!r}: the lists of sweep.zip must have equal lengths, got {lengths}")
+    raise SweepError(
+      f"sweep file {source!r}: the lists of sweep.zip must have equal lengths, got {lengths}"
+    )
   empty = [k for k, v in {**spec.product, **spec.zip}.items() if not v]
   if empty or not (spec.product or spec.zip or spec.seeds):
-    raise SweepError(f"sweep file {source!r}: the grid is empty ({'no values for ' + str(empty) if empty else 'bind sweep.product, sweep.zip or sweep.seeds'})")
+    raise SweepError(
+      f"sweep file {source!r}: the grid is empty ({'no values for ' + str(empty) if empty else 'bind sweep.product, sweep.zip or sweep.seeds'})"
+    )
 
-  product_rows = [dict(zip(spec.product, values)) for values in itertools.product(*spec.product.values())]
+  product_rows = [
+    dict(zip(spec.product, values)) for values in itertools.product(*spec.product.values())
+  ]
   zip_rows = [dict(zip(spec.zip, values)) for values in zip(*spec.zip.values())] or [{}]
   seed_rows = [{spec.seed_binding: s} for s in spec.seeds] or [{}]
   keys = [*spec.product, *spec.zip, *([spec.seed_binding] if spec.seeds else [])]
@@ -246,15 +307,26 @@ def expand(spec: SweepSpec, root: str, source: str = "<sweep>") -> list[Trial]:
     swept = {**p, **z, **s}
     name = trial_name(swept, shorts)
     if name in seen:
-      raise SweepError(f"sweep file {source!r}: trials {seen[name]} and {swept} have the same name "
-                       f"{name!r}; make the swept values distinct")
+      raise SweepError(
+        f"sweep file {source!r}: trials {seen[name]} and {swept} have the same name "
+        f"{name!r}; make the swept values distinct"
+      )
     seen[name] = swept
     extra_files = swept.get(GIN_FILE_KEY, ())
     extra_files = (extra_files,) if isinstance(extra_files, str) else tuple(extra_files)
     bindings = tuple(spec.base_bindings) + tuple(
-        f"{k} = {format_value(v)}" for k, v in swept.items() if k != GIN_FILE_KEY)
-    trials.append(Trial(name=name, swept=swept, gin_files=tuple(spec.base_gin_files) + extra_files,
-                        bindings=bindings, workdir=os.path.join(root, name), num_hosts=spec.num_hosts))
+      f"{k} = {format_value(v)}" for k, v in swept.items() if k != GIN_FILE_KEY
+    )
+    trials.append(
+      Trial(
+        name=name,
+        swept=swept,
+        gin_files=tuple(spec.base_gin_files) + extra_files,
+        bindings=bindings,
+        workdir=os.path.join(root, name),
+        num_hosts=spec.num_hosts,
+      )
+    )
   return trials
 
 
@@ -263,6 +335,7 @@ def validate(trials: Sequence[Trial], source: str = "<sweep>") -> None:
 
   Raises SweepError for the first trial that the binary would reject."""
   from bt_jax import train  # pylint: disable=g-import-not-at-top  (imports jax)
+
   try:
     for trial in trials:
       try:
@@ -273,8 +346,15 @@ def validate(trials: Sequence[Trial], source: str = "<sweep>") -> None:
     gin.clear_config()
 
 
-def load_trials(path: str, root: str, scale: str = "tiny", *, num_hosts: Optional[int] = None,
-                extra_bindings: Sequence[str] = (), check: bool = True) -> tuple[SweepSpec, list[Trial]]:
+def load_trials(
+  path: str,
+  root: str,
+  scale: str = "tiny",
+  *,
+  num_hosts: Optional[int] = None,
+  extra_bindings: Sequence[str] = (),
+  check: bool = True,
+) -> tuple[SweepSpec, list[Trial]]:
   """The sweep file's trials under `root`, checked before anything runs.
 
   `extra_bindings` follow the file's base bindings in every trial (a data
@@ -334,25 +414,38 @@ def _write_text_atomic(path: str, text: str) -> None:
 @dataclasses.dataclass
 class TrialState:
   trial: Trial
-  state: str = "pending"          # pending | running | done | failed | stopped
-  attempts: int = 0               # starts in this invocation of the sweep
+  state: str = "pending"  # pending | running | done | failed | stopped
+  attempts: int = 0  # starts in this invocation of the sweep
   returncodes: list[Any] = dataclasses.field(default_factory=list)
   errors: list[str] = dataclasses.field(default_factory=list)
   started: Optional[float] = None
-  wall_s: float = 0.0             # summed over this invocation's attempts
-  skipped: bool = False           # done before this invocation started
+  wall_s: float = 0.0  # summed over this invocation's attempts
+  skipped: bool = False  # done before this invocation started
 
   def to_json(self) -> dict[str, Any]:
-    return {**self.trial.to_json(), "state": self.state, "attempts": self.attempts,
-            "returncodes": self.returncodes, "errors": self.errors, "skipped": self.skipped,
-            "sweep_wall_s": self.wall_s, "summary": read_summary(self.trial.workdir)}
+    return {
+      **self.trial.to_json(),
+      "state": self.state,
+      "attempts": self.attempts,
+      "returncodes": self.returncodes,
+      "errors": self.errors,
+      "skipped": self.skipped,
+      "sweep_wall_s": self.wall_s,
+      "summary": read_summary(self.trial.workdir),
+    }
 
 
 def write_sweep_json(root: str, spec: SweepSpec, source: str, states: Sequence[TrialState]) -> str:
   path = os.path.join(root, SWEEP_FILE)
-  record = {"sweep": spec.name, "source": source, "scale": spec.scale, "description": spec.description,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": counts(states),
-            "trials": [s.to_json() for s in states]}
+  record = {
+    "sweep": spec.name,
+    "source": source,
+    "scale": spec.scale,
+    "description": spec.description,
+    "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    "counts": counts(states),
+    "trials": [s.to_json() for s in states],
+  }
   _write_text_atomic(path, json.dumps(record, indent=2) + "\n")
   return path
 
@@ -383,8 +476,10 @@ def best_eval_loss(states: Sequence[TrialState]) -> Optional[tuple[float, str]]:
 def progress_line(spec: SweepSpec, states: Sequence[TrialState]) -> str:
   c = counts(states)
   best = best_eval_loss(states)
-  text = (f"sweep {spec.name}: {c['done']} done, {c['running']} running, {c['pending']} pending, "
-          f"{c['failed']} failed")
+  text = (
+    f"sweep {spec.name}: {c['done']} done, {c['running']} running, {c['pending']} pending, "
+    f"{c['failed']} failed"
+  )
   if c["stopped"]:
     text += f", {c['stopped']} stopped"
   return text + (f"; best eval loss {best[0]:.4f} ({best[1]})" if best else "")
@@ -399,12 +494,14 @@ class RunOptions:
   max_concurrent: int = 1
   max_retries: int = 1
   resources_per_host: dict[str, float] = dataclasses.field(default_factory=lambda: {"CPU": 1})
-  tpu_type: Optional[str] = None        # e.g. "v4-16": hosts on one slice via "TPU-v4-16-head"
+  tpu_type: Optional[str] = None  # e.g. "v4-16": hosts on one slice via "TPU-v4-16-head"
   env: dict[str, str] = dataclasses.field(default_factory=dict)
   working_dir: str = str(REPO_ROOT)
   python: str = sys.executable
   progress_every_s: float = 30.0
-  niceness: Optional[int] = dataclasses.field(default_factory=lambda: os.getpriority(os.PRIO_PROCESS, 0))
+  niceness: Optional[int] = dataclasses.field(
+    default_factory=lambda: os.getpriority(os.PRIO_PROCESS, 0)
+  )
 
 
 def parse_resources(text: str) -> dict[str, float]:
@@ -419,8 +516,10 @@ def parse_resources(text: str) -> dict[str, float]:
       parsed = dict(item.split("=", 1) for item in text.split(","))
     return {str(k).strip(): float(v) for k, v in parsed.items()}
   except (ValueError, TypeError) as e:
-    raise ValueError(f"--resources_per_trial={text!r}: expected 'CPU=1,GPU=1' or a JSON object "
-                     f"of Ray resource -> amount ({e})") from None
+    raise ValueError(
+      f"--resources_per_trial={text!r}: expected 'CPU=1,GPU=1' or a JSON object "
+      f"of Ray resource -> amount ({e})"
+    ) from None
 
 
 class _StopSignal:
@@ -439,16 +538,20 @@ class _StopSignal:
     if self.requested:  # a second signal: stop waiting
       raise KeyboardInterrupt
     self.requested = True
-    logging.warning("signal %d: stopping every running trial with a checkpoint "
-                    "(rerun the same command to continue)", signum)
+    logging.warning(
+      "signal %d: stopping every running trial with a checkpoint "
+      "(rerun the same command to continue)",
+      signum,
+    )
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
 
-def run_sweep(spec: SweepSpec, trials: Sequence[Trial], root: str, options: RunOptions,
-              source: str = "<sweep>") -> list[TrialState]:
+def run_sweep(
+  spec: SweepSpec, trials: Sequence[Trial], root: str, options: RunOptions, source: str = "<sweep>"
+) -> list[TrialState]:
   """Runs the unfinished trials on the connected Ray cluster (`ray.init` done by the caller).
 
   Returns every trial's state; ROOT/sweep.json is rewritten at each change."""
@@ -463,7 +566,7 @@ def run_sweep(spec: SweepSpec, trials: Sequence[Trial], root: str, options: RunO
   if skipped:
     logging.info("%d of %d trials already finished (summary.json): skipped", skipped, len(states))
   write_sweep_json(root, spec, source, states)
-  running: dict[str, tuple[TrialState, Any, Any]] = {}   # name -> (state, runner actor, result ref)
+  running: dict[str, tuple[TrialState, Any, Any]] = {}  # name -> (state, runner actor, result ref)
   last_progress = 0.0
   asked_to_stop: set[str] = set()
 
@@ -471,9 +574,16 @@ def run_sweep(spec: SweepSpec, trials: Sequence[Trial], root: str, options: RunO
     os.makedirs(s.trial.workdir, exist_ok=True)
     s.state, s.attempts, s.started = "running", s.attempts + 1, time.time()
     runner = ray_trials.TrialRunner.options(max_concurrency=2, num_cpus=0).remote()
-    ref = runner.run.remote(dataclasses.asdict(s.trial), options.resources_per_host, options.tpu_type,
-                            options.env, options.working_dir, options.python, s.attempts,
-                            options.niceness)
+    ref = runner.run.remote(
+      dataclasses.asdict(s.trial),
+      options.resources_per_host,
+      options.tpu_type,
+      options.env,
+      options.working_dir,
+      options.python,
+      s.attempts,
+      options.niceness,
+    )
     running[s.trial.name] = (s, runner, ref)
     logging.info("trial %s: attempt %d started (%s)", s.trial.name, s.attempts, s.trial.workdir)
 
@@ -486,20 +596,34 @@ def run_sweep(spec: SweepSpec, trials: Sequence[Trial], root: str, options: RunO
       s.errors.append(result["error"])
     if read_summary(s.trial.workdir) is not None:
       s.state = "done"
-      logging.info("trial %s: done, final eval loss %.4f", name,
-                   read_summary(s.trial.workdir).get("final_eval_loss", float("nan")))
+      logging.info(
+        "trial %s: done, final eval loss %.4f",
+        name,
+        read_summary(s.trial.workdir).get("final_eval_loss", float("nan")),
+      )
     elif stopping:
       s.state = "stopped"
     elif s.attempts <= options.max_retries:
       s.state = "pending"
-      logging.warning("trial %s: attempt %d ended without a summary (exit codes %s%s); retrying "
-                      "from its last checkpoint (%d of %d retries left)", name, s.attempts,
-                      result.get("returncodes"), f", {result['error']}" if result.get("error") else "",
-                      options.max_retries - s.attempts + 1, options.max_retries)
+      logging.warning(
+        "trial %s: attempt %d ended without a summary (exit codes %s%s); retrying "
+        "from its last checkpoint (%d of %d retries left)",
+        name,
+        s.attempts,
+        result.get("returncodes"),
+        f", {result['error']}" if result.get("error") else "",
+        options.max_retries - s.attempts + 1,
+        options.max_retries,
+      )
     else:
       s.state = "failed"
-      logging.error("trial %s: failed after %d attempts (exit codes %s); logs in %s", name, s.attempts,
-                    s.returncodes, s.trial.workdir)
+      logging.error(
+        "trial %s: failed after %d attempts (exit codes %s); logs in %s",
+        name,
+        s.attempts,
+        s.returncodes,
+        s.trial.workdir,
+      )
     write_sweep_json(root, spec, source, states)
 
   with _StopSignal() as stop:
@@ -545,23 +669,50 @@ def run_sweep(spec: SweepSpec, trials: Sequence[Trial], root: str, options: RunO
 
 def define_flags() -> None:
   flags.DEFINE_string("sweep", None, "Sweep gin file (path, or relative to gin_configs/).")
-  flags.DEFINE_string("root", None, "Directory of the sweep: ROOT/<trial> workdirs and ROOT/sweep.json.")
-  flags.DEFINE_string("scale", "tiny", "Which scale of the sweep file (its gin scope): tiny or paper.")
-  flags.DEFINE_bool("dry_run", False, "List the trials with their bindings and workdirs; run nothing.")
-  flags.DEFINE_string("ray_address", None, "Ray cluster to join ('auto', 'ray://host:10001'); "
-                      "default: start a local Ray instance in this process.")
+  flags.DEFINE_string(
+    "root", None, "Directory of the sweep: ROOT/<trial> workdirs and ROOT/sweep.json."
+  )
+  flags.DEFINE_string(
+    "scale", "tiny", "Which scale of the sweep file (its gin scope): tiny or paper."
+  )
+  flags.DEFINE_bool(
+    "dry_run", False, "List the trials with their bindings and workdirs; run nothing."
+  )
+  flags.DEFINE_string(
+    "ray_address",
+    None,
+    "Ray cluster to join ('auto', 'ray://host:10001'); "
+    "default: start a local Ray instance in this process.",
+  )
   flags.DEFINE_integer("max_concurrent", 1, "Trials running at once.")
-  flags.DEFINE_string("resources_per_trial", "CPU=1", "Ray resources of each host process of a trial: "
-                      "'CPU=1,GPU=1' or a JSON object.")
-  flags.DEFINE_integer("num_hosts", None, "Processes (hosts) per trial; default: the sweep file's "
-                       "sweep.num_hosts (1). With --tpu_type: the slice's host count.")
-  flags.DEFINE_string("tpu_type", None, "Cloud TPU slice per trial, e.g. v4-16: the trial takes the "
-                      "slice head resource TPU-v4-16-head and runs one process on each host of it.")
-  flags.DEFINE_integer("max_retries", 2, "Restarts of a failed or preempted trial (from its checkpoints).")
+  flags.DEFINE_string(
+    "resources_per_trial",
+    "CPU=1",
+    "Ray resources of each host process of a trial: 'CPU=1,GPU=1' or a JSON object.",
+  )
+  flags.DEFINE_integer(
+    "num_hosts",
+    None,
+    "Processes (hosts) per trial; default: the sweep file's "
+    "sweep.num_hosts (1). With --tpu_type: the slice's host count.",
+  )
+  flags.DEFINE_string(
+    "tpu_type",
+    None,
+    "Cloud TPU slice per trial, e.g. v4-16: the trial takes the "
+    "slice head resource TPU-v4-16-head and runs one process on each host of it.",
+  )
+  flags.DEFINE_integer(
+    "max_retries", 2, "Restarts of a failed or preempted trial (from its checkpoints)."
+  )
   flags.DEFINE_multi_string("trial_env", [], "KEY=VALUE set in every trial's environment.")
-  flags.DEFINE_multi_string("gin_param", [], "Extra gin binding for every trial (after the sweep "
-                            "file's base bindings), e.g. \"DATA_DIR = '/mnt/tfds'\"; not part of "
-                            "the trial names.")
+  flags.DEFINE_multi_string(
+    "gin_param",
+    [],
+    "Extra gin binding for every trial (after the sweep "
+    "file's base bindings), e.g. \"DATA_DIR = '/mnt/tfds'\"; not part of "
+    "the trial names.",
+  )
   flags.DEFINE_integer("num_cpus", None, "CPUs of the local Ray instance (default: all).")
   flags.DEFINE_float("progress_every_s", 30.0, "Seconds between progress log lines.")
 
@@ -572,9 +723,9 @@ def _tpu_hosts(tpu_type: str) -> int:
   if not match:
     raise cli.UserError(f"--tpu_type={tpu_type!r}: expected e.g. v4-16, v5p-32, v5litepod-16")
   version, variant, size = match.group(1), match.group(2), int(match.group(3))
-  if version in ("2", "3", "4") or variant == "p":   # the number counts TensorCores, 2 per chip
+  if version in ("2", "3", "4") or variant == "p":  # the number counts TensorCores, 2 per chip
     chips = size // 2
-  else:                                              # v5e / v6e count chips
+  else:  # v5e / v6e count chips
     chips = size
   chips_per_host = 4 if version in ("2", "3", "4") or variant == "p" else 8 if chips >= 8 else chips
   return max(1, chips // chips_per_host)
@@ -590,10 +741,11 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.tpu_type and num_hosts is None:
     num_hosts = _tpu_hosts(FLAGS.tpu_type)
   try:
-    spec, trials = load_trials(FLAGS.sweep, FLAGS.root, FLAGS.scale, num_hosts=num_hosts,
-                               extra_bindings=FLAGS.gin_param)
+    spec, trials = load_trials(
+      FLAGS.sweep, FLAGS.root, FLAGS.scale, num_hosts=num_hosts, extra_bindings=FLAGS.gin_param
+    )
     resources = parse_resources(FLAGS.resources_per_trial)
-  except (SweepError, ValueError) as e:   # one line, exit status 2 (bt_jax.cli)
+  except (SweepError, ValueError) as e:  # one line, exit status 2 (bt_jax.cli)
     raise cli.UserError(str(e)) from e
   if FLAGS.dry_run:
     print(f"# sweep {spec.name} (scale {spec.scale}): {len(trials)} trials under {FLAGS.root}")
@@ -605,10 +757,16 @@ def main(argv: Sequence[str]) -> None:
         print(f"  {b}")
     return
   env = dict(item.split("=", 1) for item in FLAGS.trial_env)
-  options = RunOptions(max_concurrent=FLAGS.max_concurrent, max_retries=FLAGS.max_retries,
-                       resources_per_host=resources if not FLAGS.tpu_type else {},
-                       tpu_type=FLAGS.tpu_type, env=env, progress_every_s=FLAGS.progress_every_s)
+  options = RunOptions(
+    max_concurrent=FLAGS.max_concurrent,
+    max_retries=FLAGS.max_retries,
+    resources_per_host=resources if not FLAGS.tpu_type else {},
+    tpu_type=FLAGS.tpu_type,
+    env=env,
+    progress_every_s=FLAGS.progress_every_s,
+  )
   from experiments import ray_trials  # pylint: disable=g-import-not-at-top
+
   ray_trials.init(FLAGS.ray_address, FLAGS.num_cpus)
   try:
     states = run_sweep(spec, trials, FLAGS.root, options, FLAGS.sweep)
@@ -621,4 +779,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(lambda _: main([sys.argv[0]]))   # --help exits 0; user errors: one line, status 2
+  cli.run(lambda _: main([sys.argv[0]]))  # --help exits 0; user errors: one line, status 2

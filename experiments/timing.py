@@ -12,6 +12,7 @@ def time_call(fn: Callable, args: Sequence, warmup: int, repeats: int) -> Dict[s
   after `warmup` untimed ones (compilation lands there); each call is waited
   for with `jax.block_until_ready`."""
   import jax  # pylint: disable=import-outside-toplevel  (callers may set XLA_FLAGS first)
+
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1; got {repeats}")
   for _ in range(warmup):

@@ -23,9 +23,9 @@ from pallas_kernels.reference import reference_attention
 from pallas_kernels.reference import reference_decode_attention
 
 __all__ = [
-    "decode_attention",
-    "flash_attention",
-    "merge_partials",
-    "reference_attention",
-    "reference_decode_attention",
+  "decode_attention",
+  "flash_attention",
+  "merge_partials",
+  "reference_attention",
+  "reference_decode_attention",
 ]

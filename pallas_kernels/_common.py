@@ -72,8 +72,9 @@ def resolve_target(impl: str) -> str:
   backend = jax.default_backend()
   if backend not in TARGETS:
     raise ValueError(
-        f"impl='pallas' needs a gpu or tpu backend; the default backend is "
-        f"{backend!r}. Use impl='interpret' (slow, for tests) or impl='xla'.")
+      f"impl='pallas' needs a gpu or tpu backend; the default backend is "
+      f"{backend!r}. Use impl='interpret' (slow, for tests) or impl='xla'."
+    )
   return backend
 
 
@@ -118,12 +119,11 @@ def _quiet_triton_deprecation() -> None:
   kernels on every CUDA GPU (Mosaic GPU needs Hopper and a rewrite).
   """
   warnings.filterwarnings(
-      "ignore", message=r".*Pallas Triton backend is deprecated.*",
-      category=DeprecationWarning)
+    "ignore", message=r".*Pallas Triton backend is deprecated.*", category=DeprecationWarning
+  )
 
 
-def compiler_params(target: str, num_grid_dims: int, num_warps: int,
-                    num_stages: int):
+def compiler_params(target: str, num_grid_dims: int, num_warps: int, num_stages: int):
   """Backend compiler params; grid axes are all independent (parallel).
 
   On GPU, passing Triton's params selects the Triton lowering even where
@@ -132,19 +132,18 @@ def compiler_params(target: str, num_grid_dims: int, num_warps: int,
   if target == "gpu":
     _quiet_triton_deprecation()
     from jax.experimental.pallas import triton as plgpu
+
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   from jax.experimental.pallas import tpu as pltpu
-  return pltpu.CompilerParams(
-      dimension_semantics=("parallel",) * num_grid_dims)
+
+  return pltpu.CompilerParams(dimension_semantics=("parallel",) * num_grid_dims)
 
 
 def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
   """a [m, k] @ b[n, k].T -> [m, n] float32 (no explicit transpose op)."""
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
   """a [m, k] @ b [k, n] -> [m, n] float32."""
-  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)

@@ -55,10 +55,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import reference
-from pallas_kernels._common import (LN2, LOG2E, MASK_VALUE, compiler_params,
-                                    dot_nn, dot_nt, pad_axis, padded_head_dim,
-                                    pick_block, resolve_impl, resolve_target,
-                                    round_up)
+from pallas_kernels._common import (
+  LN2,
+  LOG2E,
+  MASK_VALUE,
+  compiler_params,
+  dot_nn,
+  dot_nt,
+  pad_axis,
+  padded_head_dim,
+  pick_block,
+  resolve_impl,
+  resolve_target,
+  round_up,
+)
 
 __all__ = ["decode_attention"]
 
@@ -66,17 +76,18 @@ __all__ = ["decode_attention"]
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
   """Static description of one decode-attention call (hashable)."""
+
   sm_scale: float
   block_k: int
   num_splits: int
-  num_tiles: int        # cache tiles of block_k positions (padded kv_len)
+  num_tiles: int  # cache tiles of block_k positions (padded kv_len)
   tiles_per_split: int  # "tpu": grid steps per split, ceil(tiles / splits)
-  rows: int             # padded group * q_len
+  rows: int  # padded group * q_len
   target: str
   interpret: bool
   num_warps: int
   num_stages: int
-  has_starts: bool      # False: positions start at 0 (no starts operand)
+  has_starts: bool  # False: positions start at 0 (no starts operand)
 
 
 def _split_tiles(start, length, split, *, block_k: int, num_splits: int):
@@ -98,13 +109,12 @@ def _split_tiles(start, length, split, *, block_k: int, num_splits: int):
     first_tile = lax.div(start, block_k)
     num_valid = jnp.maximum(end_tile - first_tile, 0)
   tiles_per_split = lax.div(num_valid + (num_splits - 1), num_splits)
-  lo = first_tile + split * tiles_per_split   # first_tile 0: folded away
+  lo = first_tile + split * tiles_per_split  # first_tile 0: folded away
   hi = jnp.minimum(lo + tiles_per_split, end_tile)
   return first_tile, end_tile, lo, jnp.maximum(hi, lo)
 
 
-def _tpu_kv_tile_index(start, length, split, t, *, block_k: int,
-                       num_splits: int, num_tiles: int):
+def _tpu_kv_tile_index(start, length, split, t, *, block_k: int, num_splits: int, num_tiles: int):
   """The K/V tile that grid step (b, h, split, t) of the "tpu" kernel maps.
 
   Step t of a split computes tile lo + t while that is below hi
@@ -118,8 +128,7 @@ def _tpu_kv_tile_index(start, length, split, t, *, block_k: int,
   final clamp to num_tiles - 1 keeps an empty row with start == padded
   kv_len in bounds.
   """
-  first, end, lo, hi = _split_tiles(start, length, split, block_k=block_k,
-                                    num_splits=num_splits)
+  first, end, lo, hi = _split_tiles(start, length, split, block_k=block_k, num_splits=num_splits)
   tile = jnp.minimum(lo + t, hi - 1)
   tile = jnp.clip(tile, first, jnp.maximum(end - 1, first))
   return jnp.minimum(tile, num_tiles - 1)
@@ -153,9 +162,11 @@ def _finish(o_ref, lse_ref, acc, m_i, l_i):
 
 
 def _initial_carry(rows: int, head_dim: int):
-  return (jnp.zeros((rows, head_dim), jnp.float32),
-          jnp.full((rows, 1), MASK_VALUE, jnp.float32),
-          jnp.zeros((rows, 1), jnp.float32))
+  return (
+    jnp.zeros((rows, head_dim), jnp.float32),
+    jnp.full((rows, 1), MASK_VALUE, jnp.float32),
+    jnp.zeros((rows, 1), jnp.float32),
+  )
 
 
 def _gpu_decode_kernel(*refs, cfg: DecodeConfig):
@@ -170,8 +181,9 @@ def _gpu_decode_kernel(*refs, cfg: DecodeConfig):
     start = None
   block_k = cfg.block_k
   length = lengths_ref[()]
-  _, _, lo, hi = _split_tiles(start, length, pl.program_id(2),
-                              block_k=block_k, num_splits=cfg.num_splits)
+  _, _, lo, hi = _split_tiles(
+    start, length, pl.program_id(2), block_k=block_k, num_splits=cfg.num_splits
+  )
   q = q_ref[...]
   rows = q.shape[0]
   scale = cfg.sm_scale * LOG2E
@@ -180,12 +192,11 @@ def _gpu_decode_kernel(*refs, cfg: DecodeConfig):
     k_start = pl.multiple_of(kb * block_k, block_k)
     kv_slice = pl.ds(k_start, block_k)
     position = k_start + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
-    return _online_softmax_step(carry, q, k_ref[kv_slice, :],
-                                v_ref[kv_slice, :], position, start, length,
-                                scale)
+    return _online_softmax_step(
+      carry, q, k_ref[kv_slice, :], v_ref[kv_slice, :], position, start, length, scale
+    )
 
-  acc, m_i, l_i = lax.fori_loop(lo, hi, body,
-                                _initial_carry(rows, q_ref.shape[-1]))
+  acc, m_i, l_i = lax.fori_loop(lo, hi, body, _initial_carry(rows, q_ref.shape[-1]))
   _finish(o_ref, lse_ref, acc, m_i, l_i)
 
 
@@ -204,8 +215,9 @@ def _tpu_decode_kernel(*refs, cfg: DecodeConfig):
   batch_index, t = pl.program_id(0), pl.program_id(3)
   length = lengths_ref[batch_index]
   start = starts_ref[batch_index] if cfg.has_starts else None
-  _, _, lo, hi = _split_tiles(start, length, pl.program_id(2),
-                              block_k=block_k, num_splits=cfg.num_splits)
+  _, _, lo, hi = _split_tiles(
+    start, length, pl.program_id(2), block_k=block_k, num_splits=cfg.num_splits
+  )
   tile = lo + t
 
   @pl.when(t == 0)
@@ -217,11 +229,17 @@ def _tpu_decode_kernel(*refs, cfg: DecodeConfig):
   def _compute():
     q = q_ref[...]
     rows = q.shape[0]
-    position = tile * block_k + lax.broadcasted_iota(jnp.int32,
-                                                      (rows, block_k), 1)
+    position = tile * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
     acc, m_i, l_i = _online_softmax_step(
-        (acc_ref[...], m_ref[...], l_ref[...]), q, k_ref[...], v_ref[...],
-        position, start, length, cfg.sm_scale * LOG2E)
+      (acc_ref[...], m_ref[...], l_ref[...]),
+      q,
+      k_ref[...],
+      v_ref[...],
+      position,
+      start,
+      length,
+      cfg.sm_scale * LOG2E,
+    )
     acc_ref[...], m_ref[...], l_ref[...] = acc, m_i, l_i
 
   @pl.when(t == cfg.tiles_per_split - 1)
@@ -229,8 +247,7 @@ def _tpu_decode_kernel(*refs, cfg: DecodeConfig):
     _finish(o_ref, lse_ref, acc_ref[...], m_ref[...], l_ref[...])
 
 
-def _decode_call(cfg: DecodeConfig, starts, lengths, q_rows, k_cache,
-                 v_cache):
+def _decode_call(cfg: DecodeConfig, starts, lengths, q_rows, k_cache, v_cache):
   """q_rows [b, kvh, rows, d]; caches in the target layout (see module doc);
   starts int32 [b] when cfg.has_starts, else None.
 
@@ -241,78 +258,79 @@ def _decode_call(cfg: DecodeConfig, starts, lengths, q_rows, k_cache,
   # starts travel exactly like lengths.
   scalars = (starts, lengths) if cfg.has_starts else (lengths,)
   out_shape = [
-      jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim),
-                           jnp.float32),
-      jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, 1), jnp.float32)]
+    jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), jnp.float32),
+    jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, 1), jnp.float32),
+  ]
   if cfg.target == "tpu":
     return _tpu_decode_call(cfg, scalars, q_rows, k_cache, v_cache, out_shape)
   kv_len = k_cache.shape[1]
   lengths_spec = pl.BlockSpec((None,), lambda b, h, s: (b,))
-  kv_spec = pl.BlockSpec((None, kv_len, None, head_dim),
-                         lambda b, h, s: (b, 0, h, 0))
-  q_spec = pl.BlockSpec((None, None, rows, head_dim),
-                        lambda b, h, s: (b, h, 0, 0))
-  o_spec = pl.BlockSpec((None, None, None, rows, head_dim),
-                        lambda b, h, s: (b, h, s, 0, 0))
-  lse_spec = pl.BlockSpec((None, None, None, rows, 1),
-                          lambda b, h, s: (b, h, s, 0, 0))
+  kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, s: (b, 0, h, 0))
+  q_spec = pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0))
+  o_spec = pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0))
+  lse_spec = pl.BlockSpec((None, None, None, rows, 1), lambda b, h, s: (b, h, s, 0, 0))
   return pl.pallas_call(
-      functools.partial(_gpu_decode_kernel, cfg=cfg),
-      grid=(batch, kv_heads, splits),
-      in_specs=[*[lengths_spec] * len(scalars), q_spec, kv_spec, kv_spec],
-      out_specs=[o_spec, lse_spec],
-      out_shape=out_shape,
-      compiler_params=compiler_params(cfg.target, 3, cfg.num_warps,
-                                      cfg.num_stages),
-      interpret=cfg.interpret,
-      name="decode_attention",
+    functools.partial(_gpu_decode_kernel, cfg=cfg),
+    grid=(batch, kv_heads, splits),
+    in_specs=[*[lengths_spec] * len(scalars), q_spec, kv_spec, kv_spec],
+    out_specs=[o_spec, lse_spec],
+    out_shape=out_shape,
+    compiler_params=compiler_params(cfg.target, 3, cfg.num_warps, cfg.num_stages),
+    interpret=cfg.interpret,
+    name="decode_attention",
   )(*scalars, q_rows, k_cache, v_cache)
 
 
-def _tpu_decode_call(cfg: DecodeConfig, scalars, q_rows, k_cache, v_cache,
-                     out_shape):
+def _tpu_decode_call(cfg: DecodeConfig, scalars, q_rows, k_cache, v_cache, out_shape):
   """The "tpu" pallas_call: scalars are prefetched to SMEM and steer the K/V
   index map, so tiles outside a row's range are not fetched."""
   from jax.experimental.pallas import tpu as pltpu
+
   batch, kv_heads, rows, head_dim = q_rows.shape
   has_starts = cfg.has_starts
 
   def kv_index(b, h, s, t, *scalar_refs):
     start = scalar_refs[0][b] if has_starts else None
-    tile = _tpu_kv_tile_index(start, scalar_refs[-1][b], s, t,
-                              block_k=cfg.block_k, num_splits=cfg.num_splits,
-                              num_tiles=cfg.num_tiles)
+    tile = _tpu_kv_tile_index(
+      start,
+      scalar_refs[-1][b],
+      s,
+      t,
+      block_k=cfg.block_k,
+      num_splits=cfg.num_splits,
+      num_tiles=cfg.num_tiles,
+    )
     return b, h, tile, 0
 
-  q_spec = pl.BlockSpec((None, None, rows, head_dim),
-                        lambda b, h, s, t, *_: (b, h, 0, 0))
+  q_spec = pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s, t, *_: (b, h, 0, 0))
   kv_spec = pl.BlockSpec((None, None, cfg.block_k, head_dim), kv_index)
-  o_spec = pl.BlockSpec((None, None, None, rows, head_dim),
-                        lambda b, h, s, t, *_: (b, h, s, 0, 0))
-  lse_spec = pl.BlockSpec((None, None, None, rows, 1),
-                          lambda b, h, s, t, *_: (b, h, s, 0, 0))
+  o_spec = pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s, t, *_: (b, h, s, 0, 0))
+  lse_spec = pl.BlockSpec((None, None, None, rows, 1), lambda b, h, s, t, *_: (b, h, s, 0, 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=len(scalars),
-      grid=(batch, kv_heads, cfg.num_splits, cfg.tiles_per_split),
-      in_specs=[q_spec, kv_spec, kv_spec],
-      out_specs=[o_spec, lse_spec],
-      scratch_shapes=[pltpu.VMEM((rows, head_dim), jnp.float32),
-                      pltpu.VMEM((rows, 1), jnp.float32),
-                      pltpu.VMEM((rows, 1), jnp.float32)])
+    num_scalar_prefetch=len(scalars),
+    grid=(batch, kv_heads, cfg.num_splits, cfg.tiles_per_split),
+    in_specs=[q_spec, kv_spec, kv_spec],
+    out_specs=[o_spec, lse_spec],
+    scratch_shapes=[
+      pltpu.VMEM((rows, head_dim), jnp.float32),
+      pltpu.VMEM((rows, 1), jnp.float32),
+      pltpu.VMEM((rows, 1), jnp.float32),
+    ],
+  )
   return pl.pallas_call(
-      functools.partial(_tpu_decode_kernel, cfg=cfg),
-      grid_spec=grid_spec,
-      out_shape=out_shape,
-      # The tile axis carries the scratch accumulators: sequential.
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel",) * 3 + ("arbitrary",)),
-      interpret=cfg.interpret,
-      name="decode_attention",
+    functools.partial(_tpu_decode_kernel, cfg=cfg),
+    grid_spec=grid_spec,
+    out_shape=out_shape,
+    # The tile axis carries the scratch accumulators: sequential.
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3 + ("arbitrary",)),
+    interpret=cfg.interpret,
+    name="decode_attention",
   )(*scalars, q_rows, k_cache, v_cache)
 
 
-def merge_partials(out_parts: jax.Array, lse_parts: jax.Array,
-                   axis: int) -> Tuple[jax.Array, jax.Array]:
+def merge_partials(
+  out_parts: jax.Array, lse_parts: jax.Array, axis: int
+) -> Tuple[jax.Array, jax.Array]:
   """Merges normalised partial attention results over `axis` exactly.
 
   out_parts [..., d] f32 with lse_parts of the same shape minus the last dim;
@@ -336,13 +354,18 @@ def _default_splits(batch: int, kv_heads: int, num_tiles: int) -> int:
   return max(1, min(num_tiles, -(-target_programs // (batch * kv_heads))))
 
 
-def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                     ends: jax.Array, *, starts: Optional[jax.Array] = None,
-                     sm_scale: Optional[float] = None,
-                     impl: Optional[str] = None,
-                     num_splits: Optional[int] = None,
-                     block_k: Optional[int] = None
-                     ) -> Tuple[jax.Array, jax.Array]:
+def decode_attention(
+  q: jax.Array,
+  k_cache: jax.Array,
+  v_cache: jax.Array,
+  ends: jax.Array,
+  *,
+  starts: Optional[jax.Array] = None,
+  sm_scale: Optional[float] = None,
+  impl: Optional[str] = None,
+  num_splits: Optional[int] = None,
+  block_k: Optional[int] = None,
+) -> Tuple[jax.Array, jax.Array]:
   """Attention of a few new tokens over a KV cache, with split-KV.
 
   Args:
@@ -371,31 +394,30 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     `[batch, heads, q_len]` float32, natural log. An empty range
     (starts[b] >= ends[b], e.g. ends[b] == 0) gives zeros and lse -inf.
   """
-  lengths = ends   # the kernels' name for the exclusive end
+  lengths = ends  # the kernels' name for the exclusive end
   reference.check_attention_shapes(q, k_cache, v_cache)
   if k_cache.dtype != v_cache.dtype:
     raise ValueError(
-        f"k_cache and v_cache must share a dtype; got {k_cache.dtype} and "
-        f"{v_cache.dtype}")
+      f"k_cache and v_cache must share a dtype; got {k_cache.dtype} and {v_cache.dtype}"
+    )
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
   lengths = jnp.asarray(lengths, jnp.int32)
   if lengths.shape != (batch,):
-    raise ValueError(
-        f"ends must be int32 [batch={batch}]; got shape {lengths.shape}")
+    raise ValueError(f"ends must be int32 [batch={batch}]; got shape {lengths.shape}")
   if starts is not None:
     starts = jnp.asarray(starts, jnp.int32)
     if starts.shape != (batch,):
-      raise ValueError(
-          f"starts must be int32 [batch={batch}]; got shape {starts.shape}")
+      raise ValueError(f"starts must be int32 [batch={batch}]; got shape {starts.shape}")
   if sm_scale is None:
-    sm_scale = head_dim ** -0.5
+    sm_scale = head_dim**-0.5
   if num_splits is not None and int(num_splits) < 1:
     raise ValueError(f"num_splits must be >= 1; got {num_splits}")
   impl = resolve_impl(impl)
   if impl == "xla":
     return reference.reference_decode_attention(
-        q, k_cache, v_cache, lengths, starts=starts, sm_scale=sm_scale)
+      q, k_cache, v_cache, lengths, starts=starts, sm_scale=sm_scale
+    )
 
   target = resolve_target(impl)
   group = heads // kv_heads
@@ -412,8 +434,11 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   bk = pick_block(block_k, default_block, kv_len)
   kv_len_p = round_up(kv_len, bk)
   num_tiles = kv_len_p // bk
-  splits = (_default_splits(batch, kv_heads, num_tiles) if num_splits is None
-            else min(int(num_splits), num_tiles))
+  splits = (
+    _default_splits(batch, kv_heads, num_tiles)
+    if num_splits is None
+    else min(int(num_splits), num_tiles)
+  )
   tiles_per_split = -(-num_tiles // splits)
   if target == "tpu":
     # Fewest splits with this many grid steps each: a split every row would
@@ -424,21 +449,25 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   # tile is a legal matmul operand: a power of two >= 16 for Triton, a
   # multiple of 8 (the f32 sublane count) for Mosaic.
   rows = group * q_len
-  rows_p = max(16, pl.next_power_of_2(rows)) if target == "gpu" else round_up(
-      rows, 8)
+  rows_p = max(16, pl.next_power_of_2(rows)) if target == "gpu" else round_up(rows, 8)
   cfg = DecodeConfig(
-      sm_scale=float(sm_scale), block_k=bk, num_splits=splits,
-      num_tiles=num_tiles, tiles_per_split=tiles_per_split, rows=rows_p,
-      target=target, interpret=impl == "interpret", num_warps=4,
-      num_stages=3 if head_dim <= 128 else 2,  # untuned: see kernel_bench
-      has_starts=starts is not None)
+    sm_scale=float(sm_scale),
+    block_k=bk,
+    num_splits=splits,
+    num_tiles=num_tiles,
+    tiles_per_split=tiles_per_split,
+    rows=rows_p,
+    target=target,
+    interpret=impl == "interpret",
+    num_warps=4,
+    num_stages=3 if head_dim <= 128 else 2,  # untuned: see kernel_bench
+    has_starts=starts is not None,
+  )
 
   # Matmul operands in the cache dtype (mixed-dtype dots do not lower on
   # Triton); the cache is the big array, so it is never cast.
-  q_rows = q.astype(k_cache.dtype).reshape(batch, q_len, kv_heads, group,
-                                           head_dim)
-  q_rows = jnp.transpose(q_rows, (0, 2, 1, 3, 4)).reshape(
-      batch, kv_heads, rows, head_dim)
+  q_rows = q.astype(k_cache.dtype).reshape(batch, q_len, kv_heads, group, head_dim)
+  q_rows = jnp.transpose(q_rows, (0, 2, 1, 3, 4)).reshape(batch, kv_heads, rows, head_dim)
   q_rows = pad_axis(pad_axis(q_rows, 2, rows_p), 3, d_p)
   # These pads copy the cache only for odd kv_len / head_dim.
   k_p = pad_axis(pad_axis(k_cache, 1, kv_len_p), 3, d_p)
@@ -449,10 +478,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   out_parts, lse_parts = _decode_call(cfg, starts, lengths, q_rows, k_p, v_p)
   out, lse = merge_partials(out_parts, lse_parts[..., 0], axis=2)
   # out [b, kvh, rows_p, d_p] -> [b, q_len, heads, d]
-  out = out[:, :, :rows, :head_dim].reshape(batch, kv_heads, q_len, group,
-                                            head_dim)
-  out = jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(batch, q_len, heads,
-                                                    head_dim)
+  out = out[:, :, :rows, :head_dim].reshape(batch, kv_heads, q_len, group, head_dim)
+  out = jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(batch, q_len, heads, head_dim)
   lse = lse[:, :, :rows].reshape(batch, kv_heads, q_len, group)
   lse = jnp.transpose(lse, (0, 1, 3, 2)).reshape(batch, heads, q_len)
   return out.astype(q.dtype), lse

@@ -40,10 +40,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import reference
-from pallas_kernels._common import (LN2, LOG2E, MASK_VALUE, compiler_params,
-                                    dot_nn, dot_nt, pad_axis,
-                                    padded_head_dim, pick_block, resolve_impl,
-                                    resolve_target, round_up)
+from pallas_kernels._common import (
+  LN2,
+  LOG2E,
+  MASK_VALUE,
+  compiler_params,
+  dot_nn,
+  dot_nt,
+  pad_axis,
+  padded_head_dim,
+  pick_block,
+  resolve_impl,
+  resolve_target,
+  round_up,
+)
 
 __all__ = ["flash_attention"]
 
@@ -51,21 +61,22 @@ __all__ = ["flash_attention"]
 @dataclasses.dataclass(frozen=True)
 class FlashConfig:
   """Static description of one flash-attention problem (hashable)."""
+
   causal: bool
   local_block: Optional[int]
   sm_scale: float
-  q_len: int            # true lengths (positions / causal offset use these)
+  q_len: int  # true lengths (positions / causal offset use these)
   kv_len: int
   q_len_padded: int
   kv_len_padded: int
-  block_q: int          # forward and dq tiles
+  block_q: int  # forward and dq tiles
   block_k: int
-  block_q_dkv: int      # dk/dv tiles
+  block_q_dkv: int  # dk/dv tiles
   block_k_dkv: int
-  group: int            # heads // kv_heads
+  group: int  # heads // kv_heads
   has_segment_ids: bool
   has_mask: bool
-  target: str           # "gpu" (Triton / interpret) | "tpu" (Mosaic)
+  target: str  # "gpu" (Triton / interpret) | "tpu" (Mosaic)
   interpret: bool
   num_warps: int
   num_stages: int
@@ -84,8 +95,7 @@ class FlashConfig:
   @property
   def always_masked(self) -> bool:
     """Masks that can cut any tile: no tile is known mask-free statically."""
-    return (self.has_segment_ids or self.has_mask
-            or self.local_block is not None)
+    return self.has_segment_ids or self.has_mask or self.local_block is not None
 
 
 def _cdiv(a, b: int):
@@ -106,9 +116,16 @@ def _block_index(positions, block: int):
   return lax.div(positions, jnp.int32(block))
 
 
-def _tile_mask(cfg: FlashConfig, q_start, k_start, shape: Tuple[int, int],
-               q_seg=None, kv_seg=None, explicit=None,
-               keys_first: bool = False):
+def _tile_mask(
+  cfg: FlashConfig,
+  q_start,
+  k_start,
+  shape: Tuple[int, int],
+  q_seg=None,
+  kv_seg=None,
+  explicit=None,
+  keys_first: bool = False,
+):
   """Boolean tile: may query q_start + r attend key k_start + c.
 
   shape is [q rows, keys] (or [keys, q rows] with keys_first, used by the
@@ -128,8 +145,9 @@ def _tile_mask(cfg: FlashConfig, q_start, k_start, shape: Tuple[int, int],
   if cfg.causal:
     allowed = both(allowed, k_pos <= q_pos + cfg.offset)
   if cfg.local_block is not None:
-    allowed = both(allowed, _block_index(q_pos, cfg.local_block)
-                   == _block_index(k_pos, cfg.local_block))
+    allowed = both(
+      allowed, _block_index(q_pos, cfg.local_block) == _block_index(k_pos, cfg.local_block)
+    )
   if q_seg is not None:
     allowed = both(allowed, jnp.logical_and(q_seg == kv_seg, q_seg != 0))
   if explicit is not None:
@@ -160,8 +178,7 @@ def _kv_tile_range(cfg: FlashConfig, q_start, block_q: int, block_k: int):
   mid = jnp.int32(full)
   if cfg.causal:
     # Keys <= q_start + offset are visible to every row of the tile.
-    mid = jnp.minimum(mid, lax.div(jnp.maximum(q_start + cfg.offset + 1, 0),
-                                   block_k))
+    mid = jnp.minimum(mid, lax.div(jnp.maximum(q_start + cfg.offset + 1, 0), block_k))
   mid = jnp.clip(mid, lo, hi)
   return lo, mid, hi
 
@@ -199,8 +216,19 @@ def _q_tile_range(cfg: FlashConfig, k_start, block_q: int, block_k: int):
 # --------------------------------------------------------------------------
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, mask_ref,
-                o_ref, lse_ref, *, cfg: FlashConfig, q_axis: int):
+def _fwd_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  q_seg_ref,
+  kv_seg_ref,
+  mask_ref,
+  o_ref,
+  lse_ref,
+  *,
+  cfg: FlashConfig,
+  q_axis: int,
+):
   # q_ref/o_ref [block_q, d]; k_ref/v_ref [kv_len_padded, d];
   # q_seg_ref [block_q, 1]; kv_seg_ref [1, kv_len_padded];
   # mask_ref [block_q, kv_len_padded]; lse_ref [block_q, 1].
@@ -218,9 +246,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, mask_ref,
     s = dot_nt(q, k_ref[kv_slice, :]) * scale  # [block_q, block_k]
     if masked:
       allowed = _tile_mask(
-          cfg, q_start, k_start, (block_q, block_k), q_seg=q_seg,
-          kv_seg=None if kv_seg_ref is None else kv_seg_ref[:, kv_slice],
-          explicit=None if mask_ref is None else mask_ref[:, kv_slice])
+        cfg,
+        q_start,
+        k_start,
+        (block_q, block_k),
+        q_seg=q_seg,
+        kv_seg=None if kv_seg_ref is None else kv_seg_ref[:, kv_slice],
+        explicit=None if mask_ref is None else mask_ref[:, kv_slice],
+      )
       s = jnp.where(allowed, s, MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     p = jnp.exp2(s - m_next)
@@ -234,9 +267,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, mask_ref,
     return acc, m_next, l_next
 
   head_dim = q_ref.shape[-1]
-  carry = (jnp.zeros((block_q, head_dim), jnp.float32),
-           jnp.full((block_q, 1), MASK_VALUE, jnp.float32),
-           jnp.zeros((block_q, 1), jnp.float32))
+  carry = (
+    jnp.zeros((block_q, head_dim), jnp.float32),
+    jnp.full((block_q, 1), MASK_VALUE, jnp.float32),
+    jnp.zeros((block_q, 1), jnp.float32),
+  )
   carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), carry)
   carry = lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
   acc, m_i, l_i = carry
@@ -246,8 +281,21 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, mask_ref,
   lse_ref[...] = jnp.where(seen, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, mask_ref, do_ref,
-               lse2_ref, delta_ref, dq_ref, *, cfg: FlashConfig, q_axis: int):
+def _dq_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  q_seg_ref,
+  kv_seg_ref,
+  mask_ref,
+  do_ref,
+  lse2_ref,
+  delta_ref,
+  dq_ref,
+  *,
+  cfg: FlashConfig,
+  q_axis: int,
+):
   # As _fwd_kernel; do_ref/dq_ref [block_q, d]; lse2_ref/delta_ref [block_q, 1]
   # (lse2 = lse * log2(e), +inf on fully masked rows so p == 0 there).
   block_q, block_k = cfg.block_q, cfg.block_k
@@ -267,9 +315,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, mask_ref, do_ref,
     s = dot_nt(q, k) * scale
     if masked:
       allowed = _tile_mask(
-          cfg, q_start, k_start, (block_q, block_k), q_seg=q_seg,
-          kv_seg=None if kv_seg_ref is None else kv_seg_ref[:, kv_slice],
-          explicit=None if mask_ref is None else mask_ref[:, kv_slice])
+        cfg,
+        q_start,
+        k_start,
+        (block_q, block_k),
+        q_seg=q_seg,
+        kv_seg=None if kv_seg_ref is None else kv_seg_ref[:, kv_slice],
+        explicit=None if mask_ref is None else mask_ref[:, kv_slice],
+      )
       s = jnp.where(allowed, s, MASK_VALUE)
     p = jnp.exp2(s - lse2)
     dp = dot_nt(do, v_ref[kv_slice, :])
@@ -282,9 +335,22 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, mask_ref, do_ref,
   dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, mask_ref, do_ref,
-                lse2_ref, delta_ref, dk_ref, dv_ref, *, cfg: FlashConfig,
-                k_axis: int):
+def _dkv_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  q_seg_ref,
+  kv_seg_ref,
+  mask_ref,
+  do_ref,
+  lse2_ref,
+  delta_ref,
+  dk_ref,
+  dv_ref,
+  *,
+  cfg: FlashConfig,
+  k_axis: int,
+):
   # Works on transposed scores sT = k q^T [block_k, block_q], so every
   # register-held matmul operand (pT, dsT) is a left operand needing no
   # transpose (as in the Triton fused-attention tutorial).
@@ -312,29 +378,32 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, mask_ref, do_ref,
     q_slice = pl.ds(q_start, block_q)
     q = rows(q_ref, g, q_slice)
     do = rows(do_ref, g, q_slice)
-    lse2 = lse2_ref[g, :, q_slice]    # [1, block_q]
+    lse2 = lse2_ref[g, :, q_slice]  # [1, block_q]
     delta = delta_ref[g, :, q_slice]  # [1, block_q]
-    s_t = dot_nt(k, q) * scale        # [block_k, block_q]
+    s_t = dot_nt(k, q) * scale  # [block_k, block_q]
     if masked:
       allowed = _tile_mask(
-          cfg, q_start, k_start, (block_k, block_q), keys_first=True,
-          q_seg=None if q_seg_ref is None else q_seg_ref[:, q_slice],
-          kv_seg=kv_seg,
-          explicit=None if mask_ref is None else mask_ref[:, q_slice])
+        cfg,
+        q_start,
+        k_start,
+        (block_k, block_q),
+        keys_first=True,
+        q_seg=None if q_seg_ref is None else q_seg_ref[:, q_slice],
+        kv_seg=kv_seg,
+        explicit=None if mask_ref is None else mask_ref[:, q_slice],
+      )
       s_t = jnp.where(allowed, s_t, MASK_VALUE)
     p_t = jnp.exp2(s_t - lse2)
     dv = dv + dot_nn(p_t.astype(do.dtype), do)
-    dp_t = dot_nt(v, do)              # [block_k, block_q]
+    dp_t = dot_nt(v, do)  # [block_k, block_q]
     ds_t = p_t * (dp_t - delta)
     dk = dk + dot_nn(ds_t.astype(q.dtype), q)
     return dk, dv
 
   def head_body(g, carry):
     # Masked tiles come first here (the causal diagonal is at low q).
-    carry = lax.fori_loop(lo, mid, functools.partial(body, g=g, masked=True),
-                          carry)
-    return lax.fori_loop(mid, hi, functools.partial(body, g=g, masked=False),
-                         carry)
+    carry = lax.fori_loop(lo, mid, functools.partial(body, g=g, masked=True), carry)
+    return lax.fori_loop(mid, hi, functools.partial(body, g=g, masked=False), carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   if cfg.group == 1:
@@ -362,13 +431,17 @@ def _grid(cfg: FlashConfig, num_tiles: int, batch: int, heads: int):
   """
   if cfg.target == "gpu":
     grid = (num_tiles, batch, heads)
+
     def adapt(fn):
       return lambda t, b, h: fn(b, h, t)
+
     tile_axis = 0
   else:
     grid = (batch, heads, num_tiles)
+
     def adapt(fn):
       return lambda b, h, t: fn(b, h, t)
+
     tile_axis = 2
   return grid, adapt, tile_axis
 
@@ -379,13 +452,17 @@ def _seq_spec(cfg, adapt, length_block, head_block, d, index):
   index(b, h, t) -> (len block index, head block index).
   """
   if cfg.target == "gpu":
+
     def imap(b, h, t):
       li, hi = index(b, h, t)
       return (b, li, hi, 0)
+
     return pl.BlockSpec((None, length_block, head_block, d), adapt(imap))
+
   def imap(b, h, t):
     li, hi = index(b, h, t)
     return (b, hi, li, 0)
+
   return pl.BlockSpec((None, head_block, length_block, d), adapt(imap))
 
 
@@ -397,35 +474,38 @@ def _fwd_call(cfg: FlashConfig, q, k, v, q_seg, kv_seg, mask):
   num_q = cfg.q_len_padded // cfg.block_q
   grid, adapt, q_axis = _grid(cfg, num_q, batch, heads)
   group = cfg.group
-  q_spec = _seq_spec(cfg, adapt, cfg.block_q, None, head_dim,
-                     lambda b, h, t: (t, h))
-  kv_spec = _seq_spec(cfg, adapt, cfg.kv_len_padded, None, head_dim,
-                      lambda b, h, t: (0, lax.div(h, group)))
-  row_spec = pl.BlockSpec((None, None, cfg.block_q, 1),
-                          adapt(lambda b, h, t: (b, h, t, 0)))
+  q_spec = _seq_spec(cfg, adapt, cfg.block_q, None, head_dim, lambda b, h, t: (t, h))
+  kv_spec = _seq_spec(
+    cfg, adapt, cfg.kv_len_padded, None, head_dim, lambda b, h, t: (0, lax.div(h, group))
+  )
+  row_spec = pl.BlockSpec((None, None, cfg.block_q, 1), adapt(lambda b, h, t: (b, h, t, 0)))
   in_specs = [
-      q_spec, kv_spec, kv_spec,
-      None if q_seg is None else pl.BlockSpec(
-          (None, cfg.block_q, 1), adapt(lambda b, h, t: (b, t, 0))),
-      None if kv_seg is None else pl.BlockSpec(
-          (None, 1, cfg.kv_len_padded), adapt(lambda b, h, t: (b, 0, 0))),
-      None if mask is None else pl.BlockSpec(
-          (None, cfg.block_q, cfg.kv_len_padded),
-          adapt(lambda b, h, t: (b, t, 0))),
+    q_spec,
+    kv_spec,
+    kv_spec,
+    None
+    if q_seg is None
+    else pl.BlockSpec((None, cfg.block_q, 1), adapt(lambda b, h, t: (b, t, 0))),
+    None
+    if kv_seg is None
+    else pl.BlockSpec((None, 1, cfg.kv_len_padded), adapt(lambda b, h, t: (b, 0, 0))),
+    None
+    if mask is None
+    else pl.BlockSpec((None, cfg.block_q, cfg.kv_len_padded), adapt(lambda b, h, t: (b, t, 0))),
   ]
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-               jax.ShapeDtypeStruct((batch, heads, cfg.q_len_padded, 1),
-                                    jnp.float32)]
+  out_shape = [
+    jax.ShapeDtypeStruct(q.shape, q.dtype),
+    jax.ShapeDtypeStruct((batch, heads, cfg.q_len_padded, 1), jnp.float32),
+  ]
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg=cfg, q_axis=q_axis),
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=[q_spec, row_spec],
-      out_shape=out_shape,
-      compiler_params=compiler_params(cfg.target, 3, cfg.num_warps,
-                                      cfg.num_stages),
-      interpret=cfg.interpret,
-      name="flash_attention_fwd",
+    functools.partial(_fwd_kernel, cfg=cfg, q_axis=q_axis),
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=[q_spec, row_spec],
+    out_shape=out_shape,
+    compiler_params=compiler_params(cfg.target, 3, cfg.num_warps, cfg.num_stages),
+    interpret=cfg.interpret,
+    name="flash_attention_fwd",
   )(q, k, v, q_seg, kv_seg, mask)
 
 
@@ -437,33 +517,37 @@ def _dq_call(cfg: FlashConfig, q, k, v, q_seg, kv_seg, mask, do, lse2, delta):
   num_q = cfg.q_len_padded // cfg.block_q
   grid, adapt, q_axis = _grid(cfg, num_q, batch, heads)
   group = cfg.group
-  q_spec = _seq_spec(cfg, adapt, cfg.block_q, None, head_dim,
-                     lambda b, h, t: (t, h))
-  kv_spec = _seq_spec(cfg, adapt, cfg.kv_len_padded, None, head_dim,
-                      lambda b, h, t: (0, lax.div(h, group)))
-  row_spec = pl.BlockSpec((None, None, cfg.block_q, 1),
-                          adapt(lambda b, h, t: (b, h, t, 0)))
+  q_spec = _seq_spec(cfg, adapt, cfg.block_q, None, head_dim, lambda b, h, t: (t, h))
+  kv_spec = _seq_spec(
+    cfg, adapt, cfg.kv_len_padded, None, head_dim, lambda b, h, t: (0, lax.div(h, group))
+  )
+  row_spec = pl.BlockSpec((None, None, cfg.block_q, 1), adapt(lambda b, h, t: (b, h, t, 0)))
   in_specs = [
-      q_spec, kv_spec, kv_spec,
-      None if q_seg is None else pl.BlockSpec(
-          (None, cfg.block_q, 1), adapt(lambda b, h, t: (b, t, 0))),
-      None if kv_seg is None else pl.BlockSpec(
-          (None, 1, cfg.kv_len_padded), adapt(lambda b, h, t: (b, 0, 0))),
-      None if mask is None else pl.BlockSpec(
-          (None, cfg.block_q, cfg.kv_len_padded),
-          adapt(lambda b, h, t: (b, t, 0))),
-      q_spec, row_spec, row_spec,
+    q_spec,
+    kv_spec,
+    kv_spec,
+    None
+    if q_seg is None
+    else pl.BlockSpec((None, cfg.block_q, 1), adapt(lambda b, h, t: (b, t, 0))),
+    None
+    if kv_seg is None
+    else pl.BlockSpec((None, 1, cfg.kv_len_padded), adapt(lambda b, h, t: (b, 0, 0))),
+    None
+    if mask is None
+    else pl.BlockSpec((None, cfg.block_q, cfg.kv_len_padded), adapt(lambda b, h, t: (b, t, 0))),
+    q_spec,
+    row_spec,
+    row_spec,
   ]
   return pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg, q_axis=q_axis),
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=compiler_params(cfg.target, 3, cfg.num_warps_bwd,
-                                      cfg.num_stages_bwd),
-      interpret=cfg.interpret,
-      name="flash_attention_dq",
+    functools.partial(_dq_kernel, cfg=cfg, q_axis=q_axis),
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=q_spec,
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=compiler_params(cfg.target, 3, cfg.num_warps_bwd, cfg.num_stages_bwd),
+    interpret=cfg.interpret,
+    name="flash_attention_dq",
   )(q, k, v, q_seg, kv_seg, mask, do, lse2, delta)
 
 
@@ -484,35 +568,36 @@ def _dkv_call(cfg: FlashConfig, q, k, v, q_seg, kv_seg, mask, do, lse2, delta):
   num_k = cfg.kv_len_padded // cfg.block_k_dkv
   grid, adapt, k_axis = _grid(cfg, num_k, batch, kv_heads)
   group = cfg.group
-  kv_spec = _seq_spec(cfg, adapt, cfg.block_k_dkv, None, head_dim,
-                      lambda b, h, t: (t, h))
+  kv_spec = _seq_spec(cfg, adapt, cfg.block_k_dkv, None, head_dim, lambda b, h, t: (t, h))
   # All query rows of the `group` query heads that read kv head h.
-  q_spec = _seq_spec(cfg, adapt, cfg.q_len_padded, group, head_dim,
-                     lambda b, h, t: (0, h))
-  rows_spec = pl.BlockSpec((None, group, 1, cfg.q_len_padded),
-                           adapt(lambda b, h, t: (b, h, 0, 0)))
+  q_spec = _seq_spec(cfg, adapt, cfg.q_len_padded, group, head_dim, lambda b, h, t: (0, h))
+  rows_spec = pl.BlockSpec((None, group, 1, cfg.q_len_padded), adapt(lambda b, h, t: (b, h, 0, 0)))
   in_specs = [
-      q_spec, kv_spec, kv_spec,
-      None if q_seg is None else pl.BlockSpec(
-          (None, 1, cfg.q_len_padded), adapt(lambda b, h, t: (b, 0, 0))),
-      None if kv_seg is None else pl.BlockSpec(
-          (None, cfg.block_k_dkv, 1), adapt(lambda b, h, t: (b, t, 0))),
-      None if mask is None else pl.BlockSpec(
-          (None, cfg.block_k_dkv, cfg.q_len_padded),
-          adapt(lambda b, h, t: (b, t, 0))),
-      q_spec, rows_spec, rows_spec,
+    q_spec,
+    kv_spec,
+    kv_spec,
+    None
+    if q_seg is None
+    else pl.BlockSpec((None, 1, cfg.q_len_padded), adapt(lambda b, h, t: (b, 0, 0))),
+    None
+    if kv_seg is None
+    else pl.BlockSpec((None, cfg.block_k_dkv, 1), adapt(lambda b, h, t: (b, t, 0))),
+    None
+    if mask is None
+    else pl.BlockSpec((None, cfg.block_k_dkv, cfg.q_len_padded), adapt(lambda b, h, t: (b, t, 0))),
+    q_spec,
+    rows_spec,
+    rows_spec,
   ]
   return pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg, k_axis=k_axis),
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=compiler_params(cfg.target, 3, cfg.num_warps_bwd,
-                                      cfg.num_stages_bwd),
-      interpret=cfg.interpret,
-      name="flash_attention_dkv",
+    functools.partial(_dkv_kernel, cfg=cfg, k_axis=k_axis),
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=[kv_spec, kv_spec],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=compiler_params(cfg.target, 3, cfg.num_warps_bwd, cfg.num_stages_bwd),
+    interpret=cfg.interpret,
+    name="flash_attention_dkv",
   )(q, k, v, q_seg, kv_seg, mask, do, lse2, delta)
 
 
@@ -538,8 +623,7 @@ def _flash_core_bwd(cfg, residuals, cotangents):
   d_out = d_out.astype(q.dtype)
   # delta_i = sum_d out_i * dout_i; the lse cotangent enters as -d_lse because
   # d lse_i / d s_ij = p_ij: ds = p * (dp - (delta - d_lse)).
-  out_dot_dout = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32),
-                         axis=-1)
+  out_dot_dout = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
   if cfg.target == "gpu":
     out_dot_dout = jnp.swapaxes(out_dot_dout, 1, 2)  # [b, tq, h] -> [b, h, tq]
   delta = out_dot_dout[..., None] - d_lse.astype(jnp.float32)
@@ -556,11 +640,12 @@ _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
 # Public API.
 # --------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class _Tuning:
-  block_q: int       # forward and dq kernels
+  block_q: int  # forward and dq kernels
   block_k: int
-  block_q_dkv: int   # dk/dv kernel
+  block_q_dkv: int  # dk/dv kernel
   block_k_dkv: int
   num_warps: int
   num_stages: int
@@ -580,14 +665,23 @@ def _default_tuning(target: str, head_dim: int) -> _Tuning:
   return _Tuning(128, 64, 64, 64, 8, 2, 8, 2)
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                    causal: bool = False, local_block: Optional[int] = None,
-                    segment_ids=None, mask: Optional[jax.Array] = None,
-                    return_lse: bool = False, sm_scale: Optional[float] = None,
-                    impl: Optional[str] = None, block_q: Optional[int] = None,
-                    block_k: Optional[int] = None,
-                    block_q_dkv: Optional[int] = None,
-                    block_k_dkv: Optional[int] = None):
+def flash_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  causal: bool = False,
+  local_block: Optional[int] = None,
+  segment_ids=None,
+  mask: Optional[jax.Array] = None,
+  return_lse: bool = False,
+  sm_scale: Optional[float] = None,
+  impl: Optional[str] = None,
+  block_q: Optional[int] = None,
+  block_k: Optional[int] = None,
+  block_q_dkv: Optional[int] = None,
+  block_k_dkv: Optional[int] = None,
+):
   """Memory-efficient masked attention, differentiable (custom_vjp).
 
   Args:
@@ -618,48 +712,63 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
   if sm_scale is None:
-    sm_scale = head_dim ** -0.5
+    sm_scale = head_dim**-0.5
   if local_block is not None:
     if q_len != kv_len:
-      raise ValueError(
-          f"local_block needs q_len == kv_len; got q_len={q_len}, "
-          f"kv_len={kv_len}")
+      raise ValueError(f"local_block needs q_len == kv_len; got q_len={q_len}, kv_len={kv_len}")
     if int(local_block) <= 0:
       raise ValueError(f"local_block must be a positive int; got {local_block}")
     local_block = int(local_block)
   if mask is not None and mask.shape != (batch, q_len, kv_len):
     raise ValueError(
-        f"mask must be [batch, q_len, kv_len] = {(batch, q_len, kv_len)}; got "
-        f"{mask.shape}")
+      f"mask must be [batch, q_len, kv_len] = {(batch, q_len, kv_len)}; got {mask.shape}"
+    )
   q_seg, kv_seg = reference.split_segment_ids(segment_ids, q_len, kv_len)
   impl = resolve_impl(impl)
   if impl == "xla":
     out, lse = reference.reference_attention(
-        q, k, v, causal=causal, local_block=local_block,
-        segment_ids=None if q_seg is None else (q_seg, kv_seg), mask=mask,
-        sm_scale=sm_scale)
+      q,
+      k,
+      v,
+      causal=causal,
+      local_block=local_block,
+      segment_ids=None if q_seg is None else (q_seg, kv_seg),
+      mask=mask,
+      sm_scale=sm_scale,
+    )
     return (out, lse) if return_lse else out
 
   target = resolve_target(impl)
   tuning = _default_tuning(target, head_dim)
   bq = pick_block(block_q, tuning.block_q, q_len)
   bk = pick_block(block_k, tuning.block_k, kv_len)
-  bq_dkv = pick_block(block_q if block_q_dkv is None else block_q_dkv,
-                      tuning.block_q_dkv, q_len)
-  bk_dkv = pick_block(block_k if block_k_dkv is None else block_k_dkv,
-                      tuning.block_k_dkv, kv_len)
+  bq_dkv = pick_block(block_q if block_q_dkv is None else block_q_dkv, tuning.block_q_dkv, q_len)
+  bk_dkv = pick_block(block_k if block_k_dkv is None else block_k_dkv, tuning.block_k_dkv, kv_len)
   q_len_p = round_up(q_len, max(bq, bq_dkv))
   kv_len_p = round_up(kv_len, max(bk, bk_dkv))
   d_p = padded_head_dim(head_dim, target)
   cfg = FlashConfig(
-      causal=bool(causal), local_block=local_block, sm_scale=float(sm_scale),
-      q_len=q_len, kv_len=kv_len, q_len_padded=q_len_p, kv_len_padded=kv_len_p,
-      block_q=bq, block_k=bk, block_q_dkv=bq_dkv, block_k_dkv=bk_dkv,
-      group=heads // kv_heads, has_segment_ids=q_seg is not None,
-      has_mask=mask is not None, target=target,
-      interpret=impl == "interpret", num_warps=tuning.num_warps,
-      num_stages=tuning.num_stages, num_warps_bwd=tuning.num_warps_bwd,
-      num_stages_bwd=tuning.num_stages_bwd)
+    causal=bool(causal),
+    local_block=local_block,
+    sm_scale=float(sm_scale),
+    q_len=q_len,
+    kv_len=kv_len,
+    q_len_padded=q_len_p,
+    kv_len_padded=kv_len_p,
+    block_q=bq,
+    block_k=bk,
+    block_q_dkv=bq_dkv,
+    block_k_dkv=bk_dkv,
+    group=heads // kv_heads,
+    has_segment_ids=q_seg is not None,
+    has_mask=mask is not None,
+    target=target,
+    interpret=impl == "interpret",
+    num_warps=tuning.num_warps,
+    num_stages=tuning.num_stages,
+    num_warps_bwd=tuning.num_warps_bwd,
+    num_stages_bwd=tuning.num_stages_bwd,
+  )
 
   # One dtype for the matmul operands (mixed-dtype dots do not lower on Triton).
   k, v = k.astype(q.dtype), v.astype(q.dtype)

@@ -26,35 +26,35 @@ def check_attention_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
   """Raises ValueError naming the bad shape when q/k/v do not fit together."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(
-        "q, k, v must be [batch, len, heads, head_dim]; got shapes "
-        f"{q.shape}, {k.shape}, {v.shape}")
+      f"q, k, v must be [batch, len, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}"
+    )
   if k.shape != v.shape:
     raise ValueError(f"k and v must have the same shape; got {k.shape} and {v.shape}")
   if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-    raise ValueError(
-        "q and k must agree on batch and head_dim; got q "
-        f"{q.shape} and k {k.shape}")
+    raise ValueError(f"q and k must agree on batch and head_dim; got q {q.shape} and k {k.shape}")
   if q.shape[2] % k.shape[2] != 0:
-    raise ValueError(
-        f"kv_heads={k.shape[2]} must divide heads={q.shape[2]} (GQA)")
+    raise ValueError(f"kv_heads={k.shape[2]} must divide heads={q.shape[2]} (GQA)")
 
 
-def split_segment_ids(segment_ids: Optional[SegmentIds], q_len: int,
-                      kv_len: int) -> Tuple[Optional[jax.Array], Optional[jax.Array]]:
+def split_segment_ids(
+  segment_ids: Optional[SegmentIds], q_len: int, kv_len: int
+) -> Tuple[Optional[jax.Array], Optional[jax.Array]]:
   """Returns (q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len])."""
   if segment_ids is None:
     return None, None
   if isinstance(segment_ids, (tuple, list)):
     if len(segment_ids) != 2:
       raise ValueError(
-          "segment_ids must be one array or a (q_segment_ids, kv_segment_ids) "
-          f"pair; got a sequence of length {len(segment_ids)}")
+        "segment_ids must be one array or a (q_segment_ids, kv_segment_ids) "
+        f"pair; got a sequence of length {len(segment_ids)}"
+      )
     q_seg, kv_seg = segment_ids
   else:
     if q_len != kv_len:
       raise ValueError(
-          "a single segment_ids array needs q_len == kv_len; got "
-          f"q_len={q_len}, kv_len={kv_len}; pass (q_segment_ids, kv_segment_ids)")
+        "a single segment_ids array needs q_len == kv_len; got "
+        f"q_len={q_len}, kv_len={kv_len}; pass (q_segment_ids, kv_segment_ids)"
+      )
     q_seg = kv_seg = segment_ids
   q_seg = jnp.asarray(q_seg, jnp.int32)
   kv_seg = jnp.asarray(kv_seg, jnp.int32)
@@ -65,10 +65,16 @@ def split_segment_ids(segment_ids: Optional[SegmentIds], q_len: int,
   return q_seg, kv_seg
 
 
-def attention_mask(batch: int, q_len: int, kv_len: int, *, causal: bool = False,
-                   local_block: Optional[int] = None,
-                   segment_ids: Optional[SegmentIds] = None,
-                   mask: Optional[jax.Array] = None) -> jax.Array:
+def attention_mask(
+  batch: int,
+  q_len: int,
+  kv_len: int,
+  *,
+  causal: bool = False,
+  local_block: Optional[int] = None,
+  segment_ids: Optional[SegmentIds] = None,
+  mask: Optional[jax.Array] = None,
+) -> jax.Array:
   """Boolean `[batch, q_len, kv_len]`: True where query i may attend key j."""
   q_pos = jnp.arange(q_len, dtype=jnp.int32)[:, None]
   kv_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
@@ -78,26 +84,25 @@ def attention_mask(batch: int, q_len: int, kv_len: int, *, causal: bool = False,
     allowed &= (kv_pos <= q_pos + (kv_len - q_len))[None]
   if local_block is not None:
     if q_len != kv_len:
-      raise ValueError(
-          f"local_block needs q_len == kv_len; got q_len={q_len}, kv_len={kv_len}")
+      raise ValueError(f"local_block needs q_len == kv_len; got q_len={q_len}, kv_len={kv_len}")
     if local_block <= 0:
       raise ValueError(f"local_block must be a positive int; got {local_block}")
     allowed &= (q_pos // local_block == kv_pos // local_block)[None]
   q_seg, kv_seg = split_segment_ids(segment_ids, q_len, kv_len)
   if q_seg is not None:
-    allowed &= ((q_seg[:, :, None] == kv_seg[:, None, :])
-                & (q_seg[:, :, None] != 0))
+    allowed &= (q_seg[:, :, None] == kv_seg[:, None, :]) & (q_seg[:, :, None] != 0)
   if mask is not None:
     if mask.shape != (batch, q_len, kv_len):
       raise ValueError(
-          f"mask must be [batch, q_len, kv_len] = {(batch, q_len, kv_len)}; "
-          f"got {mask.shape}")
+        f"mask must be [batch, q_len, kv_len] = {(batch, q_len, kv_len)}; got {mask.shape}"
+      )
     allowed &= mask.astype(bool)
   return allowed
 
 
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
-                     sm_scale: float) -> Tuple[jax.Array, jax.Array]:
+def masked_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, sm_scale: float
+) -> Tuple[jax.Array, jax.Array]:
   """The one jnp masked GQA attention: the models' "xla" path and every reference here.
 
   q [b, t, h, d], k/v [b, s, kvh, d] (GQA without repeating K/V), allowed
@@ -113,8 +118,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arra
   groups = heads // kv_heads
   # [batch, q_len, kv_heads, groups, head_dim]: GQA without repeating K/V.
   qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
-  scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k,
-                      preferred_element_type=jnp.float32) * sm_scale
+  scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
   allowed = allowed[:, None, None]  # [batch|1, 1, 1, q_len, kv_len]
   scores = jnp.where(allowed, scores, -jnp.inf)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
@@ -123,9 +127,10 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arra
   denom = jnp.sum(weights, axis=-1, keepdims=True)
   safe_denom = jnp.where(denom > 0, denom, 1.0)
   probs = weights / safe_denom
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  lse = jnp.where(denom > 0, row_max + jnp.log(safe_denom), -jnp.inf)   # [b, h, g, q, 1]
+  out = jnp.einsum(
+    "bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+  )
+  lse = jnp.where(denom > 0, row_max + jnp.log(safe_denom), -jnp.inf)  # [b, h, g, q, 1]
   return out.reshape(batch, q_len, heads, head_dim), lse.reshape(batch, heads, q_len)
 
 
@@ -135,12 +140,17 @@ def _masked_softmax_attention(q, k, v, allowed, sm_scale):
   return out.astype(q.dtype), lse
 
 
-def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                        causal: bool = False, local_block: Optional[int] = None,
-                        segment_ids: Optional[SegmentIds] = None,
-                        mask: Optional[jax.Array] = None,
-                        sm_scale: Optional[float] = None
-                        ) -> Tuple[jax.Array, jax.Array]:
+def reference_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  causal: bool = False,
+  local_block: Optional[int] = None,
+  segment_ids: Optional[SegmentIds] = None,
+  mask: Optional[jax.Array] = None,
+  sm_scale: Optional[float] = None,
+) -> Tuple[jax.Array, jax.Array]:
   """Masked multi-head attention in plain jnp.
 
   Returns out `[batch, q_len, heads, head_dim]` (q.dtype) and lse
@@ -151,18 +161,22 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   batch, q_len, _, head_dim = q.shape
   kv_len = k.shape[1]
   if sm_scale is None:
-    sm_scale = head_dim ** -0.5
-  allowed = attention_mask(batch, q_len, kv_len, causal=causal,
-                           local_block=local_block, segment_ids=segment_ids,
-                           mask=mask)
+    sm_scale = head_dim**-0.5
+  allowed = attention_mask(
+    batch, q_len, kv_len, causal=causal, local_block=local_block, segment_ids=segment_ids, mask=mask
+  )
   return _masked_softmax_attention(q, k, v, allowed, sm_scale)
 
 
-def reference_decode_attention(q: jax.Array, k_cache: jax.Array,
-                               v_cache: jax.Array, ends: jax.Array, *,
-                               starts: Optional[jax.Array] = None,
-                               sm_scale: Optional[float] = None
-                               ) -> Tuple[jax.Array, jax.Array]:
+def reference_decode_attention(
+  q: jax.Array,
+  k_cache: jax.Array,
+  v_cache: jax.Array,
+  ends: jax.Array,
+  *,
+  starts: Optional[jax.Array] = None,
+  sm_scale: Optional[float] = None,
+) -> Tuple[jax.Array, jax.Array]:
   """Decode attention over a KV cache in plain jnp.
 
   q `[batch, q_len, heads, head_dim]`, caches `[batch, kv_len, kv_heads,
@@ -178,9 +192,9 @@ def reference_decode_attention(q: jax.Array, k_cache: jax.Array,
   if lengths.shape != (batch,):
     raise ValueError(f"ends must be int32 [batch={batch}]; got {lengths.shape}")
   if sm_scale is None:
-    sm_scale = head_dim ** -0.5
+    sm_scale = head_dim**-0.5
   kv_pos = jnp.arange(kv_len, dtype=jnp.int32)
-  visible = kv_pos[None, :] < lengths[:, None]     # [batch, kv_len]
+  visible = kv_pos[None, :] < lengths[:, None]  # [batch, kv_len]
   if starts is not None:
     starts = jnp.asarray(starts, jnp.int32)
     if starts.shape != (batch,):

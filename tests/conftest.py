@@ -25,8 +25,9 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def pytest_configure(config):
   del config
-  folder = os.environ.get("BT_JAX_TEST_COMPILE_CACHE",
-                          str(_REPO / ".pytest_cache" / "jax_compilation_cache"))
+  folder = os.environ.get(
+    "BT_JAX_TEST_COMPILE_CACHE", str(_REPO / ".pytest_cache" / "jax_compilation_cache")
+  )
   if folder != "0":
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
@@ -42,6 +43,6 @@ def pytest_collection_modifyitems(config, items):
   del config
   heavy = _heavy_tests()
   for item in items:
-    listed = item.nodeid in heavy or item.nodeid.split("[")[0] in heavy   # a bare name: every case
+    listed = item.nodeid in heavy or item.nodeid.split("[")[0] in heavy  # a bare name: every case
     if item.get_closest_marker("multidevice") is not None or listed:
       item.add_marker(pytest.mark.slow)

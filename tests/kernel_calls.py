@@ -36,6 +36,5 @@ def kernel_calls(fn, *args, **kwargs) -> List[Tuple[str, Tuple[Tuple[int, ...], 
   calls = []
   for eqn in _walk(closed.jaxpr):
     if eqn.primitive.name == "pallas_call":
-      calls.append((str(eqn.params.get("name")),
-                    tuple(tuple(v.aval.shape) for v in eqn.invars)))
+      calls.append((str(eqn.params.get("name")), tuple(tuple(v.aval.shape) for v in eqn.invars)))
   return calls

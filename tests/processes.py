@@ -9,14 +9,16 @@ import time
 from typing import Callable
 
 
-def sigterm_when(args: list[str], ready: Callable[[], bool], *, cwd, env, wait: float = 240,
-                 settle: float = 0.0) -> tuple[int, str, str]:
+def sigterm_when(
+  args: list[str], ready: Callable[[], bool], *, cwd, env, wait: float = 240, settle: float = 0.0
+) -> tuple[int, str, str]:
   """Starts `args`, polls `ready()` until it holds (for at most `wait`
   seconds), waits `settle` seconds more, sends SIGTERM and returns
   (returncode, stdout, stderr). Fails with the stderr tail if the process
   ended before it was signalled; never leaves it running."""
-  proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   try:
     deadline = time.time() + wait
     while time.time() < deadline and proc.poll() is None and not ready():

@@ -33,8 +33,7 @@ def _imported_modules(path: pathlib.Path) -> set:
 
 
 def _imports(path: pathlib.Path, package: str) -> bool:
-  return any(name == package or name.startswith(package + ".")
-             for name in _imported_modules(path))
+  return any(name == package or name.startswith(package + ".") for name in _imported_modules(path))
 
 
 def test_layers_imports_neither_kernels_nor_distributed():
@@ -45,8 +44,11 @@ def test_layers_imports_neither_kernels_nor_distributed():
 
 
 def test_only_attention_imports_pallas_kernels():
-  importers = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "bt_jax").rglob("*.py")
-                     if _imports(path, "pallas_kernels"))
+  importers = sorted(
+    str(path.relative_to(ROOT))
+    for path in (ROOT / "bt_jax").rglob("*.py")
+    if _imports(path, "pallas_kernels")
+  )
   assert importers == ["bt_jax/attention.py"], importers
 
 
@@ -81,6 +83,7 @@ def test_pallas_on_cpu_warns_once_and_runs_the_reference():
       """)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env=env)
+  result = subprocess.run(
+    [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
+  )
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

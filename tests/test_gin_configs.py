@@ -12,9 +12,11 @@ from bt_jax.model_summary import param_counts
 from bt_jax.models import abstract_params, build_model
 
 # Sweep files bind experiments.sweep; tests/sweeps builds every trial of each.
-GIN_FILES = sorted(str(p.relative_to(gin_utils.GIN_DIR))
-                   for p in gin_utils.GIN_DIR.rglob("*.gin")
-                   if p.relative_to(gin_utils.GIN_DIR).parts[0] != "sweeps")
+GIN_FILES = sorted(
+  str(p.relative_to(gin_utils.GIN_DIR))
+  for p in gin_utils.GIN_DIR.rglob("*.gin")
+  if p.relative_to(gin_utils.GIN_DIR).parts[0] != "sweeps"
+)
 
 # The training binary registers its run-level configurable `train` on import
 # (gin at the edges, as in T5X).
@@ -28,9 +30,22 @@ PROCEDURE_ONLY = {"runs/pretrain.gin", "runs/quickstart_common.gin"}
 
 def test_gin_dir_has_every_paper_config():
   names = {f.removeprefix("models/").removesuffix(".gin") for f in GIN_FILES}
-  expected = {"vanilla_5m", "vanilla_19m", "vanilla_85m", "vanilla_302m", "block_b4_5m",
-              "block_b4_19m", "block_b4_85m", "block_b4_302m", "block_b4_805m",
-              "block_b4_1p2b", "vanilla_tiny", "block_b4_tiny", "vanilla_base", "block_base"}
+  expected = {
+    "vanilla_5m",
+    "vanilla_19m",
+    "vanilla_85m",
+    "vanilla_302m",
+    "block_b4_5m",
+    "block_b4_19m",
+    "block_b4_85m",
+    "block_b4_302m",
+    "block_b4_805m",
+    "block_b4_1p2b",
+    "vanilla_tiny",
+    "block_b4_tiny",
+    "vanilla_base",
+    "block_base",
+  }
   assert expected <= names, sorted(expected - names)
 
 
@@ -42,13 +57,15 @@ DRAFTER_FILES = {"runs/drafter.gin"}
 def test_gin_file_parses_and_builds_abstractly(gin_file):
   if gin_file in DRAFTER_FILES:
     config, operative = train_drafter.config_from_gin([gin_file], [])
-    assert config == train_drafter.DrafterTrainConfig()   # the file states the defaults
+    assert config == train_drafter.DrafterTrainConfig()  # the file states the defaults
     assert "drafter_train.steps = 600" in operative
     gin.clear_config()
     return
   # pretrain.gin leaves its per-model macros to the experiment files (T5X style).
-  macros = {"runs/pretrain.gin": ["LEARNING_RATE = 6e-4", "BATCH_SIZE = 256", "STEPS = 100"],
-            "runs/uptrain.gin": ["INIT_FROM = '/a/vanilla/workdir'"]}.get(gin_file, [])
+  macros = {
+    "runs/pretrain.gin": ["LEARNING_RATE = 6e-4", "BATCH_SIZE = 256", "STEPS = 100"],
+    "runs/uptrain.gin": ["INIT_FROM = '/a/vanilla/workdir'"],
+  }.get(gin_file, [])
   gin_utils.parse_gin([gin_file], macros)
   if gin_file.startswith(("runs/", "experiments/")):
     # every run binding names a field of TrainConfig or of its sub-configs
@@ -69,16 +86,16 @@ def test_gin_file_parses_and_builds_abstractly(gin_file):
 
 # (total, non-embedding) parameters from the paper's tables.
 PAPER_COUNTS = {
-    "block_b4_5m": (33.9e6, 4.87e6),
-    "block_b4_19m": (77.4e6, 19.4e6),
-    "block_b4_85m": (173.2e6, 86.2e6),
-    "block_b4_302m": (420.3e6, 304.4e6),
-    "block_b4_805m": (1045.9e6, 814.1e6),
-    "block_b4_1p2b": (1448.8e6, 1217e6),
-    "vanilla_5m": (30.5e6, 4.74e6),
-    "vanilla_19m": (70.4e6, 18.9e6),
-    "vanilla_85m": (162.3e6, 85.1e6),
-    "vanilla_302m": (405.3e6, 302.3e6),
+  "block_b4_5m": (33.9e6, 4.87e6),
+  "block_b4_19m": (77.4e6, 19.4e6),
+  "block_b4_85m": (173.2e6, 86.2e6),
+  "block_b4_302m": (420.3e6, 304.4e6),
+  "block_b4_805m": (1045.9e6, 814.1e6),
+  "block_b4_1p2b": (1448.8e6, 1217e6),
+  "vanilla_5m": (30.5e6, 4.74e6),
+  "vanilla_19m": (70.4e6, 18.9e6),
+  "vanilla_85m": (162.3e6, 85.1e6),
+  "vanilla_302m": (405.3e6, 302.3e6),
 }
 
 
@@ -91,12 +108,16 @@ def test_paper_parameter_counts(name):
   # The spec rounds to 3-4 significant digits; the issue allows 0.5%.
   assert abs(counts["total_params"] / total - 1) < 0.005, (name, counts["total_params"], total)
   assert abs(counts["non_embedding_params"] / non_embedding - 1) < 0.005, (
-      name, counts["non_embedding_params"], non_embedding)
+    name,
+    counts["non_embedding_params"],
+    non_embedding,
+  )
 
 
 def test_model_summary_binary_json(capsys):
   from bt_jax import cli, model_summary  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
+
   cli.call(model_summary, ["--gin_file", "models/block_b4_1p2b.gin", "--json"])
   out = json.loads(capsys.readouterr().out)
   assert abs(out["total_params"] / 1448.8e6 - 1) < 0.005
@@ -108,11 +129,12 @@ def test_model_summary_reads_run_gin_files_and_workdirs(tmp_path):
   """A model gin file, a run gin file including it, and a workdir's
   model_config.json give the same counts."""
   from bt_jax import checkpointing, cli, model_summary  # pylint: disable=g-import-not-at-top
+
   want = cli.call(model_summary, ["--gin_file", "models/block_b4_tiny.gin"])
   config = gin_utils.model_config_from_gin(["runs/quickstart.gin"], skip_unknown=True)
   run = cli.call(model_summary, ["--gin_file", "runs/quickstart.gin"])
   assert run["kind"] == want["kind"] == "block"
-  assert run == param_counts(config)      # the run's overrides (width, vocab) apply
+  assert run == param_counts(config)  # the run's overrides (width, vocab) apply
   checkpointing.save_model_config(tmp_path, config)
   assert cli.call(model_summary, ["--workdir", str(tmp_path)]) == run
   with pytest.raises(cli.UserError, match="either --gin_file .* or --workdir"):
@@ -122,12 +144,21 @@ def test_model_summary_reads_run_gin_files_and_workdirs(tmp_path):
   gin.clear_config()
 
 
-@pytest.mark.parametrize("binding, message", [
-    ("BlockConfig.block_len 8", r"malformed gin binding 'BlockConfig.block_len 8'.*"
-     r"'Configurable.parameter = value'"),
-    ("BlockConfig.no_such_field = 3", r"could not parse gin binding 'BlockConfig.no_such_field = 3'"),
+@pytest.mark.parametrize(
+  "binding, message",
+  [
+    (
+      "BlockConfig.block_len 8",
+      r"malformed gin binding 'BlockConfig.block_len 8'.*"
+      r"'Configurable.parameter = value'",
+    ),
+    (
+      "BlockConfig.no_such_field = 3",
+      r"could not parse gin binding 'BlockConfig.no_such_field = 3'",
+    ),
     ("BlockConfig.block_len = (", r"could not parse gin binding 'BlockConfig.block_len = \('"),
-])
+  ],
+)
 def test_malformed_gin_binding_names_the_binding(binding, message):
   with pytest.raises(ValueError, match=message):
     gin_utils.parse_gin(["models/block_b4_tiny.gin"], [binding])
@@ -135,8 +166,11 @@ def test_malformed_gin_binding_names_the_binding(binding, message):
 
 
 def test_missing_gin_file_suggests_shipped_ones():
-  with pytest.raises(FileNotFoundError, match=r"gin file 'models/block_b4_85.gin' not found.*"
-                     r"did you mean .*models/block_b4_85m.gin"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=r"gin file 'models/block_b4_85.gin' not found.*"
+    r"did you mean .*models/block_b4_85m.gin",
+  ):
     gin_utils.parse_gin(["models/block_b4_85.gin"])
 
 

@@ -16,9 +16,13 @@ def test_orbax_filter_keeps_unexpected_warnings():
   keep = logging_utils._QuietOrbax().filter  # pylint: disable=protected-access
   assert not keep(_record(orbax, logging.INFO, "Finished loading checkpoint"))
   assert not keep(_record(orbax, logging.WARNING, "Given directory is read only=/x"))
-  assert not keep(_record(orbax, logging.WARNING,
-                          "CheckpointManagerOptions.read_only=True, setting "
-                          "save_interval_steps=0."))
+  assert not keep(
+    _record(
+      orbax,
+      logging.WARNING,
+      "CheckpointManagerOptions.read_only=True, setting save_interval_steps=0.",
+    )
+  )
   assert keep(_record(orbax, logging.WARNING, "Step 7 could not be restored"))
   assert keep(_record(orbax, logging.ERROR, "Given directory is read only, and broken"))
   assert keep(_record("/work/bt_jax/train.py", logging.INFO, "step 3"))

@@ -38,8 +38,10 @@ def test_param_shardings_are_the_training_rules():
   mesh = mesh_lib.make_mesh((1, 1, 1))
   shardings = mesh_lib.param_shardings(model, mesh)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  want = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_params(model, unbox=False)),
-                                     mesh, axes.DEFAULT_RULES)
+
+  want = nn.logical_to_mesh_sharding(
+    nn.get_partition_spec(abstract_params(model, unbox=False)), mesh, axes.DEFAULT_RULES
+  )
   assert shardings == want
   assert EvalSharding(mesh).param_shardings(model) == want
   assert mesh_lib.check_params_fit(model, mesh) == want
@@ -80,11 +82,21 @@ print(json.dumps(errors))
 
 @pytest.mark.slow
 def test_the_same_mesh_error_from_generate_speculative_and_eval():
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-  result = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", _SCRIPT],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   errors = json.loads(result.stdout.strip().splitlines()[-1])
   messages = set(errors.values())

@@ -47,21 +47,22 @@ def _write_run(path, config=None, gin=OPERATIVE):
 def test_parse_gin_bindings_joins_continuations_and_drops_comments():
   bindings = workdir_lib.parse_gin_bindings(OPERATIVE)
   assert bindings == {
-      "BlockConfig.block_len": "4",
-      "BlockConfig.width_list": "[ 1, 2, ]",
-      "BlockConfig.name": "'a # not a comment'",
-      "train.steps": "100",
-      "train.learning_rate": "0.001",
-      "train.log_every": "10",
+    "BlockConfig.block_len": "4",
+    "BlockConfig.width_list": "[ 1, 2, ]",
+    "BlockConfig.name": "'a # not a comment'",
+    "train.steps": "100",
+    "train.learning_rate": "0.001",
+    "train.log_every": "10",
   }
 
 
 def test_same_run_with_more_steps_is_not_a_conflict(tmp_path):
   model_json = _write_run(tmp_path)
   longer = OPERATIVE.replace("train.steps = 100", "train.steps = 900").replace(
-      "train.log_every = 10", "train.log_every = 50")
+    "train.log_every = 10", "train.log_every = 50"
+  )
   remat = json.loads(model_json)
-  remat["config"]["remat"] = "full"       # computation only: may change on resume
+  remat["config"]["remat"] = "full"  # computation only: may change on resume
   assert workdir_lib.run_differences(str(tmp_path), json.dumps(remat), longer) == []
   workdir_lib.check_same_run(str(tmp_path), model_json, longer)
 
@@ -69,9 +70,12 @@ def test_same_run_with_more_steps_is_not_a_conflict(tmp_path):
 def test_another_run_is_refused_naming_each_field_and_nothing_changes(tmp_path):
   _write_run(tmp_path)
   before = snapshot(tmp_path)
-  new_model = json.dumps({"kind": "block", "config": {"block_len": 8, "width": 64, "remat": "none"}})
-  new_gin = OPERATIVE.replace("0.001", "0.01").replace("BlockConfig.block_len = 4",
-                                                       "BlockConfig.block_len = 8")
+  new_model = json.dumps(
+    {"kind": "block", "config": {"block_len": 8, "width": 64, "remat": "none"}}
+  )
+  new_gin = OPERATIVE.replace("0.001", "0.01").replace(
+    "BlockConfig.block_len = 4", "BlockConfig.block_len = 8"
+  )
   with pytest.raises(workdir_lib.WorkdirError) as info:
     workdir_lib.check_same_run(str(tmp_path), new_model, new_gin)
   message = str(info.value)
@@ -110,14 +114,15 @@ _HOLDER = textwrap.dedent("""\
 
 @pytest.mark.slow
 def test_lock_names_the_holder_and_dies_with_it(tmp_path):
-  holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", _HOLDER, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+  )
   try:
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(workdir_lib.WorkdirBusyError, match=f"pid {holder.pid}"):
       workdir_lib.WorkdirLock(str(tmp_path)).acquire()
   finally:
-    holder.kill()       # SIGKILL: no cleanup runs, the kernel drops the lock
+    holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
     holder.wait(timeout=60)
   with workdir_lib.WorkdirLock(str(tmp_path)) as lock:
     with open(lock.path, encoding="utf-8") as f:
@@ -130,6 +135,7 @@ def test_lock_names_the_holder_and_dies_with_it(tmp_path):
 
 def _save_steps(tmp_path, steps):
   from bt_jax import checkpointing  # pylint: disable=import-outside-toplevel
+
   ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
   for step in steps:
     params = {"w": np.full((64, 8), float(step), np.float32)}
@@ -150,6 +156,7 @@ def _restore_fn(tmp_path):
       return np.asarray(params["w"])
     finally:
       ckpt.close()
+
   return restore
 
 
@@ -169,8 +176,10 @@ def test_damaged_newest_step_is_skipped_and_moved_aside(tmp_path):
   steps = workdir_lib.existing_steps(ckpt_dir)
   assert steps == [10, 20]
   # --step at the damaged step: an error naming it and the newest good step; nothing moved.
-  with pytest.raises(workdir_lib.CheckpointRestoreError,
-                     match=r"step 20 .* does not restore .*newest good step is 10"):
+  with pytest.raises(
+    workdir_lib.CheckpointRestoreError,
+    match=r"step 20 .* does not restore .*newest good step is 10",
+  ):
     workdir_lib.restore_newest_good(ckpt_dir, steps, restore, step=20)
   assert workdir_lib.existing_steps(ckpt_dir) == [10, 20]
   step, w = workdir_lib.restore_newest_good(ckpt_dir, steps, restore)
@@ -178,8 +187,9 @@ def test_damaged_newest_step_is_skipped_and_moved_aside(tmp_path):
   assert workdir_lib.existing_steps(ckpt_dir) == [10]
   damaged = os.listdir(os.path.join(tmp_path, workdir_lib.DAMAGED_DIR))
   assert len(damaged) == 1 and damaged[0].startswith("20-")
-  with open(os.path.join(tmp_path, workdir_lib.DAMAGED_DIR, damaged[0], "REASON"),
-            encoding="utf-8") as f:
+  with open(
+    os.path.join(tmp_path, workdir_lib.DAMAGED_DIR, damaged[0], "REASON"), encoding="utf-8"
+  ) as f:
     assert f.read().strip()
   # A rerun does not trip on it again.
   assert workdir_lib.restore_newest_good(ckpt_dir, [10], restore)[0] == 10
@@ -215,8 +225,13 @@ _RUNNER = textwrap.dedent("""\
 
 
 def _start(mode):
-  proc = subprocess.Popen([sys.executable, "-c", _RUNNER, mode], cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _RUNNER, mode],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   assert proc.stdout.readline().strip() == "started"
   return proc
 
@@ -254,7 +269,7 @@ def test_ctrl_c_in_the_loop_checkpoints_and_exits_zero():
 def test_second_ctrl_c_exits_at_once():
   proc = _start("ready-busy")
   time.sleep(0.2)
-  proc.send_signal(signal.SIGINT)    # first: a stop request the busy step cannot see yet
+  proc.send_signal(signal.SIGINT)  # first: a stop request the busy step cannot see yet
   time.sleep(0.5)
   assert proc.poll() is None
   proc.send_signal(signal.SIGINT)
@@ -264,7 +279,14 @@ def test_second_ctrl_c_exits_at_once():
 
 def test_tensorboard_scalars_are_grouped():
   from bt_jax.run_utils import tensorboard_tag  # pylint: disable=import-outside-toplevel
-  assert [tensorboard_tag(k) for k in ("train_loss", "eval_loss", "learning_rate",
-                                       "heldout_acc_0", "eval_loss_by_position")] == [
-      "train/loss", "eval/loss", "train/learning_rate", "eval/heldout_acc_0",
-      "eval/loss_by_position"]
+
+  assert [
+    tensorboard_tag(k)
+    for k in ("train_loss", "eval_loss", "learning_rate", "heldout_acc_0", "eval_loss_by_position")
+  ] == [
+    "train/loss",
+    "eval/loss",
+    "train/learning_rate",
+    "eval/heldout_acc_0",
+    "eval/loss_by_position",
+  ]

@@ -29,7 +29,7 @@ def _tiny_gin_config(kind: str):
   try:
     return gin_utils.model_config_from_gin([TINY_GIN_FILES[kind]])
   finally:
-    gin.clear_config()   # unlocked again: modules imported later may still register configurables
+    gin.clear_config()  # unlocked again: modules imported later may still register configurables
 
 
 def tiny_config(kind: str, **overrides):
@@ -59,11 +59,11 @@ VOCAB_SIZE = 300
 MAX_LEN = 64
 
 TOKENIZER_TEXTS = [
-    "Question: How do you open a jar?\nAnswer: Twist the lid.",
-    "A man is sitting on a roof. He starts pulling up roofing on a roof.",
-    "The quick brown fox jumps over the lazy dog. Then, the dog sleeps.",
-    "Which of these is a mammal? A whale, a shark, a trout or a frog.",
-    "Roof shingle removal: A man is sitting on a roof. He is using wrap to wrap a pair of skis.",
+  "Question: How do you open a jar?\nAnswer: Twist the lid.",
+  "A man is sitting on a roof. He starts pulling up roofing on a roof.",
+  "The quick brown fox jumps over the lazy dog. Then, the dog sleeps.",
+  "Which of these is a mammal? A whale, a shark, a trout or a frog.",
+  "Roof shingle removal: A man is sitting on a roof. He is using wrap to wrap a pair of skis.",
 ]
 
 
@@ -113,7 +113,7 @@ def brute_force_rows(model, params, tokens, exact_length=False):
   if isinstance(config, BlockConfig):
     logits = logits.reshape(-1, logits.shape[-1])  # row r predicts aligned position L + r
   # Block: original t + 1 = aligned t + L, predicted by row t.
-  rows = logits[:len(tokens)]
+  rows = logits[: len(tokens)]
   return np.asarray(jax.nn.log_softmax(rows.astype(np.float32)), np.float64)
 
 
@@ -126,9 +126,9 @@ def brute_force_logprobs(model, params, tokens, exact_length=False):
 def brute_force_loglikelihood(model, params, context_ids, continuation_ids, exact_length=False):
   """Sum of log-softmax over the continuation; the input is the last max_len
   tokens of context + continuation."""
-  tokens = (list(context_ids) + list(continuation_ids))[-model.config.max_len:]
+  tokens = (list(context_ids) + list(continuation_ids))[-model.config.max_len :]
   start = len(tokens) - len(continuation_ids)
-  return float(brute_force_logprobs(model, params, tokens, exact_length)[start - 1:].sum())
+  return float(brute_force_logprobs(model, params, tokens, exact_length)[start - 1 :].sum())
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,12 @@ from bt_jax.convert.hf import from_hf, load_hf, to_hf
 from bt_jax.convert.init_from import init_params_from, uptrain_params
 
 __all__ = [
-    "ConversionError", "block_params_from_official", "from_block_transformer", "from_hf",
-    "init_params_from", "load_hf", "to_hf", "uptrain_params",
+  "ConversionError",
+  "block_params_from_official",
+  "from_block_transformer",
+  "from_hf",
+  "init_params_from",
+  "load_hf",
+  "to_hf",
+  "uptrain_params",
 ]

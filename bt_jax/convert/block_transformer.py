@@ -35,8 +35,13 @@ from typing import Optional
 import numpy as np
 
 from bt_jax.config import BlockConfig
-from bt_jax.convert.gpt_neox import (SKIPPED_SUFFIXES, ConversionError, TensorReader,
-                                     head_tensor_name, stack_from_hf)
+from bt_jax.convert.gpt_neox import (
+  SKIPPED_SUFFIXES,
+  ConversionError,
+  TensorReader,
+  head_tensor_name,
+  stack_from_hf,
+)
 from bt_jax.convert.hf import torch_state_dict
 from bt_jax.convert.safetensors_io import TensorSource
 from bt_jax.convert.workdir import write_workdir
@@ -66,7 +71,7 @@ class _Prefixed:
     return self._source.shape(self._prefix + name)
 
   def __iter__(self):
-    return (n[len(self._prefix):] for n in self._source)
+    return (n[len(self._prefix) :] for n in self._source)
 
 
 def _strip_wrapper(source):
@@ -82,43 +87,58 @@ def block_params_from_official(source, config: BlockConfig, dtype: str = "float3
   is mapped or deliberately skipped, and a shape mismatch names the tensor."""
   if config.token_decoder != "prefix":
     raise ConversionError(
-        f"token_decoder {config.token_decoder!r} cannot be read from an official checkpoint: the "
-        "converter reads the 'prefix' token decoder only, the one every released checkpoint "
-        "(block_main_b4_*) uses; the official code's 'summation' and 'cross_attention' decoders "
-        "appear only in its ablation and MEGABYTE-baseline runs, which it does not offer as "
-        "checkpoints (docs/convert.md). Describe the checkpoint with a prefix model gin file "
-        "(BlockConfig.token_decoder = 'prefix', e.g. models/block_b4_85m.gin)")
+      f"token_decoder {config.token_decoder!r} cannot be read from an official checkpoint: the "
+      "converter reads the 'prefix' token decoder only, the one every released checkpoint "
+      "(block_main_b4_*) uses; the official code's 'summation' and 'cross_attention' decoders "
+      "appear only in its ablation and MEGABYTE-baseline runs, which it does not offer as "
+      "checkpoints (docs/convert.md). Describe the checkpoint with a prefix model gin file "
+      "(BlockConfig.token_decoder = 'prefix', e.g. models/block_b4_85m.gin)"
+    )
   if config.embedder not in ("lookup", "projection"):
-    raise ConversionError(f"embedder {config.embedder!r} cannot be read from an official "
-                          "checkpoint; supported: 'lookup', 'projection'")
+    raise ConversionError(
+      f"embedder {config.embedder!r} cannot be read from an official "
+      "checkpoint; supported: 'lookup', 'projection'"
+    )
   source = _strip_wrapper(source)
   reader = TensorReader(source, dtype)
   cast = reader.cast
   vocab, block_len = config.vocab_size, config.block_len
   d_blk, d_tok = config.block_width, config.token_width
   if config.embedder == "lookup":
-    embedder = {"lookup": {"embedding": cast(reader.take(
-        "embedder.embeddings.weight", (vocab, d_blk // block_len)))}}
+    embedder = {
+      "lookup": {
+        "embedding": cast(reader.take("embedder.embeddings.weight", (vocab, d_blk // block_len)))
+      }
+    }
   else:
     weight = reader.take("embedder.projection_layer.weight", (d_blk, d_blk, block_len))
     # Conv1d [out, in, k] over the block; bt_jax flattens [k, in] -> row k * D + in.
     embedder = {
-        "token_embed": {"embedding": cast(reader.take("embedder.embeddings.weight", (vocab, d_blk)))},
-        "projection": {"kernel": cast(np.transpose(weight, (2, 1, 0)).reshape(block_len * d_blk, d_blk)),
-                       "bias": cast(reader.take("embedder.projection_layer.bias", (d_blk,)))}}
-  expansion_w = reader.take("token_decoder.expansion_layer.weight",
-                            (config.num_expanded * d_tok, d_blk, 1))
+      "token_embed": {"embedding": cast(reader.take("embedder.embeddings.weight", (vocab, d_blk)))},
+      "projection": {
+        "kernel": cast(np.transpose(weight, (2, 1, 0)).reshape(block_len * d_blk, d_blk)),
+        "bias": cast(reader.take("embedder.projection_layer.bias", (d_blk,))),
+      },
+    }
+  expansion_w = reader.take(
+    "token_decoder.expansion_layer.weight", (config.num_expanded * d_tok, d_blk, 1)
+  )
   params = {
-      "embedder": embedder,
-      "block_decoder": stack_from_hf(reader, "block_decoder.gpt_neox.", config.block_stack),
-      "expansion": {"kernel": cast(expansion_w[:, :, 0].T),
-                    "bias": cast(reader.take("token_decoder.expansion_layer.bias",
-                                             (config.num_expanded * d_tok,)))},
-      "token_embed": {"embedding": cast(reader.take("token_decoder.gpt_neox.embed_in.weight",
-                                                    (vocab, d_tok)))},
-      "token_decoder": stack_from_hf(reader, "token_decoder.gpt_neox.", config.token_stack),
-      "lm_head": {"kernel": cast(reader.take(head_tensor_name(reader, "token_decoder."),
-                                             (vocab, d_tok)).T)},
+    "embedder": embedder,
+    "block_decoder": stack_from_hf(reader, "block_decoder.gpt_neox.", config.block_stack),
+    "expansion": {
+      "kernel": cast(expansion_w[:, :, 0].T),
+      "bias": cast(
+        reader.take("token_decoder.expansion_layer.bias", (config.num_expanded * d_tok,))
+      ),
+    },
+    "token_embed": {
+      "embedding": cast(reader.take("token_decoder.gpt_neox.embed_in.weight", (vocab, d_tok)))
+    },
+    "token_decoder": stack_from_hf(reader, "token_decoder.gpt_neox.", config.token_stack),
+    "lm_head": {
+      "kernel": cast(reader.take(head_tensor_name(reader, "token_decoder."), (vocab, d_tok)).T)
+    },
   }
   reader.check_all_used(_skipped)
   return params
@@ -150,30 +170,47 @@ def open_official_checkpoint(path: str):
   return TensorSource.open(path), step
 
 
-def from_block_transformer(checkpoint: str, config: BlockConfig, workdir: str, *,
-                           tokenizer: Optional[str] = None, dtype: str = "float32",
-                           eval_no_pad: bool = False) -> str:
+def from_block_transformer(
+  checkpoint: str,
+  config: BlockConfig,
+  workdir: str,
+  *,
+  tokenizer: Optional[str] = None,
+  dtype: str = "float32",
+  eval_no_pad: bool = False,
+) -> str:
   """Converts an official checkpoint to a bt_jax workdir. `config` (from the
   model's gin file) must describe the checkpoint's shapes; `tokenizer` is the
   tokenizer.json (default: one inside the checkpoint folder); `eval_no_pad`
   is recorded in model_config.json for zero-shot scoring."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   from bt_jax.convert.gpt_neox import numpy_dtype  # pylint: disable=import-outside-toplevel
+
   numpy_dtype(dtype)
   if tokenizer is None:
     candidate = os.path.join(checkpoint, "tokenizer.json")
     if not os.path.isfile(candidate):
-      raise FileNotFoundError(f"{checkpoint!r} holds no tokenizer.json; pass --tokenizer "
-                              "(the Pythia tokenizer.json the model was trained with)")
+      raise FileNotFoundError(
+        f"{checkpoint!r} holds no tokenizer.json; pass --tokenizer "
+        "(the Pythia tokenizer.json the model was trained with)"
+      )
     tokenizer = candidate
   tok = Tokenizer.from_file(tokenizer)
   source, step = open_official_checkpoint(checkpoint)
   if tok.vocab_size > config.vocab_size:
-    raise ConversionError(f"tokenizer {tokenizer!r} has {tok.vocab_size} ids, more than the "
-                          f"model's vocab_size {config.vocab_size}")
-  config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype, eval_no_pad=eval_no_pad,
-                               pad_id=tok.pad_id)
+    raise ConversionError(
+      f"tokenizer {tokenizer!r} has {tok.vocab_size} ids, more than the "
+      f"model's vocab_size {config.vocab_size}"
+    )
+  config = dataclasses.replace(
+    config, dtype=dtype, param_dtype=dtype, eval_no_pad=eval_no_pad, pad_id=tok.pad_id
+  )
   params = block_params_from_official(source, config, dtype)
-  info = {"source": "block_transformer", "input": os.path.abspath(checkpoint), "step": step,
-          "dtype": dtype, "eval_no_pad": eval_no_pad}
+  info = {
+    "source": "block_transformer",
+    "input": os.path.abspath(checkpoint),
+    "step": step,
+    "dtype": dtype,
+    "eval_no_pad": eval_no_pad,
+  }
   return write_workdir(workdir, config, params, tok.to_json(), step=step, info=info)

@@ -41,9 +41,10 @@ def torch_state_dict(path: str) -> DictSource:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ConversionError(
-        f"{path!r} is a torch pickle and torch is not installed. Convert it to safetensors "
-        "where torch is available (e.g. `transformers` `model.save_pretrained(dir, "
-        "safe_serialization=True)`), or install torch") from e
+      f"{path!r} is a torch pickle and torch is not installed. Convert it to safetensors "
+      "where torch is available (e.g. `transformers` `model.save_pretrained(dir, "
+      "safe_serialization=True)`), or install torch"
+    ) from e
   state = torch.load(path, map_location="cpu", weights_only=True)
   if "state_dict" in state and isinstance(state["state_dict"], dict):
     state = state["state_dict"]
@@ -51,6 +52,7 @@ def torch_state_dict(path: str) -> DictSource:
   for name, tensor in state.items():
     if tensor.dtype == torch.bfloat16:
       import ml_dtypes  # pylint: disable=import-outside-toplevel
+
       out[name] = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     else:
       out[name] = tensor.numpy()
@@ -70,8 +72,9 @@ def open_checkpoint(folder: str):
     for path in bins:
       merged.update(torch_state_dict(path))
     return merged
-  raise FileNotFoundError(f"{folder!r} holds no model.safetensors, model.safetensors.index.json "
-                          "or pytorch_model.bin")
+  raise FileNotFoundError(
+    f"{folder!r} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+  )
 
 
 def _token_id(tokenizer: Tokenizer, token) -> Optional[int]:
@@ -83,7 +86,9 @@ def _token_id(tokenizer: Tokenizer, token) -> Optional[int]:
   return None if found is None else int(found)
 
 
-def special_token_ids(folder: str, hf_config: dict, tokenizer: Tokenizer) -> dict[str, Optional[int]]:
+def special_token_ids(
+  folder: str, hf_config: dict, tokenizer: Tokenizer
+) -> dict[str, Optional[int]]:
   """BOS/EOS/pad ids as the HF folder declares them (tokenizer_config.json,
   special_tokens_map.json, then config.json)."""
   declared: dict[str, Any] = {}
@@ -110,24 +115,34 @@ def load_hf(folder: str, *, dtype: str = "float32"):
   hf_config = _read_json(config_path)
   tokenizer_path = os.path.join(folder, "tokenizer.json")
   if not os.path.isfile(tokenizer_path):
-    raise FileNotFoundError(f"{folder!r} has no tokenizer.json (a `tokenizers` file is needed; "
-                            "slow vocab.json/merges.txt tokenizers are not read)")
+    raise FileNotFoundError(
+      f"{folder!r} has no tokenizer.json (a `tokenizers` file is needed; "
+      "slow vocab.json/merges.txt tokenizers are not read)"
+    )
   tokenizer = Tokenizer.from_file(tokenizer_path)
   ids = special_token_ids(folder, hf_config, tokenizer)
   if ids["eos"] is not None and ids["eos"] != tokenizer.eos_id:
     raise ConversionError(
-        f"{folder!r} declares EOS id {ids['eos']}, but bt_jax reads {tokenizer.eos_token!r} "
-        f"(id {tokenizer.eos_id}) as the end-of-text token of its tokenizer.json")
-  config = gpt_neox.vanilla_config_from_hf(hf_config, dtype=dtype, pad_id=tokenizer.eos_id,
-                                           source=config_path)
+      f"{folder!r} declares EOS id {ids['eos']}, but bt_jax reads {tokenizer.eos_token!r} "
+      f"(id {tokenizer.eos_id}) as the end-of-text token of its tokenizer.json"
+    )
+  config = gpt_neox.vanilla_config_from_hf(
+    hf_config, dtype=dtype, pad_id=tokenizer.eos_id, source=config_path
+  )
   if tokenizer.vocab_size > config.vocab_size:
-    raise ConversionError(f"tokenizer.json has {tokenizer.vocab_size} ids but the model's "
-                          f"embedding only {config.vocab_size} rows")
+    raise ConversionError(
+      f"tokenizer.json has {tokenizer.vocab_size} ids but the model's "
+      f"embedding only {config.vocab_size} rows"
+    )
   source = open_checkpoint(folder)
   params = gpt_neox.vanilla_params_from_hf(source, config, hf_config, dtype)
-  info = {"source": "huggingface", "input": os.path.abspath(folder),
-          "hf_special_token_ids": ids, "tokenizer_vocab_size": tokenizer.vocab_size,
-          "tied_head_copied": bool(hf_config.get("tie_word_embeddings", False))}
+  info = {
+    "source": "huggingface",
+    "input": os.path.abspath(folder),
+    "hf_special_token_ids": ids,
+    "tokenizer_vocab_size": tokenizer.vocab_size,
+    "tied_head_copied": bool(hf_config.get("tie_word_embeddings", False)),
+  }
   return config, params, tokenizer, info
 
 
@@ -145,10 +160,14 @@ def to_hf(workdir: str, output: str, *, step: Optional[int] = None) -> str:
   model, params, tokenizer = checkpointing.load_for_inference(workdir, step=step)
   config = model.config
   if not isinstance(config, VanillaConfig):
-    raise ConversionError(f"workdir {workdir!r} holds a {config.kind} model; only vanilla "
-                          "(GPT-NeoX) models have a transformers equivalent")
+    raise ConversionError(
+      f"workdir {workdir!r} holds a {config.kind} model; only vanilla "
+      "(GPT-NeoX) models have a transformers equivalent"
+    )
   info_path = os.path.join(workdir, "convert_info.json")
-  declared = _read_json(info_path).get("hf_special_token_ids", {}) if os.path.isfile(info_path) else {}
+  declared = (
+    _read_json(info_path).get("hf_special_token_ids", {}) if os.path.isfile(info_path) else {}
+  )
   bos = declared.get("bos", tokenizer.eos_id)
   bos = tokenizer.eos_id if bos is None else bos
   eos = tokenizer.eos_id
@@ -160,22 +179,33 @@ def to_hf(workdir: str, output: str, *, step: Optional[int] = None) -> str:
     array = produce()
     layout.append((name, array.shape, array.dtype))
   with staged_dir(output) as staging:
-    write_safetensors(os.path.join(staging, "model.safetensors"), layout,
-                      lambda name: producers[name](), metadata={"format": "pt"})
-    hf_config = gpt_neox.hf_config_from_vanilla(config, bos_id=bos, eos_id=eos,
-                                                torch_dtype=torch_dtype)
-    tok_config = {"tokenizer_class": "GPTNeoXTokenizer", "eos_token": tokenizer.eos_token,
-                  "bos_token": tokenizer.hf_tokenizer.id_to_token(bos),
-                  "unk_token": tokenizer.eos_token, "model_max_length": config.max_len,
-                  "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+    write_safetensors(
+      os.path.join(staging, "model.safetensors"),
+      layout,
+      lambda name: producers[name](),
+      metadata={"format": "pt"},
+    )
+    hf_config = gpt_neox.hf_config_from_vanilla(
+      config, bos_id=bos, eos_id=eos, torch_dtype=torch_dtype
+    )
+    tok_config = {
+      "tokenizer_class": "GPTNeoXTokenizer",
+      "eos_token": tokenizer.eos_token,
+      "bos_token": tokenizer.hf_tokenizer.id_to_token(bos),
+      "unk_token": tokenizer.eos_token,
+      "model_max_length": config.max_len,
+      "add_bos_token": False,
+      "add_eos_token": False,
+      "clean_up_tokenization_spaces": False,
+    }
     pad = declared.get("pad")
     if pad is not None:
       tok_config["pad_token"] = tokenizer.hf_tokenizer.id_to_token(pad)
     files = {
-        "config.json": hf_config,
-        "generation_config.json": {"bos_token_id": bos, "eos_token_id": eos},
-        "tokenizer_config.json": tok_config,
-        "special_tokens_map.json": {k: v for k, v in tok_config.items() if k.endswith("_token")},
+      "config.json": hf_config,
+      "generation_config.json": {"bos_token_id": bos, "eos_token_id": eos},
+      "tokenizer_config.json": tok_config,
+      "special_tokens_map.json": {k: v for k, v in tok_config.items() if k.endswith("_token")},
     }
     for name, content in files.items():
       with open(os.path.join(staging, name), "w", encoding="utf-8") as f:

@@ -21,10 +21,16 @@ import numpy as np
 
 # safetensors dtype names <-> numpy dtypes (bfloat16 through ml_dtypes, as jax does).
 DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
@@ -41,12 +47,16 @@ class SafetensorsFile:
     with open(self.path, "rb") as f:
       prefix = f.read(8)
       if len(prefix) < 8:
-        raise ValueError(f"{self.path!r} is not a safetensors file: {size} bytes, too short "
-                         "for a header (truncated?)")
+        raise ValueError(
+          f"{self.path!r} is not a safetensors file: {size} bytes, too short "
+          "for a header (truncated?)"
+        )
       (header_len,) = struct.unpack("<Q", prefix)
       if header_len > min(_MAX_HEADER, size - 8):
-        raise ValueError(f"{self.path!r} is not a safetensors file or is truncated: its header "
-                         f"claims {header_len} bytes, the file has {size}")
+        raise ValueError(
+          f"{self.path!r} is not a safetensors file or is truncated: its header "
+          f"claims {header_len} bytes, the file has {size}"
+        )
       try:
         header = json.loads(f.read(header_len))
       except ValueError as e:
@@ -57,17 +67,23 @@ class SafetensorsFile:
     for name, entry in header.items():
       dtype_name = entry.get("dtype")
       if dtype_name not in DTYPES:
-        raise ValueError(f"{self.path!r}: tensor {name!r} has dtype {dtype_name!r}, which cannot "
-                         f"be converted; supported dtypes are {sorted(DTYPES)}")
+        raise ValueError(
+          f"{self.path!r}: tensor {name!r} has dtype {dtype_name!r}, which cannot "
+          f"be converted; supported dtypes are {sorted(DTYPES)}"
+        )
       shape = tuple(int(d) for d in entry["shape"])
       begin, end = (int(x) for x in entry["data_offsets"])
       expected = math.prod(shape) * DTYPES[dtype_name].itemsize
       if end - begin != expected:
-        raise ValueError(f"{self.path!r}: tensor {name!r} of shape {shape} {dtype_name} should "
-                         f"take {expected} bytes, its offsets give {end - begin}")
+        raise ValueError(
+          f"{self.path!r}: tensor {name!r} of shape {shape} {dtype_name} should "
+          f"take {expected} bytes, its offsets give {end - begin}"
+        )
       if self._data_start + end > size:
-        raise ValueError(f"{self.path!r} is truncated: tensor {name!r} ends at byte "
-                         f"{self._data_start + end}, the file has {size} bytes")
+        raise ValueError(
+          f"{self.path!r} is truncated: tensor {name!r} ends at byte "
+          f"{self._data_start + end}, the file has {size} bytes"
+        )
       self._entries[name] = (DTYPES[dtype_name], shape, begin)
     self._map = None
 
@@ -89,7 +105,7 @@ class SafetensorsFile:
       self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
     count = math.prod(shape)
     start = self._data_start + begin
-    flat = self._map[start:start + count * dtype.itemsize].view(dtype.newbyteorder("<"))
+    flat = self._map[start : start + count * dtype.itemsize].view(dtype.newbyteorder("<"))
     return flat.reshape(shape)
 
 
@@ -103,8 +119,9 @@ class TensorSource(Mapping):
     for f in files:
       for name in f.keys():
         if name in self._where:
-          raise ValueError(f"tensor {name!r} appears in both {self._where[name].path!r} and "
-                           f"{f.path!r}")
+          raise ValueError(
+            f"tensor {name!r} appears in both {self._where[name].path!r} and {f.path!r}"
+          )
         self._where[name] = f
 
   @classmethod
@@ -118,8 +135,9 @@ class TensorSource(Mapping):
         return cls.open(index)
       if os.path.isfile(single):
         return cls.open(single)
-      raise FileNotFoundError(f"{path!r} holds neither model.safetensors nor "
-                              "model.safetensors.index.json")
+      raise FileNotFoundError(
+        f"{path!r} holds neither model.safetensors nor model.safetensors.index.json"
+      )
     if path.endswith(".index.json"):
       if not os.path.isfile(path):
         raise FileNotFoundError(f"safetensors index {path!r} does not exist")
@@ -159,8 +177,12 @@ class DictSource(dict):
     return tuple(self[name].shape)
 
 
-def write_safetensors(path: str | os.PathLike, names_and_shapes: list[tuple[str, tuple, np.dtype]],
-                      produce, metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+  path: str | os.PathLike,
+  names_and_shapes: list[tuple[str, tuple, np.dtype]],
+  produce,
+  metadata: Mapping[str, str] | None = None,
+) -> None:
   """Writes a safetensors file tensor by tensor.
 
   names_and_shapes: (name, shape, dtype) of every tensor in file order;
@@ -176,16 +198,21 @@ def write_safetensors(path: str | os.PathLike, names_and_shapes: list[tuple[str,
     if dtype not in _NAMES:
       raise ValueError(f"tensor {name!r}: dtype {dtype} has no safetensors name")
     nbytes = math.prod(shape) * dtype.itemsize
-    header[name] = {"dtype": _NAMES[dtype], "shape": list(shape),
-                    "data_offsets": [offset, offset + nbytes]}
+    header[name] = {
+      "dtype": _NAMES[dtype],
+      "shape": list(shape),
+      "data_offsets": [offset, offset + nbytes],
+    }
     offset += nbytes
   blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-  blob += b" " * (-len(blob) % 8)   # the reference writer aligns the data to 8 bytes
+  blob += b" " * (-len(blob) % 8)  # the reference writer aligns the data to 8 bytes
   with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for name, shape, dtype in names_and_shapes:
-      array = np.ascontiguousarray(np.asarray(produce(name)), dtype=np.dtype(dtype).newbyteorder("<"))
+      array = np.ascontiguousarray(
+        np.asarray(produce(name)), dtype=np.dtype(dtype).newbyteorder("<")
+      )
       if array.shape != tuple(shape):
         raise ValueError(f"tensor {name!r}: produced shape {array.shape}, declared {tuple(shape)}")
       f.write(array.tobytes())

@@ -27,8 +27,9 @@ def staged_dir(target: str | os.PathLike) -> Iterator[str]:
   block succeeds, deletes it if it raises. `target` must not exist yet."""
   target = os.path.abspath(os.fspath(target))
   if os.path.exists(target):
-    raise FileExistsError(f"{target!r} already exists; choose a new directory (nothing was "
-                          "overwritten)")
+    raise FileExistsError(
+      f"{target!r} already exists; choose a new directory (nothing was overwritten)"
+    )
   parent = os.path.dirname(target)
   os.makedirs(parent, exist_ok=True)
   staging = os.path.join(parent, f".{os.path.basename(target)}.partial-{os.getpid()}")
@@ -43,21 +44,29 @@ def staged_dir(target: str | os.PathLike) -> Iterator[str]:
     raise
 
 
-def write_workdir(workdir: str | os.PathLike, config: ModelConfig, params: Any,
-                  tokenizer_json: str, *, step: int = 0,
-                  info: Optional[dict[str, Any]] = None) -> str:
+def write_workdir(
+  workdir: str | os.PathLike,
+  config: ModelConfig,
+  params: Any,
+  tokenizer_json: str,
+  *,
+  step: int = 0,
+  info: Optional[dict[str, Any]] = None,
+) -> str:
   """DIR/model_config.json, DIR/tokenizer.json, DIR/checkpoints/<step>/params
   (what `bt_jax.checkpointing.load_for_inference` reads), and
   DIR/convert_info.json recording where the weights came from."""
   with staged_dir(workdir) as staging:
     checkpointing.save_model_config(staging, config)
-    checkpointing.write_text_atomic(os.path.join(staging, checkpointing.TOKENIZER_FILE),
-                                    tokenizer_json)
+    checkpointing.write_text_atomic(
+      os.path.join(staging, checkpointing.TOKENIZER_FILE), tokenizer_json
+    )
     checkpointer = checkpointing.Checkpointer(staging, async_save=False)
     try:
       checkpointer.save(step, params, {"step": np.asarray(step, np.int64)})
     finally:
       checkpointer.close()
-    checkpointing.write_text_atomic(os.path.join(staging, CONVERT_INFO_FILE),
-                                    json.dumps(info or {}, indent=2, sort_keys=True))
+    checkpointing.write_text_atomic(
+      os.path.join(staging, CONVERT_INFO_FILE), json.dumps(info or {}, indent=2, sort_keys=True)
+    )
   return os.path.abspath(os.fspath(workdir))

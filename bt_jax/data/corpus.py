@@ -36,8 +36,12 @@ VALIDATION = "validation"
 SPLITS = (TRAIN, VALIDATION)
 DEFAULT_VALIDATION_FRACTION = 0.02
 # Directory names skipped in the standard library: installed packages and test suites.
-STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
-PREPARE_COMMAND = "python -m bt_jax.data.prepare_tfds --input_glob '<files>' --data_dir {data_dir} --name {name}"
+STDLIB_SKIP_DIRS = frozenset(
+  {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+)
+PREPARE_COMMAND = (
+  "python -m bt_jax.data.prepare_tfds --input_glob '<files>' --data_dir {data_dir} --name {name}"
+)
 
 
 def read_text(path: str, strict: bool = False) -> str:
@@ -105,8 +109,8 @@ def split_keys(keys: Sequence[str], validation_fraction: float) -> dict[str, lis
   if not validation and validation_fraction > 0 and len(keys) >= 2:
     validation = {min(range(len(keys)), key=fractions.__getitem__)}
   return {
-      TRAIN: [i for i in range(len(keys)) if i not in validation],
-      VALIDATION: sorted(validation),
+    TRAIN: [i for i in range(len(keys)) if i not in validation],
+    VALIDATION: sorted(validation),
   }
 
 
@@ -138,16 +142,18 @@ def stdlib_files(stdlib_dir: str | None = None) -> tuple[str, list[str]]:
   relpaths = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS]
-    relpaths.extend(os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if f.endswith(".py"))
+    relpaths.extend(
+      os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if f.endswith(".py")
+    )
   return root, sorted(relpaths)
 
 
 def stdlib_corpus(
-    split: str = TRAIN,
-    *,
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    max_bytes: int | None = None,
-    stdlib_dir: str | None = None,
+  split: str = TRAIN,
+  *,
+  validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+  max_bytes: int | None = None,
+  stdlib_dir: str | None = None,
 ) -> FileDocuments:
   """The running interpreter's standard library (*.py, no site-packages or tests), one file a document.
 
@@ -161,8 +167,9 @@ def stdlib_corpus(
   indices = split_keys(relpaths, validation_fraction)[split]
   if not indices:
     raise ValueError(
-        f"the {split!r} split of the standard library corpus ({len(relpaths)} files, "
-        f"validation_fraction={validation_fraction}) is empty")
+      f"the {split!r} split of the standard library corpus ({len(relpaths)} files, "
+      f"validation_fraction={validation_fraction}) is empty"
+    )
   keys = [relpaths[i] for i in indices]
   paths = _cap_bytes([os.path.join(root, k) for k in keys], keys, max_bytes)
   return FileDocuments(paths)
@@ -181,10 +188,14 @@ def _glob_root(pattern: str) -> str:
 
 def match_files(pattern: str) -> tuple[list[str], list[str]]:
   """(sorted paths, keys relative to the glob root) of the files matching pattern."""
-  paths = sorted(p for p in glob_lib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+  paths = sorted(
+    p for p in glob_lib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+  )
   if not paths:
-    raise FileNotFoundError(f"no files match {pattern!r}; give a glob of text or JSON-lines "
-                            "files, e.g. 'data/*.txt' or 'data/**/*.jsonl.gz'")
+    raise FileNotFoundError(
+      f"no files match {pattern!r}; give a glob of text or JSON-lines "
+      "files, e.g. 'data/*.txt' or 'data/**/*.jsonl.gz'"
+    )
   root = _glob_root(os.path.expanduser(pattern))
   return paths, [os.path.relpath(p, root) for p in paths]
 
@@ -194,7 +205,7 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.txt", ".ndjson", ".json")
 
 def is_jsonl(path: str) -> bool:
   """Whether a corpus file is JSON lines (by its name, a .gz suffix aside)."""
-  name = path[:-len(".gz")] if path.endswith(".gz") else path
+  name = path[: -len(".gz")] if path.endswith(".gz") else path
   return name.endswith(JSONL_SUFFIXES)
 
 
@@ -204,14 +215,17 @@ def read_jsonl(path: str, text_field: str = "text") -> list[str]:
   for line_number, record in jsonl.read_jsonl(path, line_numbers=True):
     if not isinstance(record, dict) or text_field not in record:
       fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-      raise UserError(f"{path}:{line_number} has no field {text_field!r} (has {fields}); set "
-                      "the text field to one of those")
+      raise UserError(
+        f"{path}:{line_number} has no field {text_field!r} (has {fields}); set "
+        "the text field to one of those"
+      )
     texts.append(str(record[text_field]))
   return texts
 
 
-def documents_from_files(paths: Sequence[str], text_field: str = "text",
-                         strict: bool = False) -> Sequence[str]:
+def documents_from_files(
+  paths: Sequence[str], text_field: str = "text", strict: bool = False
+) -> Sequence[str]:
   """Text files as one document each (lazily read); JSON-lines files as one
   document a line (see the module docstring for the file types)."""
   if not any(is_jsonl(p) for p in paths):
@@ -231,18 +245,20 @@ def read_files(pattern: str, text_field: str = "text", strict: bool = True) -> S
   paths, _ = match_files(pattern)
   docs = documents_from_files(paths, text_field, strict)
   if len(docs) == 0:
-    raise UserError(f"the files matching {pattern!r} hold no documents (empty JSON-lines "
-                    "files?); give files with text")
+    raise UserError(
+      f"the files matching {pattern!r} hold no documents (empty JSON-lines "
+      "files?); give files with text"
+    )
   return docs
 
 
 def split_files(
-    pattern: str,
-    split: str,
-    *,
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    validation_pattern: str | None = None,
-    max_bytes: int | None = None,
+  pattern: str,
+  split: str,
+  *,
+  validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+  validation_pattern: str | None = None,
+  max_bytes: int | None = None,
 ) -> list[str]:
   """The files of one split: by hash of the relative path, or from `validation_pattern`."""
   _check_split(split)
@@ -253,36 +269,46 @@ def split_files(
     indices = split_keys(all_keys, validation_fraction)[split]
     if not indices:
       raise UserError(
-          f"the {split!r} split of {pattern!r} is empty: {len(all_paths)} file(s) matched and the "
-          f"split is by file (validation_fraction={validation_fraction}); add files, change "
-          "validation_fraction, or pass a separate validation_pattern")
+        f"the {split!r} split of {pattern!r} is empty: {len(all_paths)} file(s) matched and the "
+        f"split is by file (validation_fraction={validation_fraction}); add files, change "
+        "validation_fraction, or pass a separate validation_pattern"
+      )
     paths, keys = [all_paths[i] for i in indices], [all_keys[i] for i in indices]
   return _cap_bytes(paths, keys, max_bytes)
 
 
 def file_corpus(
-    pattern: str,
-    split: str = TRAIN,
-    *,
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    validation_pattern: str | None = None,
-    text_field: str = "text",
-    max_bytes: int | None = None,
+  pattern: str,
+  split: str = TRAIN,
+  *,
+  validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+  validation_pattern: str | None = None,
+  text_field: str = "text",
+  max_bytes: int | None = None,
 ) -> Sequence[str]:
   """Local text files (one document each) or JSON-lines files (`text_field` of each line).
 
   With `validation_pattern`, `pattern` is all training data and `validation_pattern`
   all validation data; otherwise the files of `pattern` are split by hash.
   """
-  paths = split_files(pattern, split, validation_fraction=validation_fraction,
-                      validation_pattern=validation_pattern, max_bytes=max_bytes)
+  paths = split_files(
+    pattern,
+    split,
+    validation_fraction=validation_fraction,
+    validation_pattern=validation_pattern,
+    max_bytes=max_bytes,
+  )
   docs = documents_from_files(paths, text_field)
   if len(docs) == 0:
-    raise UserError(f"the {split!r} split of {pattern!r} has files but no documents (empty JSON-lines files?)")
+    raise UserError(
+      f"the {split!r} split of {pattern!r} has files but no documents (empty JSON-lines files?)"
+    )
   return docs
 
 
-def tfds_corpus(name: str, split: str = TRAIN, *, data_dir: str, text_field: str = "text") -> TfdsDocuments:
+def tfds_corpus(
+  name: str, split: str = TRAIN, *, data_dir: str, text_field: str = "text"
+) -> TfdsDocuments:
   """A TFDS dataset prepared in array_record format under data_dir, read with tfds.data_source."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, only here)
 
@@ -291,20 +317,25 @@ def tfds_corpus(name: str, split: str = TRAIN, *, data_dir: str, text_field: str
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise FileNotFoundError(
-        f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r}; prepare local text files "
-        f"with: {prepare}") from e
+      f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r}; prepare local text files "
+      f"with: {prepare}"
+    ) from e
   if not builder.is_prepared():
     raise FileNotFoundError(
-        f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r}; prepare local text files "
-        f"with: {prepare} (catalog datasets: tfds build {name} --file_format=array_record "
-        f"--data_dir={data_dir})")
+      f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r}; prepare local text files "
+      f"with: {prepare} (catalog datasets: tfds build {name} --file_format=array_record "
+      f"--data_dir={data_dir})"
+    )
   file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
   if file_format != "array_record":
     raise ValueError(
-        f"TFDS dataset {name!r} in {data_dir!r} is stored as {file_format!r}; reading without "
-        "TensorFlow needs file_format='array_record' (rebuild it in that format)")
+      f"TFDS dataset {name!r} in {data_dir!r} is stored as {file_format!r}; reading without "
+      "TensorFlow needs file_format='array_record' (rebuild it in that format)"
+    )
   if split not in builder.info.splits:
-    raise ValueError(f"TFDS dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
+    raise ValueError(
+      f"TFDS dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}"
+    )
   source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   if len(source) == 0:
     raise ValueError(f"the {split!r} split of TFDS dataset {name!r} in {data_dir!r} is empty")
@@ -312,23 +343,31 @@ def tfds_corpus(name: str, split: str = TRAIN, *, data_dir: str, text_field: str
 
 
 def load_corpus(
-    spec: str,
-    split: str = TRAIN,
-    *,
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    max_bytes: int | None = None,
-    validation_pattern: str | None = None,
-    text_field: str = "text",
-    data_dir: str | None = None,
+  spec: str,
+  split: str = TRAIN,
+  *,
+  validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+  max_bytes: int | None = None,
+  validation_pattern: str | None = None,
+  text_field: str = "text",
+  data_dir: str | None = None,
 ) -> Sequence[str]:
   """One entry point for flags and gin: spec is "stdlib", "files:<glob>" or "tfds:<name>"."""
   if spec == "stdlib":
     return stdlib_corpus(split, validation_fraction=validation_fraction, max_bytes=max_bytes)
   if spec.startswith("files:"):
-    return file_corpus(spec[len("files:"):], split, validation_fraction=validation_fraction,
-                       validation_pattern=validation_pattern, text_field=text_field, max_bytes=max_bytes)
+    return file_corpus(
+      spec[len("files:") :],
+      split,
+      validation_fraction=validation_fraction,
+      validation_pattern=validation_pattern,
+      text_field=text_field,
+      max_bytes=max_bytes,
+    )
   if spec.startswith("tfds:"):
     if data_dir is None:
-      raise ValueError(f"corpus {spec!r} needs data_dir (the directory the dataset was prepared in)")
-    return tfds_corpus(spec[len("tfds:"):], split, data_dir=data_dir, text_field=text_field)
+      raise ValueError(
+        f"corpus {spec!r} needs data_dir (the directory the dataset was prepared in)"
+      )
+    return tfds_corpus(spec[len("tfds:") :], split, data_dir=data_dir, text_field=text_field)
   raise ValueError(f"unknown corpus {spec!r}; valid: 'stdlib', 'files:<glob>', 'tfds:<name>'")

@@ -48,7 +48,9 @@ def left_pad_length(seed: int, doc_index: int, block_len: int) -> int:
   return int(np.random.default_rng((int(seed), int(doc_index))).integers(block_len))
 
 
-def block_aligned_segment(tokens, left_pad: int, block_len: int, eos_id: int, pad_id: int) -> Segment:
+def block_aligned_segment(
+  tokens, left_pad: int, block_len: int, eos_id: int, pad_id: int
+) -> Segment:
   """[pad]*left_pad + tokens + [EOS] + right pad to a multiple of block_len, and its mask."""
   tokens = np.asarray(tokens, dtype=np.int32)
   if not 0 <= left_pad < block_len:
@@ -57,7 +59,7 @@ def block_aligned_segment(tokens, left_pad: int, block_len: int, eos_id: int, pa
   length = -(-used // block_len) * block_len
   out_tokens = np.full(length, pad_id, dtype=np.int32)
   out_mask = np.zeros(length, dtype=np.int32)
-  out_tokens[left_pad:left_pad + tokens.size] = tokens
+  out_tokens[left_pad : left_pad + tokens.size] = tokens
   out_tokens[used - 1] = eos_id
   out_mask[left_pad:used] = 1
   return out_tokens, out_mask
@@ -102,8 +104,8 @@ class WindowCutter:
         self.remainder, self.offset = segment, 0
       seg_tokens, seg_mask = self.remainder
       take = min(self.seq_len - filled, seg_tokens.size - self.offset)
-      tokens[filled:filled + take] = seg_tokens[self.offset:self.offset + take]
-      mask[filled:filled + take] = seg_mask[self.offset:self.offset + take]
+      tokens[filled : filled + take] = seg_tokens[self.offset : self.offset + take]
+      mask[filled : filled + take] = seg_mask[self.offset : self.offset + take]
       filled += take
       self.offset += take
       if self.offset == seg_tokens.size:
@@ -121,12 +123,12 @@ def pack_segments(segments: Iterable[Segment], seq_len: int, pad_id: int) -> Ite
 
 
 def pack_block_aligned(
-    docs_token_ids: Iterable[Iterable[int]],
-    seq_len: int,
-    block_len: int,
-    eos_id: int,
-    pad_id: int,
-    seed: int,
+  docs_token_ids: Iterable[Iterable[int]],
+  seq_len: int,
+  block_len: int,
+  eos_id: int,
+  pad_id: int,
+  seed: int,
 ) -> Iterator[Example]:
   """Block-aligned windows of the documents, in order (see the module docstring).
 
@@ -134,16 +136,17 @@ def pack_block_aligned(
   """
   check_block_lengths(seq_len, block_len)
   segments = (
-      block_aligned_segment(doc, left_pad_length(seed, k, block_len), block_len, eos_id, pad_id)
-      for k, doc in enumerate(docs_token_ids))
+    block_aligned_segment(doc, left_pad_length(seed, k, block_len), block_len, eos_id, pad_id)
+    for k, doc in enumerate(docs_token_ids)
+  )
   return pack_segments(segments, seq_len, pad_id)
 
 
 def pack_plain(
-    docs_token_ids: Iterable[Iterable[int]],
-    seq_len: int,
-    eos_id: int,
-    pad_id: int,
+  docs_token_ids: Iterable[Iterable[int]],
+  seq_len: int,
+  eos_id: int,
+  pad_id: int,
 ) -> Iterator[Example]:
   """Documents each followed by EOS, concatenated and cut into windows (vanilla models)."""
   return pack_segments((plain_segment(doc, eos_id) for doc in docs_token_ids), seq_len, pad_id)

@@ -113,7 +113,9 @@ class _SegmentFn:
   def __call__(self, index: int, tokens: np.ndarray) -> dict[str, np.ndarray]:
     if self.packing_kind == "block":
       left_pad = packing_lib.left_pad_length(self.seed, index, self.block_len)
-      seg_tokens, seg_mask = packing_lib.block_aligned_segment(tokens, left_pad, self.block_len, self.eos_id, self.pad_id)
+      seg_tokens, seg_mask = packing_lib.block_aligned_segment(
+        tokens, left_pad, self.block_len, self.eos_id, self.pad_id
+      )
     else:
       seg_tokens, seg_mask = packing_lib.plain_segment(tokens, self.eos_id)
     return {"tokens": seg_tokens, "mask": seg_mask}
@@ -165,8 +167,11 @@ class _PackDatasetIterator(grain.DatasetIterator):
   def get_state(self) -> dict[str, Any]:
     if self._cutter.remainder is None:
       return {"parent": self._parent.get_state(), "has_remainder": False, "offset": 0}
-    return {"parent": copy.deepcopy(self._remainder_parent_state), "has_remainder": True,
-            "offset": int(self._cutter.offset)}
+    return {
+      "parent": copy.deepcopy(self._remainder_parent_state),
+      "has_remainder": True,
+      "offset": int(self._cutter.offset),
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
@@ -174,7 +179,9 @@ class _PackDatasetIterator(grain.DatasetIterator):
     if state["has_remainder"]:
       segment = self._pull()
       if segment is None:
-        raise ValueError(f"cannot restore packing state {state}: the source ended before the saved segment")
+        raise ValueError(
+          f"cannot restore packing state {state}: the source ended before the saved segment"
+        )
       self._cutter.remainder, self._cutter.offset = segment, int(state["offset"])
 
   def __str__(self) -> str:
@@ -182,19 +189,19 @@ class _PackDatasetIterator(grain.DatasetIterator):
 
 
 def make_train_dataset(
-    documents: Sequence[str] | TokenizedDocuments,
-    tokenizer: Tokenizer,
-    *,
-    seq_len: int,
-    block_len: int | None,
-    batch_size: int,
-    seed: int,
-    packing: str = "block",
-    num_epochs: int | None = None,
-    shuffle_window: int = 256,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    num_threads: int = 2,
+  documents: Sequence[str] | TokenizedDocuments,
+  tokenizer: Tokenizer,
+  *,
+  seq_len: int,
+  block_len: int | None,
+  batch_size: int,
+  seed: int,
+  packing: str = "block",
+  num_epochs: int | None = None,
+  shuffle_window: int = 256,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_threads: int = 2,
 ) -> grain.IterDataset:
   """The grain IterDataset of training batches (see the module docstring).
 
@@ -222,52 +229,75 @@ def make_train_dataset(
   if shard_count > 1:
     docs = docs[shard_index::shard_count]
     if len(docs) == 0:
-      raise ValueError(f"shard {shard_index} of {shard_count} has no documents ({len(tokenized)} in all)")
-  segments = (docs.shuffle(seed=seed).repeat(num_epochs)
-              .map_with_index(_SegmentFn(packing, block_len, tokenizer.eos_id, tokenizer.pad_id, seed)))
-  read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(16, 4 * num_threads))
-  windows = PackIterDataset(segments.to_iter_dataset(read_options), seq_len=seq_len, pad_id=tokenizer.pad_id)
+      raise ValueError(
+        f"shard {shard_index} of {shard_count} has no documents ({len(tokenized)} in all)"
+      )
+  segments = (
+    docs.shuffle(seed=seed)
+    .repeat(num_epochs)
+    .map_with_index(_SegmentFn(packing, block_len, tokenizer.eos_id, tokenizer.pad_id, seed))
+  )
+  read_options = grain.ReadOptions(
+    num_threads=num_threads, prefetch_buffer_size=max(16, 4 * num_threads)
+  )
+  windows = PackIterDataset(
+    segments.to_iter_dataset(read_options), seq_len=seq_len, pad_id=tokenizer.pad_id
+  )
   if shuffle_window > 1:
-    windows = grain.experimental.WindowShuffleIterDataset(windows, window_size=shuffle_window, seed=seed)
+    windows = grain.experimental.WindowShuffleIterDataset(
+      windows, window_size=shuffle_window, seed=seed
+    )
   return windows.batch(batch_size, drop_remainder=True)
 
 
 def make_train_iterator(
-    documents: Sequence[str] | TokenizedDocuments,
-    tokenizer: Tokenizer,
-    *,
-    seq_len: int,
-    block_len: int | None,
-    batch_size: int,
-    seed: int,
-    packing: str = "block",
-    num_epochs: int | None = None,
-    shuffle_window: int = 256,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    num_threads: int = 2,
+  documents: Sequence[str] | TokenizedDocuments,
+  tokenizer: Tokenizer,
+  *,
+  seq_len: int,
+  block_len: int | None,
+  batch_size: int,
+  seed: int,
+  packing: str = "block",
+  num_epochs: int | None = None,
+  shuffle_window: int = 256,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_threads: int = 2,
 ) -> grain.DatasetIterator:
   """An iterator of {"tokens": int32 [batch_size, seq_len], "mask": int32 [batch_size, seq_len]}.
 
   A grain DatasetIterator: checkpoint it with get_state()/set_state() or grain's
   orbax handler (module docstring). Arguments as in `make_train_dataset`.
   """
-  return iter(make_train_dataset(
-      documents, tokenizer, seq_len=seq_len, block_len=block_len, batch_size=batch_size, seed=seed,
-      packing=packing, num_epochs=num_epochs, shuffle_window=shuffle_window, shard_index=shard_index,
-      shard_count=shard_count, num_threads=num_threads))
+  return iter(
+    make_train_dataset(
+      documents,
+      tokenizer,
+      seq_len=seq_len,
+      block_len=block_len,
+      batch_size=batch_size,
+      seed=seed,
+      packing=packing,
+      num_epochs=num_epochs,
+      shuffle_window=shuffle_window,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      num_threads=num_threads,
+    )
+  )
 
 
 def make_eval_batches(
-    documents: Sequence[str] | TokenizedDocuments,
-    tokenizer: Tokenizer,
-    *,
-    seq_len: int,
-    block_len: int | None,
-    batch_size: int,
-    num_batches: int | None = None,
-    packing: str = "block",
-    seed: int = 0,
+  documents: Sequence[str] | TokenizedDocuments,
+  tokenizer: Tokenizer,
+  *,
+  seq_len: int,
+  block_len: int | None,
+  batch_size: int,
+  num_batches: int | None = None,
+  packing: str = "block",
+  seed: int = 0,
 ) -> list[dict[str, np.ndarray]]:
   """A fixed list of evaluation batches over the documents, in order (no shuffling).
 
@@ -285,7 +315,9 @@ def make_eval_batches(
   tokenized = _as_tokenized(documents, tokenizer)
   docs = (tokenized[i] for i in range(len(tokenized)))
   if packing == "block":
-    windows = packing_lib.pack_block_aligned(docs, seq_len, block_len, tokenizer.eos_id, tokenizer.pad_id, seed)
+    windows = packing_lib.pack_block_aligned(
+      docs, seq_len, block_len, tokenizer.eos_id, tokenizer.pad_id, seed
+    )
   else:
     windows = packing_lib.pack_plain(docs, seq_len, tokenizer.eos_id, tokenizer.pad_id)
   batches = []
@@ -298,7 +330,10 @@ def make_eval_batches(
       if num_batches is not None and len(batches) == num_batches:
         return batches
   if rows:
-    empty = {"tokens": np.full(seq_len, tokenizer.pad_id, np.int32), "mask": np.zeros(seq_len, np.int32)}
+    empty = {
+      "tokens": np.full(seq_len, tokenizer.pad_id, np.int32),
+      "mask": np.zeros(seq_len, np.int32),
+    }
     batches.append(_stack(rows + [empty] * (batch_size - len(rows))))
   return batches
 
@@ -322,12 +357,16 @@ def unigram_counts(items: Iterable, vocab_size: int) -> np.ndarray:
     tokens = _scored_tokens(item).astype(np.int64)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
       bad = int(tokens.max()) if tokens.max() >= vocab_size else int(tokens.min())
-      raise ValueError(f"token id {bad} is outside the vocabulary; valid ids are 0..{vocab_size - 1}")
+      raise ValueError(
+        f"token id {bad} is outside the vocabulary; valid ids are 0..{vocab_size - 1}"
+      )
     counts += np.bincount(tokens, minlength=vocab_size)
   return counts
 
 
-def unigram_cross_entropy(train_token_arrays: Iterable, valid_token_arrays: Iterable, vocab_size: int) -> float:
+def unigram_cross_entropy(
+  train_token_arrays: Iterable, valid_token_arrays: Iterable, vocab_size: int
+) -> float:
   """Cross-entropy (nats/token) on the validation tokens of an add-one unigram fitted on training tokens.
 
   Items are int token arrays (all tokens count) or batches {"tokens", "mask"}

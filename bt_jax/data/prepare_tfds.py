@@ -43,9 +43,9 @@ class _LocalTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   def _info(self) -> tfds.core.DatasetInfo:
     # DatasetInfo directly: dataset_info_from_configs would look for README/citation files.
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Local text documents prepared by bt_jax.data.prepare_tfds.",
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+      builder=self,
+      description="Local text documents prepared by bt_jax.data.prepare_tfds.",
+      features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
     )
 
   def _split_generators(self, dl_manager):
@@ -65,19 +65,21 @@ _BUILDER_CLASSES: dict[str, type] = {}
 def _builder_class(name: str) -> type:
   if name not in _BUILDER_CLASSES:
     class_name = "".join(part.capitalize() for part in name.split("_")) or "LocalText"
-    _BUILDER_CLASSES[name] = type(class_name, (_LocalTextBuilder,), {"name": name}, skip_registration=True)
+    _BUILDER_CLASSES[name] = type(
+      class_name, (_LocalTextBuilder,), {"name": name}, skip_registration=True
+    )
   return _BUILDER_CLASSES[name]
 
 
 def prepare_text_dataset(
-    input_glob: str,
-    data_dir: str,
-    *,
-    name: str = DEFAULT_NAME,
-    validation_fraction: float = corpus.DEFAULT_VALIDATION_FRACTION,
-    validation_glob: str | None = None,
-    text_field: str = "text",
-    overwrite: bool = False,
+  input_glob: str,
+  data_dir: str,
+  *,
+  name: str = DEFAULT_NAME,
+  validation_fraction: float = corpus.DEFAULT_VALIDATION_FRACTION,
+  validation_glob: str | None = None,
+  text_field: str = "text",
+  overwrite: bool = False,
 ) -> str:
   """Writes `data_dir/name/1.0.0/` (array_record) and returns that directory."""
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
@@ -89,9 +91,14 @@ def prepare_text_dataset(
   else:
     raise ValueError(f"{name!r} is the name of a TFDS catalog dataset; choose another --name")
   documents = {
-      split: corpus.file_corpus(input_glob, split, validation_fraction=validation_fraction,
-                                validation_pattern=validation_glob, text_field=text_field)
-      for split in corpus.SPLITS
+    split: corpus.file_corpus(
+      input_glob,
+      split,
+      validation_fraction=validation_fraction,
+      validation_pattern=validation_glob,
+      text_field=text_field,
+    )
+    for split in corpus.SPLITS
   }
   version_dir = os.path.join(data_dir, name, DATASET_VERSION)
   if os.path.exists(version_dir):
@@ -105,14 +112,20 @@ def prepare_text_dataset(
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   fv = dict(flag_values=flag_values)
-  flags.DEFINE_string("input_glob", None, "Text or .jsonl files ('**' recurses; .gz allowed).",
-                      required=True, **fv)
+  flags.DEFINE_string(
+    "input_glob", None, "Text or .jsonl files ('**' recurses; .gz allowed).", required=True, **fv
+  )
   flags.DEFINE_string("data_dir", None, "TFDS data directory to write into.", required=True, **fv)
   flags.DEFINE_string("name", DEFAULT_NAME, "Dataset name (snake_case).", **fv)
-  flags.DEFINE_float("validation_fraction", corpus.DEFAULT_VALIDATION_FRACTION,
-                     "Share of files (by hash of the path) in the validation split.", **fv)
-  flags.DEFINE_string("validation_glob", None, "Separate validation files (else split by file).",
-                      **fv)
+  flags.DEFINE_float(
+    "validation_fraction",
+    corpus.DEFAULT_VALIDATION_FRACTION,
+    "Share of files (by hash of the path) in the validation split.",
+    **fv,
+  )
+  flags.DEFINE_string(
+    "validation_glob", None, "Separate validation files (else split by file).", **fv
+  )
   flags.DEFINE_string("text_field", "text", "The text field of .jsonl lines.", **fv)
   flags.DEFINE_bool("overwrite", False, "Rebuild an existing dataset.", **fv)
 
@@ -123,14 +136,20 @@ def main(flag_values: flags.FlagValues) -> str:
     raise cli.UserError(f"--name {name!r} must be snake_case: a lowercase letter then [a-z0-9_]")
   try:
     path = prepare_text_dataset(
-        flag_values.input_glob, flag_values.data_dir, name=name,
-        validation_fraction=flag_values.validation_fraction,
-        validation_glob=flag_values.validation_glob, text_field=flag_values.text_field,
-        overwrite=flag_values.overwrite)
-  except (FileExistsError, KeyError, ValueError) as e:   # an existing dataset, a bad file
+      flag_values.input_glob,
+      flag_values.data_dir,
+      name=name,
+      validation_fraction=flag_values.validation_fraction,
+      validation_glob=flag_values.validation_glob,
+      text_field=flag_values.text_field,
+      overwrite=flag_values.overwrite,
+    )
+  except (FileExistsError, KeyError, ValueError) as e:  # an existing dataset, a bad file
     raise cli.UserError(cli.one_line(e)) from e
-  print(f"prepared {name!r} in {path}; read it with corpus spec 'tfds:{name}' and data_dir "
-        f"{flag_values.data_dir!r}")
+  print(
+    f"prepared {name!r} in {path}; read it with corpus spec 'tfds:{name}' and data_dir "
+    f"{flag_values.data_dir!r}"
+  )
   return path
 
 

@@ -36,8 +36,9 @@ class Tokenizer:
       eos_token = next((t for t in EOS_CANDIDATES if hf_tokenizer.token_to_id(t) is not None), None)
       if eos_token is None:
         raise ValueError(
-            f"the tokenizer has none of the end-of-text tokens {list(EOS_CANDIDATES)}; "
-            "pass eos_token= naming the one it uses")
+          f"the tokenizer has none of the end-of-text tokens {list(EOS_CANDIDATES)}; "
+          "pass eos_token= naming the one it uses"
+        )
     eos_id = hf_tokenizer.token_to_id(eos_token)
     if eos_id is None:
       raise ValueError(f"eos_token {eos_token!r} is not in the tokenizer's vocabulary")
@@ -60,7 +61,9 @@ class Tokenizer:
     ids = [int(i) for i in ids]
     for i in ids:
       if not 0 <= i < self.vocab_size:
-        raise ValueError(f"token id {i} is outside the vocabulary; valid ids are 0..{self.vocab_size - 1}")
+        raise ValueError(
+          f"token id {i} is outside the vocabulary; valid ids are 0..{self.vocab_size - 1}"
+        )
     return self._tokenizer.decode(ids, skip_special_tokens=False)
 
   def to_json(self) -> str:
@@ -100,15 +103,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
   checked against it).
   """
   if vocab_size < MIN_VOCAB_SIZE:
-    raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE; need >= {MIN_VOCAB_SIZE}")
+    raise ValueError(
+      f"vocab_size={vocab_size} is too small for byte-level BPE; need >= {MIN_VOCAB_SIZE}"
+    )
   hf_tokenizer = tokenizers.Tokenizer(models.BPE())
   hf_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   hf_tokenizer.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size,
-      special_tokens=[EOS_TOKEN],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False,
+    vocab_size=vocab_size,
+    special_tokens=[EOS_TOKEN],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
   )
   hf_tokenizer.train_from_iterator(texts, trainer)
   learned = hf_tokenizer.get_vocab_size(with_added_tokens=True)
@@ -120,10 +125,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def load_or_train_tokenizer(
-    workdir: str | os.PathLike,
-    texts_fn: Callable[[], Iterable[str]],
-    vocab_size: int,
-    tokenizer_path: str | os.PathLike | None = None,
+  workdir: str | os.PathLike,
+  texts_fn: Callable[[], Iterable[str]],
+  vocab_size: int,
+  tokenizer_path: str | os.PathLike | None = None,
 ) -> Tokenizer:
   """Returns the run's tokenizer, kept as `workdir/tokenizer.json`.
 
@@ -140,13 +145,17 @@ def load_or_train_tokenizer(
     tokenizer = Tokenizer.from_file(tokenizer_path)
     if tokenizer.vocab_size > vocab_size:
       raise ValueError(
-          f"tokenizer {os.fspath(tokenizer_path)!r} has {tokenizer.vocab_size} tokens but the model's "
-          f"vocab_size is {vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
+        f"tokenizer {os.fspath(tokenizer_path)!r} has {tokenizer.vocab_size} tokens but the model's "
+        f"vocab_size is {vocab_size}; set vocab_size >= {tokenizer.vocab_size}"
+      )
     if os.path.exists(cached_path):
-      if _canonical_json(Tokenizer.from_file(cached_path).to_json()) != _canonical_json(tokenizer.to_json()):
+      if _canonical_json(Tokenizer.from_file(cached_path).to_json()) != _canonical_json(
+        tokenizer.to_json()
+      ):
         raise ValueError(
-            f"{cached_path!r} holds a different tokenizer than {os.fspath(tokenizer_path)!r}; "
-            "this workdir was trained with the former: use a new workdir or drop tokenizer_path")
+          f"{cached_path!r} holds a different tokenizer than {os.fspath(tokenizer_path)!r}; "
+          "this workdir was trained with the former: use a new workdir or drop tokenizer_path"
+        )
     else:
       tokenizer.save(cached_path)
     return tokenizer
@@ -154,8 +163,9 @@ def load_or_train_tokenizer(
     tokenizer = Tokenizer.from_file(cached_path)
     if tokenizer.vocab_size != vocab_size:
       raise ValueError(
-          f"cached tokenizer {cached_path!r} has vocab_size {tokenizer.vocab_size} but {vocab_size} was "
-          "asked for; delete the file to retrain, or use a new workdir")
+        f"cached tokenizer {cached_path!r} has vocab_size {tokenizer.vocab_size} but {vocab_size} was "
+        "asked for; delete the file to retrain, or use a new workdir"
+      )
     return tokenizer
   tokenizer = train_bpe(texts_fn(), vocab_size)
   tokenizer.save(cached_path)

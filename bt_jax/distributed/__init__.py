@@ -21,39 +21,48 @@ of every method) is `bt_jax.distributed.study`.
 
 from bt_jax.distributed.merge import allreduce_merge, merge_many, merge_pair
 from bt_jax.distributed.reference import full_decode_attention_reference
-from bt_jax.distributed.sharded import (TREE_METHODS, decode_shardings,
-                                        make_sequence_mesh,
-                                        make_sharded_decode_attention,
-                                        make_two_level_mesh, shard_lengths,
-                                        two_level_axes)
-from bt_jax.distributed.sharded_cache import (ShardedKVCache,
-                                              masked_partial_attention,
-                                              physical_slots, round_robin_mask,
-                                              to_logical_order)
-from bt_jax.distributed.tree_attention import (butterfly_decode_attention,
-                                               local_decode_attention,
-                                               tree_decode_attention,
-                                               two_level_tree_decode_attention)
+from bt_jax.distributed.sharded import (
+  TREE_METHODS,
+  decode_shardings,
+  make_sequence_mesh,
+  make_sharded_decode_attention,
+  make_two_level_mesh,
+  shard_lengths,
+  two_level_axes,
+)
+from bt_jax.distributed.sharded_cache import (
+  ShardedKVCache,
+  masked_partial_attention,
+  physical_slots,
+  round_robin_mask,
+  to_logical_order,
+)
+from bt_jax.distributed.tree_attention import (
+  butterfly_decode_attention,
+  local_decode_attention,
+  tree_decode_attention,
+  two_level_tree_decode_attention,
+)
 
 __all__ = [
-    "ShardedKVCache",
-    "TREE_METHODS",
-    "allreduce_merge",
-    "butterfly_decode_attention",
-    "decode_shardings",
-    "full_decode_attention_reference",
-    "local_decode_attention",
-    "make_sequence_mesh",
-    "make_sharded_decode_attention",
-    "make_two_level_mesh",
-    "masked_partial_attention",
-    "merge_many",
-    "merge_pair",
-    "physical_slots",
-    "round_robin_mask",
-    "shard_lengths",
-    "to_logical_order",
-    "tree_decode_attention",
-    "two_level_axes",
-    "two_level_tree_decode_attention",
+  "ShardedKVCache",
+  "TREE_METHODS",
+  "allreduce_merge",
+  "butterfly_decode_attention",
+  "decode_shardings",
+  "full_decode_attention_reference",
+  "local_decode_attention",
+  "make_sequence_mesh",
+  "make_sharded_decode_attention",
+  "make_two_level_mesh",
+  "masked_partial_attention",
+  "merge_many",
+  "merge_pair",
+  "physical_slots",
+  "round_robin_mask",
+  "shard_lengths",
+  "to_logical_order",
+  "tree_decode_attention",
+  "two_level_axes",
+  "two_level_tree_decode_attention",
 ]

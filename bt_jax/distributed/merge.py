@@ -45,8 +45,9 @@ def _scaled(o: jax.Array, lse: jax.Array, reference: jax.Array) -> jax.Array:
   return jnp.where(has_keys, scaled, 0.0)
 
 
-def merge_pair(o1: jax.Array, lse1: jax.Array, o2: jax.Array,
-               lse2: jax.Array) -> Tuple[jax.Array, jax.Array]:
+def merge_pair(
+  o1: jax.Array, lse1: jax.Array, o2: jax.Array, lse2: jax.Array
+) -> Tuple[jax.Array, jax.Array]:
   """Merges two partials over disjoint key sets; returns (o f32, lse f32)."""
   lse1 = lse1.astype(jnp.float32)
   lse2 = lse2.astype(jnp.float32)
@@ -56,8 +57,7 @@ def merge_pair(o1: jax.Array, lse1: jax.Array, o2: jax.Array,
   return o, lse
 
 
-def merge_many(partials: Sequence[Tuple[jax.Array, jax.Array]]
-               ) -> Tuple[jax.Array, jax.Array]:
+def merge_many(partials: Sequence[Tuple[jax.Array, jax.Array]]) -> Tuple[jax.Array, jax.Array]:
   """Merges a list of (o, lse) partials on one device (max and sum form)."""
   if not partials:
     raise ValueError("merge_many needs at least one (o, lse) partial")
@@ -68,8 +68,9 @@ def merge_many(partials: Sequence[Tuple[jax.Array, jax.Array]]
   return _normalise(numerator, denominator, global_max)
 
 
-def _normalise(numerator: jax.Array, denominator: jax.Array,
-               global_max: jax.Array) -> Tuple[jax.Array, jax.Array]:
+def _normalise(
+  numerator: jax.Array, denominator: jax.Array, global_max: jax.Array
+) -> Tuple[jax.Array, jax.Array]:
   """(n / d, M + log d) with all-empty rows (d = 0) giving (0, -inf)."""
   nonempty = denominator > 0
   safe_denominator = jnp.where(nonempty, denominator, 1.0)
@@ -78,8 +79,9 @@ def _normalise(numerator: jax.Array, denominator: jax.Array,
   return out, lse
 
 
-def allreduce_merge(o: jax.Array, lse: jax.Array,
-                    axis_name: AxisName) -> Tuple[jax.Array, jax.Array]:
+def allreduce_merge(
+  o: jax.Array, lse: jax.Array, axis_name: AxisName
+) -> Tuple[jax.Array, jax.Array]:
   """Tree Attention's merge of per-device partials over a mesh axis.
 
   Must run inside `shard_map`. Three collectives on f32 data:
@@ -90,5 +92,6 @@ def allreduce_merge(o: jax.Array, lse: jax.Array,
   lse = lse.astype(jnp.float32)
   global_max = _finite_or_zero(lax.pmax(lse, axis_name))
   numerator, denominator = lax.psum(
-      (_scaled(o, lse, global_max), jnp.exp(lse - global_max)), axis_name)
+    (_scaled(o, lse, global_max), jnp.exp(lse - global_max)), axis_name
+  )
   return _normalise(numerator, denominator, global_max)

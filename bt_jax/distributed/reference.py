@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 
 
-def full_decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
-                                    lengths: jax.Array, *,
-                                    sm_scale: Optional[float] = None
-                                    ) -> Tuple[jax.Array, jax.Array]:
+def full_decode_attention_reference(
+  q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, sm_scale: Optional[float] = None
+) -> Tuple[jax.Array, jax.Array]:
   """Full softmax attention of q over the first lengths[b] keys of each row.
 
   q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim],
@@ -32,11 +31,10 @@ def full_decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
   heads, head_dim = q.shape[2], q.shape[3]
   group = heads // k.shape[2]
   if sm_scale is None:
-    sm_scale = head_dim ** -0.5
+    sm_scale = head_dim**-0.5
   k_per_head = jnp.repeat(k.astype(jnp.float32), group, axis=2)
   v_per_head = jnp.repeat(v.astype(jnp.float32), group, axis=2)
-  scores = jnp.einsum("bqhd,bthd->bhqt", q.astype(jnp.float32),
-                      k_per_head) * sm_scale
+  scores = jnp.einsum("bqhd,bthd->bhqt", q.astype(jnp.float32), k_per_head) * sm_scale
   positions = jnp.arange(k.shape[1])
   valid = positions[None, :] < jnp.asarray(lengths)[:, None]  # [batch, kv_len]
   scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)

@@ -26,9 +26,11 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from bt_jax.distributed.tree_attention import (butterfly_decode_attention,
-                                               tree_decode_attention,
-                                               two_level_tree_decode_attention)
+from bt_jax.distributed.tree_attention import (
+  butterfly_decode_attention,
+  tree_decode_attention,
+  two_level_tree_decode_attention,
+)
 
 # The meshes live with the other meshes (bt_jax.mesh); re-exported here.
 from bt_jax.mesh import make_sequence_mesh, make_two_level_mesh  # pylint: disable=unused-import
@@ -41,16 +43,14 @@ TREE_METHODS = ("tree", "tree_two_level", "tree_butterfly")
 PerDeviceAttention = Callable[..., Tuple[jax.Array, jax.Array]]
 
 
-def _axes_tuple(mesh: Mesh,
-                sequence_axes: Union[None, str, Sequence[str]]) -> Tuple[str, ...]:
+def _axes_tuple(mesh: Mesh, sequence_axes: Union[None, str, Sequence[str]]) -> Tuple[str, ...]:
   if sequence_axes is None:
     return tuple(mesh.axis_names)
   if isinstance(sequence_axes, str):
     sequence_axes = (sequence_axes,)
   unknown = [a for a in sequence_axes if a not in mesh.axis_names]
   if unknown:
-    raise ValueError(f"sequence axes {unknown} are not in the mesh axes "
-                     f"{mesh.axis_names}")
+    raise ValueError(f"sequence axes {unknown} are not in the mesh axes {mesh.axis_names}")
   return tuple(sequence_axes)
 
 
@@ -60,15 +60,15 @@ def decode_specs(sequence_axes: Tuple[str, ...]) -> Dict[str, P]:
   return dict(q=P(), k_cache=kv, v_cache=kv, lengths=P(), out=P(), lse=P())
 
 
-def decode_shardings(mesh: Mesh, sequence_axes: Union[None, str, Sequence[str]]
-                     = None) -> Dict[str, NamedSharding]:
+def decode_shardings(
+  mesh: Mesh, sequence_axes: Union[None, str, Sequence[str]] = None
+) -> Dict[str, NamedSharding]:
   """NamedShardings to `jax.device_put` the inputs with (see decode_specs)."""
   specs = decode_specs(_axes_tuple(mesh, sequence_axes))
   return {name: NamedSharding(mesh, spec) for name, spec in specs.items()}
 
 
-def shard_lengths(lengths: jax.Array, shard_index: jax.Array,
-                  shard_len: int) -> jax.Array:
+def shard_lengths(lengths: jax.Array, shard_index: jax.Array, shard_len: int) -> jax.Array:
   """Valid keys per row inside shard `shard_index` of a contiguous split.
 
   Shard i holds cache positions [i * shard_len, (i + 1) * shard_len); a row
@@ -77,12 +77,12 @@ def shard_lengths(lengths: jax.Array, shard_index: jax.Array,
   local `ends`.
   """
   lengths = jnp.asarray(lengths, jnp.int32)
-  return jnp.clip(lengths - shard_index * shard_len, 0, shard_len).astype(
-      jnp.int32)
+  return jnp.clip(lengths - shard_index * shard_len, 0, shard_len).astype(jnp.int32)
 
 
-def two_level_axes(mesh: Mesh, node_axis: str = "node",
-                   local_axis: str = "local") -> Tuple[str, str]:
+def two_level_axes(
+  mesh: Mesh, node_axis: str = "node", local_axis: str = "local"
+) -> Tuple[str, str]:
   """(node_axis, local_axis), checked against the mesh by name.
 
   Both must be axes of the mesh, and the mesh must list the node axis
@@ -93,23 +93,32 @@ def two_level_axes(mesh: Mesh, node_axis: str = "node",
   names = tuple(mesh.axis_names)
   missing = [a for a in (node_axis, local_axis) if a not in names]
   if missing or node_axis == local_axis:
-    raise ValueError(f"tree_two_level needs two sequence axes of the mesh, "
-                     f"node_axis={node_axis!r} and local_axis={local_axis!r}; "
-                     f"the mesh's axes are {names}")
+    raise ValueError(
+      f"tree_two_level needs two sequence axes of the mesh, "
+      f"node_axis={node_axis!r} and local_axis={local_axis!r}; "
+      f"the mesh's axes are {names}"
+    )
   if names.index(node_axis) > names.index(local_axis):
-    raise ValueError(f"the two-level mesh lists its axes as {names}: the node axis "
-                     f"{node_axis!r} must come before the local axis {local_axis!r} "
-                     f"(node-major, as make_two_level_mesh builds it); pass "
-                     f"node_axis/local_axis by name for the mesh you have")
+    raise ValueError(
+      f"the two-level mesh lists its axes as {names}: the node axis "
+      f"{node_axis!r} must come before the local axis {local_axis!r} "
+      f"(node-major, as make_two_level_mesh builds it); pass "
+      f"node_axis/local_axis by name for the mesh you have"
+    )
   return node_axis, local_axis
 
 
 def make_sharded_decode_attention(
-    mesh: Mesh, *, method: Union[str, PerDeviceAttention] = "tree",
-    sequence_axes: Union[None, str, Sequence[str]] = None,
-    node_axis: str = "node", local_axis: str = "local",
-    impl: Optional[str] = None, sm_scale: Optional[float] = None,
-    check_vma: bool = False) -> Callable[..., Tuple[jax.Array, jax.Array]]:
+  mesh: Mesh,
+  *,
+  method: Union[str, PerDeviceAttention] = "tree",
+  sequence_axes: Union[None, str, Sequence[str]] = None,
+  node_axis: str = "node",
+  local_axis: str = "local",
+  impl: Optional[str] = None,
+  sm_scale: Optional[float] = None,
+  check_vma: bool = False,
+) -> Callable[..., Tuple[jax.Array, jax.Array]]:
   """Returns jit(fn)(q, k_cache, v_cache, lengths) -> (out, lse).
 
   method: "tree" (all-reduce over all sequence axes), "tree_two_level"
@@ -129,12 +138,15 @@ def make_sharded_decode_attention(
     if sequence_axes is not None:
       given = (sequence_axes,) if isinstance(sequence_axes, str) else tuple(sequence_axes)
       if given != (node, local):
-        raise ValueError(f"method='tree_two_level' shards the sequence over "
-                         f"(node_axis, local_axis) = {(node, local)}; got sequence_axes="
-                         f"{given} (name the levels with node_axis=/local_axis=)")
+        raise ValueError(
+          f"method='tree_two_level' shards the sequence over "
+          f"(node_axis, local_axis) = {(node, local)}; got sequence_axes="
+          f"{given} (name the levels with node_axis=/local_axis=)"
+        )
     axes = (node, local)
     attend = lambda *a: two_level_tree_decode_attention(
-        *a, node_axis=node, local_axis=local, **kwargs)
+      *a, node_axis=node, local_axis=local, **kwargs
+    )
   else:
     axes = _axes_tuple(mesh, sequence_axes)
     axis_name = axes if len(axes) > 1 else axes[0]
@@ -145,9 +157,11 @@ def make_sharded_decode_attention(
     elif callable(method):
       attend = lambda *a: method(*a, axis_name=axis_name, **kwargs)
     else:
-      raise ValueError(f"unknown method {method!r}; valid: {TREE_METHODS} or a per-device "
-                       "function (the study's ring baselines: "
-                       "bt_jax.distributed.study.make_method_attention)")
+      raise ValueError(
+        f"unknown method {method!r}; valid: {TREE_METHODS} or a per-device "
+        "function (the study's ring baselines: "
+        "bt_jax.distributed.study.make_method_attention)"
+      )
   axis_name = axes if len(axes) > 1 else axes[0]
   num_shards = int(np.prod([mesh.shape[a] for a in axes]))
 
@@ -158,22 +172,25 @@ def make_sharded_decode_attention(
 
   specs = decode_specs(axes)
   mapped = jax.shard_map(
-      per_device, mesh=mesh,
-      in_specs=(specs["q"], specs["k_cache"], specs["v_cache"],
-                specs["lengths"]),
-      out_specs=(specs["out"], specs["lse"]), check_vma=check_vma)
+    per_device,
+    mesh=mesh,
+    in_specs=(specs["q"], specs["k_cache"], specs["v_cache"], specs["lengths"]),
+    out_specs=(specs["out"], specs["lse"]),
+    check_vma=check_vma,
+  )
   shardings = decode_shardings(mesh, axes)
   jitted = jax.jit(
-      mapped,
-      in_shardings=(shardings["q"], shardings["k_cache"],
-                    shardings["v_cache"], shardings["lengths"]),
-      out_shardings=(shardings["out"], shardings["lse"]))
+    mapped,
+    in_shardings=(shardings["q"], shardings["k_cache"], shardings["v_cache"], shardings["lengths"]),
+    out_shardings=(shardings["out"], shardings["lse"]),
+  )
 
   def sharded_decode_attention(q, k_cache, v_cache, lengths):
     if k_cache.shape[1] % num_shards:
       raise ValueError(
-          f"kv_len={k_cache.shape[1]} must be divisible by the {num_shards} "
-          f"devices on sequence axes {axes}")
+        f"kv_len={k_cache.shape[1]} must be divisible by the {num_shards} "
+        f"devices on sequence axes {axes}"
+      )
     return jitted(q, k_cache, v_cache, lengths)
 
   sharded_decode_attention.jitted = jitted  # for .lower(...) / HLO inspection

@@ -84,9 +84,9 @@ def round_robin_mask(mask: jax.Array, num_shards: int) -> jax.Array:
   return jnp.swapaxes(mask, -1, -2).reshape(*mask.shape[:-2], per_shard * num_shards)
 
 
-def masked_partial_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                             mask: jax.Array, scale: Optional[float] = None
-                             ) -> Tuple[jax.Array, jax.Array]:
+def masked_partial_attention(
+  query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, scale: Optional[float] = None
+) -> Tuple[jax.Array, jax.Array]:
   """Attention over one device's keys under a boolean mask, as a partial.
 
   query [batch, q_len, heads, head_dim]; key/value [batch, kv_len, kv_heads,
@@ -103,18 +103,22 @@ class ShardedKVCache:
 
   mesh: Mesh
   axis: str = axes.MESH_SEQUENCE
-  batch_axis: Optional[str] = None   # also split the rows (batch) over this axis
+  batch_axis: Optional[str] = None  # also split the rows (batch) over this axis
 
   def __post_init__(self):
     if self.axis not in self.mesh.axis_names:
       raise ValueError(
-          f"the mesh has no {self.axis!r} axis to shard the KV cache over; its axes are "
-          f"{tuple(self.mesh.axis_names)} (make one with "
-          f"bt_jax.distributed.make_sequence_mesh(num_devices, axis_name={self.axis!r}))")
-    if self.batch_axis is not None and (self.batch_axis not in self.mesh.axis_names
-                                        or self.batch_axis == self.axis):
-      raise ValueError(f"batch_axis={self.batch_axis!r} must be a mesh axis other than "
-                       f"{self.axis!r}; the mesh's axes are {tuple(self.mesh.axis_names)}")
+        f"the mesh has no {self.axis!r} axis to shard the KV cache over; its axes are "
+        f"{tuple(self.mesh.axis_names)} (make one with "
+        f"bt_jax.distributed.make_sequence_mesh(num_devices, axis_name={self.axis!r}))"
+      )
+    if self.batch_axis is not None and (
+      self.batch_axis not in self.mesh.axis_names or self.batch_axis == self.axis
+    ):
+      raise ValueError(
+        f"batch_axis={self.batch_axis!r} must be a mesh axis other than "
+        f"{self.axis!r}; the mesh's axes are {tuple(self.mesh.axis_names)}"
+      )
 
   @property
   def num_shards(self) -> int:
@@ -138,17 +142,28 @@ class ShardedKVCache:
 
   def check_batch(self, batch: int) -> None:
     if batch % self.batch_shards:
-      raise ValueError(f"a batch of {batch} rows cannot be split evenly over the "
-                       f"{self.batch_shards} devices of mesh axis {self.batch_axis!r}; "
-                       f"use a multiple of {self.batch_shards} rows")
+      raise ValueError(
+        f"a batch of {batch} rows cannot be split evenly over the "
+        f"{self.batch_shards} devices of mesh axis {self.batch_axis!r}; "
+        f"use a multiple of {self.batch_shards} rows"
+      )
 
   def padded_cache_len(self, length: int) -> int:
     """The smallest multiple of the shard count that holds `length` slots."""
     return -(-length // self.num_shards) * self.num_shards
 
-  def attend(self, query: jax.Array, key: jax.Array, value: jax.Array, cache: dict,
-             cache_index, mask: jax.Array, *, window: Optional[Window] = None,
-             impl: str = "xla") -> Tuple[jax.Array, dict]:
+  def attend(
+    self,
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    cache: dict,
+    cache_index,
+    mask: jax.Array,
+    *,
+    window: Optional[Window] = None,
+    impl: str = "xla",
+  ) -> Tuple[jax.Array, dict]:
     """Writes key/value at logical slots cache_index.. and attends; see
     `bt_jax.attention.attend`, which calls this.
 
@@ -171,21 +186,24 @@ class ShardedKVCache:
     batch, cache_len = cache["key"].shape[:2]
     read_len = mask.shape[-1]
     self.check_batch(batch)
-    if rows is not None:   # a mask shared by the rows is split with them
+    if rows is not None:  # a mask shared by the rows is split with them
       mask = jnp.broadcast_to(mask, (batch,) + mask.shape[1:])
     if cache_len % num_shards:
-      raise ValueError(f"a KV cache of {cache_len} slots cannot be split evenly over the "
-                       f"{num_shards} devices of mesh axis {axis!r}; allocate "
-                       f"{self.padded_cache_len(cache_len)} slots")
+      raise ValueError(
+        f"a KV cache of {cache_len} slots cannot be split evenly over the "
+        f"{num_shards} devices of mesh axis {axis!r}; allocate "
+        f"{self.padded_cache_len(cache_len)} slots"
+      )
     if read_len > cache_len:
       raise ValueError(f"the mask reads {read_len} slots of a {cache_len}-slot cache")
     local_len = cache_len // num_shards
     read_local = -(-read_len // num_shards)
     index = jnp.asarray(cache_index, jnp.int32)
-    per_row = index.ndim == 1            # a slot per row (speculative decoding)
+    per_row = index.ndim == 1  # a slot per row (speculative decoding)
     if per_row and index.shape != (batch,):
-      raise ValueError(f"cache_index must be a scalar or int32 [batch={batch}]; got shape "
-                       f"{index.shape}")
+      raise ValueError(
+        f"cache_index must be a scalar or int32 [batch={batch}]; got shape {index.shape}"
+      )
     new_slots = jnp.arange(key.shape[1], dtype=jnp.int32)
     logical = index[:, None] + new_slots[None, :] if per_row else index + new_slots
     use_kernel = impl in KERNEL_IMPLS and window is not None and query.shape[1] == 1
@@ -198,7 +216,7 @@ class ShardedKVCache:
       shard = lax.axis_index(axis)
       # Entries owned by other devices get an out-of-range index and are dropped.
       local = jnp.where(logical % num_shards == shard, logical // num_shards, local_len)
-      if per_row:    # local [rows here, q]: each row writes its own slots
+      if per_row:  # local [rows here, q]: each row writes its own slots
         at = (jnp.arange(local.shape[0])[:, None], local)
       else:
         at = (slice(None), local)
@@ -210,11 +228,16 @@ class ShardedKVCache:
         # [start, end) is local [ceil((start - shard) / p), ceil((end - shard) / p)).
         local_start = jnp.clip((start - shard + num_shards - 1) // num_shards, 0, read_local)
         local_end = jnp.clip((end - shard + num_shards - 1) // num_shards, 0, read_local)
-        out, _ = tree_decode_attention(query, cache_key, cache_value, local_end,
-                                       starts=local_start, axis_name=axis, impl=impl)
+        out, _ = tree_decode_attention(
+          query, cache_key, cache_value, local_end, starts=local_start, axis_name=axis, impl=impl
+        )
       else:
-        o, lse = masked_partial_attention(query, cache_key[:, :read_local].astype(query.dtype),
-                                          cache_value[:, :read_local].astype(query.dtype), mask)
+        o, lse = masked_partial_attention(
+          query,
+          cache_key[:, :read_local].astype(query.dtype),
+          cache_value[:, :read_local].astype(query.dtype),
+          mask,
+        )
         out, _ = allreduce_merge(o, lse, axis)
       return out.astype(query.dtype), cache_key, cache_value
 
@@ -222,13 +245,22 @@ class ShardedKVCache:
     masked = round_robin_mask(mask, num_shards)
     window_spec = (P(rows), P(rows)) if use_kernel else P()
     out, cache_key, cache_value = jax.shard_map(
-        per_device, mesh=self.mesh,
-        in_specs=(P(rows), P(rows), P(rows), kv_spec, kv_spec, P(rows, None, axis),
-                  window_spec, P(rows) if per_row else P()),
-        out_specs=(P(rows), kv_spec, kv_spec),
-        # pallas_call has no varying-manual-axes rule: see docs/tree_attention.md.
-        check_vma=not use_kernel)(
-            query, key, value, cache["key"], cache["value"], masked, window, logical)
+      per_device,
+      mesh=self.mesh,
+      in_specs=(
+        P(rows),
+        P(rows),
+        P(rows),
+        kv_spec,
+        kv_spec,
+        P(rows, None, axis),
+        window_spec,
+        P(rows) if per_row else P(),
+      ),
+      out_specs=(P(rows), kv_spec, kv_spec),
+      # pallas_call has no varying-manual-axes rule: see docs/tree_attention.md.
+      check_vma=not use_kernel,
+    )(query, key, value, cache["key"], cache["value"], masked, window, logical)
     return out, {"key": cache_key, "value": cache_value}
 
   def move_slots(self, cache: jax.Array, source: jax.Array, target: jax.Array) -> jax.Array:
@@ -247,13 +279,16 @@ class ShardedKVCache:
       shard = lax.axis_index(axis)
       row = jnp.arange(cache.shape[0])[:, None]
       mine = source % num_shards == shard
-      taken = cache[row, jnp.where(mine, source // num_shards, 0)]          # [b, n, ...]
+      taken = cache[row, jnp.where(mine, source // num_shards, 0)]  # [b, n, ...]
       expand = (slice(None), slice(None)) + (None,) * (cache.ndim - 2)
       taken = jnp.where(mine[expand], taken, jnp.zeros_like(taken))
       entries = lax.psum(taken, axis)
       local = jnp.where(target % num_shards == shard, target // num_shards, local_len)
       return cache.at[row, local].set(entries, mode="drop")
 
-    return jax.shard_map(per_device, mesh=self.mesh,
-                         in_specs=(P(rows, axis), P(rows), P(rows)),
-                         out_specs=P(rows, axis))(cache, source, target)
+    return jax.shard_map(
+      per_device,
+      mesh=self.mesh,
+      in_specs=(P(rows, axis), P(rows), P(rows)),
+      out_specs=P(rows, axis),
+    )(cache, source, target)

@@ -37,26 +37,40 @@ from bt_jax.attention import decode_attention
 from bt_jax.distributed.merge import AxisName, allreduce_merge, merge_pair
 
 
-def local_decode_attention(q: jax.Array, k_shard: jax.Array, v_shard: jax.Array,
-                           ends_shard: jax.Array, *,
-                           starts: Optional[jax.Array] = None,
-                           sm_scale: Optional[float] = None,
-                           impl: Optional[str] = None
-                           ) -> Tuple[jax.Array, jax.Array]:
+def local_decode_attention(
+  q: jax.Array,
+  k_shard: jax.Array,
+  v_shard: jax.Array,
+  ends_shard: jax.Array,
+  *,
+  starts: Optional[jax.Array] = None,
+  sm_scale: Optional[float] = None,
+  impl: Optional[str] = None,
+) -> Tuple[jax.Array, jax.Array]:
   """This device's partial (o, lse) over its own shard; o is cast to f32."""
-  out, lse = decode_attention(q, k_shard, v_shard,
-                              jnp.asarray(ends_shard, jnp.int32), starts=starts,
-                              sm_scale=sm_scale, impl=impl)
+  out, lse = decode_attention(
+    q,
+    k_shard,
+    v_shard,
+    jnp.asarray(ends_shard, jnp.int32),
+    starts=starts,
+    sm_scale=sm_scale,
+    impl=impl,
+  )
   return out.astype(jnp.float32), lse.astype(jnp.float32)
 
 
-def tree_decode_attention(q: jax.Array, k_shard: jax.Array, v_shard: jax.Array,
-                          ends_shard: jax.Array, *,
-                          starts: Optional[jax.Array] = None,
-                          axis_name: AxisName = "sequence",
-                          impl: Optional[str] = None,
-                          sm_scale: Optional[float] = None
-                          ) -> Tuple[jax.Array, jax.Array]:
+def tree_decode_attention(
+  q: jax.Array,
+  k_shard: jax.Array,
+  v_shard: jax.Array,
+  ends_shard: jax.Array,
+  *,
+  starts: Optional[jax.Array] = None,
+  axis_name: AxisName = "sequence",
+  impl: Optional[str] = None,
+  sm_scale: Optional[float] = None,
+) -> Tuple[jax.Array, jax.Array]:
   """Tree Attention over the mesh axis (or tuple of axes) `axis_name`.
 
   Row b sees this device's local slots [starts[b], ends_shard[b]) (starts
@@ -66,21 +80,25 @@ def tree_decode_attention(q: jax.Array, k_shard: jax.Array, v_shard: jax.Array,
   out 0, lse -inf. Generation's sharded KV cache
   (`bt_jax.distributed.ShardedKVCache`) calls this for its decode steps.
   """
-  o, lse = local_decode_attention(q, k_shard, v_shard, ends_shard, starts=starts,
-                                  sm_scale=sm_scale, impl=impl)
+  o, lse = local_decode_attention(
+    q, k_shard, v_shard, ends_shard, starts=starts, sm_scale=sm_scale, impl=impl
+  )
   out, lse = allreduce_merge(o, lse, axis_name)
   return out.astype(q.dtype), lse
 
 
-def two_level_tree_decode_attention(q: jax.Array, k_shard: jax.Array,
-                                    v_shard: jax.Array,
-                                    ends_shard: jax.Array, *,
-                                    starts: Optional[jax.Array] = None,
-                                    node_axis: str = "node",
-                                    local_axis: str = "local",
-                                    impl: Optional[str] = None,
-                                    sm_scale: Optional[float] = None
-                                    ) -> Tuple[jax.Array, jax.Array]:
+def two_level_tree_decode_attention(
+  q: jax.Array,
+  k_shard: jax.Array,
+  v_shard: jax.Array,
+  ends_shard: jax.Array,
+  *,
+  starts: Optional[jax.Array] = None,
+  node_axis: str = "node",
+  local_axis: str = "local",
+  impl: Optional[str] = None,
+  sm_scale: Optional[float] = None,
+) -> Tuple[jax.Array, jax.Array]:
   """Tree Attention on a (node, local) mesh: merge inside a node first.
 
   The first all-reduce runs over the fast local links (NVLink); only the
@@ -88,20 +106,25 @@ def two_level_tree_decode_attention(q: jax.Array, k_shard: jax.Array,
   KV sequence must be sharded over (node_axis, local_axis), node-major
   (`make_sharded_decode_attention(method="tree_two_level")` checks the mesh).
   """
-  o, lse = local_decode_attention(q, k_shard, v_shard, ends_shard, starts=starts,
-                                  sm_scale=sm_scale, impl=impl)
+  o, lse = local_decode_attention(
+    q, k_shard, v_shard, ends_shard, starts=starts, sm_scale=sm_scale, impl=impl
+  )
   o, lse = allreduce_merge(o, lse, local_axis)
   out, lse = allreduce_merge(o, lse, node_axis)
   return out.astype(q.dtype), lse
 
 
-def butterfly_decode_attention(q: jax.Array, k_shard: jax.Array,
-                               v_shard: jax.Array, ends_shard: jax.Array, *,
-                               starts: Optional[jax.Array] = None,
-                               axis_name: AxisName = "sequence",
-                               impl: Optional[str] = None,
-                               sm_scale: Optional[float] = None
-                               ) -> Tuple[jax.Array, jax.Array]:
+def butterfly_decode_attention(
+  q: jax.Array,
+  k_shard: jax.Array,
+  v_shard: jax.Array,
+  ends_shard: jax.Array,
+  *,
+  starts: Optional[jax.Array] = None,
+  axis_name: AxisName = "sequence",
+  impl: Optional[str] = None,
+  sm_scale: Optional[float] = None,
+) -> Tuple[jax.Array, jax.Array]:
   """Tree Attention with the reduction tree written out: log2 p exchanges.
 
   Step s swaps partials with the device whose index differs in bit s
@@ -111,10 +134,12 @@ def butterfly_decode_attention(q: jax.Array, k_shard: jax.Array,
   num_devices = lax.axis_size(axis_name)
   if num_devices & (num_devices - 1):
     raise ValueError(
-        f"butterfly_decode_attention needs a power-of-two device count on "
-        f"{axis_name!r}; got {num_devices} (use tree_decode_attention)")
-  o, lse = local_decode_attention(q, k_shard, v_shard, ends_shard, starts=starts,
-                                  sm_scale=sm_scale, impl=impl)
+      f"butterfly_decode_attention needs a power-of-two device count on "
+      f"{axis_name!r}; got {num_devices} (use tree_decode_attention)"
+    )
+  o, lse = local_decode_attention(
+    q, k_shard, v_shard, ends_shard, starts=starts, sm_scale=sm_scale, impl=impl
+  )
   distance = 1
   while distance < num_devices:
     partner = [(i, i ^ distance) for i in range(num_devices)]

@@ -38,9 +38,12 @@ def _parse_batch_size(batch_size: Any) -> int:
   if batch_size is None:
     return DEFAULT_BATCH_SIZE
   if isinstance(batch_size, str) and batch_size.startswith("auto"):
-    logging.warning("batch_size=%s: automatic batch sizes are not supported; using %d "
-                    "(set max_batch_tokens to bound memory on long inputs)",
-                    batch_size, DEFAULT_BATCH_SIZE)
+    logging.warning(
+      "batch_size=%s: automatic batch sizes are not supported; using %d "
+      "(set max_batch_tokens to bound memory on long inputs)",
+      batch_size,
+      DEFAULT_BATCH_SIZE,
+    )
     return DEFAULT_BATCH_SIZE
   try:
     value = int(batch_size)
@@ -63,21 +66,34 @@ class BtJaxLM(TemplateLM):
   there are several), "none", or "D,F,T" (see `bt_jax.eval.sharding`).
   """
 
-  def __init__(self, workdir: Optional[str] = None, *, model=None, params=None, tokenizer=None,
-               batch_size: Any = DEFAULT_BATCH_SIZE, max_batch_tokens: Any = None,
-               min_bucket: Any = 32, with_greedy: Any = True, mesh_shape: str = "auto",
-               **harness_kwargs: Any):
+  def __init__(
+    self,
+    workdir: Optional[str] = None,
+    *,
+    model=None,
+    params=None,
+    tokenizer=None,
+    batch_size: Any = DEFAULT_BATCH_SIZE,
+    max_batch_tokens: Any = None,
+    min_bucket: Any = 32,
+    with_greedy: Any = True,
+    mesh_shape: str = "auto",
+    **harness_kwargs: Any,
+  ):
     super().__init__()
     # The harness passes device / max_batch_size; JAX places arrays itself.
     unused = {k: v for k, v in harness_kwargs.items() if k not in ("device", "max_batch_size")}
     if unused:
-      raise TypeError(f"unknown BtJaxLM arguments {sorted(unused)}; valid ones are workdir, "
-                      "batch_size, max_batch_tokens, min_bucket, with_greedy, mesh_shape")
+      raise TypeError(
+        f"unknown BtJaxLM arguments {sorted(unused)}; valid ones are workdir, "
+        "batch_size, max_batch_tokens, min_bucket, with_greedy, mesh_shape"
+      )
     sharding = eval_sharding_from_flag(str(mesh_shape))
     if workdir is not None:
       if model is not None or params is not None or tokenizer is not None:
         raise ValueError("give either workdir or model/params/tokenizer, not both")
       from bt_jax.checkpointing import load_for_inference  # pylint: disable=g-import-not-at-top
+
       model, params, tokenizer = load_for_inference(workdir, sharding=sharding)
     elif model is None or params is None or tokenizer is None:
       raise ValueError("BtJaxLM needs workdir=DIR, or all of model, params and tokenizer")
@@ -86,10 +102,15 @@ class BtJaxLM(TemplateLM):
     self.model = model
     self.bt_tokenizer = tokenizer
     self.scorer = LoglikelihoodScorer(
-        model, params, batch_size=_parse_batch_size(batch_size),
-        max_batch_tokens=int(max_batch_tokens) if max_batch_tokens else None,
-        min_bucket=int(min_bucket), with_greedy=bool(with_greedy), sharding=sharding)
-    self.params = self.scorer.params   # placed on the mesh when there is one
+      model,
+      params,
+      batch_size=_parse_batch_size(batch_size),
+      max_batch_tokens=int(max_batch_tokens) if max_batch_tokens else None,
+      min_bucket=int(min_bucket),
+      with_greedy=bool(with_greedy),
+      sharding=sharding,
+    )
+    self.params = self.scorer.params  # placed on the mesh when there is one
 
   @property
   def eot_token_id(self) -> int:
@@ -99,8 +120,9 @@ class BtJaxLM(TemplateLM):
   def max_length(self) -> int:
     return self.model.config.max_len
 
-  def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
-                 **kwargs: Any) -> list[int]:
+  def tok_encode(
+    self, string: str, add_special_tokens: Optional[bool] = None, **kwargs: Any
+  ) -> list[int]:
     del add_special_tokens, kwargs  # our tokenizer adds no special tokens
     return list(self.bt_tokenizer.encode(string))
 
@@ -108,14 +130,18 @@ class BtJaxLM(TemplateLM):
     del kwargs
     return self.bt_tokenizer.decode(tokens)
 
-  def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
-                            **kwargs: Any) -> list[tuple[float, bool]]:
+  def _loglikelihood_tokens(
+    self, requests, disable_tqdm: bool = False, **kwargs: Any
+  ) -> list[tuple[float, bool]]:
     """requests: [((context, continuation), context_ids, continuation_ids)]."""
     del kwargs
-    score_requests = [ScoreRequest(tuple(context_ids), tuple(continuation_ids))
-                      for _, context_ids, continuation_ids in requests]
-    loglikelihoods, greedy = self.scorer(score_requests, progress=not disable_tqdm,
-                                         desc="bt_jax loglikelihood")
+    score_requests = [
+      ScoreRequest(tuple(context_ids), tuple(continuation_ids))
+      for _, context_ids, continuation_ids in requests
+    ]
+    loglikelihoods, greedy = self.scorer(
+      score_requests, progress=not disable_tqdm, desc="bt_jax loglikelihood"
+    )
     answers = []
     for (cache_key, _, _), ll, is_greedy in zip(requests, loglikelihoods, greedy):
       answer = (float(ll), bool(is_greedy))
@@ -130,12 +156,17 @@ class BtJaxLM(TemplateLM):
     `token_logprobs` needs the scored tokens inside the window)."""
     windows, owners = [], []
     for index, (string,) in enumerate(
-        tqdm([req.args for req in requests], disable=disable_tqdm, desc="rolling windows")):
+      tqdm([req.args for req in requests], disable=disable_tqdm, desc="rolling windows")
+    ):
       for context_ids, continuation_ids in map(
-          lm_utils.make_disjoint_window,
-          lm_utils.get_rolling_token_windows(
-              token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-              max_seq_len=self.max_length - 1, context_len=1)):
+        lm_utils.make_disjoint_window,
+        lm_utils.get_rolling_token_windows(
+          token_list=self.tok_encode(string),
+          prefix_token=self.prefix_token_id,
+          max_seq_len=self.max_length - 1,
+          context_len=1,
+        ),
+      ):
         windows.append((None, context_ids, continuation_ids))
         owners.append(index)
     scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
@@ -148,11 +179,13 @@ class BtJaxLM(TemplateLM):
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
     raise NotImplementedError(
-        "the bt_jax lm-eval adapter scores log-likelihoods only (multiple-choice and "
-        "perplexity tasks such as hellaswag, piqa, arc_easy, wikitext); generative tasks "
-        "(generate_until) are not supported")
+      "the bt_jax lm-eval adapter scores log-likelihoods only (multiple-choice and "
+      "perplexity tasks such as hellaswag, piqa, arc_easy, wikitext); generative tasks "
+      "(generate_until) are not supported"
+    )
 
 
 if __name__ == "__main__":
   from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
+
   cli_evaluate()

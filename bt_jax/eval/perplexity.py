@@ -46,8 +46,9 @@ from bt_jax.eval.scoring import TokenizerLike
 from bt_jax.models import token_logprobs
 
 
-def read_corpus(pattern: str, *, text_field: str = "text",
-                max_docs: Optional[int] = None) -> list[str]:
+def read_corpus(
+  pattern: str, *, text_field: str = "text", max_docs: Optional[int] = None
+) -> list[str]:
   """Documents from a glob of files, read as training reads them
   (`bt_jax.data.corpus.read_files`: text files, one document each, or JSON
   lines, .gz allowed), but refusing a file that is not UTF-8. Read at once,
@@ -56,8 +57,9 @@ def read_corpus(pattern: str, *, text_field: str = "text",
   return list(docs[:max_docs] if max_docs else docs)
 
 
-def rolling_windows(tokens: Sequence[int], window_len: int,
-                    prefix_token: int) -> Iterator[tuple[list[int], int]]:
+def rolling_windows(
+  tokens: Sequence[int], window_len: int, prefix_token: int
+) -> Iterator[tuple[list[int], int]]:
   """lm-eval's rolling loglikelihood windows of one document, as
   (window, num_scored): a window of at most `window_len` tokens whose last
   `num_scored` tokens are scored, each given the tokens before it in the
@@ -66,7 +68,7 @@ def rolling_windows(tokens: Sequence[int], window_len: int,
   if window_len < 2:
     raise ValueError(f"window_len {window_len} must be at least 2")
   tokens = list(tokens)
-  pred_len = window_len - 1   # lm-eval's max_seq_len: predictions per window
+  pred_len = window_len - 1  # lm-eval's max_seq_len: predictions per window
   if not tokens:
     return
   first = min(pred_len, len(tokens))
@@ -75,7 +77,7 @@ def rolling_windows(tokens: Sequence[int], window_len: int,
   while predicted < len(tokens):
     scored = min(len(tokens) - predicted, pred_len)
     end = predicted + scored
-    yield tokens[max(0, end - window_len):end], scored
+    yield tokens[max(0, end - window_len) : end], scored
     predicted = end
 
 
@@ -84,8 +86,8 @@ class PositionLoss:
   """Summed next-token loss and counts at each window position."""
 
   context_len: int
-  loss_sum: np.ndarray   # [context_len] float64
-  count: np.ndarray      # [context_len] int64
+  loss_sum: np.ndarray  # [context_len] float64
+  count: np.ndarray  # [context_len] int64
   num_windows: int
   num_docs: int
 
@@ -124,11 +126,19 @@ class PositionLoss:
   def to_json(self, bin_size: int, **metadata: Any) -> dict[str, Any]:
     mean = self.mean_by_position()
     return dict(
-        metadata, context_len=self.context_len, num_docs=self.num_docs,
-        num_windows=self.num_windows, num_tokens=self.num_tokens, loss=self.loss,
-        perplexity=self.perplexity, bins=self.binned(bin_size),
-        per_position={"loss": [None if math.isnan(x) else float(x) for x in mean],
-                      "count": [int(c) for c in self.count]})
+      metadata,
+      context_len=self.context_len,
+      num_docs=self.num_docs,
+      num_windows=self.num_windows,
+      num_tokens=self.num_tokens,
+      loss=self.loss,
+      perplexity=self.perplexity,
+      bins=self.binned(bin_size),
+      per_position={
+        "loss": [None if math.isnan(x) else float(x) for x in mean],
+        "count": [int(c) for c in self.count],
+      },
+    )
 
 
 def _window_nll(model, params, tokens, mask):
@@ -137,12 +147,20 @@ def _window_nll(model, params, tokens, mask):
   return -logprobs, valid
 
 
-def loss_by_position(model: nn.Module, params: Any, tokenizer: TokenizerLike,
-                     texts: Sequence[str], *, context_len: Optional[int] = None,
-                     batch_size: int = 8, max_windows: Optional[int] = None,
-                     prepend_eos: bool = True, progress: bool = True,
-                     sharding: Optional[EvalSharding] = None,
-                     mesh: Optional[Mesh] = None) -> PositionLoss:
+def loss_by_position(
+  model: nn.Module,
+  params: Any,
+  tokenizer: TokenizerLike,
+  texts: Sequence[str],
+  *,
+  context_len: Optional[int] = None,
+  batch_size: int = 8,
+  max_windows: Optional[int] = None,
+  prepend_eos: bool = True,
+  progress: bool = True,
+  sharding: Optional[EvalSharding] = None,
+  mesh: Optional[Mesh] = None,
+) -> PositionLoss:
   """Next-token loss by position over lm-eval's rolling windows of
   `context_len` tokens (default: the model's context; see the module
   docstring): every token of every text is scored once. `prepend_eos` False
@@ -154,8 +172,9 @@ def loss_by_position(model: nn.Module, params: Any, tokenizer: TokenizerLike,
   sharding = eval_sharding(mesh, sharding)
   context_len = context_len or model.config.max_len
   if not 2 <= context_len <= model.config.max_len:
-    raise ValueError(f"context_len {context_len} must be in [2, {model.config.max_len}] "
-                     "(the model's max_len)")
+    raise ValueError(
+      f"context_len {context_len} must be in [2, {model.config.max_len}] (the model's max_len)"
+    )
   windows = []
   for text in texts:
     ids = list(tokenizer.encode(text))
@@ -177,42 +196,55 @@ def loss_by_position(model: nn.Module, params: Any, tokenizer: TokenizerLike,
     batch_size = sharding.rows(batch_size)
   loss_sum = np.zeros(context_len, np.float64)
   count = np.zeros(context_len, np.int64)
-  pending = None   # the previous batch's results, read after the next is dispatched
+  pending = None  # the previous batch's results, read after the next is dispatched
 
   def collect(nll, valid, scored):
     nonlocal loss_sum, count
     nll = np.asarray(nll, np.float64)
-    valid = np.array(valid) & scored   # scored is False on dummy rows
+    valid = np.array(valid) & scored  # scored is False on dummy rows
     loss_sum += np.where(valid, nll, 0.0).sum(axis=0)
     count += valid.sum(axis=0)
 
   starts = range(0, len(windows), batch_size)
   for start in tqdm(starts, desc="perplexity", disable=not progress, unit="batch"):
-    chunk = windows[start:start + batch_size]
+    chunk = windows[start : start + batch_size]
     tokens = np.zeros((batch_size, context_len), np.int32)
     mask = np.zeros((batch_size, context_len), np.int32)
     mask[:, 0] = 1
     scored = np.zeros((batch_size, context_len), bool)
     for row, (window, num_scored) in enumerate(chunk):
-      tokens[row, :len(window)] = window
-      mask[row, :len(window)] = 1
-      scored[row, len(window) - num_scored:len(window)] = True
+      tokens[row, : len(window)] = window
+      mask[row, : len(window)] = 1
+      scored[row, len(window) - num_scored : len(window)] = True
     if tokens.max() >= vocab_size:
-      raise ValueError(f"token id {tokens.max()} is outside the model vocabulary (valid "
-                       f"0..{vocab_size - 1}); does the tokenizer match the model?")
+      raise ValueError(
+        f"token id {tokens.max()} is outside the model vocabulary (valid "
+        f"0..{vocab_size - 1}); does the tokenizer match the model?"
+      )
     result = (*nll_fn(params, tokens, mask), scored)
     if pending is not None:
-      collect(*pending)   # the host builds the next batch while the device computes
+      collect(*pending)  # the host builds the next batch while the device computes
     pending = result
   collect(*pending)
-  return PositionLoss(context_len=context_len, loss_sum=loss_sum, count=count,
-                      num_windows=len(windows), num_docs=len(texts))
+  return PositionLoss(
+    context_len=context_len,
+    loss_sum=loss_sum,
+    count=count,
+    num_windows=len(windows),
+    num_docs=len(texts),
+  )
 
 
-def plot_loss_by_position(runs: Sequence[tuple[str, PositionLoss]], path: str, *,
-                          bin_size: int = 64, title: Optional[str] = None) -> None:
+def plot_loss_by_position(
+  runs: Sequence[tuple[str, PositionLoss]],
+  path: str,
+  *,
+  bin_size: int = 64,
+  title: Optional[str] = None,
+) -> None:
   """One line per run: binned mean loss against token position (bin centres)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -220,8 +252,7 @@ def plot_loss_by_position(runs: Sequence[tuple[str, PositionLoss]], path: str, *
   for label, result in runs:
     bins = result.binned(bin_size)
     centres = [(a + b - 1) / 2 for a, b in zip(bins["start"], bins["end"])]
-    ax.plot(centres, bins["loss"], marker=".",
-            label=f"{label} (ppl {result.perplexity:.2f})")
+    ax.plot(centres, bins["loss"], marker=".", label=f"{label} (ppl {result.perplexity:.2f})")
   ax.set_xlabel("token position in the context window")
   ax.set_ylabel(f"loss (nats), mean over bins of {bin_size} positions")
   ax.set_title(title or "Loss by token position")
@@ -238,14 +269,23 @@ def _tokenizer_key(tokenizer):
   return to_json() if callable(to_json) else id(tokenizer)
 
 
-def run_perplexity(runs: Sequence[tuple[str, nn.Module, Any, TokenizerLike]], data: str, *,
-                   out_dir: Optional[str] = None, text_field: str = "text",
-                   max_docs: Optional[int] = None, max_windows: Optional[int] = None,
-                   context_len: Optional[int] = None, batch_size: int = 8, bin_size: int = 64,
-                   prepend_eos: bool = True, progress: bool = True,
-                   sharding: Optional[EvalSharding] = None,
-                   mesh: Optional[Mesh] = None,
-                   texts: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def run_perplexity(
+  runs: Sequence[tuple[str, nn.Module, Any, TokenizerLike]],
+  data: str,
+  *,
+  out_dir: Optional[str] = None,
+  text_field: str = "text",
+  max_docs: Optional[int] = None,
+  max_windows: Optional[int] = None,
+  context_len: Optional[int] = None,
+  batch_size: int = 8,
+  bin_size: int = 64,
+  prepend_eos: bool = True,
+  progress: bool = True,
+  sharding: Optional[EvalSharding] = None,
+  mesh: Optional[Mesh] = None,
+  texts: Optional[Sequence[str]] = None,
+) -> dict[str, Any]:
   """Loss by position for each (label, model, params, tokenizer) on the corpus
   `data` (or `texts`, its documents already read); prints a summary and, with
   out_dir, writes perplexity.json and loss_by_position.png (all runs on one
@@ -254,24 +294,46 @@ def run_perplexity(runs: Sequence[tuple[str, nn.Module, Any, TokenizerLike]], da
     texts = read_corpus(data, text_field=text_field, max_docs=max_docs)
   results = []
   for label, model, params, tokenizer in runs:
-    result = loss_by_position(model, params, tokenizer, texts, context_len=context_len,
-                              batch_size=batch_size, max_windows=max_windows,
-                              prepend_eos=prepend_eos, progress=progress, sharding=sharding,
-                              mesh=mesh)
+    result = loss_by_position(
+      model,
+      params,
+      tokenizer,
+      texts,
+      context_len=context_len,
+      batch_size=batch_size,
+      max_windows=max_windows,
+      prepend_eos=prepend_eos,
+      progress=progress,
+      sharding=sharding,
+      mesh=mesh,
+    )
     results.append((label, model, result))
-    print(f"{label}: perplexity {result.perplexity:.3f} (loss {result.loss:.4f} nats) over "
-          f"{result.num_tokens} tokens, {result.num_windows} windows of {result.context_len}")
+    print(
+      f"{label}: perplexity {result.perplexity:.3f} (loss {result.loss:.4f} nats) over "
+      f"{result.num_tokens} tokens, {result.num_windows} windows of {result.context_len}"
+    )
   same_tokenizer = len({_tokenizer_key(run[3]) for run in runs}) == 1
   if not same_tokenizer:
-    print("note: the runs have different tokenizers; positions and perplexities are per "
-          "token of each tokenizer, so they are not directly comparable")
-  report = {"data": data, "bin_size": bin_size, "same_tokenizer": same_tokenizer, "runs": [
+    print(
+      "note: the runs have different tokenizers; positions and perplexities are per "
+      "token of each tokenizer, so they are not directly comparable"
+    )
+  report = {
+    "data": data,
+    "bin_size": bin_size,
+    "same_tokenizer": same_tokenizer,
+    "runs": [
       result.to_json(bin_size, label=label, model_kind=model.config.kind)
-      for label, model, result in results]}
+      for label, model, result in results
+    ],
+  }
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "perplexity.json"), "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
-    plot_loss_by_position([(label, result) for label, _, result in results],
-                          os.path.join(out_dir, "loss_by_position.png"), bin_size=bin_size)
+    plot_loss_by_position(
+      [(label, result) for label, _, result in results],
+      os.path.join(out_dir, "loss_by_position.png"),
+      bin_size=bin_size,
+    )
   return report

@@ -40,8 +40,7 @@ from bt_jax.models import block_aligned, token_logprobs
 class TokenizerLike(Protocol):
   eos_id: int
 
-  def encode(self, text: str) -> list[int]:
-    ...
+  def encode(self, text: str) -> list[int]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,23 +68,26 @@ def encode_pair(tokenizer: TokenizerLike, context: str, continuation: str) -> Sc
   return ScoreRequest(tuple(whole_ids[:context_len]), tuple(whole_ids[context_len:]))
 
 
-def make_window(request: ScoreRequest, max_len: int,
-                first_scored: int = 1) -> tuple[list[int], int]:
+def make_window(
+  request: ScoreRequest, max_len: int, first_scored: int = 1
+) -> tuple[list[int], int]:
   """The last max_len tokens of context + continuation, and where the
   continuation starts in them. `first_scored`: the first position the model
   can score (1; block_len for a block model scored with `eval_no_pad`)."""
   num_cont = len(request.continuation_ids)
   if num_cont > max_len - first_scored:
     raise ValueError(
-        f"continuation of {num_cont} tokens does not fit the model context of {max_len} tokens "
-        f"(at most {max_len - first_scored}: {first_scored} token(s) must precede it)")
+      f"continuation of {num_cont} tokens does not fit the model context of {max_len} tokens "
+      f"(at most {max_len - first_scored}: {first_scored} token(s) must precede it)"
+    )
   tokens = list(request.context_ids + request.continuation_ids)[-max_len:]
   start = len(tokens) - num_cont
   if start < first_scored:
     raise ValueError(
-        f"the continuation starts at token {start}, but this model scores tokens from position "
-        f"{first_scored} on (a block model with eval_no_pad never scores block 0): the context "
-        f"needs at least {first_scored} tokens, it has {start}")
+      f"the continuation starts at token {start}, but this model scores tokens from position "
+      f"{first_scored} on (a block model with eval_no_pad never scores block 0): the context "
+      f"needs at least {first_scored} tokens, it has {start}"
+    )
   return tokens, start
 
 
@@ -120,14 +122,15 @@ def greedy_hits(model: nn.Module, params: Any, tokens: jax.Array, mask: jax.Arra
   batch, length = tokens.shape
   if isinstance(config, BlockConfig):
     block_len = config.block_len
-    aligned, _ = block_aligned(tokens, mask, block_len, config.pad_id,
-                               left_pad=not config.eval_no_pad)
+    aligned, _ = block_aligned(
+      tokens, mask, block_len, config.pad_id, left_pad=not config.eval_no_pad
+    )
     logits = model.apply({"params": params}, aligned)  # [batch, blocks-1, block_len, vocab]
     predicted = jnp.argmax(logits, axis=-1).reshape(batch, -1)
     hits = predicted == aligned[:, block_len:]
     hits = jnp.concatenate([jnp.zeros((batch, block_len), bool), hits], axis=1)
     start = 0 if config.eval_no_pad else block_len - 1
-    return hits[:, start:start + length]
+    return hits[:, start : start + length]
   logits = model.apply({"params": params}, tokens)  # [batch, length, vocab]
   hits = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
   return jnp.concatenate([jnp.zeros((batch, 1), bool), hits], axis=1)
@@ -145,8 +148,9 @@ def _score_batch(model, with_greedy, params, tokens, mask, target):
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_score_batch(model: nn.Module, with_greedy: bool,
-                        sharding: Optional[EvalSharding] = None):
+def _jitted_score_batch(
+  model: nn.Module, with_greedy: bool, sharding: Optional[EvalSharding] = None
+):
   """One jitted function per (model, with_greedy, sharding), shared by all
   scorers, so a second scorer of the same model (the lm-eval adapter, say)
   compiles nothing new."""
@@ -168,10 +172,18 @@ class LoglikelihoodScorer:
   (rows rounded up to a multiple of them).
   """
 
-  def __init__(self, model: nn.Module, params: Any, *, batch_size: int = 32,
-               max_batch_tokens: Optional[int] = None, min_bucket: int = 32,
-               with_greedy: bool = False, sharding: Optional[EvalSharding] = None,
-               mesh: Optional[Mesh] = None):
+  def __init__(
+    self,
+    model: nn.Module,
+    params: Any,
+    *,
+    batch_size: int = 32,
+    max_batch_tokens: Optional[int] = None,
+    min_bucket: int = 32,
+    with_greedy: bool = False,
+    sharding: Optional[EvalSharding] = None,
+    mesh: Optional[Mesh] = None,
+  ):
     if batch_size <= 0:
       raise ValueError(f"batch_size must be positive, got {batch_size}")
     sharding = eval_sharding(mesh, sharding)
@@ -192,18 +204,20 @@ class LoglikelihoodScorer:
       rows = max(1, min(self.batch_size, self.max_batch_tokens // bucket))
     return rows if self.sharding is None else self.sharding.rows(rows)
 
-  def __call__(self, requests: Sequence[ScoreRequest], *, progress: bool = True,
-               desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
+  def __call__(
+    self, requests: Sequence[ScoreRequest], *, progress: bool = True, desc: str = "scoring"
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Returns (loglikelihoods float64 [n], is_greedy bool [n]) in request order."""
     vocab_size = self.model.config.vocab_size
     windows = []
     for request in requests:
-      tokens, start = make_window(request, self.max_len,
-                                  self.model.config.first_eval_position)
+      tokens, start = make_window(request, self.max_len, self.model.config.first_eval_position)
       bad = [t for t in tokens if not 0 <= t < vocab_size]
       if bad:
-        raise ValueError(f"token id {bad[0]} is outside the model vocabulary (valid "
-                         f"0..{vocab_size - 1}); does the tokenizer match the model?")
+        raise ValueError(
+          f"token id {bad[0]} is outside the model vocabulary (valid "
+          f"0..{vocab_size - 1}); does the tokenizer match the model?"
+        )
       windows.append((tokens, start))
 
     by_bucket: dict[int, list[int]] = {}
@@ -213,11 +227,11 @@ class LoglikelihoodScorer:
     for bucket in sorted(by_bucket):
       indices = sorted(by_bucket[bucket], key=lambda i: -len(windows[i][0]))
       rows = self.rows_for(bucket)
-      batches += [(bucket, rows, indices[i:i + rows]) for i in range(0, len(indices), rows)]
+      batches += [(bucket, rows, indices[i : i + rows]) for i in range(0, len(indices), rows)]
 
     loglikelihoods = np.zeros(len(requests), np.float64)
     greedy = np.zeros(len(requests), bool)
-    pending = None   # the previous batch's results, read after the next is dispatched
+    pending = None  # the previous batch's results, read after the next is dispatched
 
     def collect(indices, sums, hits):
       sums, hits = np.asarray(sums), np.asarray(hits)
@@ -232,12 +246,12 @@ class LoglikelihoodScorer:
       mask[:, 0] = 1  # dummy rows: one real token, nothing scored
       for row, index in enumerate(indices):
         window, start = windows[index]
-        tokens[row, :len(window)] = window
-        mask[row, :len(window)] = 1
-        target[row, start:len(window)] = True
+        tokens[row, : len(window)] = window
+        mask[row, : len(window)] = 1
+        target[row, start : len(window)] = True
       result = (indices, *self._score(self.params, tokens, mask, target))
       if pending is not None:
-        collect(*pending)   # the host builds the next batch while the device computes
+        collect(*pending)  # the host builds the next batch while the device computes
       pending = result
     if pending is not None:
       collect(*pending)

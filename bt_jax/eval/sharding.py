@@ -23,9 +23,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bt_jax import axes
 from bt_jax import mesh as mesh_lib
+
 # check_divisible: re-exported for callers of this module.
-from bt_jax.mesh import (check_divisible, make_mesh, parse_mesh_shape,  # pylint: disable=unused-import
-                         with_logical_rules)
+from bt_jax.mesh import (
+  check_divisible,
+  make_mesh,
+  parse_mesh_shape,  # pylint: disable=unused-import
+  with_logical_rules,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +42,16 @@ class EvalSharding:
 
   def __post_init__(self):
     if jax.process_count() > 1:
-      raise ValueError(f"sharded evaluation runs in one process; this job has "
-                       f"{jax.process_count()} (run the evaluation on one host)")
+      raise ValueError(
+        f"sharded evaluation runs in one process; this job has "
+        f"{jax.process_count()} (run the evaluation on one host)"
+      )
     missing = set(axes.MESH_AXES) - set(self.mesh.axis_names)
     if missing:
-      raise ValueError(f"the evaluation mesh needs the axes {axes.MESH_AXES}; "
-                       f"{tuple(self.mesh.axis_names)} lacks {sorted(missing)}")
+      raise ValueError(
+        f"the evaluation mesh needs the axes {axes.MESH_AXES}; "
+        f"{tuple(self.mesh.axis_names)} lacks {sorted(missing)}"
+      )
 
   @property
   def data_parallel(self) -> int:
@@ -73,9 +82,11 @@ class EvalSharding:
   def jit(self, fn: Callable, model: nn.Module, num_batch_args: int) -> Callable:
     """jit of fn(params, *batch_args) with params by the rules, the
     [batch, length] arguments split by rows, and replicated outputs."""
-    return jax.jit(with_logical_rules(fn, self.mesh, self.rules),
-                   in_shardings=(self.param_shardings(model),) + (self.batch,) * num_batch_args,
-                   out_shardings=self.replicated)
+    return jax.jit(
+      with_logical_rules(fn, self.mesh, self.rules),
+      in_shardings=(self.param_shardings(model),) + (self.batch,) * num_batch_args,
+      out_shardings=self.replicated,
+    )
 
 
 def eval_sharding_from_flag(value: str) -> Optional[EvalSharding]:
@@ -90,8 +101,9 @@ def eval_sharding_from_flag(value: str) -> Optional[EvalSharding]:
   return EvalSharding(make_mesh(parse_mesh_shape(value), jax.local_devices()))
 
 
-def eval_sharding(mesh: Optional[Mesh] = None,
-                  sharding: Optional[EvalSharding] = None) -> Optional[EvalSharding]:
+def eval_sharding(
+  mesh: Optional[Mesh] = None, sharding: Optional[EvalSharding] = None
+) -> Optional[EvalSharding]:
   """The evaluators' `mesh=` (a (data, fsdp, tensor) mesh, as for training) or
   `sharding=`, as one EvalSharding (None: one device)."""
   if mesh is not None and sharding is not None:

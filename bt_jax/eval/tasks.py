@@ -50,8 +50,10 @@ class MultipleChoiceDoc:
     if not self.choices:
       raise ValueError(f"doc {self.doc_id!r} has no choices")
     if not 0 <= self.gold < len(self.choices):
-      raise ValueError(f"doc {self.doc_id!r}: gold index {self.gold} is outside the "
-                       f"{len(self.choices)} choices (valid 0..{len(self.choices) - 1})")
+      raise ValueError(
+        f"doc {self.doc_id!r}: gold index {self.gold} is outside the "
+        f"{len(self.choices)} choices (valid 0..{len(self.choices) - 1})"
+      )
 
   @property
   def continuations(self) -> tuple[str, ...]:
@@ -61,49 +63,73 @@ class MultipleChoiceDoc:
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
   name: str
-  split: str                    # the split published numbers score
-  tfds_name: str                # builder name, with its config for ARC
+  split: str  # the split published numbers score
+  tfds_name: str  # builder name, with its config for ARC
   raw_candidates: tuple[str, ...]  # where the raw file sits inside a folder
   where_to_get: str
 
 
 _HELLASWAG_HELP = (
-    "HellaSwag: download hellaswag_val.jsonl from "
-    "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl "
-    "(https://github.com/rowanz/hellaswag), or prepare the TFDS builder `hellaswag` in "
-    "array_record format on a machine with network access: "
-    "`tfds build hellaswag --file_format=array_record --data_dir=DIR`.")
+  "HellaSwag: download hellaswag_val.jsonl from "
+  "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl "
+  "(https://github.com/rowanz/hellaswag), or prepare the TFDS builder `hellaswag` in "
+  "array_record format on a machine with network access: "
+  "`tfds build hellaswag --file_format=array_record --data_dir=DIR`."
+)
 _PIQA_HELP = (
-    "PIQA: download valid.jsonl and valid-labels.lst from https://yonatanbisk.com/piqa/ "
-    "(https://github.com/ybisk/ybisk.github.io/tree/master/piqa/data), or "
-    "physicaliqa-train-dev.zip (dev.jsonl, dev-labels.lst) from "
-    "https://storage.googleapis.com/ai2-mosaic/public/physicaliqa/physicaliqa-train-dev.zip, "
-    "or prepare the TFDS builder `piqa` in array_record format: "
-    "`tfds build piqa --file_format=array_record --data_dir=DIR`.")
+  "PIQA: download valid.jsonl and valid-labels.lst from https://yonatanbisk.com/piqa/ "
+  "(https://github.com/ybisk/ybisk.github.io/tree/master/piqa/data), or "
+  "physicaliqa-train-dev.zip (dev.jsonl, dev-labels.lst) from "
+  "https://storage.googleapis.com/ai2-mosaic/public/physicaliqa/physicaliqa-train-dev.zip, "
+  "or prepare the TFDS builder `piqa` in array_record format: "
+  "`tfds build piqa --file_format=array_record --data_dir=DIR`."
+)
 _ARC_HELP = (
-    "ARC: download ARC-V1-Feb2018.zip from https://allenai.org/data/arc "
-    "(https://ai2-public-datasets.s3-us-west-2.amazonaws.com/arc/ARC-V1-Feb2018.zip) and "
-    "unzip it (ARC-V1-Feb2018-2/ARC-Easy/ARC-Easy-Test.jsonl, "
-    "ARC-V1-Feb2018-2/ARC-Challenge/ARC-Challenge-Test.jsonl), or prepare the TFDS builder "
-    "`ai2_arc` in array_record format: "
-    "`tfds build ai2_arc --file_format=array_record --data_dir=DIR`.")
+  "ARC: download ARC-V1-Feb2018.zip from https://allenai.org/data/arc "
+  "(https://ai2-public-datasets.s3-us-west-2.amazonaws.com/arc/ARC-V1-Feb2018.zip) and "
+  "unzip it (ARC-V1-Feb2018-2/ARC-Easy/ARC-Easy-Test.jsonl, "
+  "ARC-V1-Feb2018-2/ARC-Challenge/ARC-Challenge-Test.jsonl), or prepare the TFDS builder "
+  "`ai2_arc` in array_record format: "
+  "`tfds build ai2_arc --file_format=array_record --data_dir=DIR`."
+)
 
 TASKS: dict[str, TaskSpec] = {
-    "hellaswag": TaskSpec(
-        "hellaswag", "validation", "hellaswag",
-        ("hellaswag_val.jsonl", "data/hellaswag_val.jsonl"), _HELLASWAG_HELP),
-    "piqa": TaskSpec(
-        "piqa", "validation", "piqa",
-        ("valid.jsonl", "dev.jsonl", "data/valid.jsonl", "physicaliqa-train-dev/dev.jsonl"),
-        _PIQA_HELP),
-    "arc_easy": TaskSpec(
-        "arc_easy", "test", "ai2_arc/ARC-Easy",
-        ("ARC-Easy-Test.jsonl", "ARC-Easy/ARC-Easy-Test.jsonl",
-         "ARC-V1-Feb2018-2/ARC-Easy/ARC-Easy-Test.jsonl"), _ARC_HELP),
-    "arc_challenge": TaskSpec(
-        "arc_challenge", "test", "ai2_arc/ARC-Challenge",
-        ("ARC-Challenge-Test.jsonl", "ARC-Challenge/ARC-Challenge-Test.jsonl",
-         "ARC-V1-Feb2018-2/ARC-Challenge/ARC-Challenge-Test.jsonl"), _ARC_HELP),
+  "hellaswag": TaskSpec(
+    "hellaswag",
+    "validation",
+    "hellaswag",
+    ("hellaswag_val.jsonl", "data/hellaswag_val.jsonl"),
+    _HELLASWAG_HELP,
+  ),
+  "piqa": TaskSpec(
+    "piqa",
+    "validation",
+    "piqa",
+    ("valid.jsonl", "dev.jsonl", "data/valid.jsonl", "physicaliqa-train-dev/dev.jsonl"),
+    _PIQA_HELP,
+  ),
+  "arc_easy": TaskSpec(
+    "arc_easy",
+    "test",
+    "ai2_arc/ARC-Easy",
+    (
+      "ARC-Easy-Test.jsonl",
+      "ARC-Easy/ARC-Easy-Test.jsonl",
+      "ARC-V1-Feb2018-2/ARC-Easy/ARC-Easy-Test.jsonl",
+    ),
+    _ARC_HELP,
+  ),
+  "arc_challenge": TaskSpec(
+    "arc_challenge",
+    "test",
+    "ai2_arc/ARC-Challenge",
+    (
+      "ARC-Challenge-Test.jsonl",
+      "ARC-Challenge/ARC-Challenge-Test.jsonl",
+      "ARC-V1-Feb2018-2/ARC-Challenge/ARC-Challenge-Test.jsonl",
+    ),
+    _ARC_HELP,
+  ),
 }
 
 
@@ -138,29 +164,35 @@ def hellaswag_doc(record: Mapping[str, Any], doc_id: Optional[str] = None) -> Mu
   """A raw HellaSwag jsonl record -> the harness's prompt and choices."""
   if record.get("label") in (None, ""):
     raise ValueError(
-        f"HellaSwag record {record.get('ind', doc_id)!r} has no label (the test split is "
-        "unlabelled); score hellaswag_val.jsonl instead")
+      f"HellaSwag record {record.get('ind', doc_id)!r} has no label (the test split is "
+      "unlabelled); score hellaswag_val.jsonl instead"
+    )
   context = record["ctx_a"] + " " + record["ctx_b"].capitalize()
   return MultipleChoiceDoc(
-      doc_id=str(record.get("ind", doc_id)),
-      context=preprocess_hellaswag(record["activity_label"] + ": " + context),
-      choices=tuple(preprocess_hellaswag(ending) for ending in record["endings"]),
-      gold=int(record["label"]))
+    doc_id=str(record.get("ind", doc_id)),
+    context=preprocess_hellaswag(record["activity_label"] + ": " + context),
+    choices=tuple(preprocess_hellaswag(ending) for ending in record["endings"]),
+    gold=int(record["label"]),
+  )
 
 
-def piqa_doc(record: Mapping[str, Any], label: Any, doc_id: Optional[str] = None) -> MultipleChoiceDoc:
+def piqa_doc(
+  record: Mapping[str, Any], label: Any, doc_id: Optional[str] = None
+) -> MultipleChoiceDoc:
   return MultipleChoiceDoc(
-      doc_id=str(record.get("id", doc_id)),
-      context=piqa_prompt(record["goal"]),
-      choices=(record["sol1"], record["sol2"]),
-      gold=int(label))
+    doc_id=str(record.get("id", doc_id)),
+    context=piqa_prompt(record["goal"]),
+    choices=(record["sol1"], record["sol2"]),
+    gold=int(label),
+  )
 
 
 def _arc_gold(labels: Sequence[Any], answer_key: Any, doc_id: str) -> int:
   labels = list(labels)
   if answer_key not in labels:
-    raise ValueError(f"ARC question {doc_id!r}: answerKey {answer_key!r} is not one of the "
-                     f"choice labels {labels}")
+    raise ValueError(
+      f"ARC question {doc_id!r}: answerKey {answer_key!r} is not one of the choice labels {labels}"
+    )
   return labels.index(answer_key)
 
 
@@ -169,10 +201,11 @@ def arc_doc(record: Mapping[str, Any]) -> MultipleChoiceDoc:
   question = record["question"]
   choices = question["choices"]
   return MultipleChoiceDoc(
-      doc_id=str(record["id"]),
-      context=arc_prompt(question["stem"]),
-      choices=tuple(choice["text"] for choice in choices),
-      gold=_arc_gold([choice["label"] for choice in choices], record["answerKey"], record["id"]))
+    doc_id=str(record["id"]),
+    context=arc_prompt(question["stem"]),
+    choices=tuple(choice["text"] for choice in choices),
+    gold=_arc_gold([choice["label"] for choice in choices], record["answerKey"], record["id"]),
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -207,28 +240,33 @@ def hellaswag_doc_from_tfds(example: Mapping[str, Any], doc_id: str) -> Multiple
   global _warned_tfds_hellaswag
   if not _warned_tfds_hellaswag:
     logging.warning(
-        "TFDS hellaswag drops ctx_a/ctx_b: the prompt is built from the joined context "
-        "without the harness's ctx_b.capitalize(), so scores only approximate the "
-        "lm-evaluation-harness numbers; use the raw hellaswag_val.jsonl for exact ones.")
+      "TFDS hellaswag drops ctx_a/ctx_b: the prompt is built from the joined context "
+      "without the harness's ctx_b.capitalize(), so scores only approximate the "
+      "lm-evaluation-harness numbers; use the raw hellaswag_val.jsonl for exact ones."
+    )
     _warned_tfds_hellaswag = True
   label = int(example["label"])
   if label < 0:
-    raise ValueError(f"HellaSwag example {doc_id!r} has no label (the test split is unlabelled); "
-                     "use the validation split")
+    raise ValueError(
+      f"HellaSwag example {doc_id!r} has no label (the test split is unlabelled); "
+      "use the validation split"
+    )
   context = _text(example["activity_label"]) + ": " + _text(example["context"])
   return MultipleChoiceDoc(
-      doc_id=doc_id,
-      context=preprocess_hellaswag(context),
-      choices=tuple(preprocess_hellaswag(ending) for ending in _texts(example["endings"])),
-      gold=label)
+    doc_id=doc_id,
+    context=preprocess_hellaswag(context),
+    choices=tuple(preprocess_hellaswag(ending) for ending in _texts(example["endings"])),
+    gold=label,
+  )
 
 
 def piqa_doc_from_tfds(example: Mapping[str, Any], doc_id: str) -> MultipleChoiceDoc:
   return MultipleChoiceDoc(
-      doc_id=_text(example.get("id", doc_id)),
-      context=piqa_prompt(_text(example["goal"])),
-      choices=(_text(example["sol1"]), _text(example["sol2"])),
-      gold=int(example["label"]))
+    doc_id=_text(example.get("id", doc_id)),
+    context=piqa_prompt(_text(example["goal"])),
+    choices=(_text(example["sol1"]), _text(example["sol2"])),
+    gold=int(example["label"]),
+  )
 
 
 def arc_doc_from_tfds(example: Mapping[str, Any], doc_id: str) -> MultipleChoiceDoc:
@@ -237,17 +275,18 @@ def arc_doc_from_tfds(example: Mapping[str, Any], doc_id: str) -> MultipleChoice
   labels = [int(label) for label in choices["label"]]
   name = _text(example.get("id", doc_id))
   return MultipleChoiceDoc(
-      doc_id=name,
-      context=arc_prompt(_text(example["question"])),
-      choices=_texts(choices["text"]),
-      gold=_arc_gold(labels, int(example["answerKey"]), name))
+    doc_id=name,
+    context=arc_prompt(_text(example["question"])),
+    choices=_texts(choices["text"]),
+    gold=_arc_gold(labels, int(example["answerKey"]), name),
+  )
 
 
 _TFDS_CONVERTERS = {
-    "hellaswag": hellaswag_doc_from_tfds,
-    "piqa": piqa_doc_from_tfds,
-    "arc_easy": arc_doc_from_tfds,
-    "arc_challenge": arc_doc_from_tfds,
+  "hellaswag": hellaswag_doc_from_tfds,
+  "piqa": piqa_doc_from_tfds,
+  "arc_easy": arc_doc_from_tfds,
+  "arc_challenge": arc_doc_from_tfds,
 }
 
 
@@ -255,14 +294,12 @@ _TFDS_CONVERTERS = {
 # Raw files.
 
 
-
-
 _RECORD_FIELDS = {
-    "HellaSwag": 'a JSON object with "ind", "activity_label", "ctx_a", "ctx_b", "endings" (4 '
-                 'strings) and "label", as in hellaswag_val.jsonl',
-    "PIQA": 'a JSON object with "id", "goal", "sol1" and "sol2", as in valid.jsonl',
-    "ARC": 'a JSON object {"id", "question": {"stem", "choices": [{"text", "label"}]}, '
-           '"answerKey"}, as in ARC-Easy-Test.jsonl',
+  "HellaSwag": 'a JSON object with "ind", "activity_label", "ctx_a", "ctx_b", "endings" (4 '
+  'strings) and "label", as in hellaswag_val.jsonl',
+  "PIQA": 'a JSON object with "id", "goal", "sol1" and "sol2", as in valid.jsonl',
+  "ARC": 'a JSON object {"id", "question": {"stem", "choices": [{"text", "label"}]}, '
+  '"answerKey"}, as in ARC-Easy-Test.jsonl',
 }
 
 
@@ -275,21 +312,24 @@ def _docs_from_records(path: str, kind: str, convert) -> list[MultipleChoiceDoc]
       docs.append(convert(index, record))
     except (KeyError, TypeError, AttributeError, IndexError) as e:
       problem = f"no field {e.args[0]!r}" if isinstance(e, KeyError) else " ".join(str(e).split())
-      raise UserError(f"{path}:{line_number} is not a valid {kind} record ({problem}); expected "
-                      f"{_RECORD_FIELDS[kind]}") from e
+      raise UserError(
+        f"{path}:{line_number} is not a valid {kind} record ({problem}); expected "
+        f"{_RECORD_FIELDS[kind]}"
+      ) from e
     except ValueError as e:
       raise UserError(f"{path}:{line_number}: {' '.join(str(e).split())}") from e
   return docs
 
 
 def read_hellaswag_jsonl(path: str) -> list[MultipleChoiceDoc]:
-  return _docs_from_records(path, "HellaSwag",
-                            lambda i, record: hellaswag_doc(record, doc_id=str(i)))
+  return _docs_from_records(
+    path, "HellaSwag", lambda i, record: hellaswag_doc(record, doc_id=str(i))
+  )
 
 
 def piqa_labels_path(jsonl_path: str) -> str:
   """valid.jsonl -> valid-labels.lst (the layout of both PIQA downloads)."""
-  stem = jsonl_path[:-len(".jsonl")] if jsonl_path.endswith(".jsonl") else jsonl_path
+  stem = jsonl_path[: -len(".jsonl")] if jsonl_path.endswith(".jsonl") else jsonl_path
   return stem + "-labels.lst"
 
 
@@ -307,25 +347,30 @@ def read_piqa(jsonl_path: str, labels_path: Optional[str] = None) -> list[Multip
   labels_path = labels_path or piqa_labels_path(jsonl_path)
   if os.path.exists(labels_path):
     with open(labels_path, "rb") as f:
-      text = decode_utf8(f.read(), labels_path)   # an error naming the file
+      text = decode_utf8(f.read(), labels_path)  # an error naming the file
     labels = []
     for line_number, line in enumerate(text.splitlines(), 1):
       if line.strip():
         if _int_or_none(line) not in (0, 1):
-          raise UserError(f"{labels_path}:{line_number}: label {line.strip()!r} is not 0 or 1 "
-                          "(a PIQA labels file holds one 0 or 1 a line)")
+          raise UserError(
+            f"{labels_path}:{line_number}: label {line.strip()!r} is not 0 or 1 "
+            "(a PIQA labels file holds one 0 or 1 a line)"
+          )
         labels.append(line.strip())
     if len(labels) != len(records):
-      raise ValueError(f"{labels_path} has {len(labels)} labels but {jsonl_path} has "
-                       f"{len(records)} questions")
+      raise ValueError(
+        f"{labels_path} has {len(labels)} labels but {jsonl_path} has {len(records)} questions"
+      )
   elif all(isinstance(record, dict) and "label" in record for record in records):
     labels = [record["label"] for record in records]
   else:
     raise FileNotFoundError(
-        f"PIQA labels not found: expected {labels_path} next to {jsonl_path} (the test split "
-        f"has no public labels). {_PIQA_HELP}")
-  return _docs_from_records(jsonl_path, "PIQA",
-                            lambda i, record: piqa_doc(record, labels[i], doc_id=str(i)))
+      f"PIQA labels not found: expected {labels_path} next to {jsonl_path} (the test split "
+      f"has no public labels). {_PIQA_HELP}"
+    )
+  return _docs_from_records(
+    jsonl_path, "PIQA", lambda i, record: piqa_doc(record, labels[i], doc_id=str(i))
+  )
 
 
 def read_arc_jsonl(path: str) -> list[MultipleChoiceDoc]:
@@ -333,10 +378,10 @@ def read_arc_jsonl(path: str) -> list[MultipleChoiceDoc]:
 
 
 _RAW_READERS = {
-    "hellaswag": read_hellaswag_jsonl,
-    "piqa": read_piqa,
-    "arc_easy": read_arc_jsonl,
-    "arc_challenge": read_arc_jsonl,
+  "hellaswag": read_hellaswag_jsonl,
+  "piqa": read_piqa,
+  "arc_easy": read_arc_jsonl,
+  "arc_challenge": read_arc_jsonl,
 }
 
 
@@ -346,6 +391,7 @@ _RAW_READERS = {
 
 def _import_tfds_builder(name: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   if name == "hellaswag":
     # Registers the builder; importing tensorflow_datasets.text as a whole
     # needs TensorFlow.
@@ -361,22 +407,25 @@ def read_tfds(task: str, data_dir: str, split: Optional[str] = None) -> list[Mul
   builder_dir = os.path.join(data_dir, spec.tfds_name.split("/")[0])
   if not os.path.isdir(builder_dir):
     raise FileNotFoundError(
-        f"no prepared TFDS dataset {spec.tfds_name!r} under {data_dir} (expected {builder_dir}). "
-        + spec.where_to_get)
+      f"no prepared TFDS dataset {spec.tfds_name!r} under {data_dir} (expected {builder_dir}). "
+      + spec.where_to_get
+    )
   try:
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
     if not builder.data_path.exists():
       raise FileNotFoundError(
-          f"TFDS {spec.tfds_name!r} version {builder.version} is not prepared under {data_dir} "
-          f"(expected {builder.data_path}). " + spec.where_to_get)
+        f"TFDS {spec.tfds_name!r} version {builder.version} is not prepared under {data_dir} "
+        f"(expected {builder.data_path}). " + spec.where_to_get
+      )
     source = builder.as_data_source(split=split)
   except NotImplementedError as e:
     raise RuntimeError(
-        f"TFDS {spec.tfds_name!r} under {data_dir} cannot be read without TensorFlow: only "
-        "random-access formats (array_record) work here, and it was probably prepared in the "
-        "default tfrecord format. Prepare it again with `tfds build "
-        f"{spec.tfds_name.split('/')[0]} --file_format=array_record --data_dir=NEW_DIR`, or use "
-        f"the raw files. ({e})") from e
+      f"TFDS {spec.tfds_name!r} under {data_dir} cannot be read without TensorFlow: only "
+      "random-access formats (array_record) work here, and it was probably prepared in the "
+      "default tfrecord format. Prepare it again with `tfds build "
+      f"{spec.tfds_name.split('/')[0]} --file_format=array_record --data_dir=NEW_DIR`, or use "
+      f"the raw files. ({e})"
+    ) from e
   convert = _TFDS_CONVERTERS[task]
   return [convert(source[i], f"{split}_{i}") for i in range(len(source))]
 
@@ -395,8 +444,9 @@ def find_raw_file(task: str, folder: str) -> Optional[str]:
   return None
 
 
-def load_task(task: str, path: str, *, split: Optional[str] = None,
-              limit: Optional[int] = None) -> list[MultipleChoiceDoc]:
+def load_task(
+  task: str, path: str, *, split: Optional[str] = None, limit: Optional[int] = None
+) -> list[MultipleChoiceDoc]:
   """Docs of `task` from `path`: a raw file, a folder holding one, a TFDS
   data_dir (a folder holding the builder's folder), or "tfds:DIR".
 
@@ -407,7 +457,7 @@ def load_task(task: str, path: str, *, split: Optional[str] = None,
   if limit is not None and limit <= 0:
     raise ValueError(f"limit must be positive, got {limit}")
   if path.startswith(TFDS_PREFIX):
-    docs = read_tfds(task, path[len(TFDS_PREFIX):], split)
+    docs = read_tfds(task, path[len(TFDS_PREFIX) :], split)
   elif os.path.isfile(path):
     docs = _RAW_READERS[task](path)
   elif os.path.isdir(path):
@@ -418,8 +468,9 @@ def load_task(task: str, path: str, *, split: Optional[str] = None,
       docs = read_tfds(task, path, split)
     else:
       raise FileNotFoundError(
-          f"no {task} data in {path}: looked for {list(spec.raw_candidates)} and for a TFDS "
-          f"folder {spec.tfds_name.split('/')[0]!r}. " + spec.where_to_get)
+        f"no {task} data in {path}: looked for {list(spec.raw_candidates)} and for a TFDS "
+        f"folder {spec.tfds_name.split('/')[0]!r}. " + spec.where_to_get
+      )
   else:
     raise FileNotFoundError(f"{task} data not found: {path} does not exist. " + spec.where_to_get)
   if not docs:

@@ -7,17 +7,36 @@ See `generation` for the API, `caches` for the cache layouts (docs/inference.md)
 and `decoding` for the per-model prefill and step.
 """
 
-from bt_jax.inference.caches import (cache_bytes, init_stack_cache,
-                                     kv_cache_bytes_per_sample)
+from bt_jax.inference.caches import cache_bytes, init_stack_cache, kv_cache_bytes_per_sample
 from bt_jax.inference.decoding import BlockDecoder, VanillaDecoder, decoder_for
-from bt_jax.inference.generation import (GenerateOutput, PromptBatch, generate, generate_fn,
-                                         make_stream_fns, num_steps_for, prepare_prompts,
-                                         tokens_per_step)
+from bt_jax.inference.generation import (
+  GenerateOutput,
+  PromptBatch,
+  generate,
+  generate_fn,
+  make_stream_fns,
+  num_steps_for,
+  prepare_prompts,
+  tokens_per_step,
+)
 from bt_jax.inference.sampling import SamplingConfig, restrict_logits, sample_logits
 
 __all__ = [
-    "BlockDecoder", "GenerateOutput", "PromptBatch", "SamplingConfig", "VanillaDecoder",
-    "cache_bytes", "decoder_for", "generate", "generate_fn", "init_stack_cache",
-    "kv_cache_bytes_per_sample", "make_stream_fns", "num_steps_for", "prepare_prompts",
-    "restrict_logits", "sample_logits", "tokens_per_step",
+  "BlockDecoder",
+  "GenerateOutput",
+  "PromptBatch",
+  "SamplingConfig",
+  "VanillaDecoder",
+  "cache_bytes",
+  "decoder_for",
+  "generate",
+  "generate_fn",
+  "init_stack_cache",
+  "kv_cache_bytes_per_sample",
+  "make_stream_fns",
+  "num_steps_for",
+  "prepare_prompts",
+  "restrict_logits",
+  "sample_logits",
+  "tokens_per_step",
 ]

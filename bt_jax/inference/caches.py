@@ -33,14 +33,17 @@ Cache = list  # [{"key": [batch, len, heads, head_dim], "value": ...}] per layer
 def init_stack_cache(stack: StackConfig, batch: int, length: int, dtype) -> Cache:
   """Zeros for every layer of `stack`."""
   shape = (batch, length, stack.num_heads, stack.resolved_head_dim)
-  return [{"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
-          for _ in range(stack.num_layers)]
+  return [
+    {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+    for _ in range(stack.num_layers)
+  ]
 
 
 def cache_bytes(tree: Any) -> int:
   """Bytes of a cache pytree (arrays or ShapeDtypeStructs)."""
-  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree_util.tree_leaves(tree)))
+  return int(
+    sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+  )
 
 
 def stack_cache_bytes_per_slot(stack: StackConfig, dtype) -> int:
@@ -56,8 +59,9 @@ def kv_cache_bytes_per_sample(config: ModelConfig, prompt_len: int, max_new_toke
   dtype = config.compute_dtype
   if isinstance(config, BlockConfig):
     blocks = prompt_len // config.block_len + config.num_steps(max_new_tokens)
-    return (blocks * stack_cache_bytes_per_slot(config.block_stack, dtype)
-            + config.token_decoder_len * stack_cache_bytes_per_slot(config.token_stack, dtype))
+    return blocks * stack_cache_bytes_per_slot(
+      config.block_stack, dtype
+    ) + config.token_decoder_len * stack_cache_bytes_per_slot(config.token_stack, dtype)
   return (prompt_len + max_new_tokens) * stack_cache_bytes_per_slot(config.stack, dtype)
 
 
@@ -68,7 +72,7 @@ def padded_mask(pad: jax.Array, query_slots: jax.Array, cache_len: int) -> jax.A
   each query. A query sees slots in [pad, its own slot] (causal).
   """
   slots = jnp.arange(cache_len)
-  causal = slots[None, :] <= query_slots[:, None]                  # [q, cache_len]
+  causal = slots[None, :] <= query_slots[:, None]  # [q, cache_len]
   return causal[None] & (slots[None, None, :] >= pad[:, None, None])
 
 

@@ -49,7 +49,7 @@ Sampler = Callable[[jax.Array, int], jax.Array]
 class _GlobalCache:
   """What the two decoders share: the global cache, sharded or not."""
 
-  tokens_per_step: int   # also the tokens per global-cache slot
+  tokens_per_step: int  # also the tokens per global-cache slot
 
   def __init__(self, mesh: Optional[Mesh]):
     # Checks the mesh now (a missing axis is a ValueError), not at trace time.
@@ -69,9 +69,11 @@ class _GlobalCache:
     checks that the batch splits evenly. Unsharded, or without a data axis: as is."""
     if self.sharding is None or self.sharding.batch_axis is None:
       return tree
+
     def constrain(x):
       self.sharding.check_batch(x.shape[0])
       return jax.lax.with_sharding_constraint(x, self.sharding.rows_sharding)
+
     return jax.tree.map(constrain, tree)
 
   def move_slots(self, cache, source: jax.Array, start: jax.Array):
@@ -86,7 +88,9 @@ class _GlobalCache:
         return self.sharding.move_slots(array, source, targets)
       taken = jax.vmap(lambda c, s: jnp.take(c, s, axis=0))(array, source)
       return jax.vmap(lambda c, t, i: jax.lax.dynamic_update_slice_in_dim(c, t, i, axis=0))(
-          array, taken, start)
+        array, taken, start
+      )
+
     return jax.tree.map(move, cache)
 
   def _init_global_cache(self, stack, batch: int, cache_len: int):
@@ -95,8 +99,9 @@ class _GlobalCache:
       cache = jax.lax.with_sharding_constraint(cache, self.sharding.cache_sharding)
     return cache
 
-  def align_prompt(self, tokens: jax.Array, pad: jax.Array, num_steps: int
-                   ) -> Tuple[jax.Array, jax.Array]:
+  def align_prompt(
+    self, tokens: jax.Array, pad: jax.Array, num_steps: int
+  ) -> Tuple[jax.Array, jax.Array]:
     """Left-pads (masked) so that the global cache splits evenly; unsharded: as is.
 
     The cache holds the prompt's slots and num_steps more; with p devices the
@@ -124,8 +129,9 @@ class VanillaDecoder(_GlobalCache):
     self.config: VanillaConfig = model.config
 
   def _apply(self, params, *args, window=None):
-    return self.model.apply({"params": params}, *args, method=VanillaLM.decode,
-                            window=window, sharding=self.sharding)
+    return self.model.apply(
+      {"params": params}, *args, method=VanillaLM.decode, window=window, sharding=self.sharding
+    )
 
   def apply_decode(self, params, *args, window=None):
     """`VanillaLM.decode(*args, window=window)` on this decoder's global cache
@@ -133,8 +139,9 @@ class VanillaDecoder(_GlobalCache):
     that drive the cache themselves, like ReDrafter's verify step."""
     return self._apply(params, *args, window=window)
 
-  def prefill(self, params, tokens: jax.Array, pad: jax.Array, num_steps: int,
-              return_hidden: bool = False):
+  def prefill(
+    self, params, tokens: jax.Array, pad: jax.Array, num_steps: int, return_hidden: bool = False
+  ):
     """One pass over the prompt fills slots [0, prompt_len); the cache has
     room for num_steps more. carry: next-token logits and the cache (and with
     return_hidden the last position's final-norm hidden state, what a
@@ -151,17 +158,17 @@ class VanillaDecoder(_GlobalCache):
       carry["hidden"] = out[2][:, -1]
     return carry
 
-  def step(self, params, carry, step, pad, sample: Sampler, keep_logits: bool,
-           read_slots: int):
-    logits = carry["logits"]                              # [batch, vocab]
+  def step(self, params, carry, step, pad, sample: Sampler, keep_logits: bool, read_slots: int):
+    logits = carry["logits"]  # [batch, vocab]
     token = sample(logits, 0)
     cache = carry["cache"]
     slot = carry["prompt_len"] + step
     positions = (slot - pad)[:, None]
     mask = caches_lib.padded_mask(pad, slot[None], read_slots)
     window = caches_lib.padded_window(pad, slot, read_slots)
-    next_logits, cache = self._apply(params, token[:, None], positions, cache, slot, mask,
-                                     window=window)
+    next_logits, cache = self._apply(
+      params, token[:, None], positions, cache, slot, mask, window=window
+    )
     new_carry = {"logits": next_logits[:, 0], "cache": cache, "prompt_len": carry["prompt_len"]}
     return token[:, None], (logits[:, None] if keep_logits else None), new_carry
 
@@ -187,8 +194,13 @@ class BlockDecoder(_GlobalCache):
 
   def _encode_blocks(self, params, *args, window=None):
     """The embedder and block decoder: the only users of the global cache."""
-    return self.model.apply({"params": params}, *args, method=BlockTransformer.encode_blocks,
-                            window=window, sharding=self.sharding)
+    return self.model.apply(
+      {"params": params},
+      *args,
+      method=BlockTransformer.encode_blocks,
+      window=window,
+      sharding=self.sharding,
+    )
 
   def prefill(self, params, tokens: jax.Array, pad: jax.Array, num_steps: int):
     """tokens [batch, prompt_len] with prompt_len a multiple of L_B and pad a
@@ -213,15 +225,17 @@ class BlockDecoder(_GlobalCache):
     cfg = self.config
     batch = context.shape[0]
     block_len, local_len = cfg.block_len, cfg.token_decoder_len
-    expanded = self._apply(params, BlockTransformer.expand, context)   # [batch, E, width]
+    expanded = self._apply(params, BlockTransformer.expand, context)  # [batch, E, width]
     local = self.constrain_rows(
-        caches_lib.init_stack_cache(cfg.token_stack, batch, local_len, cfg.compute_dtype))
+      caches_lib.init_stack_cache(cfg.token_stack, batch, local_len, cfg.compute_dtype)
+    )
     memory = None
     if cfg.token_decoder == "prefix":
-      first = expanded                                   # positions 0 .. P-1
+      first = expanded  # positions 0 .. P-1
     else:
-      bos = self._apply(params, BlockTransformer.embed_tokens,
-                        jnp.full((batch, 1), cfg.bos_id, jnp.int32))
+      bos = self._apply(
+        params, BlockTransformer.embed_tokens, jnp.full((batch, 1), cfg.bos_id, jnp.int32)
+      )
       if cfg.token_decoder == "summation":
         first = bos + expanded[:, :1]
       else:
@@ -231,9 +245,18 @@ class BlockDecoder(_GlobalCache):
     # One query at slot 0 (summation, cross_attention) is a decode step; more
     # (the prefix) a prefill, which needs no window.
     first_window = caches_lib.local_window(batch, 0, local_len) if first_len == 1 else None
-    logits, local = self._apply(params, BlockTransformer.token_step, first, first_slots, local,
-                                0, caches_lib.local_mask(first_slots, local_len), memory, True,
-                                first_window)
+    logits, local = self._apply(
+      params,
+      BlockTransformer.token_step,
+      first,
+      first_slots,
+      local,
+      0,
+      caches_lib.local_mask(first_slots, local_len),
+      memory,
+      True,
+      first_window,
+    )
     token = sample(logits[:, -1], 0)
     tokens = jnp.zeros((batch, block_len), jnp.int32).at[:, 0].set(token)
     all_logits = None
@@ -243,14 +266,23 @@ class BlockDecoder(_GlobalCache):
 
     def body(j, loop_carry):
       tokens, all_logits, local = loop_carry
-      prev = jax.lax.dynamic_slice_in_dim(tokens, j - 1, 1, axis=1)      # [batch, 1]
+      prev = jax.lax.dynamic_slice_in_dim(tokens, j - 1, 1, axis=1)  # [batch, 1]
       x = self._apply(params, BlockTransformer.embed_tokens, prev)
       if cfg.token_decoder == "summation":
         x = x + jax.lax.dynamic_slice_in_dim(expanded, j, 1, axis=1)
-      slot = first_len - 1 + j                          # = the training position
-      logits, local = self._apply(params, BlockTransformer.token_step, x, slot[None], local,
-                                  slot, caches_lib.local_mask(slot[None], local_len), memory,
-                                  False, caches_lib.local_window(batch, slot, local_len))
+      slot = first_len - 1 + j  # = the training position
+      logits, local = self._apply(
+        params,
+        BlockTransformer.token_step,
+        x,
+        slot[None],
+        local,
+        slot,
+        caches_lib.local_mask(slot[None], local_len),
+        memory,
+        False,
+        caches_lib.local_window(batch, slot, local_len),
+      )
       token = sample(logits[:, 0], j)
       tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], j, axis=1)
       if keep_logits:
@@ -261,8 +293,7 @@ class BlockDecoder(_GlobalCache):
       tokens, all_logits, _ = jax.lax.fori_loop(1, block_len, body, (tokens, all_logits, local))
     return tokens, all_logits
 
-  def step(self, params, carry, step, pad, sample: Sampler, keep_logits: bool,
-           read_slots: int):
+  def step(self, params, carry, step, pad, sample: Sampler, keep_logits: bool, read_slots: int):
     cfg = self.config
     tokens, logits = self._decode_block(params, carry["context"], sample, keep_logits)
     cache = carry["cache"]
@@ -271,10 +302,10 @@ class BlockDecoder(_GlobalCache):
     positions = (slot - pad_blocks)[:, None]
     mask = caches_lib.padded_mask(pad_blocks, slot[None], read_slots)
     window = caches_lib.padded_window(pad_blocks, slot, read_slots)
-    context, cache = self._encode_blocks(params, tokens[:, None, :], positions, cache, slot,
-                                         mask, window=window)
-    new_carry = {"context": context[:, 0], "cache": cache,
-                 "prompt_blocks": carry["prompt_blocks"]}
+    context, cache = self._encode_blocks(
+      params, tokens[:, None, :], positions, cache, slot, mask, window=window
+    )
+    new_carry = {"context": context[:, 0], "cache": cache, "prompt_blocks": carry["prompt_blocks"]}
     return tokens, logits, new_carry
 
 
@@ -285,5 +316,6 @@ def decoder_for(model: nn.Module, mesh: Optional[Mesh] = None):
     return BlockDecoder(model, mesh)
   if isinstance(model, VanillaLM):
     return VanillaDecoder(model, mesh)
-  raise TypeError(f"no decoder for {type(model).__name__}; valid models are VanillaLM and "
-                  "BlockTransformer")
+  raise TypeError(
+    f"no decoder for {type(model).__name__}; valid models are VanillaLM and BlockTransformer"
+  )

@@ -1,9 +1,9 @@
 """Models and the one scoring function shared by training, eval and perplexity.
 
-    model = build_model(config)
-    params = init_params(model, jax.random.key(0))
-    loss, aux = sequence_loss(model, params, tokens, mask)
-    logprobs, valid = token_logprobs(model, params, tokens, mask)
+model = build_model(config)
+params = init_params(model, jax.random.key(0))
+loss, aux = sequence_loss(model, params, tokens, mask)
+logprobs, valid = token_logprobs(model, params, tokens, mask)
 """
 
 from __future__ import annotations
@@ -21,8 +21,16 @@ from bt_jax.models.common import check_token_ids
 from bt_jax.models.vanilla import VanillaLM
 
 __all__ = [
-    "BlockTransformer", "Embedder", "MODELS", "VanillaLM", "build_model", "init_params",
-    "abstract_params", "native_logprobs", "sequence_loss", "token_logprobs",
+  "BlockTransformer",
+  "Embedder",
+  "MODELS",
+  "VanillaLM",
+  "build_model",
+  "init_params",
+  "abstract_params",
+  "native_logprobs",
+  "sequence_loss",
+  "token_logprobs",
 ]
 
 
@@ -33,8 +41,10 @@ MODELS: dict[str, type[nn.Module]] = {"vanilla": VanillaLM, "block": BlockTransf
 def build_model(config: ModelConfig) -> nn.Module:
   model_cls = MODELS.get(getattr(config, "kind", None))
   if model_cls is None:
-    raise TypeError(f"unknown model config type {type(config).__name__}; valid types are "
-                    "VanillaConfig and BlockConfig")
+    raise TypeError(
+      f"unknown model config type {type(config).__name__}; valid types are "
+      "VanillaConfig and BlockConfig"
+    )
   return model_cls(config)
 
 
@@ -89,8 +99,9 @@ def _check_batch(model: nn.Module, tokens, mask) -> None:
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
   if mask is not None and tuple(mask.shape) != tuple(tokens.shape):
-    raise ValueError(f"mask shape {tuple(mask.shape)} differs from tokens shape "
-                     f"{tuple(tokens.shape)}")
+    raise ValueError(
+      f"mask shape {tuple(mask.shape)} differs from tokens shape {tuple(tokens.shape)}"
+    )
   check_token_ids(tokens, model.config.vocab_size)
 
 
@@ -103,8 +114,9 @@ def sequence_loss(model: nn.Module, params: Any, tokens: jax.Array, mask: jax.Ar
   """
   _check_batch(model, tokens, mask)
   if tokens.shape[1] > model.config.max_len:
-    raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's max_len "
-                     f"{model.config.max_len}")
+    raise ValueError(
+      f"sequence length {tokens.shape[1]} exceeds the model's max_len {model.config.max_len}"
+    )
   logprobs, scorable = native_logprobs(model, params, tokens)
   weights = (mask > 0) & scorable[None, :]
   weights = weights.astype(jnp.float32)
@@ -114,8 +126,9 @@ def sequence_loss(model: nn.Module, params: Any, tokens: jax.Array, mask: jax.Ar
   return loss, {"token_nll": token_nll, "weights": weights, "num_tokens": num_tokens}
 
 
-def block_aligned(tokens: jax.Array, mask: jax.Array, block_len: int, pad_id: int,
-                  left_pad: bool = True):
+def block_aligned(
+  tokens: jax.Array, mask: jax.Array, block_len: int, pad_id: int, left_pad: bool = True
+):
   """Spec section 6: prepend L-1 pads, right-pad to a block boundary.
 
   The first right pad after each row's last real token gets attention 1 (the
@@ -133,15 +146,22 @@ def block_aligned(tokens: jax.Array, mask: jax.Array, block_len: int, pad_id: in
   left = jnp.full((batch, shift), pad_id, tokens.dtype)
   right = jnp.full((batch, total - length - shift), pad_id, tokens.dtype)
   aligned = jnp.concatenate([left, tokens, right], axis=1)
-  real = jnp.concatenate([jnp.zeros((batch, shift), jnp.int32), (mask > 0).astype(jnp.int32),
-                          jnp.zeros(right.shape, jnp.int32)], axis=1)
+  real = jnp.concatenate(
+    [
+      jnp.zeros((batch, shift), jnp.int32),
+      (mask > 0).astype(jnp.int32),
+      jnp.zeros(right.shape, jnp.int32),
+    ],
+    axis=1,
+  )
   lengths = jnp.sum(mask > 0, axis=1) + shift
   pseudo_eos = (jnp.arange(total)[None, :] == lengths[:, None]).astype(jnp.int32)
   return aligned, real | pseudo_eos
 
 
-def token_logprobs(model: nn.Module, params: Any, tokens: jax.Array,
-                   mask: Optional[jax.Array] = None):
+def token_logprobs(
+  model: nn.Module, params: Any, tokens: jax.Array, mask: Optional[jax.Array] = None
+):
   """log p(tokens[b, t] | tokens[b, :t]) for vanilla and block models alike.
 
   tokens [batch, length] int, rows right-padded; mask [batch, length] is 1 on
@@ -156,15 +176,18 @@ def token_logprobs(model: nn.Module, params: Any, tokens: jax.Array,
   config = model.config
   length = tokens.shape[1]
   if length > config.max_len:
-    raise ValueError(f"sequence length {length} exceeds the model's context "
-                     f"(max_len {config.max_len}); truncate from the left")
+    raise ValueError(
+      f"sequence length {length} exceeds the model's context "
+      f"(max_len {config.max_len}); truncate from the left"
+    )
   valid = (mask > 0) & (jnp.arange(length) >= config.first_eval_position)[None, :]
   if isinstance(config, BlockConfig):
-    aligned, _ = block_aligned(tokens, mask, config.block_len, config.pad_id,
-                               left_pad=not config.eval_no_pad)
+    aligned, _ = block_aligned(
+      tokens, mask, config.block_len, config.pad_id, left_pad=not config.eval_no_pad
+    )
     logprobs, _ = native_logprobs(model, params, aligned)
     start = 0 if config.eval_no_pad else config.block_len - 1
-    logprobs = logprobs[:, start:start + length]
+    logprobs = logprobs[:, start : start + length]
   else:
     logprobs, _ = native_logprobs(model, params, tokens)
   return jnp.where(valid, logprobs, 0.0), valid

@@ -31,26 +31,44 @@ class Embedder(nn.Module):
     emb_init = normal_init(cfg.init_std, (axes.VOCAB, axes.EMBED))
     if cfg.embedder == "lookup":
       # Concatenate L embeddings of width block_width / L: no projection, no norm.
-      table = Embed(cfg.vocab_size, cfg.block_width // block_len, embedding_init=emb_init,
-                       name="lookup", **kw)
+      table = Embed(
+        cfg.vocab_size, cfg.block_width // block_len, embedding_init=emb_init, name="lookup", **kw
+      )
       return table(blocks).reshape(batch, num_blocks, cfg.block_width)
     if cfg.embedder == "projection":
-      table = Embed(cfg.vocab_size, cfg.block_width, embedding_init=emb_init,
-                       name="token_embed", **kw)
+      table = Embed(
+        cfg.vocab_size, cfg.block_width, embedding_init=emb_init, name="token_embed", **kw
+      )
       flat = table(blocks).reshape(batch, num_blocks, block_len * cfg.block_width)
-      return nn.Dense(cfg.block_width, name="projection",
-                      kernel_init=normal_init(cfg.init_std, (axes.MLP, axes.EMBED)),
-                      bias_init=zeros_init((axes.EMBED,)), **kw)(flat)
+      return nn.Dense(
+        cfg.block_width,
+        name="projection",
+        kernel_init=normal_init(cfg.init_std, (axes.MLP, axes.EMBED)),
+        bias_init=zeros_init((axes.EMBED,)),
+        **kw,
+      )(flat)
     # encoder: a small bidirectional transformer over each block's tokens.
-    table = Embed(cfg.vocab_size, cfg.encoder_width, embedding_init=emb_init,
-                     name="token_embed", **kw)
+    table = Embed(
+      cfg.vocab_size, cfg.encoder_width, embedding_init=emb_init, name="token_embed", **kw
+    )
     x = table(blocks).reshape(batch * num_blocks, block_len, cfg.encoder_width)
-    x = DecoderStack(cfg.encoder_stack, init_std=cfg.init_std, attention_impl=cfg.attention_impl,
-                     remat=cfg.remat, causal=False, name="encoder", **kw)(x, jnp.arange(block_len))
+    x = DecoderStack(
+      cfg.encoder_stack,
+      init_std=cfg.init_std,
+      attention_impl=cfg.attention_impl,
+      remat=cfg.remat,
+      causal=False,
+      name="encoder",
+      **kw,
+    )(x, jnp.arange(block_len))
     flat = x.reshape(batch, num_blocks, block_len * cfg.encoder_width)
-    return nn.Dense(cfg.block_width, name="projection",
-                    kernel_init=normal_init(cfg.init_std, (axes.MLP, axes.EMBED)),
-                    bias_init=zeros_init((axes.EMBED,)), **kw)(flat)
+    return nn.Dense(
+      cfg.block_width,
+      name="projection",
+      kernel_init=normal_init(cfg.init_std, (axes.MLP, axes.EMBED)),
+      bias_init=zeros_init((axes.EMBED,)),
+      **kw,
+    )(flat)
 
 
 class BlockTransformer(nn.Module):
@@ -60,23 +78,46 @@ class BlockTransformer(nn.Module):
     cfg = self.config
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
     self.embedder = Embedder(cfg, name="embedder")
-    self.block_decoder = DecoderStack(cfg.block_stack, init_std=cfg.init_std,
-                                      attention_impl=cfg.attention_impl, remat=cfg.remat,
-                                      causal=True, name="block_decoder", **kw)
+    self.block_decoder = DecoderStack(
+      cfg.block_stack,
+      init_std=cfg.init_std,
+      attention_impl=cfg.attention_impl,
+      remat=cfg.remat,
+      causal=True,
+      name="block_decoder",
+      **kw,
+    )
     self.expansion = nn.Dense(
-        cfg.num_expanded * cfg.token_width, name="expansion",
-        kernel_init=normal_init(cfg.block_width ** -0.5, (axes.EMBED, axes.MLP)),
-        bias_init=zeros_init((axes.MLP,)), **kw)
-    self.token_embed = Embed(cfg.vocab_size, cfg.token_width, name="token_embed",
-                                embedding_init=normal_init(cfg.init_std, (axes.VOCAB, axes.EMBED)),
-                                **kw)
-    self.token_decoder = DecoderStack(cfg.token_stack, init_std=cfg.init_std,
-                                      attention_impl=cfg.attention_impl, remat=cfg.remat,
-                                      causal=True,
-                                      cross_attention=cfg.token_decoder == "cross_attention",
-                                      name="token_decoder", **kw)
-    self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head",
-                            kernel_init=normal_init(cfg.init_std, (axes.EMBED, axes.VOCAB)), **kw)
+      cfg.num_expanded * cfg.token_width,
+      name="expansion",
+      kernel_init=normal_init(cfg.block_width**-0.5, (axes.EMBED, axes.MLP)),
+      bias_init=zeros_init((axes.MLP,)),
+      **kw,
+    )
+    self.token_embed = Embed(
+      cfg.vocab_size,
+      cfg.token_width,
+      name="token_embed",
+      embedding_init=normal_init(cfg.init_std, (axes.VOCAB, axes.EMBED)),
+      **kw,
+    )
+    self.token_decoder = DecoderStack(
+      cfg.token_stack,
+      init_std=cfg.init_std,
+      attention_impl=cfg.attention_impl,
+      remat=cfg.remat,
+      causal=True,
+      cross_attention=cfg.token_decoder == "cross_attention",
+      name="token_decoder",
+      **kw,
+    )
+    self.lm_head = nn.Dense(
+      cfg.vocab_size,
+      use_bias=False,
+      name="lm_head",
+      kernel_init=normal_init(cfg.init_std, (axes.EMBED, axes.VOCAB)),
+      **kw,
+    )
 
   def split_blocks(self, tokens: jax.Array) -> jax.Array:
     """tokens [batch, length] -> [batch, num_blocks, L], checking the length."""
@@ -84,12 +125,15 @@ class BlockTransformer(nn.Module):
     batch, length = tokens.shape
     if length % block_len:
       raise ValueError(
-          f"sequence length {length} is not a multiple of block_len {block_len}; valid lengths "
-          f"are multiples of {block_len} (e.g. {length - length % block_len} or "
-          f"{length + block_len - length % block_len})")
+        f"sequence length {length} is not a multiple of block_len {block_len}; valid lengths "
+        f"are multiples of {block_len} (e.g. {length - length % block_len} or "
+        f"{length + block_len - length % block_len})"
+      )
     if length < 2 * block_len:
-      raise ValueError(f"sequence length {length} gives no target block; it must be at least "
-                       f"2 * block_len = {2 * block_len}")
+      raise ValueError(
+        f"sequence length {length} gives no target block; it must be at least "
+        f"2 * block_len = {2 * block_len}"
+      )
     return tokens.reshape(batch, length // block_len, block_len)
 
   def context_embeddings(self, blocks: jax.Array) -> jax.Array:
@@ -127,20 +171,28 @@ class BlockTransformer(nn.Module):
       # inside each block by the kernel's local_block mask: no tiny sequences.
       # (cross_attention keeps the reshape below: its memory is per block.)
       inputs = inputs.reshape(batch, m * seq, width)
-      positions = jnp.tile(jnp.arange(seq), m)        # training positions in each block
+      positions = jnp.tile(jnp.arange(seq), m)  # training positions in each block
       hidden = self.token_decoder(inputs, positions, local_block=seq)
-      hidden = hidden.reshape(batch, m, seq, width)[:, :, seq - block_len:]
+      hidden = hidden.reshape(batch, m, seq, width)[:, :, seq - block_len :]
     else:
       inputs = inputs.reshape(batch * m, seq, width)
       hidden = self.token_decoder(inputs, jnp.arange(seq), memory=memory)
-      hidden = hidden[:, seq - block_len:]              # [batch*m, L, width]
+      hidden = hidden[:, seq - block_len :]  # [batch*m, L, width]
     logits = self.lm_head(hidden).astype(jnp.float32)
     return logits.reshape(batch, m, block_len, cfg.vocab_size)
 
   # ---- Cached inference (bt_jax.inference, docs/inference.md). ----
 
-  def encode_blocks(self, blocks: jax.Array, positions: jax.Array, caches, cache_index,
-                    mask: jax.Array, window=None, sharding=None):
+  def encode_blocks(
+    self,
+    blocks: jax.Array,
+    positions: jax.Array,
+    caches,
+    cache_index,
+    mask: jax.Array,
+    window=None,
+    sharding=None,
+  ):
     """Embedder + cached block decoder (prefill or one step).
 
     blocks [batch, n, L] go to block-cache slots cache_index .. cache_index + n - 1;
@@ -150,8 +202,15 @@ class BlockTransformer(nn.Module):
     new block caches).
     """
     x = self.embedder(blocks)
-    return self.block_decoder(x, positions, mask=mask, caches=caches, cache_index=cache_index,
-                              window=window, sharding=sharding)
+    return self.block_decoder(
+      x,
+      positions,
+      mask=mask,
+      caches=caches,
+      cache_index=cache_index,
+      window=window,
+      sharding=sharding,
+    )
 
   def expand(self, context: jax.Array) -> jax.Array:
     """context [batch, block_width] -> [batch, num_expanded, token_width]."""
@@ -162,16 +221,32 @@ class BlockTransformer(nn.Module):
     """The token decoder's embedding: [batch, q] -> [batch, q, token_width]."""
     return self.token_embed(tokens)
 
-  def token_step(self, inputs: jax.Array, positions: jax.Array, caches, cache_index,
-                 mask: jax.Array, memory=None, last_only: bool = False, window=None):
+  def token_step(
+    self,
+    inputs: jax.Array,
+    positions: jax.Array,
+    caches,
+    cache_index,
+    mask: jax.Array,
+    memory=None,
+    last_only: bool = False,
+    window=None,
+  ):
     """Cached token decoder over input vectors [batch, q, token_width] at token
     positions [q] (the training positions 0 .. token_decoder_len - 1), written at
     local-cache slots cache_index ..; mask [1, q, token_decoder_len]; memory
     [batch, L, token_width] for cross_attention. Returns (f32 logits
     [batch, q, vocab] or, with last_only, [batch, 1, vocab]; new local caches).
     window: as in `VanillaLM.decode`."""
-    hidden, caches = self.token_decoder(inputs, positions, memory=memory, mask=mask,
-                                        caches=caches, cache_index=cache_index, window=window)
+    hidden, caches = self.token_decoder(
+      inputs,
+      positions,
+      memory=memory,
+      mask=mask,
+      caches=caches,
+      cache_index=cache_index,
+      window=window,
+    )
     if last_only:
       hidden = hidden[:, -1:]
     return self.lm_head(hidden).astype(jnp.float32), caches

@@ -20,28 +20,52 @@ class VanillaLM(nn.Module):
   def setup(self):
     cfg = self.config
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
-    self.token_embed = Embed(cfg.vocab_size, cfg.width, name="token_embed",
-                                embedding_init=normal_init(cfg.init_std, (axes.VOCAB, axes.EMBED)),
-                                **kw)
-    self.decoder = DecoderStack(cfg.stack, init_std=cfg.init_std,
-                                attention_impl=cfg.attention_impl, remat=cfg.remat,
-                                causal=True, name="decoder", **kw)
-    self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head",
-                            kernel_init=normal_init(cfg.init_std, (axes.EMBED, axes.VOCAB)), **kw)
+    self.token_embed = Embed(
+      cfg.vocab_size,
+      cfg.width,
+      name="token_embed",
+      embedding_init=normal_init(cfg.init_std, (axes.VOCAB, axes.EMBED)),
+      **kw,
+    )
+    self.decoder = DecoderStack(
+      cfg.stack,
+      init_std=cfg.init_std,
+      attention_impl=cfg.attention_impl,
+      remat=cfg.remat,
+      causal=True,
+      name="decoder",
+      **kw,
+    )
+    self.lm_head = nn.Dense(
+      cfg.vocab_size,
+      use_bias=False,
+      name="lm_head",
+      kernel_init=normal_init(cfg.init_std, (axes.EMBED, axes.VOCAB)),
+      **kw,
+    )
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens [batch, length] -> f32 logits [batch, length, vocab]; logits[:, t] predicts t+1."""
     check_token_ids(tokens, self.config.vocab_size)
-    x = self.token_embed(tokens)                       # [batch, length, embed]
+    x = self.token_embed(tokens)  # [batch, length, embed]
     x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     hidden = self.decoder(x, jnp.arange(tokens.shape[1]))
     logits = self.lm_head(hidden)
     logits = nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
     return logits.astype(jnp.float32)
 
-  def decode(self, tokens: jax.Array, positions: jax.Array, caches, cache_index,
-             mask: jax.Array, last_only: bool = False, return_hidden: bool = False,
-             window=None, sharding=None):
+  def decode(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array,
+    caches,
+    cache_index,
+    mask: jax.Array,
+    last_only: bool = False,
+    return_hidden: bool = False,
+    window=None,
+    sharding=None,
+  ):
     """Cached forward (inference): prefill or one step.
 
     tokens [batch, q] are written at cache slots cache_index .. cache_index + q - 1
@@ -58,8 +82,15 @@ class VanillaLM(nn.Module):
     (`bt_jax.attention.attend`).
     """
     x = self.token_embed(tokens)
-    hidden, caches = self.decoder(x, positions, mask=mask, caches=caches,
-                                  cache_index=cache_index, window=window, sharding=sharding)
+    hidden, caches = self.decoder(
+      x,
+      positions,
+      mask=mask,
+      caches=caches,
+      cache_index=cache_index,
+      window=window,
+      sharding=sharding,
+    )
     if last_only:
       hidden = hidden[:, -1:]
     logits = self.lm_head(hidden).astype(jnp.float32)

@@ -52,23 +52,43 @@ from bt_jax.inference.generation import prepare_prompts
 from bt_jax.inference.sampling import SamplingConfig, restrict_logits
 from bt_jax.models.block import BlockTransformer
 from bt_jax.redrafter.drafter import DraftHead, base_head_of, teacher_forcing_loss
-from bt_jax.redrafter.speculative import (DraftFn, SpeculativeOutput, _accept_sampled,
-                                          drafter_draft_fn, sampled_draft_fn)
+from bt_jax.redrafter.speculative import (
+  DraftFn,
+  SpeculativeOutput,
+  _accept_sampled,
+  drafter_draft_fn,
+  sampled_draft_fn,
+)
 from bt_jax.redrafter.tree import batched_pack_beams, check_beam_width
 
-__all__ = ["block_drafter_generate_fn", "block_drafter_loss", "block_hidden_states",
-           "block_speculative_generate", "block_speculative_generate_fn",
-           "check_block_drafter_fits", "train_block_drafter"]
+__all__ = [
+  "block_drafter_generate_fn",
+  "block_drafter_loss",
+  "block_hidden_states",
+  "block_speculative_generate",
+  "block_speculative_generate_fn",
+  "check_block_drafter_fits",
+  "train_block_drafter",
+]
 
 
 # ---- Model calls that also return the token decoder's hidden state. ----
 
-def _token_forward(module: BlockTransformer, inputs, positions, caches, cache_index, mask,
-                   memory, window):
+
+def _token_forward(
+  module: BlockTransformer, inputs, positions, caches, cache_index, mask, memory, window
+):
   """`BlockTransformer.token_step` that also returns the final-norm hidden
   state [batch, q, token_width] the draft head reads."""
-  hidden, caches = module.token_decoder(inputs, positions, memory=memory, mask=mask,
-                                        caches=caches, cache_index=cache_index, window=window)
+  hidden, caches = module.token_decoder(
+    inputs,
+    positions,
+    memory=memory,
+    mask=mask,
+    caches=caches,
+    cache_index=cache_index,
+    window=window,
+  )
   return module.lm_head(hidden).astype(jnp.float32), caches, hidden
 
 
@@ -94,8 +114,9 @@ def _target_hidden(module: BlockTransformer, tokens: jax.Array) -> jax.Array:
     else:
       memory = expanded.reshape(batch * m, block_len, width)
   seq = inputs.shape[2]
-  hidden = module.token_decoder(inputs.reshape(batch * m, seq, width), jnp.arange(seq),
-                                memory=memory)[:, seq - block_len:]
+  hidden = module.token_decoder(
+    inputs.reshape(batch * m, seq, width), jnp.arange(seq), memory=memory
+  )[:, seq - block_len :]
   return hidden.reshape(batch, m * block_len, width)
 
 
@@ -110,9 +131,15 @@ def block_hidden_states(model: BlockTransformer, params, tokens: jax.Array) -> j
   return jnp.pad(predicting, ((0, 0), (block_len - 1, 1), (0, 0)))
 
 
-def block_drafter_loss(model: BlockTransformer, drafter: DraftHead, drafter_params, params,
-                       tokens: jax.Array, mask: jax.Array,
-                       target_mask: Optional[jax.Array] = None):
+def block_drafter_loss(
+  model: BlockTransformer,
+  drafter: DraftHead,
+  drafter_params,
+  params,
+  tokens: jax.Array,
+  mask: jax.Array,
+  target_mask: Optional[jax.Array] = None,
+):
   """`teacher_forcing_loss` (hard labels) on a Block Transformer base: the
   token decoder's hidden states (`block_hidden_states`), its embedding
   table and output layer. Positions before the first predicted token (block
@@ -120,14 +147,31 @@ def block_drafter_loss(model: BlockTransformer, drafter: DraftHead, drafter_para
   hidden = block_hidden_states(model, params, tokens)
   block_len = model.config.block_len
   has_hidden = jnp.arange(tokens.shape[1])[None, :] >= block_len - 1
-  return teacher_forcing_loss(drafter, drafter_params, hidden,
-                              params["token_embed"]["embedding"], tokens, mask & has_hidden,
-                              base_head=base_head_of(drafter, params), target_mask=target_mask)
+  return teacher_forcing_loss(
+    drafter,
+    drafter_params,
+    hidden,
+    params["token_embed"]["embedding"],
+    tokens,
+    mask & has_hidden,
+    base_head=base_head_of(drafter, params),
+    target_mask=target_mask,
+  )
 
 
-def train_block_drafter(model: BlockTransformer, params, drafter: DraftHead, drafter_params,
-                        tokens, *, steps: int, learning_rate: float = 1e-2,
-                        target_mask=None, batch_size: int = 16, seed: int = 0):
+def train_block_drafter(
+  model: BlockTransformer,
+  params,
+  drafter: DraftHead,
+  drafter_params,
+  tokens,
+  *,
+  steps: int,
+  learning_rate: float = 1e-2,
+  target_mask=None,
+  batch_size: int = 16,
+  seed: int = 0,
+):
   """A few Adam steps of `block_drafter_loss` on rows of `tokens` [rows, T]
   (e.g. prompts and the base model's greedy continuations, target_mask 1 on
   the continuations): (drafter params, [loss per step])."""
@@ -139,8 +183,10 @@ def train_block_drafter(model: BlockTransformer, params, drafter: DraftHead, dra
   @jax.jit
   def step(drafter_params, opt_state, rows):
     def loss(p):
-      return block_drafter_loss(model, drafter, p, params, tokens[rows], mask[rows],
-                                target_mask[rows])[0]
+      return block_drafter_loss(
+        model, drafter, p, params, tokens[rows], mask[rows], target_mask[rows]
+      )[0]
+
     value, grads = jax.value_and_grad(loss)(drafter_params)
     updates, opt_state = optimizer.update(grads, opt_state, drafter_params)
     return optax.apply_updates(drafter_params, updates), opt_state, value
@@ -148,8 +194,12 @@ def train_block_drafter(model: BlockTransformer, params, drafter: DraftHead, dra
   opt_state = optimizer.init(drafter_params)
   key, losses = jax.random.key(seed), []
   for i in range(steps):
-    rows = jax.random.choice(jax.random.fold_in(key, i), tokens.shape[0],
-                             (min(batch_size, tokens.shape[0]),), replace=False)
+    rows = jax.random.choice(
+      jax.random.fold_in(key, i),
+      tokens.shape[0],
+      (min(batch_size, tokens.shape[0]),),
+      replace=False,
+    )
     drafter_params, opt_state, value = step(drafter_params, opt_state, rows)
     losses.append(float(value))
   return drafter_params, losses
@@ -157,36 +207,49 @@ def train_block_drafter(model: BlockTransformer, params, drafter: DraftHead, dra
 
 # ---- Checks. ----
 
-def check_block_drafter_fits(drafter: DraftHead, model_config,
-                             recorded_base: Optional[Mapping[str, Any]] = None) -> None:
+
+def check_block_drafter_fits(
+  drafter: DraftHead, model_config, recorded_base: Optional[Mapping[str, Any]] = None
+) -> None:
   """A drafter made for another base model is an error naming both sides:
   the recorded kind (drafter.json's "base_model"), the vocabulary and the
   width against the Block Transformer's token decoder."""
   kind = getattr(model_config, "kind", type(model_config).__name__)
   if recorded_base and recorded_base.get("kind") not in (None, "block"):
-    raise ValueError(f"the drafter was trained for a {recorded_base['kind']} base model; this "
-                     f"base model is {kind}")
+    raise ValueError(
+      f"the drafter was trained for a {recorded_base['kind']} base model; this base model is {kind}"
+    )
   if not isinstance(model_config, BlockConfig):
-    raise ValueError(f"block speculative decoding drafts for a block base model; this base "
-                     f"model is {kind} (use speculative_generate)")
+    raise ValueError(
+      f"block speculative decoding drafts for a block base model; this base "
+      f"model is {kind} (use speculative_generate)"
+    )
   cfg = drafter.config
   width = model_config.token_width
   if (cfg.vocab_size, cfg.hidden_dim, cfg.embed_dim) != (model_config.vocab_size, width, width):
     raise ValueError(
-        f"the drafter was made for vocab {cfg.vocab_size} and width {cfg.hidden_dim}; this "
-        f"block base model has vocab {model_config.vocab_size} and token decoder width {width}"
-        + (f" (the drafter's embedding width is {cfg.embed_dim})"
-           if cfg.embed_dim != cfg.hidden_dim else ""))
+      f"the drafter was made for vocab {cfg.vocab_size} and width {cfg.hidden_dim}; this "
+      f"block base model has vocab {model_config.vocab_size} and token decoder width {width}"
+      + (
+        f" (the drafter's embedding width is {cfg.embed_dim})"
+        if cfg.embed_dim != cfg.hidden_dim
+        else ""
+      )
+    )
   if recorded_base and recorded_base.get("width") not in (None, width):
-    raise ValueError(f"the drafter was trained for a base model of width "
-                     f"{recorded_base['width']}; this block base model's token decoder has "
-                     f"width {width}")
+    raise ValueError(
+      f"the drafter was trained for a base model of width "
+      f"{recorded_base['width']}; this block base model's token decoder has "
+      f"width {width}"
+    )
 
 
 def _check(model, **sizes) -> None:
   if not isinstance(model, BlockTransformer):
-    raise TypeError(f"block speculative decoding needs a BlockTransformer base model; got "
-                    f"{type(model).__name__} (a VanillaLM takes speculative_generate)")
+    raise TypeError(
+      f"block speculative decoding needs a BlockTransformer base model; got "
+      f"{type(model).__name__} (a VanillaLM takes speculative_generate)"
+    )
   for name, value in sizes.items():
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive integer; got {value!r}")
@@ -194,26 +257,42 @@ def _check(model, **sizes) -> None:
 
 # ---- The loop. ----
 
+
 def _move_local(cache, source: jax.Array, start: jax.Array):
   """Every layer's local cache with slots start[b] .. of row b holding what
   slots source[b, :] held (all read first)."""
+
   def move(array):
     taken = jax.vmap(lambda c, s: jnp.take(c, s, axis=0))(array, source)
     return jax.vmap(lambda c, t, i: jax.lax.dynamic_update_slice_in_dim(c, t, i, axis=0))(
-        array, taken, start)
+      array, taken, start
+    )
+
   return jax.tree.map(move, cache)
 
 
 def _select(pick: jax.Array, new, old):
   """Per row (pick [batch]): new where pick, else old, for a pytree."""
+
   def sel(a, b):
     return jnp.where(pick.reshape(pick.shape + (1,) * (a.ndim - 1)), a, b)
+
   return jax.tree.map(sel, new, old)
 
 
-def _block_speculate(model: BlockTransformer, draft_fn, num_beams: int, draft_len: int,
-                     max_new_tokens: int, params, tokens, pad, eos_id,
-                     sampling: Optional[SamplingConfig] = None, rng: Optional[jax.Array] = None):
+def _block_speculate(
+  model: BlockTransformer,
+  draft_fn,
+  num_beams: int,
+  draft_len: int,
+  max_new_tokens: int,
+  params,
+  tokens,
+  pad,
+  eos_id,
+  sampling: Optional[SamplingConfig] = None,
+  rng: Optional[jax.Array] = None,
+):
   """The loop; sampling None (or greedy) verifies greedily, otherwise by
   recursive rejection sampling over sampled drafts: draft_fn then also takes
   a key and returns (beams [B, M, C+1], q log-probs [B, M, C, V])."""
@@ -225,7 +304,7 @@ def _block_speculate(model: BlockTransformer, draft_fn, num_beams: int, draft_le
     rng = jax.random.key(0)
   block_len = cfg.block_len
   prefix = cfg.token_decoder == "prefix"
-  first_len = cfg.prefix_len if prefix else 1         # local slots before t_0's input
+  first_len = cfg.prefix_len if prefix else 1  # local slots before t_0's input
   depth_len = draft_len + 1
   packed_len = num_beams * depth_len
   # Committed local slots are first_len + j (j = g_0's index in its block,
@@ -244,14 +323,15 @@ def _block_speculate(model: BlockTransformer, draft_fn, num_beams: int, draft_le
 
   def pick_token(logits, key):
     if sampled:
-      return jax.random.categorical(key, restrict_logits(logits, sampling),
-                                    axis=-1).astype(jnp.int32)
+      return jax.random.categorical(key, restrict_logits(logits, sampling), axis=-1).astype(
+        jnp.int32
+      )
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def start_block(context, key):
     """The token decoder's first pass for the block after `context` [B,
     block_width], on a fresh local cache: (expanded, local cache, t_0, h)."""
-    expanded = apply(context, method=BlockTransformer.expand)          # [B, E, width]
+    expanded = apply(context, method=BlockTransformer.expand)  # [B, E, width]
     local = caches_lib.init_stack_cache(cfg.token_stack, batch, local_len, cfg.compute_dtype)
     memory = None
     if prefix:
@@ -264,33 +344,41 @@ def _block_speculate(model: BlockTransformer, draft_fn, num_beams: int, draft_le
         first, memory = bos, expanded
     slots = jnp.arange(first_len)
     window = caches_lib.local_window(batch, 0, local_len) if first_len == 1 else None
-    logits, local, hidden = apply(first, slots, local, 0, caches_lib.local_mask(slots, local_len),
-                                  memory, window, method=_token_forward)
+    logits, local, hidden = apply(
+      first,
+      slots,
+      local,
+      0,
+      caches_lib.local_mask(slots, local_len),
+      memory,
+      window,
+      method=_token_forward,
+    )
     return expanded, local, pick_token(logits[:, -1], key), hidden[:, -1]
 
   prefill_key, rng = jax.random.split(rng)
   expanded, local, g0, hidden = start_block(prefill["context"], prefill_key)
   state = {
-      "block_cache": prefill["cache"],
-      "block_slot": jnp.full((batch,), prompt_len // block_len, jnp.int32),  # next global slot
-      "expanded": expanded,
-      "local": local,
-      "j": jnp.zeros((batch,), jnp.int32),              # g_0's index in its block
-      "block": jnp.zeros((batch, block_len + depth_len), jnp.int32),   # the block so far
-      "g0": g0,
-      "hidden": hidden,
-      "out": jnp.full((batch, out_len), cfg.pad_id, jnp.int32),
-      "n_out": jnp.zeros((batch,), jnp.int32),
-      "done": jnp.zeros((batch,), bool),
-      "step": jnp.int32(0),
-      "row_steps": jnp.zeros((batch,), jnp.int32),
-      "accepted": jnp.zeros((batch,), jnp.int32),
+    "block_cache": prefill["cache"],
+    "block_slot": jnp.full((batch,), prompt_len // block_len, jnp.int32),  # next global slot
+    "expanded": expanded,
+    "local": local,
+    "j": jnp.zeros((batch,), jnp.int32),  # g_0's index in its block
+    "block": jnp.zeros((batch, block_len + depth_len), jnp.int32),  # the block so far
+    "g0": g0,
+    "hidden": hidden,
+    "out": jnp.full((batch, out_len), cfg.pad_id, jnp.int32),
+    "n_out": jnp.zeros((batch,), jnp.int32),
+    "done": jnp.zeros((batch,), bool),
+    "step": jnp.int32(0),
+    "row_steps": jnp.zeros((batch,), jnp.int32),
+    "accepted": jnp.zeros((batch,), jnp.int32),
   }
 
   def token_inputs(ids, slots, expanded):
     """The token decoder's input for token ids [B, q] going in at local slots [B, q]."""
     x = apply(ids, method=BlockTransformer.embed_tokens)
-    if cfg.token_decoder == "summation":   # the input at slot k adds expansion vector k
+    if cfg.token_decoder == "summation":  # the input at slot k adds expansion vector k
       at = jnp.clip(slots, 0, block_len - 1)
       x = x + jnp.take_along_axis(expanded, at[:, :, None], axis=1)
     return x
@@ -300,43 +388,57 @@ def _block_speculate(model: BlockTransformer, draft_fn, num_beams: int, draft_le
     `cap` [B] drafts per row): (committed [B, D], accepted [B], the token
     after them [B], its h [B, width], local cache with the chosen beam's
     K/V at the committed slots)."""
-    length = first_len + state["j"]                                 # committed local slots
+    length = first_len + state["j"]  # committed local slots
     if sampled:
-      beams, q_logprobs = draft_fn(state["hidden"], state["g0"], state["n_out"],
-                                   state["step"], jax.random.fold_in(key, 0))
+      beams, q_logprobs = draft_fn(
+        state["hidden"], state["g0"], state["n_out"], state["step"], jax.random.fold_in(key, 0)
+      )
     else:
       beams = draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"])
     beams = beams.astype(jnp.int32)
     if beams.shape[1:] != (num_beams, depth_len):
-      raise ValueError(f"draft_fn returned beams of shape {beams.shape}; expected "
-                       f"[batch, {num_beams}, {depth_len}] (num_beams, draft_len + 1)")
+      raise ValueError(
+        f"draft_fn returned beams of shape {beams.shape}; expected "
+        f"[batch, {num_beams}, {depth_len}] (num_beams, draft_len + 1)"
+      )
     tree = batched_pack_beams(beams)
     context = local_slots[None, :] < length[:, None]
     relative = local_slots[None, :] - length[:, None]
     in_tree = (relative >= 0) & (relative < packed_len)
     tree_visible = jnp.take_along_axis(
-        tree.mask, jnp.broadcast_to(jnp.clip(relative, 0, packed_len - 1)[:, None, :],
-                                    (batch, packed_len, local_len)), axis=2)
+      tree.mask,
+      jnp.broadcast_to(
+        jnp.clip(relative, 0, packed_len - 1)[:, None, :], (batch, packed_len, local_len)
+      ),
+      axis=2,
+    )
     mask = context[:, None, :] | (tree_visible & in_tree[:, None, :])
-    slots = length[:, None] + tree.depth                            # = the positions
+    slots = length[:, None] + tree.depth  # = the positions
     memory = state["expanded"] if cfg.token_decoder == "cross_attention" else None
-    logits, local, hidden = apply(token_inputs(tree.tokens, slots, state["expanded"]), slots,
-                                  state["local"], length, mask, memory,
-                                  (jnp.zeros((batch,), jnp.int32), length),
-                                  method=_token_forward)
+    logits, local, hidden = apply(
+      token_inputs(tree.tokens, slots, state["expanded"]),
+      slots,
+      state["local"],
+      length,
+      mask,
+      memory,
+      (jnp.zeros((batch,), jnp.int32), length),
+      method=_token_forward,
+    )
     if sampled:
       best, num_accepted, next_token = _accept_sampled(
-          logits, tree.unpacker, beams, q_logprobs, sampling, jax.random.fold_in(key, 1))
-      num_accepted = jnp.minimum(num_accepted, cap)    # a prefix of an exact sequence
+        logits, tree.unpacker, beams, q_logprobs, sampling, jax.random.fold_in(key, 1)
+      )
+      num_accepted = jnp.minimum(num_accepted, cap)  # a prefix of an exact sequence
     else:
-      predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)            # [B, P]
+      predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, P]
       beam_predicted = jax.vmap(lambda p, u: p[u])(predicted, tree.unpacker)
       matches = beam_predicted[:, :, :draft_len] == beams[:, :, 1:]
       matches &= (jnp.arange(draft_len)[None, :] < cap[:, None])[:, None, :]
       accepted = jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1)
       best = jnp.argmax(accepted, axis=-1)
       num_accepted = accepted[rows, best]
-    best_slots = tree.unpacker[rows, best]                                  # [B, D]
+    best_slots = tree.unpacker[rows, best]  # [B, D]
     local = _move_local(local, length[:, None] + best_slots, length)
     next_at = best_slots[rows, num_accepted]
     if not sampled:
@@ -347,8 +449,7 @@ def _block_speculate(model: BlockTransformer, draft_fn, num_beams: int, draft_le
     """Every active row's g_0 ends its block: nothing to draft or verify."""
     del cap, key
     committed = jnp.full((batch, depth_len), cfg.pad_id, jnp.int32).at[:, 0].set(state["g0"])
-    return (committed, jnp.zeros((batch,), jnp.int32), state["g0"], state["hidden"],
-            state["local"])
+    return (committed, jnp.zeros((batch,), jnp.int32), state["g0"], state["hidden"], state["local"])
 
   def next_block(state, block, complete, key):
     """For the rows whose block is complete: one block-decoder step at the
@@ -356,14 +457,20 @@ def _block_speculate(model: BlockTransformer, draft_fn, num_beams: int, draft_le
     slot = state["block_slot"]
     positions = (slot - pad_blocks)[:, None]
     global_slots = jnp.arange(cache_len)
-    mask = ((global_slots[None, :] >= pad_blocks[:, None])
-            & (global_slots[None, :] <= slot[:, None]))[:, None, :]
-    context, cache = apply(block[:, None, :], positions, state["block_cache"], slot, mask,
-                           method=BlockTransformer.encode_blocks,
-                           window=(pad_blocks.astype(jnp.int32), slot + 1))
+    mask = (
+      (global_slots[None, :] >= pad_blocks[:, None]) & (global_slots[None, :] <= slot[:, None])
+    )[:, None, :]
+    context, cache = apply(
+      block[:, None, :],
+      positions,
+      state["block_cache"],
+      slot,
+      mask,
+      method=BlockTransformer.encode_blocks,
+      window=(pad_blocks.astype(jnp.int32), slot + 1),
+    )
     expanded, local, g0, hidden = start_block(context[:, 0], key)
-    new = {"block_cache": cache, "expanded": expanded, "local": local, "g0": g0,
-           "hidden": hidden}
+    new = {"block_cache": cache, "expanded": expanded, "local": local, "g0": g0, "hidden": hidden}
     old = {name: state[name] for name in new}
     # Rows that did not complete a block wrote their next global slot, which
     # they never read before writing it again.
@@ -378,17 +485,26 @@ def _block_speculate(model: BlockTransformer, draft_fn, num_beams: int, draft_le
     done, j = state["done"], state["j"]
     active = ~done
     key = jax.random.fold_in(rng, state["step"])
-    cap = jnp.minimum(draft_len, block_len - 1 - j)          # drafts left in the block
+    cap = jnp.minimum(draft_len, block_len - 1 - j)  # drafts left in the block
     committed, num_accepted, next_token, next_hidden, local = jax.lax.cond(
-        jnp.any(active & (cap > 0)), verify, no_verify, state, cap, jax.random.fold_in(key, 0))
+      jnp.any(active & (cap > 0)), verify, no_verify, state, cap, jax.random.fold_in(key, 0)
+    )
     block = jax.vmap(lambda b, c, i: jax.lax.dynamic_update_slice_in_dim(b, c, i, axis=0))(
-        state["block"], committed, j)
+      state["block"], committed, j
+    )
     new_j = j + num_accepted + 1
     complete = active & (new_j == block_len)
     within = {"local": local, "g0": next_token, "hidden": next_hidden}
     state_in = dict(state, **within)
-    after = jax.lax.cond(jnp.any(complete), next_block, keep_blocks, state_in,
-                         block[:, :block_len], complete, jax.random.fold_in(key, 1))
+    after = jax.lax.cond(
+      jnp.any(complete),
+      next_block,
+      keep_blocks,
+      state_in,
+      block[:, :block_len],
+      complete,
+      jax.random.fold_in(key, 1),
+    )
     # Output: g0 and the accepted drafts; cut at the first EOS and at max_new.
     keep = jnp.arange(depth_len)[None, :] <= num_accepted[:, None]
     is_eos = (committed == eos_id) & keep
@@ -397,70 +513,113 @@ def _block_speculate(model: BlockTransformer, draft_fn, num_beams: int, draft_le
     count = jnp.minimum(count, max_new_tokens - state["n_out"])
     count = jnp.where(done, 0, count)
     out = jax.vmap(lambda o, c, i: jax.lax.dynamic_update_slice_in_dim(o, c, i, axis=0))(
-        state["out"], committed, state["n_out"])
+      state["out"], committed, state["n_out"]
+    )
     n_out = state["n_out"] + count
     moved = {name: after[name] for name in ("expanded", "local", "g0", "hidden")}
     return dict(
-        _select(active, moved, {name: state[name] for name in moved}),
-        block_cache=after["block_cache"],
-        block_slot=state["block_slot"] + complete.astype(jnp.int32),
-        j=jnp.where(active, jnp.where(complete, 0, new_j), j),
-        block=jnp.where(active[:, None], block, state["block"]),
-        out=out, n_out=n_out,
-        done=done | has_eos | (n_out >= max_new_tokens),
-        step=state["step"] + 1,
-        row_steps=state["row_steps"] + active.astype(jnp.int32),
-        accepted=state["accepted"] + jnp.where(active, num_accepted, 0))
+      _select(active, moved, {name: state[name] for name in moved}),
+      block_cache=after["block_cache"],
+      block_slot=state["block_slot"] + complete.astype(jnp.int32),
+      j=jnp.where(active, jnp.where(complete, 0, new_j), j),
+      block=jnp.where(active[:, None], block, state["block"]),
+      out=out,
+      n_out=n_out,
+      done=done | has_eos | (n_out >= max_new_tokens),
+      step=state["step"] + 1,
+      row_steps=state["row_steps"] + active.astype(jnp.int32),
+      accepted=state["accepted"] + jnp.where(active, num_accepted, 0),
+    )
 
   def cond(state):
     return ~jnp.all(state["done"]) & (state["step"] < max_new_tokens)
 
   state = jax.lax.while_loop(cond, step, state)
   positions = jnp.arange(max_new_tokens)[None, :]
-  tokens_out = jnp.where(positions < state["n_out"][:, None], state["out"][:, :max_new_tokens],
-                         cfg.pad_id)
-  return SpeculativeOutput(tokens=tokens_out, lengths=state["n_out"], steps=state["step"],
-                           row_steps=state["row_steps"], accepted=state["accepted"])
+  tokens_out = jnp.where(
+    positions < state["n_out"][:, None], state["out"][:, :max_new_tokens], cfg.pad_id
+  )
+  return SpeculativeOutput(
+    tokens=tokens_out,
+    lengths=state["n_out"],
+    steps=state["step"],
+    row_steps=state["row_steps"],
+    accepted=state["accepted"],
+  )
 
 
-def block_speculative_generate_fn(model: BlockTransformer, draft_fn: DraftFn, *, num_beams: int,
-                                  draft_len: int, max_new_tokens: int):
+def block_speculative_generate_fn(
+  model: BlockTransformer, draft_fn: DraftFn, *, num_beams: int, draft_len: int, max_new_tokens: int
+):
   """The jitted greedy loop with any draft function: f(params, tokens
   [B, prompt_len], pad [B], eos_id) -> SpeculativeOutput. draft_fn(hidden,
   g0, n_out, step) must return [B, num_beams, draft_len + 1] (g0 first)."""
   _check(model, num_beams=num_beams, draft_len=draft_len, max_new_tokens=max_new_tokens)
-  return jax.jit(functools.partial(_block_speculate, model, draft_fn, num_beams, draft_len,
-                                   max_new_tokens))
+  return jax.jit(
+    functools.partial(_block_speculate, model, draft_fn, num_beams, draft_len, max_new_tokens)
+  )
 
 
 @functools.lru_cache(maxsize=16)
-def block_drafter_generate_fn(model: BlockTransformer, drafter: DraftHead, beam_width: int,
-                              max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-                              draft_top_k: Optional[int] = None):
+def block_drafter_generate_fn(
+  model: BlockTransformer,
+  drafter: DraftHead,
+  beam_width: int,
+  max_new_tokens: int,
+  sampling: SamplingConfig = SamplingConfig(),
+  draft_top_k: Optional[int] = None,
+):
   """The jitted loop with the draft head: f(params, drafter_params, tokens,
   pad, eos_id, rng) -> SpeculativeOutput. Cached: one compile per (model,
   drafter, beams, max_new, sampling, top-k)."""
+
   def run(params, drafter_params, tokens, pad, eos_id, rng):
     table, base_head = params["token_embed"]["embedding"], base_head_of(drafter, params)
     if sampling.greedy:
-      draft_fn = drafter_draft_fn(drafter, drafter_params, table, beam_width=beam_width,
-                                  base_head=base_head, top_k=draft_top_k)
+      draft_fn = drafter_draft_fn(
+        drafter,
+        drafter_params,
+        table,
+        beam_width=beam_width,
+        base_head=base_head,
+        top_k=draft_top_k,
+      )
     else:
-      draft_fn = sampled_draft_fn(drafter, drafter_params, table, sampling,
-                                  beam_width=beam_width, base_head=base_head)
-    return _block_speculate(model, draft_fn, beam_width, drafter.config.draft_len,
-                            max_new_tokens, params, tokens, pad, eos_id, sampling, rng)
+      draft_fn = sampled_draft_fn(
+        drafter, drafter_params, table, sampling, beam_width=beam_width, base_head=base_head
+      )
+    return _block_speculate(
+      model,
+      draft_fn,
+      beam_width,
+      drafter.config.draft_len,
+      max_new_tokens,
+      params,
+      tokens,
+      pad,
+      eos_id,
+      sampling,
+      rng,
+    )
+
   return jax.jit(run)
 
 
-def block_speculative_generate(model: BlockTransformer, params, drafter: DraftHead,
-                               drafter_params, prompts: Sequence[Sequence[int]], *,
-                               max_new_tokens: int, beam_width: Optional[int] = None,
-                               eos_id: Optional[int] = None,
-                               sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-                               draft_top_k: Optional[int] = None,
-                               recorded_base: Optional[Mapping[str, Any]] = None
-                               ) -> SpeculativeOutput:
+def block_speculative_generate(
+  model: BlockTransformer,
+  params,
+  drafter: DraftHead,
+  drafter_params,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int,
+  beam_width: Optional[int] = None,
+  eos_id: Optional[int] = None,
+  sampling: SamplingConfig = SamplingConfig(),
+  seed: int = 0,
+  draft_top_k: Optional[int] = None,
+  recorded_base: Optional[Mapping[str, Any]] = None,
+) -> SpeculativeOutput:
   """`speculative_generate` for a Block Transformer base model: drafts
   within the current block, verified by the token decoder (module
   docstring). Greedy `sampling` gives the tokens of greedy
@@ -477,10 +636,17 @@ def block_speculative_generate(model: BlockTransformer, params, drafter: DraftHe
   if sampling.greedy:
     check_beam_width(beam_width, drafter.config.vocab_size)
   elif draft_top_k is not None:
-    raise ValueError("draft_top_k cuts the drafter's logits before beam search (greedy); "
-                     "sampled drafts use the sampling config's top_k")
+    raise ValueError(
+      "draft_top_k cuts the drafter's logits before beam search (greedy); "
+      "sampled drafts use the sampling config's top_k"
+    )
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
-  fn = block_drafter_generate_fn(model, drafter, beam_width, max_new_tokens, sampling,
-                                 draft_top_k)
-  return fn(params, drafter_params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad),
-            jnp.int32(-1 if eos_id is None else eos_id), jax.random.key(seed))
+  fn = block_drafter_generate_fn(model, drafter, beam_width, max_new_tokens, sampling, draft_top_k)
+  return fn(
+    params,
+    drafter_params,
+    jnp.asarray(batch.tokens),
+    jnp.asarray(batch.pad),
+    jnp.int32(-1 if eos_id is None else eos_id),
+    jax.random.key(seed),
+  )

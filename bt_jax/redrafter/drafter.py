@@ -47,13 +47,13 @@ class DrafterConfig:
   cheaper default of this library (the base LM's head, ResBlocks at H)."""
 
   vocab_size: int
-  hidden_dim: int          # H: the base LM's hidden width (h) and the RNN state size
-  embed_dim: int           # the base LM's token-embedding width (E)
+  hidden_dim: int  # H: the base LM's hidden width (h) and the RNN state size
+  embed_dim: int  # the base LM's token-embedding width (E)
   num_res_blocks: int = 2  # the recipe's
-  draft_len: int = 4       # C: tokens drafted after g_0 (and trained to predict)
-  recurrence: str = "silu"           # RECURRENCES
-  exit_dim: Optional[int] = None     # the ResBlocks' width; None: H + state width (2H)
-  lm_head: str = "own"               # LM_HEADS
+  draft_len: int = 4  # C: tokens drafted after g_0 (and trained to predict)
+  recurrence: str = "silu"  # RECURRENCES
+  exit_dim: Optional[int] = None  # the ResBlocks' width; None: H + state width (2H)
+  lm_head: str = "own"  # LM_HEADS
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_dim", "embed_dim", "draft_len"):
@@ -62,8 +62,9 @@ class DrafterConfig:
     if self.num_res_blocks < 0:
       raise ValueError(f"DrafterConfig.num_res_blocks must be >= 0; got {self.num_res_blocks}")
     if self.recurrence not in RECURRENCES:
-      raise ValueError(f"DrafterConfig.recurrence must be one of {RECURRENCES}; got "
-                       f"{self.recurrence!r}")
+      raise ValueError(
+        f"DrafterConfig.recurrence must be one of {RECURRENCES}; got {self.recurrence!r}"
+      )
     if self.lm_head not in LM_HEADS:
       raise ValueError(f"DrafterConfig.lm_head must be one of {LM_HEADS}; got {self.lm_head!r}")
     if self.exit_dim is not None and self.exit_dim <= 0:
@@ -85,8 +86,9 @@ class DrafterConfig:
     return self.exit_dim or self.input_dim
 
   @classmethod
-  def for_base(cls, base_config, *, lm_head: str = "base", exit_ratio: float = 0.5,
-               **kwargs) -> "DrafterConfig":
+  def for_base(
+    cls, base_config, *, lm_head: str = "base", exit_ratio: float = 0.5, **kwargs
+  ) -> "DrafterConfig":
     """A drafter for a base LM config (hidden and embedding width = width;
     for a Block Transformer, its token decoder's width: the drafter reads
     the token decoder, `block_speculative`), ResBlocks of width
@@ -98,8 +100,13 @@ class DrafterConfig:
       raise ValueError(f"exit_ratio must be positive; got {exit_ratio}")
     block = getattr(base_config, "kind", "vanilla") == "block"
     width = base_config.token_width if block else base_config.width
-    probe = cls(vocab_size=base_config.vocab_size, hidden_dim=width,
-                embed_dim=width, lm_head=lm_head, **kwargs)
+    probe = cls(
+      vocab_size=base_config.vocab_size,
+      hidden_dim=width,
+      embed_dim=width,
+      lm_head=lm_head,
+      **kwargs,
+    )
     exit_dim = max(1, int(round(exit_ratio * probe.input_dim)))
     return dataclasses.replace(probe, exit_dim=None if exit_dim == probe.input_dim else exit_dim)
 
@@ -120,8 +127,8 @@ class DraftHead(nn.Module):
   def setup(self):
     cfg = self.config
     if cfg.recurrence != "sum":
-      self.w = nn.Dense(cfg.hidden_dim, use_bias=False, name="w")   # on E(x)
-      self.u = nn.Dense(cfg.hidden_dim, use_bias=True, name="u")    # on s (its bias is b)
+      self.w = nn.Dense(cfg.hidden_dim, use_bias=False, name="w")  # on E(x)
+      self.u = nn.Dense(cfg.hidden_dim, use_bias=True, name="u")  # on s (its bias is b)
     if cfg.exit_dim is not None:
       self.input_proj = nn.Dense(cfg.exit_dim, name="input_proj")
     self.res = [nn.Dense(cfg.res_dim, name=f"res_{i}") for i in range(cfg.num_res_blocks)]
@@ -138,8 +145,9 @@ class DraftHead(nn.Module):
     pre = self.w(token_embedding) + self.u(state)
     return nn.silu(pre) if recurrence == "silu" else pre
 
-  def logits(self, hidden: jax.Array, state: jax.Array,
-             base_head: Optional[jax.Array] = None) -> jax.Array:
+  def logits(
+    self, hidden: jax.Array, state: jax.Array, base_head: Optional[jax.Array] = None
+  ) -> jax.Array:
     """f32 logits [..., V] of the next draft token from h [..., H] and s_t."""
     cfg = self.config
     z = jnp.concatenate([hidden, state.astype(hidden.dtype)], axis=-1)
@@ -150,14 +158,17 @@ class DraftHead(nn.Module):
     if cfg.lm_head == "own":
       return self.head(z).astype(jnp.float32)
     if base_head is None:
-      raise ValueError("a drafter with lm_head='base' needs base_head, the base model's output "
-                       "kernel [hidden, vocab] (params['lm_head']['kernel'])")
+      raise ValueError(
+        "a drafter with lm_head='base' needs base_head, the base model's output "
+        "kernel [hidden, vocab] (params['lm_head']['kernel'])"
+      )
     if cfg.res_dim != cfg.hidden_dim:
       z = self.head_proj(z)
     return jnp.dot(z, jax.lax.stop_gradient(base_head).astype(z.dtype)).astype(jnp.float32)
 
-  def __call__(self, hidden: jax.Array, input_embeddings: jax.Array,
-               base_head: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+    self, hidden: jax.Array, input_embeddings: jax.Array, base_head: Optional[jax.Array] = None
+  ) -> jax.Array:
     """Teacher forcing: hidden [..., H] and the embeddings of x_0 .. x_{n-1}
     [..., n, E] -> logits [..., n, V] of x_1 .. x_n."""
     state = zero_state(self.config, hidden.shape[:-1], hidden.dtype)
@@ -176,6 +187,7 @@ def init_drafter(drafter: DraftHead, rng: jax.Array) -> Any:
     embeddings = jnp.zeros((1, 1, cfg.embed_dim))
     base_head = jnp.zeros((cfg.hidden_dim, cfg.vocab_size)) if cfg.lm_head == "base" else None
     return drafter.init(rng, hidden, embeddings, base_head)["params"]
+
   return jax.jit(init)(rng)
 
 
@@ -184,8 +196,9 @@ def base_head_of(drafter: DraftHead, base_params) -> Optional[jax.Array]:
   return base_params["lm_head"]["kernel"] if drafter.config.lm_head == "base" else None
 
 
-def drafter_cost(config: DrafterConfig, base_config, *, beam_width: int = 4,
-                 context_len: Optional[int] = None) -> dict:
+def drafter_cost(
+  config: DrafterConfig, base_config, *, beam_width: int = 4, context_len: Optional[int] = None
+) -> dict:
   """Parameters and matmul FLOPs (2 per multiply-add) of the draft head
   against the base model's, for a benchmark to report.
 
@@ -199,6 +212,7 @@ def drafter_cost(config: DrafterConfig, base_config, *, beam_width: int = 4,
   deduplication)."""
   # pylint: disable-next=import-outside-toplevel
   from bt_jax.model_summary import param_counts
+
   drafter_params = jax.eval_shape(lambda: init_drafter(DraftHead(config), jax.random.key(0)))
   num_drafter = int(sum(x.size for x in jax.tree.leaves(drafter_params)))
   base = param_counts(base_config)
@@ -219,33 +233,48 @@ def drafter_cost(config: DrafterConfig, base_config, *, beam_width: int = 4,
     macs += config.hidden_dim * config.vocab_size
   draft_token_flops = 2 * macs
   num_layers = base_config.stack.num_layers
-  base_token_flops = (2 * (base["non_embedding_params"] + width * vocab)
-                      + 4 * num_layers * width * context_len)
+  base_token_flops = (
+    2 * (base["non_embedding_params"] + width * vocab) + 4 * num_layers * width * context_len
+  )
   draft_len = config.draft_len
   drafter_step = beam_width * draft_len * draft_token_flops
   verify_step = beam_width * (draft_len + 1) * base_token_flops
   return {
-      "drafter": {"recurrence": config.recurrence, "exit_dim": config.res_dim,
-                  "lm_head": config.lm_head, "num_res_blocks": config.num_res_blocks},
-      "drafter_params": num_drafter,
-      "base_params": base["total_params"],
-      "params_fraction": num_drafter / base["total_params"],
-      "draft_token_flops": draft_token_flops,
-      "base_token_flops": base_token_flops,
-      "draft_token_fraction": draft_token_flops / base_token_flops,
-      "beam_width": beam_width, "draft_len": draft_len, "context_len": context_len,
-      "drafter_flops_per_step": drafter_step,
-      "verify_flops_per_step": verify_step,
-      "step_fraction": drafter_step / verify_step,
+    "drafter": {
+      "recurrence": config.recurrence,
+      "exit_dim": config.res_dim,
+      "lm_head": config.lm_head,
+      "num_res_blocks": config.num_res_blocks,
+    },
+    "drafter_params": num_drafter,
+    "base_params": base["total_params"],
+    "params_fraction": num_drafter / base["total_params"],
+    "draft_token_flops": draft_token_flops,
+    "base_token_flops": base_token_flops,
+    "draft_token_fraction": draft_token_flops / base_token_flops,
+    "beam_width": beam_width,
+    "draft_len": draft_len,
+    "context_len": context_len,
+    "drafter_flops_per_step": drafter_step,
+    "verify_flops_per_step": verify_step,
+    "step_fraction": drafter_step / verify_step,
   }
 
 
-def teacher_forcing_loss(drafter: DraftHead, params, hidden: jax.Array, embed_table: jax.Array,
-                         tokens: jax.Array, mask: jax.Array, *,
-                         base_head: Optional[jax.Array] = None,
-                         target_mask: Optional[jax.Array] = None,
-                         teacher_logits: Optional[jax.Array] = None,
-                         temperature: float = 1.0, top_k: int = 4):
+def teacher_forcing_loss(
+  drafter: DraftHead,
+  params,
+  hidden: jax.Array,
+  embed_table: jax.Array,
+  tokens: jax.Array,
+  mask: jax.Array,
+  *,
+  base_head: Optional[jax.Array] = None,
+  target_mask: Optional[jax.Array] = None,
+  teacher_logits: Optional[jax.Array] = None,
+  temperature: float = 1.0,
+  top_k: int = 4,
+):
   """The drafter's loss over every position at once (the released recipe's
   teacher forcing; with `teacher_logits`, the paper's distillation).
 
@@ -272,23 +301,25 @@ def teacher_forcing_loss(drafter: DraftHead, params, hidden: jax.Array, embed_ta
   if target_mask is not None:
     valid_pad &= jnp.pad(target_mask.astype(bool), pad)
   # x_i = token t+1+i (i = 0 .. C-1), the target of step i is token t+2+i.
-  inputs = jnp.stack([padded[:, 1 + i:1 + i + length] for i in range(num_steps)], axis=2)
-  targets = jnp.stack([padded[:, 2 + i:2 + i + length] for i in range(num_steps)], axis=2)
-  valid = jnp.stack([valid_pad[:, 2 + i:2 + i + length] for i in range(num_steps)], axis=2)
+  inputs = jnp.stack([padded[:, 1 + i : 1 + i + length] for i in range(num_steps)], axis=2)
+  targets = jnp.stack([padded[:, 2 + i : 2 + i + length] for i in range(num_steps)], axis=2)
+  valid = jnp.stack([valid_pad[:, 2 + i : 2 + i + length] for i in range(num_steps)], axis=2)
   valid &= mask.astype(bool)[:, :, None]
-  embeddings = jnp.take(embed_table, inputs, axis=0)                 # [B, T, C, E]
-  logits = drafter.apply({"params": params}, jax.lax.stop_gradient(hidden),
-                         jax.lax.stop_gradient(embeddings), base_head)   # [B, T, C, V]
+  embeddings = jnp.take(embed_table, inputs, axis=0)  # [B, T, C, E]
+  logits = drafter.apply(
+    {"params": params}, jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(embeddings), base_head
+  )  # [B, T, C, V]
   if teacher_logits is None:
     per_target = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   else:
     teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
     teacher = jnp.pad(teacher, ((0, 0), (0, num_steps + 1), (0, 0)))
-    teacher = jnp.stack([teacher[:, 1 + i:1 + i + length] for i in range(num_steps)],
-                        axis=2)                                      # [B, T, C, V]
+    teacher = jnp.stack(
+      [teacher[:, 1 + i : 1 + i + length] for i in range(num_steps)], axis=2
+    )  # [B, T, C, V]
     log_p = jax.nn.log_softmax(teacher / temperature, axis=-1)
     log_q = jax.nn.log_softmax(logits / temperature, axis=-1)
-    per_target = temperature ** 2 * jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    per_target = temperature**2 * jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
   weights = valid.astype(jnp.float32)
   count = jnp.sum(weights, axis=(0, 1))
   denominator = jnp.maximum(count, 1.0)

@@ -78,29 +78,59 @@ class SpeculativeOutput:
 
 
 jax.tree_util.register_dataclass(
-    SpeculativeOutput, data_fields=["tokens", "lengths", "steps", "row_steps", "accepted",
-                                    "step_accepted", "step_tree_tokens"],
-    meta_fields=[])
+  SpeculativeOutput,
+  data_fields=[
+    "tokens",
+    "lengths",
+    "steps",
+    "row_steps",
+    "accepted",
+    "step_accepted",
+    "step_tree_tokens",
+  ],
+  meta_fields=[],
+)
 
 
-def drafter_draft_fn(drafter: DraftHead, drafter_params, embed_table: jax.Array, *,
-                     beam_width: int, base_head: Optional[jax.Array] = None,
-                     top_k: Optional[int] = None) -> DraftFn:
+def drafter_draft_fn(
+  drafter: DraftHead,
+  drafter_params,
+  embed_table: jax.Array,
+  *,
+  beam_width: int,
+  base_head: Optional[jax.Array] = None,
+  top_k: Optional[int] = None,
+) -> DraftFn:
   """The draft function of a trained draft head: its beam search (base_head:
   the base LM's output kernel for a drafter that reads through it; top_k:
   the cut of the drafter's logits, see `tree.beam_search`)."""
+
   def draft(hidden, g0, n_out, step):
     del n_out, step
-    beams, _ = beam_search(drafter, drafter_params, hidden, g0, embed_table,
-                           beam_width=beam_width, draft_len=drafter.config.draft_len,
-                           base_head=base_head, top_k=top_k)
+    beams, _ = beam_search(
+      drafter,
+      drafter_params,
+      hidden,
+      g0,
+      embed_table,
+      beam_width=beam_width,
+      draft_len=drafter.config.draft_len,
+      base_head=base_head,
+      top_k=top_k,
+    )
     return beams
+
   return draft
 
 
-def sampled_draft_fn(drafter: DraftHead, drafter_params, embed_table: jax.Array,
-                     sampling: SamplingConfig, beam_width: int = 1,
-                     base_head: Optional[jax.Array] = None):
+def sampled_draft_fn(
+  drafter: DraftHead,
+  drafter_params,
+  embed_table: jax.Array,
+  sampling: SamplingConfig,
+  beam_width: int = 1,
+  base_head: Optional[jax.Array] = None,
+):
   """M = beam_width drafts sampled independently from the draft head, token
   by token, from its logits restricted like the target's (temperature,
   top-k, top-p): f(hidden, g0, n_out, step, key) -> (beams [B, M, C+1] with
@@ -108,6 +138,7 @@ def sampled_draft_fn(drafter: DraftHead, drafter_params, embed_table: jax.Array,
   was drawn from). Each beam and depth draws with its own key; drafts that
   share a prefix share the drafter state, so q(.|prefix) is the same for
   them."""
+
   def draft(hidden, g0, n_out, step, key):
     del n_out, step
     apply = functools.partial(drafter.apply, {"params": drafter_params})
@@ -119,13 +150,15 @@ def sampled_draft_fn(drafter: DraftHead, drafter_params, embed_table: jax.Array,
     for t in range(drafter.config.draft_len):
       state = apply(state, jnp.take(embed_table, previous, axis=0), method=drafter.step)
       logits = apply(h, state, base_head, method=drafter.logits)
-      log_q = jax.nn.log_softmax(restrict_logits(logits, sampling), axis=-1)   # [B, M, V]
+      log_q = jax.nn.log_softmax(restrict_logits(logits, sampling), axis=-1)  # [B, M, V]
       keys = jax.random.split(jax.random.fold_in(key, t), beam_width)
-      previous = jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1),
-                          in_axes=(0, 1), out_axes=1)(keys, log_q).astype(jnp.int32)
+      previous = jax.vmap(
+        lambda k, l: jax.random.categorical(k, l, axis=-1), in_axes=(0, 1), out_axes=1
+      )(keys, log_q).astype(jnp.int32)
       tokens.append(previous)
       q_logprobs.append(log_q)
     return jnp.stack(tokens, axis=2), jnp.stack(q_logprobs, axis=2)
+
   return draft
 
 
@@ -142,13 +175,13 @@ def _accept_sampled_row(logits, unpacker, beams, q_logprobs, sampling, key):
   [M, D], q_logprobs [M, C, V]."""
   num_beams, depth_len = beams.shape
   draft_len = depth_len - 1
-  p_packed = jax.nn.softmax(restrict_logits(logits, sampling), axis=-1)     # [P, V] f32
-  q_probs = jnp.exp(q_logprobs.astype(jnp.float32))                         # [M, C, V]
+  p_packed = jax.nn.softmax(restrict_logits(logits, sampling), axis=-1)  # [P, V] f32
+  q_probs = jnp.exp(q_logprobs.astype(jnp.float32))  # [M, C, V]
   uniforms = jax.random.uniform(jax.random.fold_in(key, 0), (draft_len, num_beams))
 
   def depth_step(d, carry):
     alive, num_accepted, stopped, final_p = carry
-    first = jnp.argmax(alive)                    # alive beams share the node and q
+    first = jnp.argmax(alive)  # alive beams share the node and q
     p = p_packed[unpacker[first, d]]
     q = q_probs[first, d]
     candidates = beams[:, d + 1]
@@ -157,24 +190,27 @@ def _accept_sampled_row(logits, unpacker, beams, q_logprobs, sampling, key):
       p_now, taken, token = inner
       x = candidates[m]
       tried = alive[m] & ~taken
-      accept = tried & (uniforms[d, m] * q[x] < p_now[x])   # u < p(x) / q(x)
+      accept = tried & (uniforms[d, m] * q[x] < p_now[x])  # u < p(x) / q(x)
       p_now = jnp.where(tried & ~accept, _residual(p_now, q), p_now)
       return (p_now, taken | accept, jnp.where(accept, x, token)), None
 
     (p_now, taken, token), _ = jax.lax.scan(
-        try_beam, (p, jnp.bool_(False), jnp.int32(0)), jnp.arange(num_beams))
+      try_beam, (p, jnp.bool_(False), jnp.int32(0)), jnp.arange(num_beams)
+    )
     advance = ~stopped & taken
     reject_all = ~stopped & ~taken
-    return (jnp.where(advance, alive & (candidates == token), alive),
-            num_accepted + advance.astype(jnp.int32),
-            stopped | reject_all,
-            jnp.where(reject_all, p_now, final_p))
+    return (
+      jnp.where(advance, alive & (candidates == token), alive),
+      num_accepted + advance.astype(jnp.int32),
+      stopped | reject_all,
+      jnp.where(reject_all, p_now, final_p),
+    )
 
   alive = jnp.ones((num_beams,), bool)
   alive, num_accepted, stopped, final_p = jax.lax.fori_loop(
-      0, draft_len, depth_step,
-      (alive, jnp.int32(0), jnp.bool_(False), jnp.zeros_like(p_packed[0])))
-  best = jnp.argmax(alive).astype(jnp.int32)     # holds the whole accepted path
+    0, draft_len, depth_step, (alive, jnp.int32(0), jnp.bool_(False), jnp.zeros_like(p_packed[0]))
+  )
+  best = jnp.argmax(alive).astype(jnp.int32)  # holds the whole accepted path
   # All drafts accepted: the bonus token from p after the last.
   final_p = jnp.where(stopped, final_p, p_packed[unpacker[best, draft_len]])
   log_final = jnp.where(final_p > 0, jnp.log(jnp.where(final_p > 0, final_p, 1.0)), -jnp.inf)
@@ -199,7 +235,8 @@ def _accept_sampled(logits, unpacker, beams, q_logprobs, sampling, key):
   next token [B])."""
   keys = jax.random.split(key, logits.shape[0])
   return jax.vmap(lambda l, u, b, q, k: _accept_sampled_row(l, u, b, q, sampling, k))(
-      logits, unpacker, beams, q_logprobs, keys)
+    logits, unpacker, beams, q_logprobs, keys
+  )
 
 
 def _tree_query(beams: jax.Array, length: jax.Array, pad: jax.Array, cache_len: int):
@@ -212,11 +249,15 @@ def _tree_query(beams: jax.Array, length: jax.Array, pad: jax.Array, cache_len: 
   tree = batched_pack_beams(beams)
   cache_slots = jnp.arange(cache_len)
   context = (cache_slots[None, :] >= pad[:, None]) & (cache_slots[None, :] < length[:, None])
-  relative = cache_slots[None, :] - length[:, None]                        # [B, S]
+  relative = cache_slots[None, :] - length[:, None]  # [B, S]
   in_tree = (relative >= 0) & (relative < packed_len)
   tree_visible = jnp.take_along_axis(
-      tree.mask, jnp.broadcast_to(jnp.clip(relative, 0, packed_len - 1)[:, None, :],
-                                  (batch, packed_len, cache_len)), axis=2)
+    tree.mask,
+    jnp.broadcast_to(
+      jnp.clip(relative, 0, packed_len - 1)[:, None, :], (batch, packed_len, cache_len)
+    ),
+    axis=2,
+  )
   mask = context[:, None, :] | (tree_visible & in_tree[:, None, :])
   positions = (length - pad)[:, None] + tree.depth
   return tree, mask, positions
@@ -226,8 +267,17 @@ def _verify(decoder: VanillaDecoder, params, tree, mask, positions, cache, lengt
   """One base-model forward over the packed tokens, their K/V written at
   [length, length + P): (logits [B, P, V], cache, hidden [B, P, H]). The
   context every packed token sees is the run [pad, length): its window."""
-  return decoder.apply_decode(params, tree.tokens, positions, cache, length, mask, False, True,
-                              window=(pad.astype(jnp.int32), length))
+  return decoder.apply_decode(
+    params,
+    tree.tokens,
+    positions,
+    cache,
+    length,
+    mask,
+    False,
+    True,
+    window=(pad.astype(jnp.int32), length),
+  )
 
 
 def _accept_greedy(logits, unpacker, beams):
@@ -236,16 +286,27 @@ def _accept_greedy(logits, unpacker, beams):
   predicted [B, P]: the argmax at each packed token)."""
   draft_len = beams.shape[2] - 1
   rows = jnp.arange(beams.shape[0])
-  predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)              # [B, P]
-  beam_predicted = jax.vmap(lambda p, u: p[u])(predicted, unpacker)       # [B, M, D]
+  predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, P]
+  beam_predicted = jax.vmap(lambda p, u: p[u])(predicted, unpacker)  # [B, M, D]
   matches = beam_predicted[:, :, :draft_len] == beams[:, :, 1:]
   accepted = jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1)  # [B, M]
-  best = jnp.argmax(accepted, axis=-1)                                    # first of the longest
+  best = jnp.argmax(accepted, axis=-1)  # first of the longest
   return best, accepted[rows, best], predicted
 
 
-def _commit(decoder: VanillaDecoder, state, beams, tree, cache, hidden, best, num_accepted,
-            new_g0, max_new_tokens: int, eos_id):
+def _commit(
+  decoder: VanillaDecoder,
+  state,
+  beams,
+  tree,
+  cache,
+  hidden,
+  best,
+  num_accepted,
+  new_g0,
+  max_new_tokens: int,
+  eos_id,
+):
   """The state after a step: the chosen beam's accepted K/V moved into place,
   g0 and its accepted drafts appended to the output (cut at the first EOS
   and at max_new_tokens), the next g0 (`new_g0` [B], or None: the base
@@ -255,12 +316,12 @@ def _commit(decoder: VanillaDecoder, state, beams, tree, cache, hidden, best, nu
   length, done = state["length"], state["done"]
   depth_len = beams.shape[2]
   rows = jnp.arange(beams.shape[0])
-  best_slots = tree.unpacker[rows, best]                                  # [B, D] packed index
+  best_slots = tree.unpacker[rows, best]  # [B, D] packed index
   # Move the chosen beam's K/V from its packed slots to length .. length + C.
   cache = decoder.move_slots(cache, length[:, None] + best_slots, length)
-  committed = beams[rows, best]                                           # [B, D], g0 first
-  next_at = best_slots[rows, num_accepted]                                # packed index
-  if new_g0.ndim == 2:   # the argmax at each packed token: the one after the accepted drafts
+  committed = beams[rows, best]  # [B, D], g0 first
+  next_at = best_slots[rows, num_accepted]  # packed index
+  if new_g0.ndim == 2:  # the argmax at each packed token: the one after the accepted drafts
     new_g0 = new_g0[rows, next_at]
   new_hidden = hidden[rows, next_at]
   # Output: g0 and the accepted drafts; cut at the first EOS and at max_new.
@@ -272,55 +333,65 @@ def _commit(decoder: VanillaDecoder, state, beams, tree, cache, hidden, best, nu
   count = jnp.where(done, 0, count)
   # (Written whole: what lies past a row's n_out is cut at the end.)
   out = jax.vmap(lambda o, c, i: jax.lax.dynamic_update_slice_in_dim(o, c, i, axis=0))(
-      state["out"], committed, state["n_out"])
+    state["out"], committed, state["n_out"]
+  )
   n_out = state["n_out"] + count
   new_done = done | has_eos | (n_out >= max_new_tokens)
   active = ~done
   step = state["step"]
   return {
-      "cache": cache,
-      "length": jnp.where(active, length + num_accepted + 1, length),
-      "g0": jnp.where(active, new_g0, state["g0"]),
-      "hidden": jnp.where(active[:, None], new_hidden, state["hidden"]),
-      "out": out,
-      "n_out": n_out,
-      "done": new_done,
-      "step": step + 1,
-      "row_steps": state["row_steps"] + active.astype(jnp.int32),
-      "accepted": state["accepted"] + jnp.where(active, num_accepted, 0),
-      "step_accepted": state["step_accepted"].at[:, step].set(
-          jnp.where(active, num_accepted, -1)),
-      "step_tree_tokens": state["step_tree_tokens"].at[:, step].set(
-          jnp.where(active, tree.num_valid, 0)),
+    "cache": cache,
+    "length": jnp.where(active, length + num_accepted + 1, length),
+    "g0": jnp.where(active, new_g0, state["g0"]),
+    "hidden": jnp.where(active[:, None], new_hidden, state["hidden"]),
+    "out": out,
+    "n_out": n_out,
+    "done": new_done,
+    "step": step + 1,
+    "row_steps": state["row_steps"] + active.astype(jnp.int32),
+    "accepted": state["accepted"] + jnp.where(active, num_accepted, 0),
+    "step_accepted": state["step_accepted"].at[:, step].set(jnp.where(active, num_accepted, -1)),
+    "step_tree_tokens": state["step_tree_tokens"]
+    .at[:, step]
+    .set(jnp.where(active, tree.num_valid, 0)),
   }
 
 
-def _initial_state(prefill, first, prompt_len: int, out_len: int, max_new_tokens: int,
-                   pad_id: int):
+def _initial_state(prefill, first, prompt_len: int, out_len: int, max_new_tokens: int, pad_id: int):
   """The loop state after the prefill (`VanillaDecoder.prefill` with
   return_hidden) and its first token `first` [B]."""
   batch = first.shape[0]
   return {
-      "cache": prefill["cache"],
-      "length": jnp.full((batch,), prompt_len, jnp.int32),     # committed cache slots
-      "g0": first.astype(jnp.int32),
-      "hidden": prefill["hidden"],
-      "out": jnp.full((batch, out_len), pad_id, jnp.int32),
-      "n_out": jnp.zeros((batch,), jnp.int32),
-      "done": jnp.zeros((batch,), bool),
-      "step": jnp.int32(0),
-      "row_steps": jnp.zeros((batch,), jnp.int32),
-      "accepted": jnp.zeros((batch,), jnp.int32),
-      # Per step (at most max_new_tokens steps): accepted drafts, packed tree tokens.
-      "step_accepted": jnp.full((batch, max_new_tokens), -1, jnp.int32),
-      "step_tree_tokens": jnp.zeros((batch, max_new_tokens), jnp.int32),
+    "cache": prefill["cache"],
+    "length": jnp.full((batch,), prompt_len, jnp.int32),  # committed cache slots
+    "g0": first.astype(jnp.int32),
+    "hidden": prefill["hidden"],
+    "out": jnp.full((batch, out_len), pad_id, jnp.int32),
+    "n_out": jnp.zeros((batch,), jnp.int32),
+    "done": jnp.zeros((batch,), bool),
+    "step": jnp.int32(0),
+    "row_steps": jnp.zeros((batch,), jnp.int32),
+    "accepted": jnp.zeros((batch,), jnp.int32),
+    # Per step (at most max_new_tokens steps): accepted drafts, packed tree tokens.
+    "step_accepted": jnp.full((batch, max_new_tokens), -1, jnp.int32),
+    "step_tree_tokens": jnp.zeros((batch, max_new_tokens), jnp.int32),
   }
 
 
-def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: int,
-               max_new_tokens: int, params, tokens, pad, eos_id,
-               sampling: Optional[SamplingConfig] = None, rng: Optional[jax.Array] = None,
-               mesh: Optional[Mesh] = None):
+def _speculate(
+  model: VanillaLM,
+  draft_fn: DraftFn,
+  num_beams: int,
+  draft_len: int,
+  max_new_tokens: int,
+  params,
+  tokens,
+  pad,
+  eos_id,
+  sampling: Optional[SamplingConfig] = None,
+  rng: Optional[jax.Array] = None,
+  mesh: Optional[Mesh] = None,
+):
   """The loop; sampling None (or greedy) verifies greedily, otherwise by
   recursive rejection sampling over sampled drafts (see `sampled_draft_fn`,
   `_accept_sampled`): draft_fn then also takes a key and returns (beams
@@ -338,7 +409,7 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
   # passes its ShardedKVCache to the model calls.
   decoder = VanillaDecoder(model, mesh if _sequence_axis_size(mesh) else None)
   after_prompt = max_new_tokens + depth_len + packed_len
-  tokens, pad = decoder.align_prompt(tokens, pad, after_prompt)   # slots split evenly
+  tokens, pad = decoder.align_prompt(tokens, pad, after_prompt)  # slots split evenly
   batch, prompt_len = tokens.shape
   cache_len = prompt_len + after_prompt
   out_len = max_new_tokens + depth_len
@@ -347,8 +418,9 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
   prefill = decoder.prefill(params, tokens, pad, after_prompt, return_hidden=True)
   if sampled:
     prefill_key, rng = jax.random.split(rng)
-    first = jax.random.categorical(prefill_key, restrict_logits(prefill["logits"], sampling),
-                                   axis=-1)
+    first = jax.random.categorical(
+      prefill_key, restrict_logits(prefill["logits"], sampling), axis=-1
+    )
   else:
     first = jnp.argmax(prefill["logits"], axis=-1)
   state = _initial_state(prefill, first, prompt_len, out_len, max_new_tokens, cfg.pad_id)
@@ -356,24 +428,30 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
   def step(state):
     if sampled:
       key = jax.random.fold_in(rng, state["step"])
-      beams, q_logprobs = draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"],
-                                   jax.random.fold_in(key, 0))
+      beams, q_logprobs = draft_fn(
+        state["hidden"], state["g0"], state["n_out"], state["step"], jax.random.fold_in(key, 0)
+      )
     else:
       beams = draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"])
     beams = beams.astype(jnp.int32)
     if beams.shape[1:] != (num_beams, depth_len):
-      raise ValueError(f"draft_fn returned beams of shape {beams.shape}; expected "
-                       f"[batch, {num_beams}, {depth_len}] (num_beams, draft_len + 1)")
+      raise ValueError(
+        f"draft_fn returned beams of shape {beams.shape}; expected "
+        f"[batch, {num_beams}, {depth_len}] (num_beams, draft_len + 1)"
+      )
     tree, mask, positions = _tree_query(beams, state["length"], pad, cache_len)
-    logits, cache, hidden = _verify(decoder, params, tree, mask, positions, state["cache"],
-                                    state["length"], pad)
+    logits, cache, hidden = _verify(
+      decoder, params, tree, mask, positions, state["cache"], state["length"], pad
+    )
     if sampled:
       best, num_accepted, new_g0 = _accept_sampled(
-          logits, tree.unpacker, beams, q_logprobs, sampling, jax.random.fold_in(key, 1))
+        logits, tree.unpacker, beams, q_logprobs, sampling, jax.random.fold_in(key, 1)
+      )
     else:
       best, num_accepted, new_g0 = _accept_greedy(logits, tree.unpacker, beams)
-    return _commit(decoder, state, beams, tree, cache, hidden, best, num_accepted, new_g0,
-                   max_new_tokens, eos_id)
+    return _commit(
+      decoder, state, beams, tree, cache, hidden, best, num_accepted, new_g0, max_new_tokens, eos_id
+    )
 
   def cond(state):
     return ~jnp.all(state["done"]) & (state["step"] < max_new_tokens)
@@ -384,12 +462,18 @@ def _speculate(model: VanillaLM, draft_fn: DraftFn, num_beams: int, draft_len: i
 
 def _output(state, max_new_tokens: int, pad_id: int) -> "SpeculativeOutput":
   positions = jnp.arange(max_new_tokens)[None, :]
-  tokens_out = jnp.where(positions < state["n_out"][:, None], state["out"][:, :max_new_tokens],
-                         pad_id)
-  return SpeculativeOutput(tokens=tokens_out, lengths=state["n_out"], steps=state["step"],
-                           row_steps=state["row_steps"], accepted=state["accepted"],
-                           step_accepted=state["step_accepted"],
-                           step_tree_tokens=state["step_tree_tokens"])
+  tokens_out = jnp.where(
+    positions < state["n_out"][:, None], state["out"][:, :max_new_tokens], pad_id
+  )
+  return SpeculativeOutput(
+    tokens=tokens_out,
+    lengths=state["n_out"],
+    steps=state["step"],
+    row_steps=state["row_steps"],
+    accepted=state["accepted"],
+    step_accepted=state["step_accepted"],
+    step_tree_tokens=state["step_tree_tokens"],
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,9 +500,15 @@ class GreedyStepParts:
   output: Callable
 
 
-def greedy_step_parts(model: VanillaLM, drafter: DraftHead, beam_width: int,
-                      max_new_tokens: int, prompt_len: int, eos_id: int = -1,
-                      draft_top_k: Optional[int] = None) -> GreedyStepParts:
+def greedy_step_parts(
+  model: VanillaLM,
+  drafter: DraftHead,
+  beam_width: int,
+  max_new_tokens: int,
+  prompt_len: int,
+  eos_id: int = -1,
+  draft_top_k: Optional[int] = None,
+) -> GreedyStepParts:
   """`GreedyStepParts` of the greedy loop for prompts of `prompt_len` tokens."""
   _check(model, beam_width=beam_width, max_new_tokens=max_new_tokens, prompt_len=prompt_len)
   check_beam_width(beam_width, drafter.config.vocab_size)
@@ -432,15 +522,20 @@ def greedy_step_parts(model: VanillaLM, drafter: DraftHead, beam_width: int,
   def prefill(params, tokens, pad):
     carry = decoder.prefill(params, tokens, pad, after_prompt, return_hidden=True)
     first = jnp.argmax(carry["logits"], axis=-1)
-    return _initial_state(carry, first, prompt_len, max_new_tokens + depth_len, max_new_tokens,
-                          cfg.pad_id)
+    return _initial_state(
+      carry, first, prompt_len, max_new_tokens + depth_len, max_new_tokens, cfg.pad_id
+    )
 
   def draft(drafter_params, params, state):
-    draft_fn = drafter_draft_fn(drafter, drafter_params, params["token_embed"]["embedding"],
-                                beam_width=beam_width, base_head=base_head_of(drafter, params),
-                                top_k=draft_top_k)
-    return draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"]).astype(
-        jnp.int32)
+    draft_fn = drafter_draft_fn(
+      drafter,
+      drafter_params,
+      params["token_embed"]["embedding"],
+      beam_width=beam_width,
+      base_head=base_head_of(drafter, params),
+      top_k=draft_top_k,
+    )
+    return draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"]).astype(jnp.int32)
 
   def tree(state, beams, pad):
     return _tree_query(beams, state["length"], pad, cache_len)
@@ -450,41 +545,69 @@ def greedy_step_parts(model: VanillaLM, drafter: DraftHead, beam_width: int,
 
   def commit(state, beams, tree, logits, cache, hidden):
     best, num_accepted, predicted = _accept_greedy(logits, tree.unpacker, beams)
-    return _commit(decoder, state, beams, tree, cache, hidden, best, num_accepted, predicted,
-                   max_new_tokens, jnp.int32(eos_id))
+    return _commit(
+      decoder,
+      state,
+      beams,
+      tree,
+      cache,
+      hidden,
+      best,
+      num_accepted,
+      predicted,
+      max_new_tokens,
+      jnp.int32(eos_id),
+    )
 
   def output(state):
     return _output(state, max_new_tokens, cfg.pad_id)
 
-  return GreedyStepParts(prefill=jax.jit(prefill), draft=jax.jit(draft), tree=jax.jit(tree),
-                         verify=jax.jit(verify), commit=jax.jit(commit),
-                         output=jax.jit(output))
+  return GreedyStepParts(
+    prefill=jax.jit(prefill),
+    draft=jax.jit(draft),
+    tree=jax.jit(tree),
+    verify=jax.jit(verify),
+    commit=jax.jit(commit),
+    output=jax.jit(output),
+  )
 
 
 def _check(model, **sizes) -> None:
   if not isinstance(model, VanillaLM):
-    raise TypeError(f"speculative decoding needs a VanillaLM base model; got "
-                    f"{type(model).__name__}")
+    raise TypeError(
+      f"speculative decoding needs a VanillaLM base model; got {type(model).__name__}"
+    )
   for name, value in sizes.items():
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 
-def speculative_generate_fn(model: nn.Module, draft_fn: DraftFn, *, num_beams: int,
-                            draft_len: int, max_new_tokens: int):
+def speculative_generate_fn(
+  model: nn.Module, draft_fn: DraftFn, *, num_beams: int, draft_len: int, max_new_tokens: int
+):
   """The jitted loop: f(params, tokens [B, prompt_len], pad [B], eos_id) ->
   SpeculativeOutput. draft_fn must return [B, num_beams, draft_len + 1]."""
   _check(model, num_beams=num_beams, draft_len=draft_len, max_new_tokens=max_new_tokens)
-  return jax.jit(functools.partial(_speculate, model, draft_fn, num_beams, draft_len,
-                                   max_new_tokens))
+  return jax.jit(
+    functools.partial(_speculate, model, draft_fn, num_beams, draft_len, max_new_tokens)
+  )
 
 
-def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_params,
-                         prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                         beam_width: Optional[int] = None, eos_id: Optional[int] = None,
-                         sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-                         mesh: Optional[Mesh] = None,
-                         draft_top_k: Optional[int] = None) -> SpeculativeOutput:
+def speculative_generate(
+  model: VanillaLM,
+  params,
+  drafter: DraftHead,
+  drafter_params,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int,
+  beam_width: Optional[int] = None,
+  eos_id: Optional[int] = None,
+  sampling: SamplingConfig = SamplingConfig(),
+  seed: int = 0,
+  mesh: Optional[Mesh] = None,
+  draft_top_k: Optional[int] = None,
+) -> SpeculativeOutput:
   """Generation of up to max_new_tokens after each prompt, drafted by
   `drafter` and verified by the base model in one forward per step.
 
@@ -517,29 +640,50 @@ def speculative_generate(model: VanillaLM, params, drafter: DraftHead, drafter_p
     beam_width = 4 if sampling.greedy else 1
   _check(model, beam_width=beam_width, max_new_tokens=max_new_tokens)
   check_drafter_fits(drafter, model.config)
-  if sampling.greedy:   # beam search keeps distinct beams (sampled drafts may repeat)
+  if sampling.greedy:  # beam search keeps distinct beams (sampled drafts may repeat)
     check_beam_width(beam_width, drafter.config.vocab_size)
   elif draft_top_k is not None:
-    raise ValueError("draft_top_k cuts the drafter's logits before beam search (greedy); "
-                     "sampled drafts use the sampling config's top_k")
+    raise ValueError(
+      "draft_top_k cuts the drafter's logits before beam search (greedy); "
+      "sampled drafts use the sampling config's top_k"
+    )
   if drafter.config.draft_len >= model.config.max_len:
-    raise ValueError(f"the drafter's draft_len {drafter.config.draft_len} must be below the "
-                     f"base model's max_len {model.config.max_len}")
+    raise ValueError(
+      f"the drafter's draft_len {drafter.config.draft_len} must be below the "
+      f"base model's max_len {model.config.max_len}"
+    )
   num_prompts = len(prompts)
   prompts = pad_rows(prompts, _row_groups(mesh))
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
-  fn = drafter_generate_fn(model, drafter, beam_width, max_new_tokens, sampling, mesh,
-                           draft_top_k)
-  args = (params, drafter_params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad),
-          jnp.int32(-1 if eos_id is None else eos_id), jax.random.key(seed))
-  if mesh is not None:   # arrays committed to one device cannot enter a mesh computation
+  fn = drafter_generate_fn(model, drafter, beam_width, max_new_tokens, sampling, mesh, draft_top_k)
+  args = (
+    params,
+    drafter_params,
+    jnp.asarray(batch.tokens),
+    jnp.asarray(batch.pad),
+    jnp.int32(-1 if eos_id is None else eos_id),
+    jax.random.key(seed),
+  )
+  if mesh is not None:  # arrays committed to one device cannot enter a mesh computation
     mesh_lib.check_params_fit(model, mesh, params)
     args = jax.device_put(args, _in_shardings(model, mesh))
   out = fn(*args)
   if len(prompts) == num_prompts:
     return out
-  return dataclasses.replace(out, **{name: getattr(out, name)[:num_prompts] for name in (
-      "tokens", "lengths", "row_steps", "accepted", "step_accepted", "step_tree_tokens")})
+  return dataclasses.replace(
+    out,
+    **{
+      name: getattr(out, name)[:num_prompts]
+      for name in (
+        "tokens",
+        "lengths",
+        "row_steps",
+        "accepted",
+        "step_accepted",
+        "step_tree_tokens",
+      )
+    },
+  )
 
 
 _is_model_mesh = mesh_lib.is_model_mesh
@@ -553,18 +697,23 @@ def _check_mesh(mesh: Optional[Mesh]) -> None:
   shape = dict(mesh.shape)
   if _is_model_mesh(mesh):
     if len(shape) != len(axes.MESH_AXES):
-      raise ValueError(f"a (data, fsdp, tensor) mesh for speculative decoding has no other "
-                       f"axes; got {shape}")
+      raise ValueError(
+        f"a (data, fsdp, tensor) mesh for speculative decoding has no other axes; got {shape}"
+      )
     return
   if "data" not in shape and "sequence" not in shape:
-    raise ValueError(f"speculative decoding splits rows over a `data` mesh axis and the KV "
-                     f"cache over a `sequence` axis, or the model over a (data, fsdp, tensor) "
-                     f"mesh; the mesh has axes {shape}")
+    raise ValueError(
+      f"speculative decoding splits rows over a `data` mesh axis and the KV "
+      f"cache over a `sequence` axis, or the model over a (data, fsdp, tensor) "
+      f"mesh; the mesh has axes {shape}"
+    )
   others = {k: v for k, v in shape.items() if k not in ("data", "sequence") and v > 1}
   if others:
-    raise ValueError(f"speculative decoding on a (data, sequence) mesh shards only the rows "
-                     f"and the KV cache; the mesh also splits {others}: give those axes size "
-                     "1, or use a (data, fsdp, tensor) mesh (bt_jax.mesh.make_mesh)")
+    raise ValueError(
+      f"speculative decoding on a (data, sequence) mesh shards only the rows "
+      f"and the KV cache; the mesh also splits {others}: give those axes size "
+      "1, or use a (data, fsdp, tensor) mesh (bt_jax.mesh.make_mesh)"
+    )
 
 
 def _rows_spec(mesh: Mesh) -> P:
@@ -593,9 +742,15 @@ def _in_shardings(model: VanillaLM, mesh: Mesh):
 
 
 @functools.lru_cache(maxsize=16)
-def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
-                        max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-                        mesh: Optional[Mesh] = None, draft_top_k: Optional[int] = None):
+def drafter_generate_fn(
+  model: VanillaLM,
+  drafter: DraftHead,
+  beam_width: int,
+  max_new_tokens: int,
+  sampling: SamplingConfig = SamplingConfig(),
+  mesh: Optional[Mesh] = None,
+  draft_top_k: Optional[int] = None,
+):
   """The jitted loop with the draft head: f(params, drafter_params, tokens,
   pad, eos_id, rng) -> SpeculativeOutput (beam search and greedy
   verification, or beam_width sampled drafts and recursive rejection
@@ -608,18 +763,45 @@ def drafter_generate_fn(model: VanillaLM, drafter: DraftHead, beam_width: int,
   def run(params, drafter_params, tokens, pad, eos_id, rng):
     table, base_head = params["token_embed"]["embedding"], base_head_of(drafter, params)
     if sampling.greedy:
-      draft_fn = drafter_draft_fn(drafter, drafter_params, table, beam_width=beam_width,
-                                  base_head=base_head, top_k=draft_top_k)
+      draft_fn = drafter_draft_fn(
+        drafter,
+        drafter_params,
+        table,
+        beam_width=beam_width,
+        base_head=base_head,
+        top_k=draft_top_k,
+      )
     else:
-      draft_fn = sampled_draft_fn(drafter, drafter_params, table, sampling,
-                                  beam_width=beam_width, base_head=base_head)
-    return _speculate(model, draft_fn, beam_width, drafter.config.draft_len, max_new_tokens,
-                      params, tokens, pad, eos_id, sampling, rng, mesh)
+      draft_fn = sampled_draft_fn(
+        drafter, drafter_params, table, sampling, beam_width=beam_width, base_head=base_head
+      )
+    return _speculate(
+      model,
+      draft_fn,
+      beam_width,
+      drafter.config.draft_len,
+      max_new_tokens,
+      params,
+      tokens,
+      pad,
+      eos_id,
+      sampling,
+      rng,
+      mesh,
+    )
+
   if mesh is None:
     return jax.jit(run)
   replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, _rows_spec(mesh))
-  out = SpeculativeOutput(tokens=rows, lengths=rows, steps=replicated, row_steps=rows,
-                          accepted=rows, step_accepted=rows, step_tree_tokens=rows)
-  if _is_model_mesh(mesh):   # the models' logical constraints shard the activations
+  out = SpeculativeOutput(
+    tokens=rows,
+    lengths=rows,
+    steps=replicated,
+    row_steps=rows,
+    accepted=rows,
+    step_accepted=rows,
+    step_tree_tokens=rows,
+  )
+  if _is_model_mesh(mesh):  # the models' logical constraints shard the activations
     run = with_logical_rules(run, mesh, axes.DEFAULT_RULES)
   return jax.jit(run, in_shardings=_in_shardings(model, mesh), out_shardings=out)

@@ -16,9 +16,18 @@ import jax.numpy as jnp
 from bt_jax.redrafter.drafter import zero_state
 
 
-def beam_search(drafter, params, hidden: jax.Array, g0: jax.Array, embed_table: jax.Array, *,
-                beam_width: int, draft_len: int, base_head: Optional[jax.Array] = None,
-                top_k: Optional[int] = None):
+def beam_search(
+  drafter,
+  params,
+  hidden: jax.Array,
+  g0: jax.Array,
+  embed_table: jax.Array,
+  *,
+  beam_width: int,
+  draft_len: int,
+  base_head: Optional[jax.Array] = None,
+  top_k: Optional[int] = None,
+):
   """Deterministic beam search of the draft head.
 
   hidden [B, H] and g0 [B] (the base LM's last hidden state and its token);
@@ -44,10 +53,12 @@ def beam_search(drafter, params, hidden: jax.Array, g0: jax.Array, embed_table: 
   previous = beams[:, :, 0]
   h = jnp.broadcast_to(hidden[:, None], (batch, beam_width, hidden.shape[-1]))
   for _ in range(draft_len):
-    state = drafter.apply({"params": params}, state, jnp.take(embed_table, previous, axis=0),
-                          method=drafter.step)
-    logits = drafter.apply({"params": params}, h, state, base_head,
-                           method=drafter.logits)                         # [B, M, V]
+    state = drafter.apply(
+      {"params": params}, state, jnp.take(embed_table, previous, axis=0), method=drafter.step
+    )
+    logits = drafter.apply(
+      {"params": params}, h, state, base_head, method=drafter.logits
+    )  # [B, M, V]
     if top_k is not None and top_k < vocab:
       kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
       logits = jnp.where(logits >= kth, logits, -jnp.inf)
@@ -56,8 +67,9 @@ def beam_search(drafter, params, hidden: jax.Array, g0: jax.Array, embed_table: 
     scores, index = jax.lax.top_k(candidates, beam_width)
     parent, previous = index // vocab, (index % vocab).astype(jnp.int32)
     state = jnp.take_along_axis(state, parent[:, :, None], axis=1)
-    beams = jnp.concatenate([jnp.take_along_axis(beams, parent[:, :, None], axis=1),
-                             previous[:, :, None]], axis=2)
+    beams = jnp.concatenate(
+      [jnp.take_along_axis(beams, parent[:, :, None], axis=1), previous[:, :, None]], axis=2
+    )
   return beams, scores
 
 
@@ -66,19 +78,22 @@ def check_beam_width(beam_width, vocab_size: int) -> None:
   if not isinstance(beam_width, int) or beam_width < 1:
     raise ValueError(f"beam_width must be a positive integer; got {beam_width!r}")
   if beam_width > vocab_size:
-    raise ValueError(f"beam_width {beam_width} exceeds the vocabulary ({vocab_size}): beam "
-                     "search keeps distinct beams")
+    raise ValueError(
+      f"beam_width {beam_width} exceeds the vocabulary ({vocab_size}): beam "
+      "search keeps distinct beams"
+    )
 
 
 class PackedTree(NamedTuple):
   """One row's beams deduplicated and packed (P = M * D slots, valid first)."""
-  prefix_tree: jax.Array   # int32 [M, D]: smallest beam sharing beam i's first d+1 tokens
-  unpacker: jax.Array      # int32 [M, D]: packed index of beam i's token at depth d
-  tokens: jax.Array        # int32 [P]
-  depth: jax.Array         # int32 [P]: 0 for g_0
-  valid: jax.Array         # bool [P]: the first num_valid
-  num_valid: jax.Array     # int32 scalar
-  mask: jax.Array          # bool [P, P]: packed token p sees q (its ancestors and itself)
+
+  prefix_tree: jax.Array  # int32 [M, D]: smallest beam sharing beam i's first d+1 tokens
+  unpacker: jax.Array  # int32 [M, D]: packed index of beam i's token at depth d
+  tokens: jax.Array  # int32 [P]
+  depth: jax.Array  # int32 [P]: 0 for g_0
+  valid: jax.Array  # bool [P]: the first num_valid
+  num_valid: jax.Array  # int32 scalar
+  mask: jax.Array  # bool [P, P]: packed token p sees q (its ancestors and itself)
 
 
 def pack_beams(beams: jax.Array) -> PackedTree:
@@ -90,11 +105,11 @@ def pack_beams(beams: jax.Array) -> PackedTree:
   """
   num_beams, depth_len = beams.shape
   size = num_beams * depth_len
-  same = beams[:, None, :] == beams[None, :, :]                      # [i, k, d]
-  same_prefix = jnp.cumprod(same.astype(jnp.int32), axis=-1) > 0    # first d+1 equal
-  prefix_tree = jnp.argmax(same_prefix, axis=1).astype(jnp.int32)   # smallest such k
+  same = beams[:, None, :] == beams[None, :, :]  # [i, k, d]
+  same_prefix = jnp.cumprod(same.astype(jnp.int32), axis=-1) > 0  # first d+1 equal
+  prefix_tree = jnp.argmax(same_prefix, axis=1).astype(jnp.int32)  # smallest such k
   keep = (prefix_tree == jnp.arange(num_beams)[:, None]).reshape(size)
-  order = jnp.argsort(~keep, stable=True)                            # kept first
+  order = jnp.argsort(~keep, stable=True)  # kept first
   packed_index = jnp.zeros(size, jnp.int32).at[order].set(jnp.arange(size, dtype=jnp.int32))
   packed_index = packed_index.reshape(num_beams, depth_len)
   unpacker = packed_index[prefix_tree, jnp.arange(depth_len)[None, :]]
@@ -106,8 +121,15 @@ def pack_beams(beams: jax.Array) -> PackedTree:
   hits = unpacker[:, :, None] == jnp.arange(size)[None, None, :]
   ancestors = jnp.cumsum(hits, axis=1) > 0
   mask = ancestors[beam_of, depth] & valid[:, None] & valid[None, :]
-  return PackedTree(prefix_tree, unpacker, beams.reshape(size)[order].astype(jnp.int32),
-                    depth, valid, num_valid, mask)
+  return PackedTree(
+    prefix_tree,
+    unpacker,
+    beams.reshape(size)[order].astype(jnp.int32),
+    depth,
+    valid,
+    num_valid,
+    mask,
+  )
 
 
 batched_pack_beams = jax.vmap(pack_beams)

@@ -24,11 +24,12 @@ from tests.utils import tiny_config
 # on 25% or all of the head, head_dim 64 or 256, tied or untied head, a
 # GPT-NeoX-20B-like rotary base / eps, an MLP of another integer ratio.
 CONFIGS = {
-    "pythia_like": dict(),
-    "rotary_full_tied": dict(rotary_pct=1.0, tie_word_embeddings=True),
-    "head_dim_256": dict(hidden_size=256, num_attention_heads=1, intermediate_size=1024,
-                         rotary_pct=0.25),
-    "base_eps_mlp2x": dict(rotary_emb_base=40000, layer_norm_eps=1e-6, intermediate_size=256),
+  "pythia_like": dict(),
+  "rotary_full_tied": dict(rotary_pct=1.0, tie_word_embeddings=True),
+  "head_dim_256": dict(
+    hidden_size=256, num_attention_heads=1, intermediate_size=1024, rotary_pct=0.25
+  ),
+  "base_eps_mlp2x": dict(rotary_emb_base=40000, layer_norm_eps=1e-6, intermediate_size=256),
 }
 
 
@@ -75,10 +76,15 @@ def test_greedy_generation_equals_hf_generate(convert_config, name):
   out = generate(model, params, prompts, max_new_tokens=12)
   for row, prompt in enumerate(prompts):
     with torch.no_grad():
-      ref = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
-                              max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                              pad_token_id=0)
-    assert np.asarray(out.tokens[row]).tolist() == ref[0, len(prompt):].tolist()
+      ref = hf_model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt)),
+        max_new_tokens=12,
+        min_new_tokens=12,
+        do_sample=False,
+        pad_token_id=0,
+      )
+    assert np.asarray(out.tokens[row]).tolist() == ref[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -89,9 +95,11 @@ def test_to_hf_round_trips_exactly(convert_config, name, tmp_path):
   reloaded = transformers.GPTNeoXForCausalLM.from_pretrained(out).float().eval()
   original = hf_model.state_dict()
   for tensor_name, tensor in reloaded.state_dict().items():
-    source = original["gpt_neox.embed_in.weight"] if (
-        tensor_name == "embed_out.weight" and hf_model.config.tie_word_embeddings
-    ) else original[tensor_name]
+    source = (
+      original["gpt_neox.embed_in.weight"]
+      if (tensor_name == "embed_out.weight" and hf_model.config.tie_word_embeddings)
+      else original[tensor_name]
+    )
     assert torch.equal(tensor, source), tensor_name
   ids = np.random.RandomState(1).randint(0, 320, (2, 20))
   np.testing.assert_array_equal(_hf_logprobs(reloaded, ids), _hf_logprobs(hf_model, ids))
@@ -167,20 +175,27 @@ def test_missing_weights(tmp_path, hf_dir):
 def test_llama_config_is_refused(tmp_path, hf_dir):
   path = os.path.join(hf_dir, "config.json")
   with open(path, "w") as f:
-    json.dump(transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                       num_attention_heads=2).to_dict(), f)
+    json.dump(
+      transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2
+      ).to_dict(),
+      f,
+    )
   with pytest.raises(convert.ConversionError, match="model_type 'llama'.*is not GPT-NeoX"):
     convert.from_hf(hf_dir, str(tmp_path / "out"))
   _assert_nothing_written(tmp_path)
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("use_parallel_residual", False, "use_parallel_residual = False"),
     ("hidden_act", "gelu_new", "hidden_act = 'gelu_new'"),
     ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling = "),
     ("intermediate_size", 300, "intermediate_size = 300"),
     ("attention_bias", False, "attention_bias = False"),
-])
+  ],
+)
 def test_unrepresentable_config_fields(tmp_path, hf_dir, field, value, message):
   path = os.path.join(hf_dir, "config.json")
   with open(path) as f:
@@ -229,9 +244,11 @@ def test_shape_mismatch_names_the_tensor(tmp_path, hf_dir):
   config["intermediate_size"] = 1024
   with open(path, "w") as f:
     json.dump(config, f)
-  with pytest.raises(convert.ConversionError,
-                     match=r"'gpt_neox.layers.0.mlp.dense_h_to_4h.weight' has shape "
-                           r"\(512, 128\), expected \(1024, 128\)"):
+  with pytest.raises(
+    convert.ConversionError,
+    match=r"'gpt_neox.layers.0.mlp.dense_h_to_4h.weight' has shape "
+    r"\(512, 128\), expected \(1024, 128\)",
+  ):
     convert.from_hf(hf_dir, str(tmp_path / "out"))
   _assert_nothing_written(tmp_path)
 
@@ -249,8 +266,16 @@ def test_to_hf_refuses_a_block_model(tmp_path):
   import jax
   from bt_jax.convert.workdir import write_workdir
   from bt_jax.models import abstract_params, build_model
-  config = tiny_config("block", vocab_size=320, max_len=32, block_width=64, token_width=64,
-                       block_layers=1, token_layers=1)
+
+  config = tiny_config(
+    "block",
+    vocab_size=320,
+    max_len=32,
+    block_width=64,
+    token_width=64,
+    block_layers=1,
+    token_layers=1,
+  )
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(build_model(config)))
   workdir = str(tmp_path / "block")
   write_workdir(workdir, config, params, hf_models.tokenizer().to_json())

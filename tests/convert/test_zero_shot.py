@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the harness's model must not reach for the hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the harness's model must not reach for the hub
 
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
@@ -31,12 +31,21 @@ def test_zero_shot_equals_lm_eval_hf_model(tmp_path):
   model, params, tokenizer = load_for_inference(workdir)
   ours = evaluate_zero_shot(model, params, tokenizer, task_docs, batch_size=8, progress=False)
 
-  harness = HFLM(pretrained=hf_dir, tokenizer=hf_dir, device="cpu", batch_size=8,
-                 dtype="float32", max_length=256)
-  instances = [Instance(request_type="loglikelihood", doc={}, idx=i,
-                        arguments=(doc.context, " " + choice), metadata=(task, d, 1))
-               for task, docs in task_docs.items() for d, doc in enumerate(docs)
-               for i, choice in enumerate(doc.choices)]
+  harness = HFLM(
+    pretrained=hf_dir, tokenizer=hf_dir, device="cpu", batch_size=8, dtype="float32", max_length=256
+  )
+  instances = [
+    Instance(
+      request_type="loglikelihood",
+      doc={},
+      idx=i,
+      arguments=(doc.context, " " + choice),
+      metadata=(task, d, 1),
+    )
+    for task, docs in task_docs.items()
+    for d, doc in enumerate(docs)
+    for i, choice in enumerate(doc.choices)
+  ]
   results = iter(ll for ll, _ in harness.loglikelihood(instances, disable_tqdm=True))
   for task, docs in task_docs.items():
     for doc, our_lls in zip(docs, ours[task].loglikelihoods):

@@ -16,7 +16,10 @@ def write(path, text):
 
 @pytest.fixture()
 def text_dir(tmp_path):
-  docs = {f"part{i // 10}/doc_{i:02d}.txt": f"document {i}\nline two of {i} — ünïcode\n" for i in range(40)}
+  docs = {
+    f"part{i // 10}/doc_{i:02d}.txt": f"document {i}\nline two of {i} — ünïcode\n"
+    for i in range(40)
+  }
   for rel, text in docs.items():
     write(tmp_path / "texts" / rel, text)
   return tmp_path / "texts", docs
@@ -75,16 +78,30 @@ def test_file_corpus_text(text_dir):
   # The split depends on paths relative to the glob root, not where the root lies.
   moved = root.parent / "elsewhere"
   root.rename(moved)
-  assert list(corpus.file_corpus(str(moved / "**" / "*.txt"), "validation", validation_fraction=0.2)) == valid
+  assert (
+    list(corpus.file_corpus(str(moved / "**" / "*.txt"), "validation", validation_fraction=0.2))
+    == valid
+  )
 
 
 def test_file_corpus_jsonl_and_validation_pattern(tmp_path):
-  write(tmp_path / "train.jsonl", "\n".join(json.dumps({"body": f"t{i}", "id": i}) for i in range(5)) + "\n\n")
+  write(
+    tmp_path / "train.jsonl",
+    "\n".join(json.dumps({"body": f"t{i}", "id": i}) for i in range(5)) + "\n\n",
+  )
   write(tmp_path / "valid.jsonl", json.dumps({"body": "v0"}) + "\n")
-  train = corpus.file_corpus(str(tmp_path / "train.jsonl"), "train",
-                             validation_pattern=str(tmp_path / "valid.jsonl"), text_field="body")
-  valid = corpus.file_corpus(str(tmp_path / "train.jsonl"), "validation",
-                             validation_pattern=str(tmp_path / "valid.jsonl"), text_field="body")
+  train = corpus.file_corpus(
+    str(tmp_path / "train.jsonl"),
+    "train",
+    validation_pattern=str(tmp_path / "valid.jsonl"),
+    text_field="body",
+  )
+  valid = corpus.file_corpus(
+    str(tmp_path / "train.jsonl"),
+    "validation",
+    validation_pattern=str(tmp_path / "valid.jsonl"),
+    text_field="body",
+  )
   assert list(train) == [f"t{i}" for i in range(5)] and list(valid) == ["v0"]
   with pytest.raises(ValueError, match=r"train.jsonl:1 has no field 'text'"):
     corpus.file_corpus(str(tmp_path / "train.jsonl"), "train", validation_fraction=0.0)
@@ -116,9 +133,13 @@ def test_tfds_round_trip(text_dir, tmp_path):
   root, _ = text_dir
   pattern = str(root / "**" / "*.txt")
   data_dir = str(tmp_path / "tfds")
-  with pytest.raises(FileNotFoundError, match=r"'local_text' is not prepared .*python -m bt_jax.data.prepare_tfds"):
+  with pytest.raises(
+    FileNotFoundError, match=r"'local_text' is not prepared .*python -m bt_jax.data.prepare_tfds"
+  ):
     corpus.tfds_corpus("local_text", "train", data_dir=data_dir)
-  cli.call(prepare_tfds, ["--input_glob", pattern, "--data_dir", data_dir, "--validation_fraction", "0.2"])
+  cli.call(
+    prepare_tfds, ["--input_glob", pattern, "--data_dir", data_dir, "--validation_fraction", "0.2"]
+  )
   for split in corpus.SPLITS:
     from_tfds = corpus.load_corpus("tfds:local_text", split, data_dir=data_dir)
     expected = corpus.file_corpus(pattern, split, validation_fraction=0.2)
@@ -132,10 +153,18 @@ def test_tfds_round_trip(text_dir, tmp_path):
   with pytest.raises(ValueError, match="catalog dataset"):
     prepare_tfds.prepare_text_dataset(pattern, data_dir, name="mnist")
   # Another name, JSON lines, explicit validation files, and a rebuild.
-  write(tmp_path / "j" / "a.jsonl", json.dumps({"text": "a1"}) + "\n" + json.dumps({"text": "a2"}) + "\n")
+  write(
+    tmp_path / "j" / "a.jsonl",
+    json.dumps({"text": "a1"}) + "\n" + json.dumps({"text": "a2"}) + "\n",
+  )
   write(tmp_path / "j" / "v.jsonl", json.dumps({"text": "v1"}) + "\n")
   for _ in range(2):
-    prepare_tfds.prepare_text_dataset(str(tmp_path / "j" / "a.jsonl"), data_dir, name="my_lines",
-                                      validation_glob=str(tmp_path / "j" / "v.jsonl"), overwrite=True)
+    prepare_tfds.prepare_text_dataset(
+      str(tmp_path / "j" / "a.jsonl"),
+      data_dir,
+      name="my_lines",
+      validation_glob=str(tmp_path / "j" / "v.jsonl"),
+      overwrite=True,
+    )
   assert sorted(corpus.tfds_corpus("my_lines", "train", data_dir=data_dir)) == ["a1", "a2"]
   assert list(corpus.tfds_corpus("my_lines", "validation", data_dir=data_dir)) == ["v1"]

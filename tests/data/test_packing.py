@@ -51,7 +51,10 @@ def parse_block_stream(tokens, mask, block_len):
 
 
 def concat(windows):
-  return (np.concatenate([w["tokens"] for w in windows]), np.concatenate([w["mask"] for w in windows]))
+  return (
+    np.concatenate([w["tokens"] for w in windows]),
+    np.concatenate([w["mask"] for w in windows]),
+  )
 
 
 @pytest.mark.parametrize("seq_len,block_len", [(64, 4), (48, 8), (16, 4)])
@@ -85,8 +88,8 @@ def test_no_block_straddles_two_documents():
   for k, doc in enumerate(docs):
     r = packing.left_pad_length(0, k, block_len)
     seg_len = -(-(r + len(doc) + 1) // block_len) * block_len
-    doc_of[pos:pos + seg_len] = k
-    np.testing.assert_array_equal(tokens[pos + r:pos + r + len(doc)], doc)
+    doc_of[pos : pos + seg_len] = k
+    np.testing.assert_array_equal(tokens[pos + r : pos + r + len(doc)], doc)
     pos += seg_len
   assert (mask[pos:] == 0).all()
   blocks = doc_of[:pos].reshape(-1, block_len)
@@ -119,7 +122,7 @@ def test_final_partial_window_is_padded_and_masked():
   w = windows[0]
   r = packing.left_pad_length(0, 0, 4)
   expected = np.full(16, 7)
-  expected[r:r + 4] = [1, 2, 3, 9]
+  expected[r : r + 4] = [1, 2, 3, 9]
   np.testing.assert_array_equal(w["tokens"], expected)
   np.testing.assert_array_equal(w["mask"], (np.arange(16) >= r) & (np.arange(16) < r + 4))
 

@@ -7,23 +7,23 @@ from tokenizers import models, pre_tokenizers, trainers
 from bt_jax.data import tokenizer as tok_lib
 
 CORPUS = [
-    "def add(a, b):\n    return a + b\n",
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
-    "The quick brown fox jumps over the lazy dog. " * 20,
-    "naïve café, 日本語のテキスト, emoji 🙂🚀 and tabs\tand\r\nnewlines\n",
+  "def add(a, b):\n    return a + b\n",
+  "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+  "The quick brown fox jumps over the lazy dog. " * 20,
+  "naïve café, 日本語のテキスト, emoji 🙂🚀 and tabs\tand\r\nnewlines\n",
 ] * 5
 
 ROUND_TRIP = [
-    "",
-    " ",
-    "hello world",
-    "  leading and trailing spaces  ",
-    "\n\n\ttabs\tand\r\nCRLF\r\n",
-    "日本語 中文 한국어 Ελληνικά русский",
-    "emoji 🙂🚀👩‍👩‍👧 and combining e\u0301 and zero width \u200b",
-    "\x00\x01 control \x7f chars",
-    "literal <|endoftext|> inside text",
-    "unseen byte sequences: \U0001f9ec\U0001fab8 ƒ ß Ω",
+  "",
+  " ",
+  "hello world",
+  "  leading and trailing spaces  ",
+  "\n\n\ttabs\tand\r\nCRLF\r\n",
+  "日本語 中文 한국어 Ελληνικά русский",
+  "emoji 🙂🚀👩‍👩‍👧 and combining e\u0301 and zero width \u200b",
+  "\x00\x01 control \x7f chars",
+  "literal <|endoftext|> inside text",
+  "unseen byte sequences: \U0001f9ec\U0001fab8 ƒ ß Ω",
 ]
 
 
@@ -78,8 +78,12 @@ def _foreign_tokenizer(special_tokens):
   """A tokenizer.json as someone else might ship it: eos not at id 0."""
   hf = tokenizers.Tokenizer(models.BPE())
   hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special_tokens,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  trainer = trainers.BpeTrainer(
+    vocab_size=300,
+    special_tokens=special_tokens,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
   hf.train_from_iterator(CORPUS, trainer)
   return hf
 

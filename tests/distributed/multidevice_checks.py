@@ -17,10 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from bt_jax.distributed import (full_decode_attention_reference,
-                                make_sequence_mesh,
-                                make_sharded_decode_attention,
-                                make_two_level_mesh, tree_decode_attention)
+from bt_jax.distributed import (
+  full_decode_attention_reference,
+  make_sequence_mesh,
+  make_sharded_decode_attention,
+  make_two_level_mesh,
+  tree_decode_attention,
+)
 from bt_jax.distributed.study import collective_traffic, make_method_attention
 from tests.multidevice import check, record, summary
 
@@ -28,6 +31,7 @@ BATCH, HEADS, KV_HEADS, HEAD_DIM, KV_LEN = 5, 4, 2, 16, 64
 # Row lengths on 8 shards of 8 keys: full, ragged inside shard 1 (shards 2-7
 # empty), exactly one shard, ragged in the last shard, no key at all.
 LENGTHS = np.array([64, 13, 8, 61, 0], np.int32)
+
 
 def make_inputs(q_len, dtype=jnp.float32, seed=0):
   keys = jax.random.split(jax.random.key(seed), 3)
@@ -43,8 +47,7 @@ def compare(name, got, want, atol):
   want_out, want_lse = (np.asarray(x, np.float32) for x in want)
   problems = []
   if out.shape != want_out.shape or lse.shape != want_lse.shape:
-    problems.append(f"shapes {out.shape}/{lse.shape} vs "
-                    f"{want_out.shape}/{want_lse.shape}")
+    problems.append(f"shapes {out.shape}/{lse.shape} vs {want_out.shape}/{want_lse.shape}")
   else:
     if np.isnan(out).any() or np.isnan(lse).any():
       problems.append("NaN in result")
@@ -68,18 +71,27 @@ def sharded_methods_agree():
     q, k, v, lengths = make_inputs(q_len)
     want = full_decode_attention_reference(q, k, v, lengths)
     for method in ("tree", "tree_butterfly", "ring_kv", "ring_partials"):
-      check(f"seq8/{method}/q_len{q_len}", lambda: compare(
+      check(
+        f"seq8/{method}/q_len{q_len}",
+        lambda: compare(
           f"seq8/{method}/q_len{q_len}",
           make_method_attention(mesh8, method=method)(q, k, v, lengths),
-          want, 1e-5))
+          want,
+          1e-5,
+        ),
+      )
   q, k, v, lengths = make_inputs(2, seed=1)
   want = full_decode_attention_reference(q, k, v, lengths)
-  for method in ("tree_two_level", "tree", "tree_butterfly", "ring_kv",
-                 "ring_partials"):
-    check(f"mesh2x4/{method}/q_len2", lambda: compare(
+  for method in ("tree_two_level", "tree", "tree_butterfly", "ring_kv", "ring_partials"):
+    check(
+      f"mesh2x4/{method}/q_len2",
+      lambda: compare(
         f"mesh2x4/{method}/q_len2",
         make_method_attention(mesh2x4, method=method)(q, k, v, lengths),
-        want, 1e-5))
+        want,
+        1e-5,
+      ),
+    )
 
 
 def bf16_tree():
@@ -106,8 +118,7 @@ def tree_with_pallas_interpret():
   except NotImplementedError as e:
     record("seq8/tree/interpret", True, f"skipped: {e}")
     return
-  compare("seq8/tree/interpret", got,
-          full_decode_attention_reference(q, k, v, lengths), 1e-5)
+  compare("seq8/tree/interpret", got, full_decode_attention_reference(q, k, v, lengths), 1e-5)
 
 
 def per_shard_lengths_api():
@@ -115,19 +126,28 @@ def per_shard_lengths_api():
   mesh = make_sequence_mesh(8)
   q, k, v, lengths = make_inputs(1, seed=4)
   shard_len = KV_LEN // 8
-  per_shard = np.clip(LENGTHS[None, :] - shard_len * np.arange(8)[:, None], 0,
-                      shard_len).astype(np.int32)  # [devices, batch]
+  per_shard = np.clip(LENGTHS[None, :] - shard_len * np.arange(8)[:, None], 0, shard_len).astype(
+    np.int32
+  )  # [devices, batch]
 
   def body(q, k_shard, v_shard, lengths_shard):
     return tree_decode_attention(q, k_shard, v_shard, lengths_shard[0])
 
   # The default check_vma: no Pallas kernel runs here (impl None on CPU).
-  fn = jax.jit(jax.shard_map(
-      body, mesh=mesh, in_specs=(P(), P(None, "sequence"), P(None, "sequence"),
-                                 P("sequence")),
-      out_specs=(P(), P())))
-  compare("seq8/tree/user_shard_map", fn(q, k, v, jnp.asarray(per_shard)),
-          full_decode_attention_reference(q, k, v, lengths), 1e-5)
+  fn = jax.jit(
+    jax.shard_map(
+      body,
+      mesh=mesh,
+      in_specs=(P(), P(None, "sequence"), P(None, "sequence"), P("sequence")),
+      out_specs=(P(), P()),
+    )
+  )
+  compare(
+    "seq8/tree/user_shard_map",
+    fn(q, k, v, jnp.asarray(per_shard)),
+    full_decode_attention_reference(q, k, v, lengths),
+    1e-5,
+  )
 
 
 def hlo_traffic_matches_formulas():
@@ -140,24 +160,24 @@ def hlo_traffic_matches_formulas():
   # (bytes, fewest and most collective ops): XLA may or may not fuse the
   # arrays of one step (psum of (n, d); ppermute of (k, v, lengths)) into one op.
   want = {
-      # pmax(lse) + psum(n, d)
-      "tree": (4 * (partial_elems + 2 * stats_elems), 2, 3),
-      # 7 steps of (k, v, lengths)
-      "ring_kv": (7 * 4 * (2 * BATCH * shard_len * KV_HEADS * HEAD_DIM
-                           + BATCH), 7, 7 * 3),
-      # 7 steps of (o, lse)
-      "ring_partials": (7 * 4 * (partial_elems + stats_elems), 7, 7 * 2),
-      # log2(8) = 3 steps of (o, lse)
-      "tree_butterfly": (3 * 4 * (partial_elems + stats_elems), 3, 3 * 2),
+    # pmax(lse) + psum(n, d)
+    "tree": (4 * (partial_elems + 2 * stats_elems), 2, 3),
+    # 7 steps of (k, v, lengths)
+    "ring_kv": (7 * 4 * (2 * BATCH * shard_len * KV_HEADS * HEAD_DIM + BATCH), 7, 7 * 3),
+    # 7 steps of (o, lse)
+    "ring_partials": (7 * 4 * (partial_elems + stats_elems), 7, 7 * 2),
+    # log2(8) = 3 steps of (o, lse)
+    "tree_butterfly": (3 * 4 * (partial_elems + stats_elems), 3, 3 * 2),
   }
   for method, (want_bytes, min_ops, max_ops) in want.items():
     fn = make_method_attention(mesh, method=method)
-    traffic = collective_traffic(
-        fn.jitted.lower(q, k, v, lengths).compile().as_text())
-    ok = (traffic["bytes"] == want_bytes
-          and min_ops <= traffic["count"] <= max_ops)
-    record(f"hlo_traffic/{method}", ok,
-           f"parsed {traffic} want {want_bytes} bytes, {min_ops}-{max_ops} ops")
+    traffic = collective_traffic(fn.jitted.lower(q, k, v, lengths).compile().as_text())
+    ok = traffic["bytes"] == want_bytes and min_ops <= traffic["count"] <= max_ops
+    record(
+      f"hlo_traffic/{method}",
+      ok,
+      f"parsed {traffic} want {want_bytes} bytes, {min_ops}-{max_ops} ops",
+    )
 
 
 def main():

@@ -24,13 +24,27 @@ from tests.utils import tiny_config
 
 VOCAB = 128
 CONFIGS = {
-    "vanilla": tiny_config("vanilla", vocab_size=VOCAB, num_layers=2, width=64, max_len=64, init_std=0.3),
-    "block-L4": tiny_config("block", vocab_size=VOCAB, block_len=4, block_layers=2, block_width=64,
-                            token_layers=2, token_width=64, max_len=64, init_std=0.3),
+  "vanilla": tiny_config(
+    "vanilla", vocab_size=VOCAB, num_layers=2, width=64, max_len=64, init_std=0.3
+  ),
+  "block-L4": tiny_config(
+    "block",
+    vocab_size=VOCAB,
+    block_len=4,
+    block_layers=2,
+    block_width=64,
+    token_layers=2,
+    token_width=64,
+    max_len=64,
+    init_std=0.3,
+  ),
 }
 MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x4x2": (1, 4, 2)}
+
+
 class CharTokenizer:
   """Bytes as tokens (ids 2..VOCAB-1); enough to make windows of real text."""
+
   eos_id = 1
 
   def encode(self, text):
@@ -53,17 +67,24 @@ def check_model(name, config):
   params = init_params(model, jax.random.key(3))
   reqs = requests()
   want_ll, want_greedy = LoglikelihoodScorer(model, params, batch_size=3, with_greedy=True)(
-      reqs, progress=False)
-  texts = ["The quick brown fox jumps over the lazy dog. " * 3, "A man sits on a roof.",
-           "Which of these is a mammal? A whale, a shark, a trout or a frog. " * 2]
-  want_ppl = loss_by_position(model, params, CharTokenizer(), texts, batch_size=3,
-                              progress=False)
+    reqs, progress=False
+  )
+  texts = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "A man sits on a roof.",
+    "Which of these is a mammal? A whale, a shark, a trout or a frog. " * 2,
+  ]
+  want_ppl = loss_by_position(model, params, CharTokenizer(), texts, batch_size=3, progress=False)
   for mesh_name, shape in MESHES.items():
+
     def run(mesh_name=mesh_name, shape=shape):
       sharding = EvalSharding(make_mesh(shape))
-      scorer = LoglikelihoodScorer(model, params, batch_size=3, with_greedy=True,
-                                   sharding=sharding)
-      assert scorer.rows_for(32) == sharding.rows(3) == -(-3 // sharding.data_parallel) * sharding.data_parallel
+      scorer = LoglikelihoodScorer(model, params, batch_size=3, with_greedy=True, sharding=sharding)
+      assert (
+        scorer.rows_for(32)
+        == sharding.rows(3)
+        == -(-3 // sharding.data_parallel) * sharding.data_parallel
+      )
       # Parameters really are split: with fsdp/tensor > 1 no device holds all of a kernel.
       leaves = jax.tree.leaves(scorer.params)
       split = [x for x in leaves if x.addressable_shards[0].data.size < x.size]
@@ -76,15 +97,21 @@ def check_model(name, config):
       err = float(np.max(np.abs(got_ll - want_ll) / np.maximum(1.0, np.abs(want_ll))))
       assert err < 1e-5, err
       np.testing.assert_array_equal(got_greedy, want_greedy)
-      got_ppl = loss_by_position(model, params, CharTokenizer(), texts, batch_size=3,
-                                 progress=False, sharding=sharding)
+      got_ppl = loss_by_position(
+        model, params, CharTokenizer(), texts, batch_size=3, progress=False, sharding=sharding
+      )
       np.testing.assert_array_equal(got_ppl.count, want_ppl.count)
-      ppl_err = float(np.max(np.abs(got_ppl.loss_sum - want_ppl.loss_sum)
-                             / np.maximum(1.0, want_ppl.loss_sum)))
+      ppl_err = float(
+        np.max(np.abs(got_ppl.loss_sum - want_ppl.loss_sum) / np.maximum(1.0, want_ppl.loss_sum))
+      )
       assert ppl_err < 1e-5, ppl_err
-      record(f"{name}/{mesh_name}", True,
-             f"{len(split)}/{len(leaves)} params split; max relative loglik error {err:.1e}, "
-             f"perplexity {got_ppl.perplexity:.3f} vs {want_ppl.perplexity:.3f}")
+      record(
+        f"{name}/{mesh_name}",
+        True,
+        f"{len(split)}/{len(leaves)} params split; max relative loglik error {err:.1e}, "
+        f"perplexity {got_ppl.perplexity:.3f} vs {want_ppl.perplexity:.3f}",
+      )
+
     check(f"{name}/{mesh_name}", run)
 
 
@@ -94,9 +121,11 @@ def check_flag():
     auto = eval_sharding_from_flag("auto")
     assert auto is not None and dict(auto.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
     assert dict(eval_sharding_from_flag("2,-1,2").mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    for bad, message in (("2,2", "must be 3 comma-separated ints"),
-                         ("3,1,1", "needs 3 devices but there are 8"),
-                         ("a,b,c", "must be 3 comma-separated ints")):
+    for bad, message in (
+      ("2,2", "must be 3 comma-separated ints"),
+      ("3,1,1", "needs 3 devices but there are 8"),
+      ("a,b,c", "must be 3 comma-separated ints"),
+    ):
       try:
         eval_sharding_from_flag(bad)
       except ValueError as error:
@@ -106,13 +135,15 @@ def check_flag():
     # The models have 2 heads: a 4-way tensor axis cannot split them.
     model = build_model(CONFIGS["vanilla"])
     try:
-      LoglikelihoodScorer(model, init_params(model, jax.random.key(0)),
-                          sharding=eval_sharding_from_flag("1,2,4"))
+      LoglikelihoodScorer(
+        model, init_params(model, jax.random.key(0)), sharding=eval_sharding_from_flag("1,2,4")
+      )
     except ValueError as error:
       assert "cannot be split 4 ways over the mesh axes ('tensor',)" in str(error), str(error)
     else:
       raise AssertionError("a tensor axis that does not divide the heads was accepted")
     record("flag", True, "auto = 8x1x1; errors name the bad value")
+
   check("flag", run)
 
 

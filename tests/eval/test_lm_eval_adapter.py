@@ -32,9 +32,15 @@ def _instances(task_docs):
   for task, docs in task_docs.items():
     for doc_id, doc in enumerate(docs):
       for i, continuation in enumerate(doc.continuations):
-        instances.append(Instance(request_type="loglikelihood", doc={}, idx=i,
-                                  arguments=(doc.context, continuation),
-                                  metadata=(task, doc_id, 1)))
+        instances.append(
+          Instance(
+            request_type="loglikelihood",
+            doc={},
+            idx=i,
+            arguments=(doc.context, continuation),
+            metadata=(task, doc_id, 1),
+          )
+        )
   return instances
 
 
@@ -45,8 +51,9 @@ def test_registered():
 def test_loglikelihoods_equal_native(adapter, tokenizer):
   task_docs = {name: tasks.load_task(name, FIXTURES) for name in ("hellaswag", "piqa")}
   results = adapter.loglikelihood(_instances(task_docs), disable_tqdm=True)
-  native = evaluate_zero_shot(adapter.model, adapter.params, tokenizer, task_docs,
-                              batch_size=4, progress=False)
+  native = evaluate_zero_shot(
+    adapter.model, adapter.params, tokenizer, task_docs, batch_size=4, progress=False
+  )
   native_lls = [ll for name in task_docs for lls in native[name].loglikelihoods for ll in lls]
   np.testing.assert_allclose([ll for ll, _ in results], native_lls, rtol=1e-6, atol=1e-6)
   assert all(isinstance(g, bool) for _, g in results)
@@ -55,10 +62,12 @@ def test_loglikelihoods_equal_native(adapter, tokenizer):
 def test_adapter_on_a_mesh(tokenizer):
   """mesh_shape="1,1,1": params placed by the mesh rules, the same scores."""
   model, params = eval_model("vanilla")
-  plain = BtJaxLM(model=model, params=params, tokenizer=tokenizer, batch_size="4",
-                  mesh_shape="none")
-  meshed = BtJaxLM(model=model, params=params, tokenizer=tokenizer, batch_size="4",
-                   mesh_shape="1,1,1")
+  plain = BtJaxLM(
+    model=model, params=params, tokenizer=tokenizer, batch_size="4", mesh_shape="none"
+  )
+  meshed = BtJaxLM(
+    model=model, params=params, tokenizer=tokenizer, batch_size="4", mesh_shape="1,1,1"
+  )
   assert meshed.scorer.sharding is not None and plain.scorer.sharding is None
   assert all(hasattr(x.sharding, "spec") for x in jax.tree.leaves(meshed.params))
   task_docs = {"piqa": tasks.load_task("piqa", FIXTURES)}
@@ -68,17 +77,24 @@ def test_adapter_on_a_mesh(tokenizer):
 
 
 def test_harness_tokenisation_equals_native(adapter, tokenizer):
-  pairs = [("Question: Why?\nAnswer:", " Because."), ("The dog  ", "sleeps"),
-           ("", "The dog"), ("", "<|endoftext|>The dog")]
+  pairs = [
+    ("Question: Why?\nAnswer:", " Because."),
+    ("The dog  ", "sleeps"),
+    ("", "The dog"),
+    ("", "<|endoftext|>The dog"),
+  ]
   instances = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
   results = adapter.loglikelihood(instances, disable_tqdm=True)
   for (context, continuation), (ll, _) in zip(pairs, results):
     request = encode_pair(tokenizer, context, continuation)
     if context:
       assert adapter._encode_pair(context, continuation) == (  # pylint: disable=protected-access
-          list(request.context_ids), list(request.continuation_ids))
-    expected = brute_force_loglikelihood(adapter.model, adapter.params, request.context_ids,
-                                         request.continuation_ids)
+        list(request.context_ids),
+        list(request.continuation_ids),
+      )
+    expected = brute_force_loglikelihood(
+      adapter.model, adapter.params, request.context_ids, request.continuation_ids
+    )
     assert ll == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
@@ -97,13 +113,18 @@ def test_loglikelihood_rolling(adapter, tokenizer):
     end = min(start + context_len - 1, len(ids))
     context = [tokenizer.eos_id] if start == 0 else []
     window = (context + ids[:end])[-context_len:]
-    expected += brute_force_loglikelihood(adapter.model, adapter.params,
-                                          window[:len(window) - (end - start)],
-                                          window[len(window) - (end - start):])
+    expected += brute_force_loglikelihood(
+      adapter.model,
+      adapter.params,
+      window[: len(window) - (end - start)],
+      window[len(window) - (end - start) :],
+    )
   assert rolling[0] == pytest.approx(expected, rel=1e-5)
   short_ids = tokenizer.encode(short)
-  assert rolling[1] == pytest.approx(brute_force_loglikelihood(
-      adapter.model, adapter.params, [tokenizer.eos_id], short_ids), rel=1e-5)
+  assert rolling[1] == pytest.approx(
+    brute_force_loglikelihood(adapter.model, adapter.params, [tokenizer.eos_id], short_ids),
+    rel=1e-5,
+  )
 
 
 def test_generate_until_is_not_supported(adapter):
@@ -149,24 +170,31 @@ def test_simple_evaluate_matches_native(tokenizer, tmp_path, monkeypatch):
 
   import datasets
   from lm_eval.tasks import TaskManager
+
   monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
   docs = tasks.load_task("piqa", FIXTURES)
   with open(os.path.join(FIXTURES, "valid.jsonl")) as f:
     records = [json.loads(line) for line in f]
   data = tmp_path / "piqa.jsonl"
-  data.write_text("".join(json.dumps(dict(r, label=d.gold)) + "\n"
-                          for r, d in zip(records, docs)))
+  data.write_text("".join(json.dumps(dict(r, label=d.gold)) + "\n" for r, d in zip(records, docs)))
   (tmp_path / "piqa_fixture.yaml").write_text(
-      _PIQA_TASK_YAML.format(data=data, cache=tmp_path / "cache"))
+    _PIQA_TASK_YAML.format(data=data, cache=tmp_path / "cache")
+  )
   model, params = eval_model("vanilla")
   lm = BtJaxLM(model=model, params=params, tokenizer=tokenizer, batch_size=4)
-  out = lm_eval.simple_evaluate(model=lm, tasks=["piqa_fixture"], log_samples=True,
-                                task_manager=TaskManager(include_path=str(tmp_path)))
+  out = lm_eval.simple_evaluate(
+    model=lm,
+    tasks=["piqa_fixture"],
+    log_samples=True,
+    task_manager=TaskManager(include_path=str(tmp_path)),
+  )
   harness = out["results"]["piqa_fixture"]
-  native = evaluate_zero_shot(model, params, tokenizer, {"piqa": docs}, batch_size=4,
-                              progress=False)["piqa"]
+  native = evaluate_zero_shot(
+    model, params, tokenizer, {"piqa": docs}, batch_size=4, progress=False
+  )["piqa"]
   for metric in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
     assert harness[f"{metric},none"] == pytest.approx(getattr(native, metric))
   samples = sorted(out["samples"]["piqa_fixture"], key=lambda s: s["doc_id"])
-  np.testing.assert_allclose([[r[0][0] for r in s["resps"]] for s in samples],
-                             native.loglikelihoods, rtol=1e-6)
+  np.testing.assert_allclose(
+    [[r[0][0] for r in s["resps"]] for s in samples], native.loglikelihoods, rtol=1e-6
+  )

@@ -20,27 +20,60 @@ from bt_jax.eval.zero_shot import evaluate_zero_shot  # noqa: E402
 from tests.utils import eval_model  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-NAMES = {"hellaswag": "hellaswag_local", "piqa": "piqa_local", "arc_easy": "arc_easy_local",
-         "arc_challenge": "arc_challenge_local"}
+NAMES = {
+  "hellaswag": "hellaswag_local",
+  "piqa": "piqa_local",
+  "arc_easy": "arc_easy_local",
+  "arc_challenge": "arc_challenge_local",
+}
 
 # Records that exercise HellaSwag's cleanup ([title], [...] groups, one pass of
 # double spaces, ctx_b.capitalize() lower-casing the rest), ARC's numeric labels
 # and five choices, and PIQA choices with quotes, backslashes and a newline.
 _HELLASWAG = {
-    "ind": 7, "activity_label": "Home and Garden",
-    "ctx_a": "[header] How to clean a grill [title] Heat the grill.   [step] Scrub",
-    "ctx_b": "THE Grates well.", "ctx": "", "split": "val", "split_type": "indomain",
-    "label": 2, "endings": ["[substeps] wipe   it down.", " it [title] Rinse it. ",
-                            "x [step] y  z", "with a \"wire\" brush."],
-    "source_id": "wikihow~1"}
-_ARC_EASY = {"id": "num_1", "question": {"stem": "Pick \"two\" (it's 2).", "choices": [
-    {"text": "one", "label": "1"}, {"text": "two", "label": "2"},
-    {"text": "three", "label": "3"}, {"text": "four", "label": "4"}]}, "answerKey": "2"}
-_ARC_CHALLENGE = {"id": "five_1", "question": {"stem": "Which is last?", "choices": [
-    {"text": t, "label": l} for t, l in zip(["a", "b", "c", "d", "e"], "ABCDE")]},
-    "answerKey": "E"}
-_PIQA = {"id": "q'1", "goal": "Dry a \"wet\" towel\\", "sol1": "Hang it\nin the sun.",
-         "sol2": "It's 'fine' \\n as is."}
+  "ind": 7,
+  "activity_label": "Home and Garden",
+  "ctx_a": "[header] How to clean a grill [title] Heat the grill.   [step] Scrub",
+  "ctx_b": "THE Grates well.",
+  "ctx": "",
+  "split": "val",
+  "split_type": "indomain",
+  "label": 2,
+  "endings": [
+    "[substeps] wipe   it down.",
+    " it [title] Rinse it. ",
+    "x [step] y  z",
+    "with a \"wire\" brush.",
+  ],
+  "source_id": "wikihow~1",
+}
+_ARC_EASY = {
+  "id": "num_1",
+  "question": {
+    "stem": "Pick \"two\" (it's 2).",
+    "choices": [
+      {"text": "one", "label": "1"},
+      {"text": "two", "label": "2"},
+      {"text": "three", "label": "3"},
+      {"text": "four", "label": "4"},
+    ],
+  },
+  "answerKey": "2",
+}
+_ARC_CHALLENGE = {
+  "id": "five_1",
+  "question": {
+    "stem": "Which is last?",
+    "choices": [{"text": t, "label": l} for t, l in zip(["a", "b", "c", "d", "e"], "ABCDE")],
+  },
+  "answerKey": "E",
+}
+_PIQA = {
+  "id": "q'1",
+  "goal": "Dry a \"wet\" towel\\",
+  "sol1": "Hang it\nin the sun.",
+  "sol2": "It's 'fine' \\n as is.",
+}
 
 
 def _append(path, record):
@@ -71,6 +104,7 @@ def task_manager():
 @pytest.fixture
 def offline(task_manager, data_dir, tmp_path, monkeypatch):
   import datasets
+
   monkeypatch.chdir(data_dir)
   monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
   monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
@@ -87,7 +121,8 @@ def _requests_by_doc(task):
 
 def test_shipped_files():
   assert sorted(f for f in os.listdir(tasks.LM_EVAL_TASKS_DIR) if f.endswith(".yaml")) == sorted(
-      f"{name}.yaml" for name in NAMES.values())
+    f"{name}.yaml" for name in NAMES.values()
+  )
 
 
 def test_harness_requests_equal_native_docs(offline, data_dir):
@@ -99,11 +134,15 @@ def test_harness_requests_equal_native_docs(offline, data_dir):
     assert len(requests) == len(docs) >= 3, theirs
     for doc, instances, raw in zip(docs, requests, by_name[theirs].eval_docs):
       assert [inst.arguments for inst in instances] == [
-          (doc.context, continuation) for continuation in doc.continuations], (theirs, doc)
+        (doc.context, continuation) for continuation in doc.continuations
+      ], (theirs, doc)
       assert by_name[theirs].doc_to_target(raw) == doc.gold, (theirs, doc)
   # The edge-case records are the last docs; spot-check the rules by hand too.
   hellaswag = tasks.load_task("hellaswag", str(data_dir))[-1]
-  assert hellaswag.context == "Home and Garden: How to clean a grill. Heat the grill.  Scrub The grates well."
+  assert (
+    hellaswag.context
+    == "Home and Garden: How to clean a grill. Heat the grill.  Scrub The grates well."
+  )
   # strip comes before the [...] removal, as upstream: a leading space stays.
   assert hellaswag.choices == (" wipe  it down.", "it. Rinse it.", "x y z", 'with a "wire" brush.')
 
@@ -113,8 +152,9 @@ def test_tag_runs_all_four_through_the_harness(offline, data_dir, tokenizer):
   every log-likelihood equal the native evaluator's on the same raw files."""
   model, params = eval_model("vanilla")
   lm = BtJaxLM(model=model, params=params, tokenizer=tokenizer, batch_size=4)
-  out = lm_eval.simple_evaluate(model=lm, tasks=["bt_jax_local"], log_samples=True,
-                                task_manager=offline)
+  out = lm_eval.simple_evaluate(
+    model=lm, tasks=["bt_jax_local"], log_samples=True, task_manager=offline
+  )
   task_docs = {ours: tasks.load_task(ours, str(data_dir)) for ours in NAMES}
   native = evaluate_zero_shot(model, params, tokenizer, task_docs, batch_size=4, progress=False)
   for ours, theirs in NAMES.items():
@@ -123,7 +163,7 @@ def test_tag_runs_all_four_through_the_harness(offline, data_dir, tokenizer):
       assert harness[f"{metric},none"] == pytest.approx(getattr(native[ours], metric)), theirs
     samples = sorted(out["samples"][theirs], key=lambda s: s["doc_id"])
     assert len(samples) == len(native[ours].loglikelihoods)
-    for sample, lls in zip(samples, native[ours].loglikelihoods):   # 3 to 5 choices
+    for sample, lls in zip(samples, native[ours].loglikelihoods):  # 3 to 5 choices
       np.testing.assert_allclose([r[0][0] for r in sample["resps"]], lls, rtol=1e-6)
 
 
@@ -134,4 +174,3 @@ def test_missing_piqa_labels_named(offline, data_dir, tmp_path, monkeypatch):
   monkeypatch.chdir(folder)
   with pytest.raises(FileNotFoundError, match="PIQA validation file 'valid-labels.lst' not found"):
     offline.load(["piqa_local"])
-

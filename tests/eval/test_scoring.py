@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 from bt_jax.eval import tasks
-from bt_jax.eval.scoring import (LoglikelihoodScorer, ScoreRequest, bucket_for, bucket_lengths,
-                                 encode_pair, make_window)
+from bt_jax.eval.scoring import (
+  LoglikelihoodScorer,
+  ScoreRequest,
+  bucket_for,
+  bucket_lengths,
+  encode_pair,
+  make_window,
+)
 from bt_jax.eval.zero_shot import doc_requests
 from tests.utils import MAX_LEN, brute_force_loglikelihood, brute_force_rows
 
@@ -20,14 +26,16 @@ def test_encode_pair_splits_the_joint_encoding(tokenizer):
   request = encode_pair(tokenizer, context, continuation)
   whole = tokenizer.encode(context + continuation)
   assert list(request.context_ids + request.continuation_ids) == whole
-  assert list(request.context_ids) == whole[:len(tokenizer.encode(context))]
+  assert list(request.context_ids) == whole[: len(tokenizer.encode(context))]
 
 
 def test_encode_pair_moves_trailing_whitespace(tokenizer):
   request = encode_pair(tokenizer, "The dog  ", "sleeps")
   assert list(request.context_ids) == tokenizer.encode("The dog")
-  assert list(request.continuation_ids) == \
-      tokenizer.encode("The dog  sleeps")[len(tokenizer.encode("The dog")):]
+  assert (
+    list(request.continuation_ids)
+    == tokenizer.encode("The dog  sleeps")[len(tokenizer.encode("The dog")) :]
+  )
 
 
 def test_encode_pair_empty_context(tokenizer):
@@ -56,8 +64,11 @@ def test_buckets():
 
 
 def _requests(tokenizer):
-  docs = (tasks.load_task("hellaswag", FIXTURES) + tasks.load_task("piqa", FIXTURES)
-          + tasks.load_task("arc_easy", FIXTURES))
+  docs = (
+    tasks.load_task("hellaswag", FIXTURES)
+    + tasks.load_task("piqa", FIXTURES)
+    + tasks.load_task("arc_easy", FIXTURES)
+  )
   requests = [r for doc in docs for r in doc_requests(tokenizer, doc)]
   # Longer than the context: left truncation; and a long continuation.
   long_context = " ".join(docs[0].context for _ in range(6))
@@ -75,14 +86,16 @@ def test_scores_equal_brute_force(model_and_params, tokenizer):
   # Batch of 4 rows: partial batches, several buckets.
   scorer = LoglikelihoodScorer(model, params, batch_size=4, min_bucket=32, with_greedy=True)
   scores, greedy = scorer(requests, progress=False)
-  expected = [brute_force_loglikelihood(model, params, r.context_ids, r.continuation_ids)
-              for r in requests]
+  expected = [
+    brute_force_loglikelihood(model, params, r.context_ids, r.continuation_ids) for r in requests
+  ]
   np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
   # The fixed-length brute force equals forwards of the exact (spec) length.
   for index in (-1, 0):  # a short request; a truncated one
     r = requests[index]
-    exact = brute_force_loglikelihood(model, params, r.context_ids, r.continuation_ids,
-                                      exact_length=True)
+    exact = brute_force_loglikelihood(
+      model, params, r.context_ids, r.continuation_ids, exact_length=True
+    )
     np.testing.assert_allclose(scores[index], exact, rtol=1e-5, atol=1e-5)
 
   # is_greedy: every continuation token is the argmax of its prediction. Check
@@ -92,7 +105,7 @@ def test_scores_equal_brute_force(model_and_params, tokenizer):
     tokens = list(r.context_ids)
     for _ in range(2):
       tokens.append(int(np.argmax(brute_force_rows(model, params, tokens)[-1])))
-    greedy_requests.append(ScoreRequest(r.context_ids, tuple(tokens[len(r.context_ids):])))
+    greedy_requests.append(ScoreRequest(r.context_ids, tuple(tokens[len(r.context_ids) :])))
   _, greedy_own = scorer(greedy_requests, progress=False)
   assert greedy_own.all()
   assert not greedy.all()

@@ -15,7 +15,7 @@ from tests.multidevice import run_check_script
 
 
 def test_one_device_flags_and_errors():
-  assert eval_sharding_from_flag("auto") is None        # one CPU device here
+  assert eval_sharding_from_flag("auto") is None  # one CPU device here
   assert eval_sharding_from_flag("none") is None
   single = eval_sharding_from_flag("1,1,1")
   assert single.data_parallel == 1 and single.rows(5) == 5

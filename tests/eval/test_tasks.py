@@ -16,44 +16,82 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 ARC_DIR = os.path.join(FIXTURES, "ARC-V1-Feb2018-2")
 
 HELLASWAG_EXPECTED = [
-    MultipleChoiceDoc(
-        "24", "Roof shingle removal: A man is sitting on a roof. He",
-        ("is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-         "is holding a rubik's cube.", "starts pulling up roofing on a roof."), 3),
-    # ctx_b.capitalize() lower-cases the rest of ctx_b.
-    MultipleChoiceDoc(
-        "92", "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. "
-        "The lady",
-        ("swings and lands in her arms.", "pulls the barbell forward.",
-         "pulls a rope attached to the barbell.", "stands and lifts the weight over her head."), 0),
-    # Empty ctx_b; [title] -> ". "; bracket groups deleted after the strip (so a
-    # leading space can remain); one pass of "  " -> " " (three spaces leave two).
-    MultipleChoiceDoc(
-        "106", "Home and Garden: How to grow tomatoes. Pick a sunny spot.",
-        (" Water them  daily.", "Plant the seeds. in spring.", "Dig a hole.", "Sing to them."), 1),
-    MultipleChoiceDoc(
-        "130", "Food and Entertaining: How to bake bread. Mix the dough. Knead it for ten "
-        "minutes. Then let it rise",
-        (", eat it raw.", "in the freezer overnight.", "in a warm place for an hour.",
-         "and throw it away."), 2),
+  MultipleChoiceDoc(
+    "24",
+    "Roof shingle removal: A man is sitting on a roof. He",
+    (
+      "is using wrap to wrap a pair of skis.",
+      "is ripping level tiles off.",
+      "is holding a rubik's cube.",
+      "starts pulling up roofing on a roof.",
+    ),
+    3,
+  ),
+  # ctx_b.capitalize() lower-cases the rest of ctx_b.
+  MultipleChoiceDoc(
+    "92",
+    "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady",
+    (
+      "swings and lands in her arms.",
+      "pulls the barbell forward.",
+      "pulls a rope attached to the barbell.",
+      "stands and lifts the weight over her head.",
+    ),
+    0,
+  ),
+  # Empty ctx_b; [title] -> ". "; bracket groups deleted after the strip (so a
+  # leading space can remain); one pass of "  " -> " " (three spaces leave two).
+  MultipleChoiceDoc(
+    "106",
+    "Home and Garden: How to grow tomatoes. Pick a sunny spot.",
+    (" Water them  daily.", "Plant the seeds. in spring.", "Dig a hole.", "Sing to them."),
+    1,
+  ),
+  MultipleChoiceDoc(
+    "130",
+    "Food and Entertaining: How to bake bread. Mix the dough. Knead it for ten "
+    "minutes. Then let it rise",
+    (
+      ", eat it raw.",
+      "in the freezer overnight.",
+      "in a warm place for an hour.",
+      "and throw it away.",
+    ),
+    2,
+  ),
 ]
 
 PIQA_EXPECTED = [
-    MultipleChoiceDoc("p1", "Question: How do I open a jar?\nAnswer:",
-                      ("Twist the lid.", "Eat the lid."), 0),
-    MultipleChoiceDoc("p2", "Question: To dry wet hair\nAnswer:",
-                      ("use a wet towel", "use a dry towel"), 1),
-    MultipleChoiceDoc("p3", "Question: Keep bread fresh\nAnswer:",
-                      ("Store it in a sealed bag.", "Store it in the oven while it runs."), 0),
+  MultipleChoiceDoc(
+    "p1", "Question: How do I open a jar?\nAnswer:", ("Twist the lid.", "Eat the lid."), 0
+  ),
+  MultipleChoiceDoc(
+    "p2", "Question: To dry wet hair\nAnswer:", ("use a wet towel", "use a dry towel"), 1
+  ),
+  MultipleChoiceDoc(
+    "p3",
+    "Question: Keep bread fresh\nAnswer:",
+    ("Store it in a sealed bag.", "Store it in the oven while it runs."),
+    0,
+  ),
 ]
 
 ARC_EASY_EXPECTED = [
-    MultipleChoiceDoc("Mercury_1", "Question: Which of these is a mammal?\nAnswer:",
-                      ("shark", "whale", "trout", "frog"), 1),
-    MultipleChoiceDoc("NYSEDREGENTS_2", "Question: What melts ice fastest?\nAnswer:",
-                      ("salt", "sand", "sawdust"), 0),
-    MultipleChoiceDoc("Mercury_3", "Question: Which gas do plants take in?\nAnswer:",
-                      ("oxygen", "nitrogen", "carbon dioxide", "helium", "neon"), 2),
+  MultipleChoiceDoc(
+    "Mercury_1",
+    "Question: Which of these is a mammal?\nAnswer:",
+    ("shark", "whale", "trout", "frog"),
+    1,
+  ),
+  MultipleChoiceDoc(
+    "NYSEDREGENTS_2", "Question: What melts ice fastest?\nAnswer:", ("salt", "sand", "sawdust"), 0
+  ),
+  MultipleChoiceDoc(
+    "Mercury_3",
+    "Question: Which gas do plants take in?\nAnswer:",
+    ("oxygen", "nitrogen", "carbon dioxide", "helium", "neon"),
+    2,
+  ),
 ]
 
 
@@ -62,8 +100,9 @@ def test_preprocess_hellaswag():
 
 
 def test_hellaswag_raw():
-  assert tasks.read_hellaswag_jsonl(os.path.join(FIXTURES, "hellaswag_val.jsonl")) == \
-      HELLASWAG_EXPECTED
+  assert (
+    tasks.read_hellaswag_jsonl(os.path.join(FIXTURES, "hellaswag_val.jsonl")) == HELLASWAG_EXPECTED
+  )
   # A folder holding the file works too; continuations get the leading space.
   docs = load_task("hellaswag", FIXTURES, limit=1)
   assert docs == HELLASWAG_EXPECTED[:1]
@@ -98,36 +137,79 @@ def test_arc_raw():
   assert load_task("arc_easy", FIXTURES) == ARC_EASY_EXPECTED  # the unzipped folder
   challenge = load_task("arc_challenge", os.path.join(ARC_DIR, "ARC-Challenge"))
   assert [(d.context, d.choices[d.gold]) for d in challenge] == [
-      ("Question: A student drops a ball. Which force pulls it down?\nAnswer:", "gravity"),
-      ("Question: Which is a renewable resource?\nAnswer:", "wind")]
+    ("Question: A student drops a ball. Which force pulls it down?\nAnswer:", "gravity"),
+    ("Question: Which is a renewable resource?\nAnswer:", "wind"),
+  ]
   with pytest.raises(ValueError, match="answerKey 'F'"):
-    tasks.arc_doc({"id": "x", "answerKey": "F", "question": {
-        "stem": "q", "choices": [{"text": "a", "label": "A"}]}})
+    tasks.arc_doc(
+      {
+        "id": "x",
+        "answerKey": "F",
+        "question": {"stem": "q", "choices": [{"text": "a", "label": "A"}]},
+      }
+    )
 
 
 _HELLASWAG_LINE = open(os.path.join(FIXTURES, "hellaswag_val.jsonl"), encoding="utf-8").readline()
 _PIQA_LINE = open(os.path.join(FIXTURES, "valid.jsonl"), encoding="utf-8").readline()
 
 
-@pytest.mark.parametrize("task, name, text, labels, message", [
-    ("hellaswag", "h.jsonl", _HELLASWAG_LINE + "\n[1, 2]\n", None,
-     r"h.jsonl:3 is not a valid HellaSwag record \('list' object .*; expected a JSON object with"),
-    ("hellaswag", "h.jsonl", _HELLASWAG_LINE + '{"label": 0, "activity_label": "a"}\n', None,
-     r"h.jsonl:2 is not a valid HellaSwag record \(no field 'ctx_a'\)"),
-    ("hellaswag", "h.jsonl", _HELLASWAG_LINE + '{"ind": 5}\n', None,
-     r"h.jsonl:2: HellaSwag record 5 has no label"),
-    ("hellaswag", "h.jsonl", _HELLASWAG_LINE + '{"ind": 5\n', None,
-     r"h.jsonl:2 is not valid JSON"),
-    ("arc_easy", "a.jsonl", '{"id": "y", "question": "q?", "answerKey": "A"}\n', None,
-     r"a.jsonl:1 is not a valid ARC record \(string indices"),
-    ("arc_easy", "a.jsonl", '{"id": "y", "question": {"stem": "q", "choices": []}, '
-     '"answerKey": "A"}\n', None, r"a.jsonl:1: ARC question 'y': answerKey 'A' is not one of"),
-    ("piqa", "valid.jsonl", _PIQA_LINE + '"a string"\n', "0\n1\n",
-     r"valid.jsonl:2 is not a valid PIQA record .*\"goal\", \"sol1\" and \"sol2\""),
-    ("piqa", "valid.jsonl", _PIQA_LINE * 2, "0\n\nyes\n",
-     r"valid-labels.lst:3: label 'yes' is not 0 or 1"),
+@pytest.mark.parametrize(
+  "task, name, text, labels, message",
+  [
+    (
+      "hellaswag",
+      "h.jsonl",
+      _HELLASWAG_LINE + "\n[1, 2]\n",
+      None,
+      r"h.jsonl:3 is not a valid HellaSwag record \('list' object .*; expected a JSON object with",
+    ),
+    (
+      "hellaswag",
+      "h.jsonl",
+      _HELLASWAG_LINE + '{"label": 0, "activity_label": "a"}\n',
+      None,
+      r"h.jsonl:2 is not a valid HellaSwag record \(no field 'ctx_a'\)",
+    ),
+    (
+      "hellaswag",
+      "h.jsonl",
+      _HELLASWAG_LINE + '{"ind": 5}\n',
+      None,
+      r"h.jsonl:2: HellaSwag record 5 has no label",
+    ),
+    ("hellaswag", "h.jsonl", _HELLASWAG_LINE + '{"ind": 5\n', None, r"h.jsonl:2 is not valid JSON"),
+    (
+      "arc_easy",
+      "a.jsonl",
+      '{"id": "y", "question": "q?", "answerKey": "A"}\n',
+      None,
+      r"a.jsonl:1 is not a valid ARC record \(string indices",
+    ),
+    (
+      "arc_easy",
+      "a.jsonl",
+      '{"id": "y", "question": {"stem": "q", "choices": []}, "answerKey": "A"}\n',
+      None,
+      r"a.jsonl:1: ARC question 'y': answerKey 'A' is not one of",
+    ),
+    (
+      "piqa",
+      "valid.jsonl",
+      _PIQA_LINE + '"a string"\n',
+      "0\n1\n",
+      r"valid.jsonl:2 is not a valid PIQA record .*\"goal\", \"sol1\" and \"sol2\"",
+    ),
+    (
+      "piqa",
+      "valid.jsonl",
+      _PIQA_LINE * 2,
+      "0\n\nyes\n",
+      r"valid-labels.lst:3: label 'yes' is not 0 or 1",
+    ),
     ("piqa", "valid.jsonl", _PIQA_LINE * 2, "0\n2\n", r"valid-labels.lst:2: label '2' is not 0"),
-])
+  ],
+)
 def test_bad_records_name_the_file_and_line(tmp_path, task, name, text, labels, message):
   (tmp_path / name).write_text(text, encoding="utf-8")
   if labels is not None:
@@ -161,8 +243,9 @@ def _raw_download_dir(tmp):
     folder = raw / "ARC-V1-Feb2018-2" / config
     folder.mkdir(parents=True)
     for split in ("Train", "Dev", "Test"):
-      shutil.copy(os.path.join(ARC_DIR, config, f"{config}-Test.jsonl"),
-                  folder / f"{config}-{split}.jsonl")
+      shutil.copy(
+        os.path.join(ARC_DIR, config, f"{config}-Test.jsonl"), folder / f"{config}-{split}.jsonl"
+      )
   return raw
 
 
@@ -172,6 +255,7 @@ def _fake_download(raw):
     if isinstance(url_or_urls, dict):  # hellaswag: one jsonl per split
       return {k: os.path.join(FIXTURES, "hellaswag_val.jsonl") for k in url_or_urls}
     return str(raw)
+
   return download_and_extract
 
 
@@ -179,12 +263,14 @@ def _fake_download(raw):
 def tfds_dir(tmp_path_factory):
   tfds = pytest.importorskip("tensorflow_datasets")
   import tensorflow_datasets.text.hellaswag  # noqa: F401  registers the builder
+
   tmp = tmp_path_factory.mktemp("tfds")
   raw = _raw_download_dir(tmp)
   data_dir = str(tmp / "data")
   config = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
-  with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
-                         _fake_download(raw)):
+  with mock.patch.object(
+    tfds.download.DownloadManager, "download_and_extract", _fake_download(raw)
+  ):
     for name in ("hellaswag", "piqa", "ai2_arc/ARC-Easy", "ai2_arc/ARC-Challenge"):
       builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
       builder.download_and_prepare(download_config=config)
@@ -204,15 +290,17 @@ def test_tfds_piqa_and_arc_match_raw(tfds_dir):
 
 def test_tfds_hellaswag_uses_joined_context(tfds_dir):
   docs = sorted(load_task("hellaswag", "tfds:" + tfds_dir), key=lambda d: d.gold)
-  assert [d.choices for d in docs] == [d.choices for d in sorted(HELLASWAG_EXPECTED,
-                                                                 key=lambda d: d.gold)]
+  assert [d.choices for d in docs] == [
+    d.choices for d in sorted(HELLASWAG_EXPECTED, key=lambda d: d.gold)
+  ]
   # ctx_b is not capitalised: TFDS keeps only the joined ctx.
   assert [d.context for d in docs] == [
-      "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. the LADY",
-      "Home and Garden: How to grow tomatoes. Pick a sunny spot.",
-      "Food and Entertaining: How to bake bread. Mix the dough. Knead it for ten minutes. "
-      "then let it rise",
-      "Roof shingle removal: A man is sitting on a roof. he"]
+    "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. the LADY",
+    "Home and Garden: How to grow tomatoes. Pick a sunny spot.",
+    "Food and Entertaining: How to bake bread. Mix the dough. Knead it for ten minutes. "
+    "then let it rise",
+    "Roof shingle removal: A man is sitting on a roof. he",
+  ]
 
 
 def test_tfds_errors(tfds_dir, tmp_path):
@@ -229,11 +317,18 @@ def test_tfds_errors(tfds_dir, tmp_path):
 def test_tfds_example_conversion_on_dicts():
   """Examples shaped like TFDS's (bytes texts, ClassLabel ids)."""
   import numpy as np
-  doc = tasks.arc_doc_from_tfds({
-      "id": b"q1", "question": b"Why?", "answerKey": 2,
-      "choices": {"text": np.array([b"a", b"b", b"c"], object), "label": np.array([0, 1, 2])}},
-      "test_0")
+
+  doc = tasks.arc_doc_from_tfds(
+    {
+      "id": b"q1",
+      "question": b"Why?",
+      "answerKey": 2,
+      "choices": {"text": np.array([b"a", b"b", b"c"], object), "label": np.array([0, 1, 2])},
+    },
+    "test_0",
+  )
   assert doc == MultipleChoiceDoc("q1", "Question: Why?\nAnswer:", ("a", "b", "c"), 2)
   with pytest.raises(ValueError, match="no label"):
-    tasks.hellaswag_doc_from_tfds({"context": b"c", "activity_label": b"a", "label": -1,
-                                   "endings": [b"x"]}, "test_0")
+    tasks.hellaswag_doc_from_tfds(
+      {"context": b"c", "activity_label": b"a", "label": -1, "endings": [b"x"]}, "test_0"
+    )

@@ -10,8 +10,16 @@ import pytest
 from bt_jax.eval import tasks
 from bt_jax.eval.scoring import LoglikelihoodScorer
 from bt_jax.eval.tasks import MultipleChoiceDoc
-from bt_jax.eval.zero_shot import (doc_requests, evaluate_zero_shot, format_table, mean_stderr,
-                                   parse_task_flags, predict, run_zero_shot, task_metrics)
+from bt_jax.eval.zero_shot import (
+  doc_requests,
+  evaluate_zero_shot,
+  format_table,
+  mean_stderr,
+  parse_task_flags,
+  predict,
+  run_zero_shot,
+  task_metrics,
+)
 from tests.utils import brute_force_loglikelihood
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -32,9 +40,11 @@ def test_mean_stderr():
 
 
 def test_task_metrics_by_hand():
-  docs = [MultipleChoiceDoc("a", "c", ("x", "yyyy"), 1),
-          MultipleChoiceDoc("b", "c", ("x", "y"), 0),
-          MultipleChoiceDoc("c", "c", ("xx", "y"), 1)]
+  docs = [
+    MultipleChoiceDoc("a", "c", ("x", "yyyy"), 1),
+    MultipleChoiceDoc("b", "c", ("x", "y"), 0),
+    MultipleChoiceDoc("c", "c", ("xx", "y"), 1),
+  ]
   lls = [[-1.0, -2.0], [-1.0, -0.5], [-3.0, -2.0]]
   result = task_metrics("t", docs, lls)
   # acc predictions: 0, 1, 1 -> correct 0, 0, 1; norm: [-1,-0.5]->1, [-1,-0.5]->1, [-1.5,-2]->0.
@@ -52,17 +62,25 @@ def test_evaluate_equals_brute_force(model_and_params, tokenizer):
   model, params = model_and_params
   task_docs = _fixture_tasks()
   scorer = LoglikelihoodScorer(model, params, batch_size=4, min_bucket=32, with_greedy=True)
-  results = evaluate_zero_shot(model, params, tokenizer, task_docs, scorer=scorer,
-                               progress=False)
+  results = evaluate_zero_shot(model, params, tokenizer, task_docs, scorer=scorer, progress=False)
   for name, docs in task_docs.items():
-    expected_lls = [[brute_force_loglikelihood(model, params, r.context_ids, r.continuation_ids)
-                     for r in doc_requests(tokenizer, doc)] for doc in docs]
+    expected_lls = [
+      [
+        brute_force_loglikelihood(model, params, r.context_ids, r.continuation_ids)
+        for r in doc_requests(tokenizer, doc)
+      ]
+      for doc in docs
+    ]
     result = results[name]
     for got, expected in zip(result.loglikelihoods, expected_lls, strict=True):
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     acc = np.mean([np.argmax(lls) == doc.gold for lls, doc in zip(expected_lls, docs)])
-    acc_norm = np.mean([np.argmax(np.array(lls) / [len(c) for c in doc.choices]) == doc.gold
-                        for lls, doc in zip(expected_lls, docs)])
+    acc_norm = np.mean(
+      [
+        np.argmax(np.array(lls) / [len(c) for c in doc.choices]) == doc.gold
+        for lls, doc in zip(expected_lls, docs)
+      ]
+    )
     assert (result.acc, result.acc_norm, result.num_docs) == (acc, acc_norm, len(docs))
   table = format_table(results)
   assert table.splitlines()[2].startswith("hellaswag") and "±" in table
@@ -70,7 +88,9 @@ def test_evaluate_equals_brute_force(model_and_params, tokenizer):
 
 def test_parse_task_flags():
   assert parse_task_flags(["hellaswag=/a.jsonl", "piqa"], data="/d") == {
-      "hellaswag": "/a.jsonl", "piqa": "/d"}
+    "hellaswag": "/a.jsonl",
+    "piqa": "/d",
+  }
   with pytest.raises(ValueError, match="--task piqa=PATH"):
     parse_task_flags(["piqa"])
   with pytest.raises(ValueError, match="unknown task 'lambada'"):
@@ -81,12 +101,21 @@ def test_parse_task_flags():
 
 def test_run_zero_shot_writes_json(tokenizer, tmp_path, capsys):
   from tests.utils import eval_model
+
   model, params = eval_model("vanilla")
   out = tmp_path / "res" / "zero_shot.json"
   report = run_zero_shot(
-      model, params, tokenizer, parse_task_flags(["arc_easy", "piqa"], data=FIXTURES),
-      limit=2, batch_size=4, out=str(out), per_doc=True, progress=False,
-      metadata={"workdir": "w"})
+    model,
+    params,
+    tokenizer,
+    parse_task_flags(["arc_easy", "piqa"], data=FIXTURES),
+    limit=2,
+    batch_size=4,
+    out=str(out),
+    per_doc=True,
+    progress=False,
+    metadata={"workdir": "w"},
+  )
   assert "arc_easy" in capsys.readouterr().out
   saved = json.loads(out.read_text())
   assert saved == json.loads(json.dumps(report))

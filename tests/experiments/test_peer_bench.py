@@ -19,8 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture
 def no_weights(monkeypatch):
   """Fails the test if any weights are made or exported."""
+
   def refuse(*args, **kwargs):
     raise AssertionError("weights were made before the input was checked")
+
   monkeypatch.setattr(peer_bench, "init_params", refuse)
   monkeypatch.setattr(peer_bench, "export_to_hf", refuse)
 
@@ -31,7 +33,7 @@ def test_unknown_model_is_refused_with_the_valid_names(no_weights):
   message = str(e.value)
   assert "unknown model 'vanila_19m'" in message
   assert "vanilla_19m" in message and "block_b4_5m" in message
-  assert "vanilla_base" not in message           # an include file, not a model
+  assert "vanilla_base" not in message  # an include file, not a model
 
 
 def test_scenario_longer_than_the_context_is_refused(no_weights):
@@ -58,13 +60,14 @@ def test_unknown_scenario_and_bad_numbers_are_refused(no_weights):
 
 
 def test_missing_torch_says_how_to_install(no_weights, monkeypatch):
-  monkeypatch.setitem(sys.modules, "torch", None)      # `import torch` raises ImportError
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
   with pytest.raises(cli.UserError, match="pip install -r requirements-test.txt"):
     peer_bench.run(models="vanilla_tiny", scenarios="tiny=4/4")
 
 
 def test_gpu_preset_needs_a_gpu(no_weights):
   import jax  # pylint: disable=import-outside-toplevel
+
   if jax.default_backend() == "gpu":
     pytest.skip("a GPU is present")
   with pytest.raises(cli.UserError, match="--preset gpu needs a CUDA GPU"):
@@ -79,18 +82,23 @@ def test_first_divergence_and_ratios():
   assert peer_bench.first_divergence(a, b) == 2
   b[0, 1] = 0
   assert peer_bench.first_divergence(a, b) == 1
-  bt = {"model": "vanilla_5m", "scenario": "s", "batch_size": 8,
-        **peer_bench.summary([1.0, 2.0, 4.0], work=8)}
+  bt = {
+    "model": "vanilla_5m",
+    "scenario": "s",
+    "batch_size": 8,
+    **peer_bench.summary([1.0, 2.0, 4.0], work=8),
+  }
   hf = {"model": "vanilla_5m", **peer_bench.summary([4.0, 8.0, 2.0], work=8)}
   assert bt["tokens_per_s"] == 4.0 and bt["tokens_per_s_min"] == 2.0
   c = peer_bench.comparison(bt, hf, "same weights")
-  assert c["ratio"] == 2.0                       # median 2 s vs 4 s
-  assert c["ratio_min"] == pytest.approx(0.5)    # slowest bt (4 s) / fastest hf (2 s)
-  assert c["ratio_max"] == pytest.approx(8.0)    # fastest bt (1 s) / slowest hf (8 s)
+  assert c["ratio"] == 2.0  # median 2 s vs 4 s
+  assert c["ratio_min"] == pytest.approx(0.5)  # slowest bt (4 s) / fastest hf (2 s)
+  assert c["ratio_max"] == pytest.approx(8.0)  # fastest bt (1 s) / slowest hf (8 s)
   assert c["round_ratios"] == [4.0, 4.0, 0.5]
   assert "paper_ratio" not in c
-  block = peer_bench.comparison({**bt, "model": "block_b4_5m", "scenario": "decode_heavy"}, hf,
-                                "equal non-embedding size")
+  block = peer_bench.comparison(
+    {**bt, "model": "block_b4_5m", "scenario": "decode_heavy"}, hf, "equal non-embedding size"
+  )
   assert block["paper_ratio"] == pytest.approx(809.5 / 41.6)
 
 
@@ -100,17 +108,37 @@ def test_tiny_run_agrees_with_transformers(tmp_path):
   out = tmp_path / "new" / "peer.json"
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.peer_bench", "--models=vanilla_tiny,block_b4_tiny",
-       "--scenarios=tiny=8/12", "--batch_size=2", "--repeats=2", "--warmup=1",
-       "--hf_compile=off", "--cache_segments=2", f"--out={out}"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    [
+      sys.executable,
+      "-m",
+      "experiments.peer_bench",
+      "--models=vanilla_tiny,block_b4_tiny",
+      "--scenarios=tiny=8/12",
+      "--batch_size=2",
+      "--repeats=2",
+      "--warmup=1",
+      "--hf_compile=off",
+      "--cache_segments=2",
+      f"--out={out}",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
-  assert report["complete"] and report["groups"] == {"vanilla_tiny": ["vanilla_tiny",
-                                                                      "block_b4_tiny"]}
+  assert report["complete"] and report["groups"] == {
+    "vanilla_tiny": ["vanilla_tiny", "block_b4_tiny"]
+  }
   engines = [(r["engine"], r["model"]) for r in report["results"]]
-  assert engines == [("bt_jax", "vanilla_tiny"), ("bt_jax", "block_b4_tiny"),
-                     ("hf", "vanilla_tiny")]
+  assert engines == [
+    ("bt_jax", "vanilla_tiny"),
+    ("bt_jax", "block_b4_tiny"),
+    ("hf", "vanilla_tiny"),
+  ]
   for r in report["results"]:
     assert len(r["wall_s_repeats"]) == 2 and r["batch_size"] == 2 and r["new_tokens"] == 12
     assert r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"]
@@ -118,7 +146,7 @@ def test_tiny_run_agrees_with_transformers(tmp_path):
   assert hf["mode"] == "eager_dynamic" and hf["attn_implementation"] == "sdpa"
   same, block = report["comparisons"]
   assert same["pair"] == "same weights" and same["tokens_agree"]
-  assert same["tokens_agree_first"] == 12           # every generated token
+  assert same["tokens_agree_first"] == 12  # every generated token
   assert same["ratio_min"] <= same["ratio"] <= same["ratio_max"]
   assert block["bt_model"] == "block_b4_tiny" and block["pair"] == "tiny test pair"
   assert block["paper_ratio"] is None
@@ -127,8 +155,14 @@ def test_tiny_run_agrees_with_transformers(tmp_path):
 
 @pytest.mark.slow
 def test_bad_model_exits_2_naming_it():
-  proc = subprocess.run([sys.executable, "-m", "experiments.peer_bench", "--models=gpt2"],
-                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
-                        text=True, timeout=300, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.peer_bench", "--models=gpt2"],
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 2
   assert proc.stderr.startswith("error: unknown model 'gpt2'; valid names are [")

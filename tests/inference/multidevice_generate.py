@@ -22,8 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bt_jax.attention import xla_attention
-from bt_jax.distributed import (ShardedKVCache, make_sequence_mesh, physical_slots,
-                                to_logical_order)
+from bt_jax.distributed import ShardedKVCache, make_sequence_mesh, physical_slots, to_logical_order
 from bt_jax.inference import generate, generate_fn, make_stream_fns, prepare_prompts
 from bt_jax.inference.caches import padded_mask, padded_window
 from bt_jax.models import build_model, init_params
@@ -43,9 +42,10 @@ LOGITS_ATOL = 1e-4
 TINY = dict(vocab_size=128, max_len=128, init_std=0.3)
 BLOCK = dict(block_layers=2, block_width=32, token_layers=2, token_width=32, **TINY)
 CONFIGS = {
-    "vanilla": tiny_config("vanilla", num_layers=2, width=32, head_dim=16, **TINY),
-    "block-L4": tiny_config("block", block_len=4, **BLOCK),
+  "vanilla": tiny_config("vanilla", num_layers=2, width=32, head_dim=16, **TINY),
+  "block-L4": tiny_config("block", block_len=4, **BLOCK),
 }
+
 
 def assert_same_generation(got, want) -> float:
   """Same tokens and lengths, logits within LOGITS_ATOL; returns the max logit error."""
@@ -62,8 +62,7 @@ def written_per_shard(cache) -> np.ndarray:
   A written key is the projection of a real activation, never all zeros; the
   unwritten slots are the zeros the cache was made of."""
   shards = sorted(cache[0]["key"].addressable_shards, key=lambda s: s.index[1].start)
-  return np.array([int(np.any(np.asarray(s.data) != 0, axis=(0, 2, 3)).sum())
-                   for s in shards])
+  return np.array([int(np.any(np.asarray(s.data) != 0, axis=(0, 2, 3)).sum()) for s in shards])
 
 
 def prefix_counts(num_written: int, num_shards: int) -> np.ndarray:
@@ -86,8 +85,9 @@ def check_model(name: str, mesh8, mesh3) -> None:
   # the filled logical slots, i.e. the first ceil(read / p) local slots of
   # each shard.
   batch = prepare_prompts(PROMPTS, config, max_new)
-  args = jax.device_put((params, batch.tokens, batch.pad, jax.random.key(0)),
-                        NamedSharding(mesh8, P()))
+  args = jax.device_put(
+    (params, batch.tokens, batch.pad, jax.random.key(0)), NamedSharding(mesh8, P())
+  )
   eos_none = jax.device_put(np.int32(-1), NamedSharding(mesh8, P()))
   sharded = generate_fn(model, max_new, return_logits=True, segments=2, mesh=mesh8)
   compiled = sharded.jitted.lower(*args, eos_none).compile()
@@ -96,16 +96,22 @@ def check_model(name: str, mesh8, mesh3) -> None:
   def only_tree_collectives():
     # The cache is never gathered: the only collectives are the all-reduces
     # of the (out, lse) merge.
-    ops = collections.Counter(re.findall(
+    ops = collections.Counter(
+      re.findall(
         r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
-        r"(?:-start)?\(", compiled.as_text()))
+        r"(?:-start)?\(",
+        compiled.as_text(),
+      )
+    )
     assert ops["all-reduce"] > 0 and set(ops) == {"all-reduce"}, ops
     record(f"{name}/p8/hlo_collectives", True, dict(ops))
+
   check(f"{name}/p8/hlo_collectives", only_tree_collectives)
 
   def same_generation():
     err = assert_same_generation(got, want)
     record(f"{name}/p8/tokens_and_logits", True, f"max |logit error| {err:.2e}")
+
   check(f"{name}/p8/tokens_and_logits", same_generation)
 
   def same_with_eos():
@@ -117,12 +123,14 @@ def check_model(name: str, mesh8, mesh3) -> None:
     np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
     np.testing.assert_array_equal(np.asarray(b.lengths), np.asarray(a.lengths))
     record(f"{name}/p8/eos", True, f"lengths {np.asarray(a.lengths).tolist()}")
+
   check(f"{name}/p8/eos", same_with_eos)
 
   def three_devices():
     b = generate(model, params, PROMPTS, max_new_tokens=max_new, mesh=mesh3)
     np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(want.tokens))
     record(f"{name}/p3/tokens", True)
+
   if mesh3 is not None:
     check(f"{name}/p3/tokens", three_devices)
 
@@ -132,16 +140,22 @@ def check_model(name: str, mesh8, mesh3) -> None:
     # round-robin cache (Tree Attention with per-row starts); the merged
     # result must equal the masked path.
     kernel_model = build_model(dataclasses.replace(config, attention_impl="pallas_interpret"))
-    got = generate(kernel_model, params, PROMPTS, max_new_tokens=max_new, return_logits=True,
-                   mesh=mesh8)
+    got = generate(
+      kernel_model, params, PROMPTS, max_new_tokens=max_new, return_logits=True, mesh=mesh8
+    )
     fn = generate_fn(kernel_model, max_new, return_logits=True, mesh=mesh8)
-    calls = [shapes for kernel, shapes in kernel_calls(
-        fn, params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(0))
-             if kernel == "decode_attention"]
+    calls = [
+      shapes
+      for kernel, shapes in kernel_calls(
+        fn, params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jax.random.key(0)
+      )
+      if kernel == "decode_attention"
+    ]
     # traced through the kernel, with starts (operands starts, ends, q, k, v)
     assert calls and all(len(shapes) == 5 for shapes in calls), calls
     err = assert_same_generation(got, want)
     record(f"{name}/p8/pallas_decode_kernel", True, f"max |logit error| {err:.2e}")
+
   check(f"{name}/p8/pallas_decode_kernel", pallas_decode_kernel)
 
   def streamed_cache():
@@ -153,7 +167,7 @@ def check_model(name: str, mesh8, mesh3) -> None:
     cache_len = cache[0]["key"].shape[1]
     prompt_slots = batch.tokens.shape[1] // slot_tokens
     num_steps = state["tokens"].shape[1] // slot_tokens
-    front = cache_len - prompt_slots - num_steps   # masked slots added for the split
+    front = cache_len - prompt_slots - num_steps  # masked slots added for the split
     assert cache_len % p == 0 and 0 <= front < p, (cache_len, prompt_slots, num_steps)
     # Every layer's key and value: split on the slot axis, 1/p of it per device.
     for layer in cache:
@@ -182,8 +196,12 @@ def check_model(name: str, mesh8, mesh3) -> None:
       fills.append(counts.tolist())
     out = finish(state)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(want.tokens))
-    record(f"{name}/p8/stream_cache_sharded_and_even", True,
-           f"cache_len {cache_len}, {front} front slots, written per device {fills}")
+    record(
+      f"{name}/p8/stream_cache_sharded_and_even",
+      True,
+      f"cache_len {cache_len}, {front} front slots, written per device {fills}",
+    )
+
   check(f"{name}/p8/stream_cache_sharded_and_even", streamed_cache)
 
   def data_and_sequence():
@@ -191,8 +209,7 @@ def check_model(name: str, mesh8, mesh3) -> None:
     # cache over 4 devices; the same tokens and logits. 3 prompts are padded
     # to 4 rows by generate and the extra row dropped.
     mesh24 = make_sequence_mesh(4, data_devices=2)
-    got = generate(model, params, PROMPTS, max_new_tokens=max_new, return_logits=True,
-                   mesh=mesh24)
+    got = generate(model, params, PROMPTS, max_new_tokens=max_new, return_logits=True, mesh=mesh24)
     err = assert_same_generation(got, want)
     three = generate(model, params, PROMPTS[:3], max_new_tokens=max_new, mesh=mesh24)
     np.testing.assert_array_equal(np.asarray(three.tokens), np.asarray(want.tokens)[:3])
@@ -205,8 +222,12 @@ def check_model(name: str, mesh8, mesh3) -> None:
         shapes = {s.data.shape for s in array.addressable_shards}
         assert shapes == {(array.shape[0] // 2, array.shape[1] // 4) + array.shape[2:]}, shapes
     assert state["tokens"].sharding.spec == P("data"), state["tokens"].sharding
-    record(f"{name}/d2s4/rows_and_cache_split", True,
-           f"max |logit error| {err:.2e}; cache shard {sorted(shapes)[0]}")
+    record(
+      f"{name}/d2s4/rows_and_cache_split",
+      True,
+      f"max |logit error| {err:.2e}; cache shard {sorted(shapes)[0]}",
+    )
+
   check(f"{name}/d2s4/rows_and_cache_split", data_and_sequence)
 
 
@@ -216,48 +237,68 @@ def check_kernel_path_with_holes(mesh8) -> None:
   result equals unsharded masked attention, and differs from the same window
   without the holes (so the check can fail). On p = 8 and on a 2 x 4 data x
   sequence mesh (rows split too)."""
+
   def run():
     batch, heads, head_dim, cache_len, read_len, slot = 4, 4, 16, 32, 30, 27
     keys = jax.random.split(jax.random.key(11), 5)
     query = jax.random.normal(keys[0], (batch, 1, heads, head_dim))
     new_key = jax.random.normal(keys[1], (batch, 1, heads, head_dim))
     new_value = jax.random.normal(keys[2], (batch, 1, heads, head_dim))
-    logical = {"key": jax.random.normal(keys[3], (batch, cache_len, heads, head_dim)),
-               "value": jax.random.normal(keys[4], (batch, cache_len, heads, head_dim))}
+    logical = {
+      "key": jax.random.normal(keys[3], (batch, cache_len, heads, head_dim)),
+      "value": jax.random.normal(keys[4], (batch, cache_len, heads, head_dim)),
+    }
     pad = jnp.array([0, 3, 9, 1], jnp.int32)
-    window = padded_mask(pad, jnp.array([slot]), read_len)          # [batch, 1, read]
+    window = padded_mask(pad, jnp.array([slot]), read_len)  # [batch, 1, read]
     holes = window.at[:2, 0, 12:17].set(False)
     outs = {}
     # On the 8-device sequence mesh, and on a 2 x 4 data x sequence mesh.
-    for sharded in (ShardedKVCache(mesh8),
-                    ShardedKVCache(make_sequence_mesh(4, data_devices=2), batch_axis="data")):
+    for sharded in (
+      ShardedKVCache(mesh8),
+      ShardedKVCache(make_sequence_mesh(4, data_devices=2), batch_axis="data"),
+    ):
       placed = physical_slots(jnp.arange(cache_len), cache_len, sharded.num_shards)
-      cache = {k: jax.device_put(jnp.zeros_like(v).at[:, placed].set(v), sharded.cache_sharding)
-               for k, v in logical.items()}
+      cache = {
+        k: jax.device_put(jnp.zeros_like(v).at[:, placed].set(v), sharded.cache_sharding)
+        for k, v in logical.items()
+      }
       # The window goes with the mask it is the run of; the mask with holes
       # has none (its caller passes no window): the masked path.
-      for name, mask, runs in (("window", window, padded_window(pad, slot, read_len)),
-                               ("holes", holes, None)):
+      for name, mask, runs in (
+        ("window", window, padded_window(pad, slot, read_len)),
+        ("holes", holes, None),
+      ):
         got, _ = jax.jit(functools.partial(sharded.attend, impl="pallas_interpret"))(
-            query, new_key, new_value, cache, jnp.int32(slot), mask, window=runs)
-        full = {k: v.at[:, slot].set(n[:, 0]) for (k, v), n in
-                zip(logical.items(), (new_key, new_value))}
-        want = xla_attention(query, full["key"][:, :read_len], full["value"][:, :read_len],
-                             causal=False, mask=mask)
+          query, new_key, new_value, cache, jnp.int32(slot), mask, window=runs
+        )
+        full = {
+          k: v.at[:, slot].set(n[:, 0]) for (k, v), n in zip(logical.items(), (new_key, new_value))
+        }
+        want = xla_attention(
+          query, full["key"][:, :read_len], full["value"][:, :read_len], causal=False, mask=mask
+        )
         err = float(jnp.max(jnp.abs(got - want)))
         assert err < 1e-5, (name, dict(sharded.mesh.shape), err)
         outs[name] = want
     gap = float(jnp.max(jnp.abs(outs["holes"][:2] - outs["window"][:2])))
     assert gap > 1e-3, gap
-    record("attend/p8/kernel_path_mask_with_holes", True,
-           f"max error {err:.2e}; holes change rows 0-1 by {gap:.2f}")
+    record(
+      "attend/p8/kernel_path_mask_with_holes",
+      True,
+      f"max error {err:.2e}; holes change rows 0-1 by {gap:.2f}",
+    )
+
   check("attend/p8/kernel_path_mask_with_holes", run)
 
 
 def main() -> int:
   if len(jax.devices()) < 8:
-    record("devices", False, f"need 8 devices, have {len(jax.devices())}; set XLA_FLAGS="
-           "--xla_force_host_platform_device_count=8")
+    record(
+      "devices",
+      False,
+      f"need 8 devices, have {len(jax.devices())}; set XLA_FLAGS="
+      "--xla_force_host_platform_device_count=8",
+    )
     return 1
   mesh8 = make_sequence_mesh(8)
   mesh3 = make_sequence_mesh(3)

@@ -15,8 +15,15 @@ import pytest
 from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from bt_jax.attention import xla_attention
-from bt_jax.distributed import (ShardedKVCache, make_sequence_mesh, masked_partial_attention,
-                                merge_many, physical_slots, round_robin_mask, to_logical_order)
+from bt_jax.distributed import (
+  ShardedKVCache,
+  make_sequence_mesh,
+  masked_partial_attention,
+  merge_many,
+  physical_slots,
+  round_robin_mask,
+  to_logical_order,
+)
 from bt_jax.inference import generate, generate_fn, make_stream_fns
 from bt_jax.models import build_model
 from tests.multidevice import run_check_script
@@ -27,7 +34,7 @@ from tests.utils import tiny_config
 def test_slots_are_dealt_round_robin(cache_len, num_shards):
   logical = np.arange(cache_len)
   physical = np.asarray(physical_slots(jnp.asarray(logical), cache_len, num_shards))
-  assert sorted(physical.tolist()) == logical.tolist()          # a permutation
+  assert sorted(physical.tolist()) == logical.tolist()  # a permutation
   shard_len = cache_len // num_shards
   np.testing.assert_array_equal(physical // shard_len, logical % num_shards)
   np.testing.assert_array_equal(physical % shard_len, logical // num_shards)
@@ -39,7 +46,8 @@ def test_slots_are_dealt_round_robin(cache_len, num_shards):
   stored = np.zeros(cache_len, np.int32)
   stored[physical] = logical
   np.testing.assert_array_equal(
-      np.asarray(to_logical_order(jnp.asarray(stored)[None], num_shards)), logical[None])
+    np.asarray(to_logical_order(jnp.asarray(stored)[None], num_shards)), logical[None]
+  )
 
 
 def test_slot_placement_needs_a_multiple_of_the_shards():
@@ -70,17 +78,19 @@ def test_masked_partials_merge_to_full_attention():
   key = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim))
   value = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim))
   mask = np.array(jax.random.bernoulli(keys[3], 0.5, (batch, q_len, kv_len)))
-  mask[:, :, 4:8] = False          # the middle shard has no visible key
-  mask[1, 2] = False               # a query that sees nothing at all
+  mask[:, :, 4:8] = False  # the middle shard has no visible key
+  mask[1, 2] = False  # a query that sees nothing at all
   mask = jnp.asarray(mask)
-  partial = jax.jit(masked_partial_attention)   # one compile, not one per op
-  partials = [partial(query, key[:, s:s + 4], value[:, s:s + 4],
-                      mask[..., s:s + 4]) for s in (0, 4, 8)]
+  partial = jax.jit(masked_partial_attention)  # one compile, not one per op
+  partials = [
+    partial(query, key[:, s : s + 4], value[:, s : s + 4], mask[..., s : s + 4]) for s in (0, 4, 8)
+  ]
   assert np.all(np.isneginf(np.asarray(partials[1][1])))
   assert not np.isnan(np.asarray(partials[1][0])).any()
   out, lse = jax.jit(merge_many)(partials)
-  want = jax.jit(xla_attention, static_argnames="causal")(query, key, value, causal=False,
-                                                          mask=mask)
+  want = jax.jit(xla_attention, static_argnames="causal")(
+    query, key, value, causal=False, mask=mask
+  )
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
   assert np.all(np.asarray(out[1, 2]) == 0) and np.isneginf(np.asarray(lse[1, :, 2])).all()
 
@@ -105,16 +115,20 @@ def test_a_mesh_without_a_sequence_axis_is_an_error():
 
 def test_data_axis_errors_name_the_bad_value():
   mesh = make_sequence_mesh(1)
-  with pytest.raises(ValueError, match=r"batch_axis='data' must be a mesh axis other than "
-                                       r"'sequence'; the mesh's axes are \('sequence',\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"batch_axis='data' must be a mesh axis other than "
+    r"'sequence'; the mesh's axes are \('sequence',\)",
+  ):
     ShardedKVCache(mesh, batch_axis="data")
   with pytest.raises(ValueError, match=r"data_devices must be in \[1, 1\]; got 2"):
     make_sequence_mesh(1, data_devices=2)
-  two_axes = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "sequence"),
-                  axis_types=(AxisType.Auto,) * 2)
+  two_axes = Mesh(
+    np.array(jax.devices()[:1]).reshape(1, 1), ("data", "sequence"), axis_types=(AxisType.Auto,) * 2
+  )
   sharded = ShardedKVCache(two_axes, batch_axis="data")
   assert sharded.batch_shards == 1 and sharded.cache_sharding.spec == P("data", "sequence")
-  sharded.check_batch(3)   # one row group: any batch
+  sharded.check_batch(3)  # one row group: any batch
 
 
 @pytest.mark.multidevice

@@ -13,28 +13,35 @@ import numpy as np
 import pytest
 
 from bt_jax.config import BlockConfig, StackConfig, head_dim_for_width
-from bt_jax.models import (block_aligned, build_model, init_params, sequence_loss,
-                           token_logprobs)
+from bt_jax.models import block_aligned, build_model, init_params, sequence_loss, token_logprobs
 from tests.utils import tiny_config
 
 VOCAB = 61
-TINY_BLOCK = dict(vocab_size=VOCAB, max_len=64, block_layers=2, block_width=64, token_layers=2,
-                  token_width=64, encoder_layers=1, encoder_width=32)
+TINY_BLOCK = dict(
+  vocab_size=VOCAB,
+  max_len=64,
+  block_layers=2,
+  block_width=64,
+  token_layers=2,
+  token_width=64,
+  encoder_layers=1,
+  encoder_width=32,
+)
 TINY_VANILLA = dict(vocab_size=VOCAB, max_len=64, num_layers=2, width=64)
 
 # Every embedder (with the default strategy), every strategy (with the default
 # embedder), and block lengths 1, 2, 4, 8: not the full cross product, to keep
 # compiles few.
 BLOCK_VARIANTS = {
-    "lookup-prefix-L4": dict(),
-    "projection-prefix-L4": dict(embedder="projection"),
-    "encoder-prefix-L4": dict(embedder="encoder"),
-    "lookup-summation-L4": dict(token_decoder="summation"),
-    "lookup-cross-L4": dict(token_decoder="cross_attention"),
-    "lookup-prefix-L1": dict(block_len=1),
-    "lookup-prefix-L2": dict(block_len=2),
-    "lookup-prefix-L8-P3": dict(block_len=8, prefix_len=3),
-    "encoder-summation-L2": dict(embedder="encoder", token_decoder="summation", block_len=2),
+  "lookup-prefix-L4": dict(),
+  "projection-prefix-L4": dict(embedder="projection"),
+  "encoder-prefix-L4": dict(embedder="encoder"),
+  "lookup-summation-L4": dict(token_decoder="summation"),
+  "lookup-cross-L4": dict(token_decoder="cross_attention"),
+  "lookup-prefix-L1": dict(block_len=1),
+  "lookup-prefix-L2": dict(block_len=2),
+  "lookup-prefix-L8-P3": dict(block_len=8, prefix_len=3),
+  "encoder-summation-L2": dict(embedder="encoder", token_decoder="summation", block_len=2),
 }
 
 
@@ -76,14 +83,20 @@ def test_causality(name):
   lp, valid = jitted_logprobs(name)(params, tokens, jnp.ones_like(tokens))
   lp = np.asarray(lp)
   for i, j in enumerate(positions, start=1):
-    np.testing.assert_allclose(lp[i, :j], lp[0, :j], atol=1e-5, rtol=0,
-                               err_msg=f"{name}: changing token {j} changed an earlier log-prob")
+    np.testing.assert_allclose(
+      lp[i, :j],
+      lp[0, :j],
+      atol=1e-5,
+      rtol=0,
+      err_msg=f"{name}: changing token {j} changed an earlier log-prob",
+    )
     # Non-vacuous: the change is seen from position j on.
     if j >= 1:
       assert abs(lp[i, j] - lp[0, j]) > 1e-6, f"{name}: token {j}'s own log-prob did not change"
     if j + 1 < length:
-      assert np.max(np.abs(lp[i, j + 1:] - lp[0, j + 1:])) > 1e-6, (
-          f"{name}: changing token {j} changed nothing after it")
+      assert np.max(np.abs(lp[i, j + 1 :] - lp[0, j + 1 :])) > 1e-6, (
+        f"{name}: changing token {j} changed nothing after it"
+      )
   np.testing.assert_array_equal(np.asarray(valid[0]), np.arange(length) >= 1)
 
 
@@ -137,16 +150,18 @@ def test_loss_equals_mean_negative_token_logprobs(name):
   assert np.sum(np.asarray(valid)) == sum(n - 1 for n in lengths)
   if isinstance(model.config, BlockConfig):
     # The training input is the section-6 alignment; block 0 is never a target.
-    train_tokens, train_mask = block_aligned(jnp.asarray(tokens), jnp.asarray(mask),
-                                             model.config.block_len, 0)
+    train_tokens, train_mask = block_aligned(
+      jnp.asarray(tokens), jnp.asarray(mask), model.config.block_len, 0
+    )
     # The pseudo-EOS right pad is a target in training but not a scored token here.
     start = model.config.block_len - 1
-    train_mask = train_mask.at[:, start + width:].set(0)
-    pseudo = np.asarray(block_aligned(jnp.asarray(tokens), jnp.asarray(mask),
-                                      model.config.block_len, 0)[1])
+    train_mask = train_mask.at[:, start + width :].set(0)
+    pseudo = np.asarray(
+      block_aligned(jnp.asarray(tokens), jnp.asarray(mask), model.config.block_len, 0)[1]
+    )
     train_mask = jnp.where(jnp.arange(train_mask.shape[1]) >= start, train_mask, 0)
     train_mask = train_mask * (jnp.asarray(pseudo) * 0 + 1)
-    real = jnp.zeros_like(train_mask).at[:, start:start + width].set(jnp.asarray(mask))
+    real = jnp.zeros_like(train_mask).at[:, start : start + width].set(jnp.asarray(mask))
     loss, aux = sequence_loss(model, params, train_tokens, real)
   else:
     loss, aux = sequence_loss(model, params, jnp.asarray(tokens), jnp.asarray(mask))
@@ -177,8 +192,9 @@ def test_bf16_forward_is_finite_and_close(name):
   err = np.abs(np.asarray(lp16) - np.asarray(lp32))[np.asarray(valid)]
   assert err.max() < 0.1 and err.mean() < 0.02, (err.max(), err.mean())
   # Parameters in bf16 too.
-  bf16_all = build_model(dataclasses.replace(model.config, dtype="bfloat16",
-                                             param_dtype="bfloat16"))
+  bf16_all = build_model(
+    dataclasses.replace(model.config, dtype="bfloat16", param_dtype="bfloat16")
+  )
   p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
   lp16b, _ = token_logprobs(bf16_all, p16, tokens)
   assert np.all(np.isfinite(np.asarray(lp16b)))
@@ -202,23 +218,32 @@ def _np_rotary(x, rot, base=10000.0):
   emb = np.concatenate([freqs, freqs], -1)
   cos, sin = np.cos(emb)[:, None], np.sin(emb)[:, None]
   xr, xp = x[..., :rot], x[..., rot:]
-  half = np.concatenate([-xr[..., rot // 2:], xr[..., :rot // 2]], -1)
+  half = np.concatenate([-xr[..., rot // 2 :], xr[..., : rot // 2]], -1)
   return np.concatenate([xr * cos + half * sin, xp], -1)
 
 
 def _np_neox_layer(x, p, rot):
   """x [length, D]: x + attn(ln1 x) + mlp(ln2 x), written independently of the flax code."""
+
   def attn(h):
-    q = np.einsum("ld,dhk->lhk", h, p["attention"]["query"]["kernel"]) + p["attention"]["query"]["bias"]
+    q = (
+      np.einsum("ld,dhk->lhk", h, p["attention"]["query"]["kernel"])
+      + p["attention"]["query"]["bias"]
+    )
     k = np.einsum("ld,dhk->lhk", h, p["attention"]["key"]["kernel"]) + p["attention"]["key"]["bias"]
-    v = np.einsum("ld,dhk->lhk", h, p["attention"]["value"]["kernel"]) + p["attention"]["value"]["bias"]
+    v = (
+      np.einsum("ld,dhk->lhk", h, p["attention"]["value"]["kernel"])
+      + p["attention"]["value"]["bias"]
+    )
     q, k = _np_rotary(q, rot), _np_rotary(k, rot)
     s = np.einsum("qhk,shk->hqs", q, k) / math.sqrt(q.shape[-1])
     s = np.where(np.tril(np.ones((len(h), len(h)), bool)), s, -np.inf)
     w = np.exp(s - s.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     o = np.einsum("hqs,shk->qhk", w, v)
-    return np.einsum("qhk,hkd->qd", o, p["attention"]["out"]["kernel"]) + p["attention"]["out"]["bias"]
+    return (
+      np.einsum("qhk,hkd->qd", o, p["attention"]["out"]["kernel"]) + p["attention"]["out"]["bias"]
+    )
 
   def mlp(h):
     a = h @ p["mlp"]["wi"]["kernel"] + p["mlp"]["wi"]["bias"]
@@ -234,7 +259,8 @@ def test_vanilla_matches_numpy_gpt_neox():
   leaves, treedef = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.key(7), len(leaves))
   params = jax.tree_util.tree_unflatten(
-      treedef, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+    treedef, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
+  )
   tokens = np.array([[5, 17, 3, 60, 0, 22, 9, 41, 33, 2, 8]], np.int32)
   logits = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
@@ -256,7 +282,7 @@ def test_head_dim_rule_and_init():
   emb = np.asarray(params["token_embed"]["embedding"])
   assert abs(emb.std() - 0.02) < 0.003
   exp = np.asarray(params["expansion"]["kernel"])
-  assert abs(exp.std() - 64 ** -0.5) < 0.02 and exp.shape == (64, 2 * 64)
+  assert abs(exp.std() - 64**-0.5) < 0.02 and exp.shape == (64, 2 * 64)
 
 
 # ---------------------------------------------------------------- bad input
@@ -268,12 +294,18 @@ def test_length_not_multiple_of_block_len():
     model.apply({"params": params}, jnp.zeros((1, 10), jnp.int32))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(embedder="conv"), r"unknown embedder 'conv'; valid values are \['lookup', 'projection', 'encoder'\]"),
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    (
+      dict(embedder="conv"),
+      r"unknown embedder 'conv'; valid values are \['lookup', 'projection', 'encoder'\]",
+    ),
     (dict(token_decoder="medusa"), r"unknown token_decoder 'medusa'; valid values are"),
     (dict(block_len=3), r"block_width 64 is not divisible by block_len 3"),
     (dict(attention_impl="flash"), r"unknown attention_impl 'flash'"),
-])
+  ],
+)
 def test_bad_block_config(kwargs, message):
   with pytest.raises(ValueError, match=message):
     tiny_config("block", **{**TINY_BLOCK, **kwargs})
@@ -287,7 +319,9 @@ def test_projection_embedder_allows_any_width():
 def test_token_id_outside_vocab(name):
   model, params = model_and_params(name)
   tokens = jnp.array([[1, 2, VOCAB, 3]], jnp.int32)
-  with pytest.raises(ValueError, match=rf"token id {VOCAB} is outside the vocabulary; valid ids are 0..{VOCAB - 1}"):
+  with pytest.raises(
+    ValueError, match=rf"token id {VOCAB} is outside the vocabulary; valid ids are 0..{VOCAB - 1}"
+  ):
     token_logprobs(model, params, tokens)
   with pytest.raises(ValueError, match=r"token id -1"):
     token_logprobs(model, params, jnp.array([[1, -1]], jnp.int32))
@@ -295,7 +329,9 @@ def test_token_id_outside_vocab(name):
 
 def test_too_long_for_context():
   model, params = model_and_params("vanilla")
-  with pytest.raises(ValueError, match=r"sequence length 65 exceeds the model's context \(max_len 64\)"):
+  with pytest.raises(
+    ValueError, match=r"sequence length 65 exceeds the model's context \(max_len 64\)"
+  ):
     token_logprobs(model, params, jnp.zeros((1, 65), jnp.int32))
 
 
@@ -305,8 +341,9 @@ def test_remat_recomputes_the_same_loss_and_gradients(name, remat):
   recomputation), and the backward pass really holds checkpointed layers."""
   model, params = model_and_params(name)
   remat_model = build_model(dataclasses.replace(make_config(name), remat=remat))
-  assert (jax.tree.structure(init_params(remat_model, jax.random.key(0)))
-          == jax.tree.structure(params))
+  assert jax.tree.structure(init_params(remat_model, jax.random.key(0))) == jax.tree.structure(
+    params
+  )
   tokens = jax.random.randint(jax.random.key(3), (2, 32), 1, VOCAB)
   mask = jnp.ones_like(tokens)
 

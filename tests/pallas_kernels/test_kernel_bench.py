@@ -19,12 +19,17 @@ from experiments.kernel_bench import DecodeShape, FlashShape
 
 def test_kernel_bench_tiny_preset(monkeypatch, tmp_path, capsys):
   tiny = dict(
-      dtype="float32", warmup=0, repeats=1,
-      flash=[FlashShape(1, 40, 2, 1, 16, True, tiles=((16, 16, 16, 32),)),
-             FlashShape(1, 32, 2, 2, 16, False, local_block=8)],
-      decode=[DecodeShape(2, 2, 100, 4, 2, 16)])
+    dtype="float32",
+    warmup=0,
+    repeats=1,
+    flash=[
+      FlashShape(1, 40, 2, 1, 16, True, tiles=((16, 16, 16, 32),)),
+      FlashShape(1, 32, 2, 2, 16, False, local_block=8),
+    ],
+    decode=[DecodeShape(2, 2, 100, 4, 2, 16)],
+  )
   monkeypatch.setitem(kernel_bench.PRESETS, "cpu", tiny)
-  out = tmp_path / "new_folder" / "bench.json"    # --out's folder is created
+  out = tmp_path / "new_folder" / "bench.json"  # --out's folder is created
   records = cli.call(kernel_bench, ["--preset", "cpu", "--out", str(out), "--peak_bw_gbs", "100"])
   printed = capsys.readouterr().out
   report = json.loads(out.read_text())
@@ -42,8 +47,13 @@ def test_kernel_bench_tiny_preset(monkeypatch, tmp_path, capsys):
   flash = [r for r in timed if r["kernel"] == "flash"]
   impls = {(r["impl"], r["mode"], r["seq_len"]) for r in flash}
   for mode in ("fwd", "fwd_bwd"):
-    assert {("pallas", mode, 40), ("xla_ref", mode, 40), ("jax_nn_xla", mode, 40),
-            ("pallas[16,16,16,32]", mode, 40), ("pallas", mode, 32)} <= impls
+    assert {
+      ("pallas", mode, 40),
+      ("xla_ref", mode, 40),
+      ("jax_nn_xla", mode, 40),
+      ("pallas[16,16,16,32]", mode, 40),
+      ("pallas", mode, 32),
+    } <= impls
   for r in flash:
     if r["impl"] == "pallas":
       keys = ("fwd_out", "fwd_lse") if r["mode"] == "fwd" else ("dq", "dk", "dv")
@@ -64,8 +74,13 @@ def test_kernel_bench_tiny_preset(monkeypatch, tmp_path, capsys):
 
 def test_kernel_bench_keeps_what_was_measured(monkeypatch, tmp_path):
   """A crash in the decode shapes leaves the flash records in the JSON."""
-  tiny = dict(dtype="float32", warmup=0, repeats=1,
-              flash=[FlashShape(1, 32, 2, 2, 16, True)], decode=[DecodeShape(1, 1, 64, 2, 2, 16)])
+  tiny = dict(
+    dtype="float32",
+    warmup=0,
+    repeats=1,
+    flash=[FlashShape(1, 32, 2, 2, 16, True)],
+    decode=[DecodeShape(1, 1, 64, 2, 2, 16)],
+  )
   monkeypatch.setitem(kernel_bench.PRESETS, "cpu", tiny)
 
   def crash(*args, **kwargs):

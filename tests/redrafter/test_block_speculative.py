@@ -20,10 +20,14 @@ import pytest
 from bt_jax.inference import SamplingConfig, generate, prepare_prompts
 from bt_jax.models import build_model, init_params
 from bt_jax.redrafter import DraftHead, DrafterConfig, init_drafter
-from bt_jax.redrafter.block_speculative import (block_drafter_generate_fn, block_hidden_states,
-                                                block_speculative_generate,
-                                                block_speculative_generate_fn,
-                                                check_block_drafter_fits, train_block_drafter)
+from bt_jax.redrafter.block_speculative import (
+  block_drafter_generate_fn,
+  block_hidden_states,
+  block_speculative_generate,
+  block_speculative_generate_fn,
+  check_block_drafter_fits,
+  train_block_drafter,
+)
 from tests.utils import tiny_config
 
 _VOCAB = 64
@@ -31,8 +35,17 @@ _VOCAB = 64
 
 def _config(block_len, **kwargs):
   # init_std 0.3: peaked distributions, so greedy argmaxes are not near-ties.
-  fields = dict(vocab_size=_VOCAB, block_len=block_len, block_layers=1, block_width=32,
-                token_layers=1, token_width=32, prefix_len=2, max_len=128, init_std=0.3)
+  fields = dict(
+    vocab_size=_VOCAB,
+    block_len=block_len,
+    block_layers=1,
+    block_width=32,
+    token_layers=1,
+    token_width=32,
+    prefix_len=2,
+    max_len=128,
+    init_std=0.3,
+  )
   fields.update(kwargs)
   return tiny_config("block", **fields)
 
@@ -45,8 +58,16 @@ def _base(block_len, token_decoder="prefix"):
 
 # Ragged prompts: one token, a whole block or two, lengths that are no
 # multiple of any L_B.
-_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [1, 2, 3, 4, 5], [20, 21, 22, 23, 24, 25, 26, 27],
-            [40, 41], [9, 8, 7, 6, 5, 4, 3, 2, 1, 60, 61], [33, 34, 35], [12, 13, 14, 15]]
+_PROMPTS = [
+  [5, 6, 7, 8, 9, 10, 11],
+  [3],
+  [1, 2, 3, 4, 5],
+  [20, 21, 22, 23, 24, 25, 26, 27],
+  [40, 41],
+  [9, 8, 7, 6, 5, 4, 3, 2, 1, 60, 61],
+  [33, 34, 35],
+  [12, 13, 14, 15],
+]
 
 
 def test_hidden_states_are_what_the_head_reads():
@@ -55,19 +76,28 @@ def test_hidden_states_are_what_the_head_reads():
   block_len = 4
   model, params = _base(block_len)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, _VOCAB, size=(2, 16)), jnp.int32)
-  logits = jax.jit(model.apply)({"params": params}, tokens)          # [2, 3, L, V]
+  logits = jax.jit(model.apply)({"params": params}, tokens)  # [2, 3, L, V]
   hidden = jax.jit(functools.partial(block_hidden_states, model))(params, tokens)
   assert hidden.shape == (2, 16, 32)
-  via_hidden = jnp.dot(hidden, params["lm_head"]["kernel"])[:, block_len - 1:-1]
-  np.testing.assert_allclose(np.asarray(via_hidden).reshape(logits.shape), np.asarray(logits),
-                             rtol=1e-5, atol=1e-5)
-  assert not np.asarray(hidden[:, :block_len - 1]).any() and not np.asarray(hidden[:, -1]).any()
+  via_hidden = jnp.dot(hidden, params["lm_head"]["kernel"])[:, block_len - 1 : -1]
+  np.testing.assert_allclose(
+    np.asarray(via_hidden).reshape(logits.shape), np.asarray(logits), rtol=1e-5, atol=1e-5
+  )
+  assert not np.asarray(hidden[:, : block_len - 1]).any() and not np.asarray(hidden[:, -1]).any()
 
 
-@pytest.mark.parametrize("block_len,token_decoder",
-                         [(1, "prefix"), (2, "prefix"), (4, "prefix"), (8, "prefix"),
-                          (4, "summation"), (4, "cross_attention")],
-                         ids=["L1", "L2", "L4", "L8", "L4-summation", "L4-cross_attention"])
+@pytest.mark.parametrize(
+  "block_len,token_decoder",
+  [
+    (1, "prefix"),
+    (2, "prefix"),
+    (4, "prefix"),
+    (8, "prefix"),
+    (4, "summation"),
+    (4, "cross_attention"),
+  ],
+  ids=["L1", "L2", "L4", "L8", "L4-summation", "L4-cross_attention"],
+)
 def test_oracle_drafts_give_greedy_tokens_for_every_block_len(block_len, token_decoder):
   """Drafts built from the true greedy continuation with row- and step-
   dependent corruptions, beams sharing prefixes: rows accept different
@@ -85,22 +115,27 @@ def test_oracle_drafts_give_greedy_tokens_for_every_block_len(block_len, token_d
   def draft_fn(hidden, g0, n_out, step):
     del hidden
     rows = jnp.arange(g0.shape[0])
-    true = jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, draft_len + 1))(
-        reference, n_out).at[:, 0].set(g0)
+    true = (
+      jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, draft_len + 1))(reference, n_out)
+      .at[:, 0]
+      .set(g0)
+    )
     depth = jnp.arange(draft_len + 1)[None, :]
     # Beam 0 (whose tokens fill the first packed slots) is wrong from depth
     # 1, so a chosen later beam's K/V must be moved into place.
     beam0 = jnp.where(depth >= 1, (true * 7 + 5) % _VOCAB, true)
-    beam1 = jnp.where(depth == 1 + ((rows + step) % draft_len)[:, None], (true + 1) % _VOCAB,
-                      true)
+    beam1 = jnp.where(depth == 1 + ((rows + step) % draft_len)[:, None], (true + 1) % _VOCAB, true)
     # Even rows: all correct; odd rows: wrong from depth 1 (rows 1, 5) or 2.
-    beam2 = jnp.where((rows % 2 == 0)[:, None], true,
-                      jnp.where(depth >= 1 + (rows // 2 % 2)[:, None], (true + 2) % _VOCAB,
-                                true))
+    beam2 = jnp.where(
+      (rows % 2 == 0)[:, None],
+      true,
+      jnp.where(depth >= 1 + (rows // 2 % 2)[:, None], (true + 2) % _VOCAB, true),
+    )
     return jnp.stack([beam0, beam1, beam2], axis=1)
 
-  fn = block_speculative_generate_fn(model, draft_fn, num_beams=num_beams, draft_len=draft_len,
-                                     max_new_tokens=max_new)
+  fn = block_speculative_generate_fn(
+    model, draft_fn, num_beams=num_beams, draft_len=draft_len, max_new_tokens=max_new
+  )
   batch = prepare_prompts(_PROMPTS, model.config, max_new)
   args = (params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad))
   got = fn(*args, jnp.int32(-1))
@@ -109,7 +144,7 @@ def test_oracle_drafts_give_greedy_tokens_for_every_block_len(block_len, token_d
   row_steps, accepted = np.asarray(got.row_steps), np.asarray(got.accepted)
   assert (row_steps + accepted >= max_new).all(), (row_steps, accepted)
   if block_len == 1:
-    assert not accepted.any()                   # nothing left to draft in a block of one
+    assert not accepted.any()  # nothing left to draft in a block of one
   else:
     # Even rows accept every draft the block leaves: one step per block when
     # C >= L_B - 1; odd rows accept less.
@@ -117,15 +152,17 @@ def test_oracle_drafts_give_greedy_tokens_for_every_block_len(block_len, token_d
     want_even = blocks if draft_len >= block_len - 1 else None
     if want_even is not None:
       assert (row_steps[0::2] == want_even).all(), row_steps
-    assert (accepted > 0).all() and (row_steps[1::2] >= row_steps[0::2]).all(), (row_steps,
-                                                                                 accepted)
+    assert (accepted > 0).all() and (row_steps[1::2] >= row_steps[0::2]).all(), (
+      row_steps,
+      accepted,
+    )
     assert row_steps[1] > row_steps[0] and row_steps[5] > row_steps[4], row_steps
   eos = int(np.asarray(want.tokens)[2, 5])
   want_eos = generate(model, params, _PROMPTS, max_new_tokens=max_new, eos_id=eos)
   got_eos = fn(*args, jnp.int32(eos))
   np.testing.assert_array_equal(np.asarray(got_eos.tokens), np.asarray(want_eos.tokens))
   np.testing.assert_array_equal(np.asarray(got_eos.lengths), np.asarray(want_eos.lengths))
-  assert np.asarray(want_eos.lengths).min() < max_new          # some row stopped at EOS
+  assert np.asarray(want_eos.lengths).min() < max_new  # some row stopped at EOS
 
 
 @functools.lru_cache(maxsize=2)
@@ -141,9 +178,15 @@ def _distilled(block_len):
   target_mask = np.zeros(tokens.shape, bool)
   target_mask[:, prompt_len:] = True
   drafter = DraftHead(DrafterConfig.for_base(model.config, draft_len=3))
-  dparams, losses = train_block_drafter(model, params, drafter,
-                                        init_drafter(drafter, jax.random.key(1)), tokens,
-                                        steps=120, target_mask=target_mask)
+  dparams, losses = train_block_drafter(
+    model,
+    params,
+    drafter,
+    init_drafter(drafter, jax.random.key(1)),
+    tokens,
+    steps=120,
+    target_mask=target_mask,
+  )
   return drafter, dparams, losses
 
 
@@ -159,75 +202,122 @@ def test_a_distilled_drafter_is_accepted_and_greedy_stays_exact(block_len):
   rng = np.random.default_rng(1)
   prompts = [rng.integers(1, _VOCAB, size=rng.integers(1, 12)).tolist() for _ in range(8)]
   want = generate(model, params, prompts, max_new_tokens=20)
-  got = block_speculative_generate(model, params, drafter, dparams, prompts, max_new_tokens=20,
-                                   beam_width=3)
+  got = block_speculative_generate(
+    model, params, drafter, dparams, prompts, max_new_tokens=20, beam_width=3
+  )
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
   np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
   per_step = np.asarray(got.accepted).sum() / np.asarray(got.row_steps).sum()
   assert per_step > 1.0, per_step
-  untrained = block_speculative_generate(model, params, drafter,
-                                         init_drafter(drafter, jax.random.key(9)), prompts,
-                                         max_new_tokens=20, beam_width=3)
+  untrained = block_speculative_generate(
+    model,
+    params,
+    drafter,
+    init_drafter(drafter, jax.random.key(9)),
+    prompts,
+    max_new_tokens=20,
+    beam_width=3,
+  )
   np.testing.assert_array_equal(np.asarray(untrained.tokens), np.asarray(want.tokens))
-  assert np.asarray(untrained.accepted).sum() / np.asarray(untrained.row_steps).sum() \
-      < 0.5 * per_step
+  assert (
+    np.asarray(untrained.accepted).sum() / np.asarray(untrained.row_steps).sum() < 0.5 * per_step
+  )
 
 
 def test_a_drafter_for_another_base_is_an_error_naming_both_sides():
   model, params = _base(4)
   config = model.config
   for other, message in [
-      (_config(4, token_width=64), "made for vocab 64 and width 64; this block base model has "
-                                   "vocab 64 and token decoder width 32"),
-      (_config(4, vocab_size=80), "made for vocab 80 and width 32; this block base model has "
-                                  "vocab 64 and token decoder width 32"),
-      (tiny_config("vanilla", vocab_size=_VOCAB, width=48, head_dim=16),
-       "made for vocab 64 and width 48; this block base model has vocab 64 and token decoder "
-       "width 32")]:
+    (
+      _config(4, token_width=64),
+      "made for vocab 64 and width 64; this block base model has "
+      "vocab 64 and token decoder width 32",
+    ),
+    (
+      _config(4, vocab_size=80),
+      "made for vocab 80 and width 32; this block base model has "
+      "vocab 64 and token decoder width 32",
+    ),
+    (
+      tiny_config("vanilla", vocab_size=_VOCAB, width=48, head_dim=16),
+      "made for vocab 64 and width 48; this block base model has vocab 64 and token decoder "
+      "width 32",
+    ),
+  ]:
     drafter = DraftHead(DrafterConfig.for_base(other, draft_len=2))
     with pytest.raises(ValueError, match=message):
       block_speculative_generate(model, params, drafter, None, [[1, 2]], max_new_tokens=2)
   drafter = DraftHead(DrafterConfig.for_base(config, draft_len=2))
-  assert drafter.config.hidden_dim == drafter.config.embed_dim == 32   # the token decoder's
-  with pytest.raises(ValueError, match="trained for a vanilla base model; this base model is "
-                                       "block"):
-    block_speculative_generate(model, params, drafter, None, [[1, 2]], max_new_tokens=2,
-                               recorded_base={"kind": "vanilla", "width": 32,
-                                              "vocab_size": _VOCAB})
-  with pytest.raises(ValueError, match="drafts for a block base model; this base model is "
-                                       "vanilla"):
+  assert drafter.config.hidden_dim == drafter.config.embed_dim == 32  # the token decoder's
+  with pytest.raises(
+    ValueError, match="trained for a vanilla base model; this base model is block"
+  ):
+    block_speculative_generate(
+      model,
+      params,
+      drafter,
+      None,
+      [[1, 2]],
+      max_new_tokens=2,
+      recorded_base={"kind": "vanilla", "width": 32, "vocab_size": _VOCAB},
+    )
+  with pytest.raises(ValueError, match="drafts for a block base model; this base model is vanilla"):
     check_block_drafter_fits(drafter, tiny_config("vanilla", vocab_size=_VOCAB, width=32))
   with pytest.raises(TypeError, match="needs a BlockTransformer base model; got VanillaLM"):
-    block_speculative_generate(build_model(tiny_config("vanilla", vocab_size=_VOCAB, width=32)), None,
-                               drafter, None, [[1, 2]], max_new_tokens=2)
+    block_speculative_generate(
+      build_model(tiny_config("vanilla", vocab_size=_VOCAB, width=32)),
+      None,
+      drafter,
+      None,
+      [[1, 2]],
+      max_new_tokens=2,
+    )
   with pytest.raises(ValueError, match="beam_width 65 exceeds the vocabulary \\(64\\)"):
-    block_speculative_generate(model, params, drafter, None, [[1, 2]], max_new_tokens=2,
-                               beam_width=65)
+    block_speculative_generate(
+      model, params, drafter, None, [[1, 2]], max_new_tokens=2, beam_width=65
+    )
   with pytest.raises(ValueError, match="draft_top_k cuts the drafter's logits"):
-    block_speculative_generate(model, params, drafter, None, [[1, 2]], max_new_tokens=2,
-                               sampling=SamplingConfig(temperature=1.0), draft_top_k=2)
-  check_block_drafter_fits(drafter, config, {"kind": "block", "width": 32,
-                                             "vocab_size": _VOCAB})
+    block_speculative_generate(
+      model,
+      params,
+      drafter,
+      None,
+      [[1, 2]],
+      max_new_tokens=2,
+      sampling=SamplingConfig(temperature=1.0),
+      draft_top_k=2,
+    )
+  check_block_drafter_fits(drafter, config, {"kind": "block", "width": 32, "vocab_size": _VOCAB})
 
 
 # Speculative sampling: the joint distribution of the first four generated
 # tokens over a 4-token vocabulary, against the exact one from full forwards.
 _JOINT_ROWS = 20000
-_SAMPLE_PROMPT = [1, 2, 3, 1]      # whole blocks for L_B 2 and 4
+_SAMPLE_PROMPT = [1, 2, 3, 1]  # whole blocks for L_B 2 and 4
 
 
 @functools.lru_cache(maxsize=2)
 def _four_token_setup(block_len):
-  config = tiny_config("block", vocab_size=4, block_len=block_len, block_layers=1, block_width=32,
-                       token_layers=1, token_width=32, prefix_len=2, max_len=32, init_std=1.0)
+  config = tiny_config(
+    "block",
+    vocab_size=4,
+    block_len=block_len,
+    block_layers=1,
+    block_width=32,
+    token_layers=1,
+    token_width=32,
+    prefix_len=2,
+    max_len=32,
+    init_std=1.0,
+  )
   model = build_model(config)
   params = init_params(model, jax.random.key(3))
   drafter = DraftHead(DrafterConfig.for_base(config, draft_len=2))
   dparams = init_drafter(drafter, jax.random.key(4))
-  sequences = np.array(list(itertools.product(range(4), repeat=4)), np.int32)    # [256, 4]
+  sequences = np.array(list(itertools.product(range(4), repeat=4)), np.int32)  # [256, 4]
   full = np.concatenate([np.tile(_SAMPLE_PROMPT, (len(sequences), 1)), sequences], axis=1)
-  logits = model.apply({"params": params}, jnp.asarray(full))     # blocks 1.. of 8 tokens
-  logits = np.asarray(logits).reshape(len(sequences), -1, 4)[:, len(_SAMPLE_PROMPT) - block_len:]
+  logits = model.apply({"params": params}, jnp.asarray(full))  # blocks 1.. of 8 tokens
+  logits = np.asarray(logits).reshape(len(sequences), -1, 4)[:, len(_SAMPLE_PROMPT) - block_len :]
   logits = logits.astype(np.float64)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
@@ -237,10 +327,17 @@ def _four_token_setup(block_len):
 
 def _four_token_tv(block_len, beam_width):
   model, params, drafter, dparams, exact = _four_token_setup(block_len)
-  out = block_speculative_generate(model, params, drafter, dparams,
-                                   [_SAMPLE_PROMPT] * _JOINT_ROWS, max_new_tokens=4,
-                                   sampling=SamplingConfig(temperature=1.0),
-                                   beam_width=beam_width, seed=5)
+  out = block_speculative_generate(
+    model,
+    params,
+    drafter,
+    dparams,
+    [_SAMPLE_PROMPT] * _JOINT_ROWS,
+    max_new_tokens=4,
+    sampling=SamplingConfig(temperature=1.0),
+    beam_width=beam_width,
+    seed=5,
+  )
   tokens = np.asarray(out.tokens)
   empirical = np.zeros((4,) * 4)
   np.add.at(empirical, tuple(tokens.T), 1.0 / _JOINT_ROWS)
@@ -257,8 +354,7 @@ def _four_token_bound(block_len):
 
 
 @pytest.mark.parametrize("block_len,beam_width", [(4, 2), (2, 2)], ids=["L4", "L2"])
-def test_speculative_sampling_has_the_exact_joint_distribution(block_len, beam_width,
-                                                                monkeypatch):
+def test_speculative_sampling_has_the_exact_joint_distribution(block_len, beam_width, monkeypatch):
   """20000 rows, vocabulary 4, two sampled drafts of two tokens per step.
   L_B = 4: the first four tokens are one block (the first pass's token,
   both draft positions, the bonus token); L_B = 2: drafts cut at the
@@ -271,16 +367,17 @@ def test_speculative_sampling_has_the_exact_joint_distribution(block_len, beam_w
   assert np.isclose(exact.sum(), 1.0)
   tv, accepted, row_steps = _four_token_tv(block_len, beam_width)
   assert tv < bound, (tv, bound)
-  if block_len == 4:      # one block: accepting two drafts takes one step
-    assert np.mean(accepted >= 2) > 0.05, np.mean(accepted >= 2)   # the second draft position
-  else:                   # one draft fits in a block of two: at most one a step
+  if block_len == 4:  # one block: accepting two drafts takes one step
+    assert np.mean(accepted >= 2) > 0.05, np.mean(accepted >= 2)  # the second draft position
+  else:  # one draft fits in a block of two: at most one a step
     assert (accepted <= row_steps).all() and accepted.max() == 2, accepted.max()
     assert np.mean(accepted >= 1) > 0.05, np.mean(accepted >= 1)
   if block_len != 4:
     return
   from bt_jax.redrafter import speculative  # pylint: disable=import-outside-toplevel
+
   monkeypatch.setattr(speculative, "_residual", lambda p, q: p)
-  block_drafter_generate_fn.cache_clear()            # retrace with the wrong rule
+  block_drafter_generate_fn.cache_clear()  # retrace with the wrong rule
   try:
     wrong = _four_token_tv(block_len, beam_width)[0]
   finally:

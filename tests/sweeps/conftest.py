@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.utils import TINY_RUN_GIN   # the tiny run the train tests use too
+from tests.utils import TINY_RUN_GIN  # the tiny run the train tests use too
 
 
 @pytest.fixture(scope="session")

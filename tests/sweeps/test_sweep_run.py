@@ -23,12 +23,13 @@ from tests.utils import write_file
 
 pytestmark = pytest.mark.slow
 STEPS = 6
-RTOL = 1e-5   # 2 processes against 1 (test_two_process_trial_equals_one_process)
+RTOL = 1e-5  # 2 processes against 1 (test_two_process_trial_equals_one_process)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
   from experiments import ray_trials  # pylint: disable=g-import-not-at-top
+
   ray_trials.init(num_cpus=2)
   yield
   ray_trials.shutdown()
@@ -38,14 +39,26 @@ def ray_cluster():
 def options(tmp_path_factory) -> sweep.RunOptions:
   cache = str(tmp_path_factory.mktemp("jax_cache"))
   return sweep.RunOptions(
-      max_concurrent=1, max_retries=1, progress_every_s=10.0,
-      env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-           "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+    max_concurrent=1,
+    max_retries=1,
+    progress_every_s=10.0,
+    env={
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "",
+      "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+      "JAX_COMPILATION_CACHE_DIR": cache,
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    },
+  )
 
 
 def _load(tmp_path, tiny_run_gin, root, num_hosts=None):
-  path = write_file(tmp_path, f'sweep.name = "one"\nsweep.base_gin_files = ["{tiny_run_gin}"]\n'
-                     'sweep.product = {"BlockConfig.block_len": [4]}\n', "sweep.gin")
+  path = write_file(
+    tmp_path,
+    f'sweep.name = "one"\nsweep.base_gin_files = ["{tiny_run_gin}"]\n'
+    'sweep.product = {"BlockConfig.block_len": [4]}\n',
+    "sweep.gin",
+  )
   return sweep.load_trials(path, str(root), num_hosts=num_hosts)
 
 
@@ -61,6 +74,7 @@ def _metrics(workdir) -> dict[str, dict[int, float]]:
 
 def _when(condition, action, timeout=600.0):
   """Runs `action` in a thread once `condition()` holds."""
+
   def watch():
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -68,6 +82,7 @@ def _when(condition, action, timeout=600.0):
         action()
         return
       time.sleep(0.05)
+
   thread = threading.Thread(target=watch, daemon=True)
   thread.start()
   return thread
@@ -93,7 +108,8 @@ def reference(ray_cluster, options, tmp_path_factory, tiny_run_gin):
   spec, trials = _load(tmp, tiny_run_gin, tmp / "root")
   states = sweep.run_sweep(spec, trials, str(tmp / "root"), options)
   assert [(s.state, s.attempts) for s in states] == [("done", 1)], open(
-      os.path.join(trials[0].workdir, "train.log")).read()[-3000:]
+    os.path.join(trials[0].workdir, "train.log")
+  ).read()[-3000:]
   return trials[0].workdir
 
 
@@ -106,9 +122,12 @@ def two_process_reference(ray_cluster, options, tmp_path_factory, tiny_run_gin):
   states = sweep.run_sweep(spec, trials, str(tmp / "root"), options)
   workdir = trials[0].workdir
   assert [(s.state, s.attempts) for s in states] == [("done", 1)], open(
-      os.path.join(workdir, "train.log")).read()[-3000:]
+    os.path.join(workdir, "train.log")
+  ).read()[-3000:]
   assert "process 1 of 2" in open(os.path.join(workdir, "train.host1.log")).read()
-  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in open(os.path.join(workdir, "train.log")).read()
+  assert (
+    "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in open(os.path.join(workdir, "train.log")).read()
+  )
   return workdir
 
 
@@ -131,8 +150,9 @@ def test_two_process_trial_equals_one_process(reference, two_process_reference):
       assert two[key][step] == pytest.approx(loss, rel=RTOL, abs=0), (key, step, one[key], two[key])
   got, want = sweep.read_summary(two_process_reference), sweep.read_summary(reference)
   assert got["final_eval_loss"] == pytest.approx(want["final_eval_loss"], rel=RTOL, abs=0)
-  assert got["final_eval_loss_by_position"] == pytest.approx(want["final_eval_loss_by_position"],
-                                                             rel=RTOL, abs=0)
+  assert got["final_eval_loss_by_position"] == pytest.approx(
+    want["final_eval_loss_by_position"], rel=RTOL, abs=0
+  )
   # Not vacuous: the runs trained (the loss moved far more than RTOL).
   assert abs(one["train_loss"][STEPS] - one["train_loss"][1]) > 100 * RTOL * one["train_loss"][1]
 
@@ -153,7 +173,7 @@ def test_killed_trial_is_retried_and_resumes_exactly(reference, options, tmp_pat
   assert killed and states[0].state == "done" and states[0].attempts == 2, log[-3000:]
   assert states[0].returncodes[0] == [-signal.SIGKILL] and states[0].returncodes[1] == [0]
   assert "resumed from" in log.split("===== attempt 2")[1]
-  assert _metrics(workdir) == _metrics(reference)        # every step's losses, exactly
+  assert _metrics(workdir) == _metrics(reference)  # every step's losses, exactly
   got, want = sweep.read_summary(workdir), sweep.read_summary(reference)
   for key in ("final_eval_loss", "final_eval_loss_by_position", "step"):
     assert got[key] == want[key], key
@@ -161,8 +181,9 @@ def test_killed_trial_is_retried_and_resumes_exactly(reference, options, tmp_pat
   assert record["trials"][0]["state"] == "done" and record["trials"][0]["attempts"] == 2
 
 
-def test_stopped_two_process_trial_continues_on_rerun_exactly(two_process_reference, options, tmp_path,
-                                                             tiny_run_gin):
+def test_stopped_two_process_trial_continues_on_rerun_exactly(
+  two_process_reference, options, tmp_path, tiny_run_gin
+):
   """A trial of 2 processes stopped with the sweep by SIGTERM after step 1 and
   rerun: the rerun resumes the trial and logs exactly the losses of the
   uninterrupted one."""
@@ -174,16 +195,18 @@ def test_stopped_two_process_trial_continues_on_rerun_exactly(two_process_refere
   states = sweep.run_sweep(spec, trials, str(root), options)
   log = open(os.path.join(workdir, "train.log")).read()
   assert states[0].state == "stopped", log[-3000:]
-  assert states[0].returncodes == [[0, 0]]               # both processes checkpointed and exited
+  assert states[0].returncodes == [[0, 0]]  # both processes checkpointed and exited
   assert json.loads((root / "sweep.json").read_text())["trials"][0]["state"] == "stopped"
   assert sweep.read_summary(workdir) is None
 
-  states = sweep.run_sweep(spec, trials, str(root), options)        # the rerun continues
+  states = sweep.run_sweep(spec, trials, str(root), options)  # the rerun continues
   log = open(os.path.join(workdir, "train.log")).read()
   assert states[0].state == "done" and states[0].attempts == 1, log[-3000:]
   assert "resumed from" in log.split("===== attempt 1")[-1]
   assert _metrics(workdir) == _metrics(full) and len(_metrics(full)["train_loss"]) == STEPS
-  assert sweep.read_summary(workdir)["final_eval_loss"] == sweep.read_summary(full)["final_eval_loss"]
+  assert (
+    sweep.read_summary(workdir)["final_eval_loss"] == sweep.read_summary(full)["final_eval_loss"]
+  )
 
-  states = sweep.run_sweep(spec, trials, str(root), options)        # finished: skipped
+  states = sweep.run_sweep(spec, trials, str(root), options)  # finished: skipped
   assert [(s.state, s.skipped, s.attempts) for s in states] == [("done", True, 0)]

@@ -40,19 +40,31 @@ def main(run_gin: str, workdir: str) -> None:
   batch_devices = len(np.unique([d.id for d in fns.train_batch_sharding.device_set]))
   # Activation constraints from the models' logical axis names, in the traced step.
   seq_len = cfg.seq_len or model.config.max_len
-  batch = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.micro_batch_size, seq_len), np.int32,
-                               sharding=fns.train_batch_sharding)
-  hyper = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                       cfg.optimizer.hyperparams(total_steps=cfg.steps))
+  batch = jax.ShapeDtypeStruct(
+    (cfg.grad_accum, cfg.micro_batch_size, seq_len), np.int32, sharding=fns.train_batch_sharding
+  )
+  hyper = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+    cfg.optimizer.hyperparams(total_steps=cfg.steps),
+  )
   hlo = fns.train_step.lower(fns.abstract_state, {"tokens": batch, "mask": batch}, hyper).as_text()
   constraints = hlo.count("@Sharding") + hlo.count("sharding_constraint")
-  print(json.dumps({
-      "summary": summary, "mesh": dict(mesh.shape),
-      "params_sharded": params_split, "params_total": params_all,
-      "opt_sharded": opt_split, "opt_total": opt_all,
-      "batch_spec": str(fns.train_batch_sharding.spec), "batch_devices": batch_devices,
-      "activation_constraints": constraints,
-  }), flush=True)
+  print(
+    json.dumps(
+      {
+        "summary": summary,
+        "mesh": dict(mesh.shape),
+        "params_sharded": params_split,
+        "params_total": params_all,
+        "opt_sharded": opt_split,
+        "opt_total": opt_all,
+        "batch_spec": str(fns.train_batch_sharding.spec),
+        "batch_devices": batch_devices,
+        "activation_constraints": constraints,
+      }
+    ),
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,15 @@ import jax
 import jax.numpy as jnp
 
 
-def attention_energy(q: jax.Array, k: jax.Array, v: jax.Array, z: jax.Array,
-                     *, sm_scale: Optional[float] = None,
-                     mask: Optional[jax.Array] = None) -> jax.Array:
+def attention_energy(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  z: jax.Array,
+  *,
+  sm_scale: Optional[float] = None,
+  mask: Optional[jax.Array] = None,
+) -> jax.Array:
   """Scalar energy F(z) of one query of one head.
 
   q [head_dim], k [kv_len, head_dim], v [kv_len, value_dim], z [value_dim]
@@ -41,27 +47,31 @@ def attention_energy(q: jax.Array, k: jax.Array, v: jax.Array, z: jax.Array,
   return jax.nn.logsumexp(scores)
 
 
-def sharded_energy(q: jax.Array, k: jax.Array, v: jax.Array, z: jax.Array,
-                   num_shards: int, *, sm_scale: Optional[float] = None
-                   ) -> jax.Array:
+def sharded_energy(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  z: jax.Array,
+  num_shards: int,
+  *,
+  sm_scale: Optional[float] = None,
+) -> jax.Array:
   """F(z) computed shard by shard and combined by logsumexp (tree-reducible)."""
   if k.shape[0] % num_shards:
-    raise ValueError(f"kv_len={k.shape[0]} is not divisible by "
-                     f"num_shards={num_shards}")
+    raise ValueError(f"kv_len={k.shape[0]} is not divisible by num_shards={num_shards}")
   if sm_scale is None:
     sm_scale = q.shape[-1] ** -0.5
   k_shards = k.reshape(num_shards, -1, k.shape[-1])
   v_shards = v.reshape(num_shards, -1, v.shape[-1])
-  shard_energies = jax.vmap(
-      lambda ks, vs: attention_energy(q, ks, vs, z, sm_scale=sm_scale))(
-          k_shards, v_shards)
+  shard_energies = jax.vmap(lambda ks, vs: attention_energy(q, ks, vs, z, sm_scale=sm_scale))(
+    k_shards, v_shards
+  )
   return jax.nn.logsumexp(shard_energies)
 
 
-def attention_from_energy(q: jax.Array, k: jax.Array, v: jax.Array,
-                          lengths: jax.Array, *,
-                          sm_scale: Optional[float] = None
-                          ) -> Tuple[jax.Array, jax.Array]:
+def attention_from_energy(
+  q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, sm_scale: Optional[float] = None
+) -> Tuple[jax.Array, jax.Array]:
   """Decode attention computed as (grad F(0), F(0)), in the decode layout.
 
   q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim],
@@ -79,20 +89,21 @@ def attention_from_energy(q: jax.Array, k: jax.Array, v: jax.Array,
   def one(q_vec, k_mat, v_mat, row_mask):
     z = jnp.zeros(v_mat.shape[-1], jnp.float32)
     lse, out = jax.value_and_grad(attention_energy, argnums=3)(
-        q_vec, k_mat, v_mat, z, sm_scale=sm_scale, mask=row_mask)
+      q_vec, k_mat, v_mat, z, sm_scale=sm_scale, mask=row_mask
+    )
     return out, lse
 
   def one_head(q_tokens, k_all, v_all, row_mask, head):
     # q_tokens [q_len, head_dim], k_all/v_all [kv_len, kv_heads, head_dim]
     k_mat = k_all[:, kv_head[head]]
     v_mat = v_all[:, kv_head[head]]
-    return jax.vmap(one, in_axes=(0, None, None, None))(
-        q_tokens, k_mat, v_mat, row_mask)
+    return jax.vmap(one, in_axes=(0, None, None, None))(q_tokens, k_mat, v_mat, row_mask)
 
   def one_row(q_row, k_row, v_row, row_mask):
     # over heads: q_row [q_len, heads, head_dim] -> out [heads, q_len, dim]
     return jax.vmap(one_head, in_axes=(1, None, None, None, 0))(
-        q_row, k_row, v_row, row_mask, jnp.arange(heads))
+      q_row, k_row, v_row, row_mask, jnp.arange(heads)
+    )
 
   out, lse = jax.vmap(one_row)(q, k, v, mask)  # [b, heads, q_len, d], [b, heads, q_len]
   return jnp.swapaxes(out, 1, 2), lse

@@ -16,17 +16,30 @@ import re
 from typing import Dict, List
 
 _DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
-    "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-    "s32": 4, "u32": 4, "f32": 4,
-    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
 }
-COLLECTIVE_OPS = ("all-reduce", "collective-permute", "all-gather",
-                  "reduce-scatter", "all-to-all")
+COLLECTIVE_OPS = ("all-reduce", "collective-permute", "all-gather", "reduce-scatter", "all-to-all")
 _ARRAY_SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s+"
-    r"(?P<op>[a-z][a-z0-9\-]*)\((?P<args>[^)]*)\)")
+  r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s+"
+  r"(?P<op>[a-z][a-z0-9\-]*)\((?P<args>[^)]*)\)"
+)
 
 
 def _shape_bytes(shape_text: str) -> int:
@@ -51,7 +64,7 @@ def parse_collectives(hlo_text: str) -> List[Dict]:
       continue
     shapes[match["name"]] = match["shape"]
     op = match["op"]
-    base = op[:-len("-start")] if op.endswith("-start") else op
+    base = op[: -len("-start")] if op.endswith("-start") else op
     if base in COLLECTIVE_OPS:
       candidates.append((base, match["name"], match["shape"], match["args"]))
   collectives = []
@@ -76,13 +89,23 @@ def collective_traffic(hlo_text: str) -> Dict:
     entry = by_op.setdefault(c["op"], dict(bytes=0, count=0))
     entry["bytes"] += c["operand_bytes"]
     entry["count"] += 1
-  return dict(bytes=sum(c["operand_bytes"] for c in collectives),
-              count=len(collectives), by_op=by_op)
+  return dict(
+    bytes=sum(c["operand_bytes"] for c in collectives), count=len(collectives), by_op=by_op
+  )
 
 
-def formula_traffic(method: str, *, num_devices: int, batch: int, q_len: int,
-                    heads: int, kv_heads: int, head_dim: int, kv_len: int,
-                    kv_itemsize: int) -> Dict:
+def formula_traffic(
+  method: str,
+  *,
+  num_devices: int,
+  batch: int,
+  q_len: int,
+  heads: int,
+  kv_heads: int,
+  head_dim: int,
+  kv_len: int,
+  kv_itemsize: int,
+) -> Dict:
   """Bytes each device contributes to collectives, and steps, from formulas.
 
   Partials travel as float32: o is head_dim numbers and lse one number per
@@ -105,6 +128,5 @@ def formula_traffic(method: str, *, num_devices: int, batch: int, q_len: int,
   if method == "ring_kv":
     return dict(bytes=(num_devices - 1) * kv_step_bytes, steps=num_devices - 1)
   if method == "ring_partials":
-    return dict(bytes=(num_devices - 1) * partial_bytes,
-                steps=num_devices - 1)
+    return dict(bytes=(num_devices - 1) * partial_bytes, steps=num_devices - 1)
   raise ValueError(f"no traffic formula for method {method!r}")

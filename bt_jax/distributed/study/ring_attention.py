@@ -35,12 +35,16 @@ def _ring_permutation(num_devices: int):
   return [(i, (i + 1) % num_devices) for i in range(num_devices)]
 
 
-def ring_kv_decode_attention(q: jax.Array, k_shard: jax.Array,
-                             v_shard: jax.Array, ends_shard: jax.Array, *,
-                             axis_name: AxisName = "sequence",
-                             impl: Optional[str] = None,
-                             sm_scale: Optional[float] = None
-                             ) -> Tuple[jax.Array, jax.Array]:
+def ring_kv_decode_attention(
+  q: jax.Array,
+  k_shard: jax.Array,
+  v_shard: jax.Array,
+  ends_shard: jax.Array,
+  *,
+  axis_name: AxisName = "sequence",
+  impl: Optional[str] = None,
+  sm_scale: Optional[float] = None,
+) -> Tuple[jax.Array, jax.Array]:
   """Ring Attention for decode: rotate K/V (and their ends), merge as they come."""
   num_devices = lax.axis_size(axis_name)
   permutation = _ring_permutation(num_devices)
@@ -48,24 +52,25 @@ def ring_kv_decode_attention(q: jax.Array, k_shard: jax.Array,
   o, lse = local_decode_attention(q, *block, sm_scale=sm_scale, impl=impl)
   for _ in range(num_devices - 1):
     block = lax.ppermute(block, axis_name, permutation)
-    o_block, lse_block = local_decode_attention(q, *block, sm_scale=sm_scale,
-                                                impl=impl)
+    o_block, lse_block = local_decode_attention(q, *block, sm_scale=sm_scale, impl=impl)
     o, lse = merge_pair(o, lse, o_block, lse_block)
   return o.astype(q.dtype), lse
 
 
-def ring_partials_decode_attention(q: jax.Array, k_shard: jax.Array,
-                                   v_shard: jax.Array,
-                                   ends_shard: jax.Array, *,
-                                   axis_name: AxisName = "sequence",
-                                   impl: Optional[str] = None,
-                                   sm_scale: Optional[float] = None
-                                   ) -> Tuple[jax.Array, jax.Array]:
+def ring_partials_decode_attention(
+  q: jax.Array,
+  k_shard: jax.Array,
+  v_shard: jax.Array,
+  ends_shard: jax.Array,
+  *,
+  axis_name: AxisName = "sequence",
+  impl: Optional[str] = None,
+  sm_scale: Optional[float] = None,
+) -> Tuple[jax.Array, jax.Array]:
   """Local attention once, then pass (o, lse) partials around the ring."""
   num_devices = lax.axis_size(axis_name)
   permutation = _ring_permutation(num_devices)
-  o, lse = local_decode_attention(q, k_shard, v_shard, ends_shard,
-                                  sm_scale=sm_scale, impl=impl)
+  o, lse = local_decode_attention(q, k_shard, v_shard, ends_shard, sm_scale=sm_scale, impl=impl)
   message = (o, lse)
   for _ in range(num_devices - 1):
     message = lax.ppermute(message, axis_name, permutation)

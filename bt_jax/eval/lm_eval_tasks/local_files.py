@@ -27,9 +27,11 @@ def _hellaswag_clean(text):
 def _hellaswag_doc(doc):
   # str.capitalize also lower-cases the rest of ctx_b, as upstream does.
   context = doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-  return {"query": _hellaswag_clean(context),
-          "choices": [_hellaswag_clean(ending) for ending in doc["endings"]],
-          "gold": int(doc["label"])}
+  return {
+    "query": _hellaswag_clean(context),
+    "choices": [_hellaswag_clean(ending) for ending in doc["endings"]],
+    "gold": int(doc["label"]),
+  }
 
 
 def hellaswag_process_docs(dataset):
@@ -45,24 +47,28 @@ def piqa_dataset(data_files=None, labels_files=None, **unused):
 
   del unused
   if not isinstance(data_files, dict) or not isinstance(labels_files, dict):
-    raise ValueError("piqa_local needs dataset_kwargs data_files and labels_files, each "
-                     "{split: path}, e.g. data_files: {validation: valid.jsonl}, "
-                     "labels_files: {validation: valid-labels.lst}")
+    raise ValueError(
+      "piqa_local needs dataset_kwargs data_files and labels_files, each "
+      "{split: path}, e.g. data_files: {validation: valid.jsonl}, "
+      "labels_files: {validation: valid-labels.lst}"
+    )
   splits = {}
   for split, path in data_files.items():
     labels_path = labels_files.get(split)
     for name in (path, labels_path):
       if name is None or not os.path.isfile(name):
         raise FileNotFoundError(
-            f"PIQA {split} file {name!r} not found (relative to {os.getcwd()}): download "
-            "valid.jsonl and valid-labels.lst from https://yonatanbisk.com/piqa/ and run "
-            "lm-eval in the folder that holds them, or give full paths in piqa_local.yaml")
+          f"PIQA {split} file {name!r} not found (relative to {os.getcwd()}): download "
+          "valid.jsonl and valid-labels.lst from https://yonatanbisk.com/piqa/ and run "
+          "lm-eval in the folder that holds them, or give full paths in piqa_local.yaml"
+        )
     questions = datasets.load_dataset("json", data_files={split: path}, split=split)
     with open(labels_path, encoding="utf-8") as f:
       labels = [int(line) for line in f if line.strip()]
     if len(labels) != len(questions):
-      raise ValueError(f"{labels_path} has {len(labels)} labels but {path} has "
-                       f"{len(questions)} questions")
+      raise ValueError(
+        f"{labels_path} has {len(labels)} labels but {path} has {len(questions)} questions"
+      )
     if "label" in questions.column_names:
       questions = questions.remove_columns("label")
     splits[split] = questions.add_column("label", labels)
