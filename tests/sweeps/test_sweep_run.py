@@ -144,7 +144,7 @@ def test_two_process_trial_equals_one_process(reference, two_process_reference):
   4e-4."""
   one, two = _metrics(reference), _metrics(two_process_reference)
   assert sorted(one["train_loss"]) == sorted(two["train_loss"]) == list(range(1, STEPS + 1))
-  assert sorted(one["eval_loss"]) == sorted(two["eval_loss"]) == [3, 6]
+  assert sorted(one["eval_loss"]) == sorted(two["eval_loss"]) == [0, 3, 6]
   for key in ("train_loss", "eval_loss"):
     for step, loss in one[key].items():
       assert two[key][step] == pytest.approx(loss, rel=RTOL, abs=0), (key, step, one[key], two[key])
