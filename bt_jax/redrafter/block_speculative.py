@@ -56,8 +56,7 @@ from bt_jax.redrafter.speculative import (
   DraftFn,
   SpeculativeOutput,
   _accept_sampled,
-  drafter_draft_fn,
-  sampled_draft_fn,
+  make_draft_fn,
 )
 from bt_jax.redrafter.tree import batched_pack_beams, check_beam_width
 
@@ -574,20 +573,7 @@ def block_drafter_generate_fn(
   drafter, beams, max_new, sampling, top-k)."""
 
   def run(params, drafter_params, tokens, pad, eos_id, rng):
-    table, base_head = params["token_embed"]["embedding"], base_head_of(drafter, params)
-    if sampling.greedy:
-      draft_fn = drafter_draft_fn(
-        drafter,
-        drafter_params,
-        table,
-        beam_width=beam_width,
-        base_head=base_head,
-        top_k=draft_top_k,
-      )
-    else:
-      draft_fn = sampled_draft_fn(
-        drafter, drafter_params, table, sampling, beam_width=beam_width, base_head=base_head
-      )
+    draft_fn = make_draft_fn(drafter, drafter_params, params, sampling, beam_width, draft_top_k)
     return _block_speculate(
       model,
       draft_fn,

@@ -742,6 +742,28 @@ def _in_shardings(model: VanillaLM, mesh: Mesh):
 
 
 @functools.lru_cache(maxsize=16)
+def make_draft_fn(
+  drafter: DraftHead,
+  drafter_params,
+  params,
+  sampling: SamplingConfig,
+  beam_width: int,
+  draft_top_k: Optional[int] = None,
+):
+  """The draft step of one speculative step for the base model's `params`
+  (its token embedding, and its output layer when the head reads it): beam
+  search for greedy decoding, `beam_width` sampled drafts otherwise. The
+  vanilla and the Block Transformer loops both draft through it."""
+  table, base_head = params["token_embed"]["embedding"], base_head_of(drafter, params)
+  if sampling.greedy:
+    return drafter_draft_fn(
+      drafter, drafter_params, table, beam_width=beam_width, base_head=base_head, top_k=draft_top_k
+    )
+  return sampled_draft_fn(
+    drafter, drafter_params, table, sampling, beam_width=beam_width, base_head=base_head
+  )
+
+
 def drafter_generate_fn(
   model: VanillaLM,
   drafter: DraftHead,
@@ -761,20 +783,7 @@ def drafter_generate_fn(
   _check_mesh(mesh)
 
   def run(params, drafter_params, tokens, pad, eos_id, rng):
-    table, base_head = params["token_embed"]["embedding"], base_head_of(drafter, params)
-    if sampling.greedy:
-      draft_fn = drafter_draft_fn(
-        drafter,
-        drafter_params,
-        table,
-        beam_width=beam_width,
-        base_head=base_head,
-        top_k=draft_top_k,
-      )
-    else:
-      draft_fn = sampled_draft_fn(
-        drafter, drafter_params, table, sampling, beam_width=beam_width, base_head=base_head
-      )
+    draft_fn = make_draft_fn(drafter, drafter_params, params, sampling, beam_width, draft_top_k)
     return _speculate(
       model,
       draft_fn,
