@@ -741,7 +741,6 @@ def _in_shardings(model: VanillaLM, mesh: Mesh):
   return (params, replicated, rows, rows, replicated, replicated)
 
 
-@functools.lru_cache(maxsize=16)
 def make_draft_fn(
   drafter: DraftHead,
   drafter_params,
@@ -764,6 +763,7 @@ def make_draft_fn(
   )
 
 
+@functools.lru_cache(maxsize=16)
 def drafter_generate_fn(
   model: VanillaLM,
   drafter: DraftHead,
