@@ -80,7 +80,7 @@ from bt_jax.data.tokenizer import train_bpe
 from bt_jax.gin_utils import model_config_from_gin
 from bt_jax.inference import generate_fn, num_steps_for
 from bt_jax.models import build_model, init_params
-from experiments import throughput
+from experiments import op_profile, throughput
 
 MODELS_DIR = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs", "models"
@@ -161,6 +161,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     "cache_segments", 4, "bt_jax decode loop pieces (as experiments.throughput).", **fv
   )
   flags.DEFINE_integer("seed", 0, "Seed of the random weights and prompts.", **fv)
+  flags.DEFINE_bool(
+    "profile",
+    False,
+    "After each scenario's timed rounds, profile one more call of each side "
+    "(jax.profiler / torch.profiler; experiments.op_profile): time per op, "
+    "in the JSON and printed.",
+    **fv,
+  )
   flags.DEFINE_string(
     "out",
     None,
@@ -521,6 +529,7 @@ def run(
   cache_segments: int = 4,
   seed: int = 0,
   out: Optional[str] = None,
+  profile: bool = False,
 ) -> dict:
   """Runs every scenario x model group; returns the report and writes it to
   `out` after every measurement ("complete" says whether all ran)."""
@@ -572,6 +581,7 @@ def run(
     hf_compile=hf_compile,
     cache_segments=cache_segments,
     seed=seed,
+    profile=profile,
   )
   environment = {
     "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -635,6 +645,7 @@ def run(
           results,
           comparisons,
           failures,
+          profile,
         )
         report(complete=False)
       del hf, sides
@@ -668,9 +679,11 @@ def _run_group(
   results,
   comparisons,
   failures,
+  profile=False,
 ) -> None:
   """One scenario of one group: the bt_jax models and their transformers
-  vanilla, warmed up, then `repeats` interleaved rounds."""
+  vanilla, warmed up, then `repeats` interleaved rounds (and with `profile`
+  one more profiled call of each)."""
   for side in sides:
     side.prepare(batch, prompt_len, new_tokens)
   hf.prepare(batch, prompt_len, new_tokens)
@@ -708,6 +721,23 @@ def _run_group(
       f"{hf_times[-1]:.2f} s",
       flush=True,
     )
+  profiles = {}
+  if profile:
+    for side in sides:
+      profiles[side.name] = op_profile.jax_op_profile(
+        side.fn, side.params, side.tokens, side.pad, side.rng
+      )
+      print(
+        op_profile.format_profile(
+          f"{scenario}: bt_jax {side.name}, time per op", profiles[side.name]
+        )
+      )
+    profiles["hf"] = op_profile.torch_op_profile(hf.call)
+    print(
+      op_profile.format_profile(
+        f"{scenario}: transformers {hf.name} ({hf.mode}), self time per op", profiles["hf"]
+      )
+    )
   work = batch * new_tokens
   common = dict(
     scenario=scenario,
@@ -730,6 +760,8 @@ def _run_group(
     "attn_implementation": "sdpa",
     "inference_mode": True,
   }
+  if profile:
+    hf_result["profile"] = profiles["hf"]
   for side in sides:
     bt = {
       "engine": "bt_jax",
@@ -740,6 +772,8 @@ def _run_group(
       "warmup_s": warm[side.name],
       "mode": f"jit, cache_segments={side.cache_segments}",
     }
+    if profile:
+      bt["profile"] = profiles[side.name]
     results.append(bt)
     pair = (
       "same weights"
@@ -781,6 +815,7 @@ def main(flag_values: flags.FlagValues) -> dict:
     cache_segments=args.cache_segments,
     seed=args.seed,
     out=args.out,
+    profile=args.profile,
   )
 
 

@@ -119,6 +119,7 @@ def test_tiny_run_agrees_with_transformers(tmp_path):
       "--warmup=1",
       "--hf_compile=off",
       "--cache_segments=2",
+      "--profile",
       f"--out={out}",
     ],
     cwd=ROOT,
@@ -151,6 +152,16 @@ def test_tiny_run_agrees_with_transformers(tmp_path):
   assert block["bt_model"] == "block_b4_tiny" and block["pair"] == "tiny test pair"
   assert block["paper_ratio"] is None
   assert "bt_jax / transformers" in proc.stdout
+  # --profile: one more call of each side, time per op (the models' matmuls
+  # among the ops named; the shares of the listed top ops add up to at most 1).
+  for r in report["results"]:
+    ops = [p["op"] for p in r["profile"]]
+    assert 0.0 < sum(p["share"] for p in r["profile"]) <= 1.0 + 1e-9
+    if r["engine"] == "bt_jax":
+      assert any("dot_general" in op for op in ops), ops
+    else:
+      assert any(op in ("aten::mm", "aten::addmm", "aten::linear") for op in ops), ops
+  assert "time per op" in proc.stdout
 
 
 @pytest.mark.slow
