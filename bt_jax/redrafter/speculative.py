@@ -574,8 +574,13 @@ def greedy_step_parts(
 
 def _check(model, **sizes) -> None:
   if not isinstance(model, VanillaLM):
+    hint = (
+      " (a BlockTransformer takes bt_jax.redrafter.block_speculative.block_speculative_generate)"
+      if type(model).__name__ == "BlockTransformer"
+      else ""
+    )
     raise TypeError(
-      f"speculative decoding needs a VanillaLM base model; got {type(model).__name__}"
+      f"speculative decoding needs a VanillaLM base model; got {type(model).__name__}{hint}"
     )
   for name, value in sizes.items():
     if not isinstance(value, int) or value < 1:

@@ -297,6 +297,10 @@ def test_errors_name_the_bad_value():
     )
   with pytest.raises(TypeError, match="needs a VanillaLM base model"):
     speculative_generate_fn(object(), None, num_beams=2, draft_len=2, max_new_tokens=2)
+  with pytest.raises(TypeError, match="got BlockTransformer .a BlockTransformer takes .*block_spec"):
+    speculative_generate_fn(
+      build_model(tiny_config("block")), None, num_beams=2, draft_len=2, max_new_tokens=2
+    )
   fn = speculative_generate_fn(
     model,
     lambda h, g0, n, s: jnp.zeros((g0.shape[0], 2, 3)),
