@@ -70,6 +70,35 @@ _PROMPTS = [
 ]
 
 
+def _oracle_draft_fn(want, draft_len):
+  """Drafts from the true greedy continuation `want` (a `generate` output),
+  three beams sharing prefixes, corrupted per row and step."""
+  reference = jnp.pad(jnp.asarray(want.tokens), ((0, 0), (0, draft_len + 1)))
+
+  def draft_fn(hidden, g0, n_out, step):
+    del hidden
+    rows = jnp.arange(g0.shape[0])
+    true = (
+      jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, draft_len + 1))(reference, n_out)
+      .at[:, 0]
+      .set(g0)
+    )
+    depth = jnp.arange(draft_len + 1)[None, :]
+    # Beam 0 (whose tokens fill the first packed slots) is wrong from depth
+    # 1, so a chosen later beam's K/V must be moved into place.
+    beam0 = jnp.where(depth >= 1, (true * 7 + 5) % _VOCAB, true)
+    beam1 = jnp.where(depth == 1 + ((rows + step) % draft_len)[:, None], (true + 1) % _VOCAB, true)
+    # Even rows: all correct; odd rows: wrong from depth 1 (rows 1, 5) or 2.
+    beam2 = jnp.where(
+      (rows % 2 == 0)[:, None],
+      true,
+      jnp.where(depth >= 1 + (rows // 2 % 2)[:, None], (true + 2) % _VOCAB, true),
+    )
+    return jnp.stack([beam0, beam1, beam2], axis=1)
+
+  return draft_fn
+
+
 def test_hidden_states_are_what_the_head_reads():
   """`block_hidden_states` at position t, through the output layer, gives
   the training forward's logits of token t + 1 (block 0 excluded)."""
@@ -110,35 +139,18 @@ def test_oracle_drafts_give_greedy_tokens_for_every_block_len(block_len, token_d
   model, params = _base(block_len, token_decoder)
   max_new, draft_len, num_beams = 18, 3, 3
   want = generate(model, params, _PROMPTS, max_new_tokens=max_new)
-  reference = jnp.pad(jnp.asarray(want.tokens), ((0, 0), (0, draft_len + 1)))
-
-  def draft_fn(hidden, g0, n_out, step):
-    del hidden
-    rows = jnp.arange(g0.shape[0])
-    true = (
-      jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, draft_len + 1))(reference, n_out)
-      .at[:, 0]
-      .set(g0)
-    )
-    depth = jnp.arange(draft_len + 1)[None, :]
-    # Beam 0 (whose tokens fill the first packed slots) is wrong from depth
-    # 1, so a chosen later beam's K/V must be moved into place.
-    beam0 = jnp.where(depth >= 1, (true * 7 + 5) % _VOCAB, true)
-    beam1 = jnp.where(depth == 1 + ((rows + step) % draft_len)[:, None], (true + 1) % _VOCAB, true)
-    # Even rows: all correct; odd rows: wrong from depth 1 (rows 1, 5) or 2.
-    beam2 = jnp.where(
-      (rows % 2 == 0)[:, None],
-      true,
-      jnp.where(depth >= 1 + (rows // 2 % 2)[:, None], (true + 2) % _VOCAB, true),
-    )
-    return jnp.stack([beam0, beam1, beam2], axis=1)
-
   fn = block_speculative_generate_fn(
-    model, draft_fn, num_beams=num_beams, draft_len=draft_len, max_new_tokens=max_new
+    model,
+    _oracle_draft_fn(want, draft_len),
+    num_beams=num_beams,
+    draft_len=draft_len,
+    max_new_tokens=max_new,
+    cross_blocks=False,  # drafts within the block (step one)
   )
   batch = prepare_prompts(_PROMPTS, model.config, max_new)
   args = (params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad))
   got = fn(*args, jnp.int32(-1))
+  assert got.crossings is None
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
   np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
   row_steps, accepted = np.asarray(got.row_steps), np.asarray(got.accepted)
@@ -163,6 +175,68 @@ def test_oracle_drafts_give_greedy_tokens_for_every_block_len(block_len, token_d
   np.testing.assert_array_equal(np.asarray(got_eos.tokens), np.asarray(want_eos.tokens))
   np.testing.assert_array_equal(np.asarray(got_eos.lengths), np.asarray(want_eos.lengths))
   assert np.asarray(want_eos.lengths).min() < max_new  # some row stopped at EOS
+
+
+@pytest.mark.parametrize(
+  "block_len,draft_len,token_decoder",
+  [
+    (1, 3, "prefix"),
+    (2, 3, "prefix"),
+    (4, 5, "prefix"),
+    (8, 9, "prefix"),
+    (8, 3, "prefix"),
+    (4, 5, "summation"),
+    (4, 5, "cross_attention"),
+  ],
+  ids=["L1-C3", "L2-C3", "L4-C5", "L8-C9", "L8-C3", "L4-C5-summation", "L4-C5-cross_attention"],
+)
+def test_drafts_crossing_the_block_boundary_give_greedy_tokens(block_len, draft_len, token_decoder):
+  """cross_blocks: beams that reach the block's end propose candidate
+  blocks, run through one block-decoder step together, and their drafts
+  past the boundary are verified on each candidate's next-block first pass.
+  The oracle drafts (corrupted per row and step: rows accept different
+  lengths, some steps cross and some stay in the block, beams other than
+  the first are chosen) give the tokens of plain greedy decoding, with and
+  without EOS. Crossings happen (counted); at L_B >= 4 the all-correct
+  rows emit more than L_B tokens per step, which drafts within the block
+  cannot; L8-C3 mixes rows that cross with rows that complete the block in
+  it (C <= L_B - 1 - j). (Leaving out the chosen candidate's block-decoder
+  K/V move fails L1-C3 and L4-C5; taking candidate 0's instead of the
+  chosen one's fails L2-C3, L4-C5 and L8-C9.)"""
+  model, params = _base(block_len, token_decoder)
+  max_new, num_beams = 18, 3
+  want = generate(model, params, _PROMPTS, max_new_tokens=max_new)
+  fn = block_speculative_generate_fn(
+    model,
+    _oracle_draft_fn(want, draft_len),
+    num_beams=num_beams,
+    draft_len=draft_len,
+    max_new_tokens=max_new,
+  )
+  batch = prepare_prompts(_PROMPTS, model.config, max_new)
+  args = (params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad))
+  got = fn(*args, jnp.int32(-1))
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+  row_steps, accepted = np.asarray(got.row_steps), np.asarray(got.accepted)
+  crossings = np.asarray(got.crossings)
+  assert (row_steps + accepted >= max_new).all(), (row_steps, accepted)
+  if draft_len >= block_len:  # every step's beams reach the block's end
+    assert (crossings > 0).all(), crossings
+  else:  # L8-C3: even rows complete blocks in them (j = 0, 4), odd rows cross
+    assert not crossings[0::2].any() and (crossings[1::2] > 0).all(), crossings
+  if block_len == 1:
+    assert not accepted.any()  # the next g_0 would leave the next block
+  if block_len >= 4 and draft_len > block_len:
+    # Even rows: all drafts right, more tokens per step than a block holds.
+    assert (max_new / row_steps[0::2] > block_len).all(), row_steps
+  if block_len >= 4:  # odd rows accept less
+    assert row_steps[1] > row_steps[0] and row_steps[5] > row_steps[4], row_steps
+  eos = int(np.asarray(want.tokens)[2, 5])
+  want_eos = generate(model, params, _PROMPTS, max_new_tokens=max_new, eos_id=eos)
+  got_eos = fn(*args, jnp.int32(eos))
+  np.testing.assert_array_equal(np.asarray(got_eos.tokens), np.asarray(want_eos.tokens))
+  np.testing.assert_array_equal(np.asarray(got_eos.lengths), np.asarray(want_eos.lengths))
 
 
 @functools.lru_cache(maxsize=2)
@@ -296,8 +370,8 @@ _JOINT_ROWS = 20000
 _SAMPLE_PROMPT = [1, 2, 3, 1]  # whole blocks for L_B 2 and 4
 
 
-@functools.lru_cache(maxsize=2)
-def _four_token_setup(block_len):
+@functools.lru_cache(maxsize=3)
+def _four_token_setup(block_len, draft_len=2):
   config = tiny_config(
     "block",
     vocab_size=4,
@@ -312,7 +386,7 @@ def _four_token_setup(block_len):
   )
   model = build_model(config)
   params = init_params(model, jax.random.key(3))
-  drafter = DraftHead(DrafterConfig.for_base(config, draft_len=2))
+  drafter = DraftHead(DrafterConfig.for_base(config, draft_len=draft_len))
   dparams = init_drafter(drafter, jax.random.key(4))
   sequences = np.array(list(itertools.product(range(4), repeat=4)), np.int32)  # [256, 4]
   full = np.concatenate([np.tile(_SAMPLE_PROMPT, (len(sequences), 1)), sequences], axis=1)
@@ -325,8 +399,8 @@ def _four_token_setup(block_len):
   return model, params, drafter, dparams, exact.reshape((4,) * 4)
 
 
-def _four_token_tv(block_len, beam_width):
-  model, params, drafter, dparams, exact = _four_token_setup(block_len)
+def _four_token_tv(block_len, beam_width, draft_len=2, cross_blocks=False):
+  model, params, drafter, dparams, exact = _four_token_setup(block_len, draft_len)
   out = block_speculative_generate(
     model,
     params,
@@ -337,11 +411,12 @@ def _four_token_tv(block_len, beam_width):
     sampling=SamplingConfig(temperature=1.0),
     beam_width=beam_width,
     seed=5,
+    cross_blocks=cross_blocks,
   )
   tokens = np.asarray(out.tokens)
   empirical = np.zeros((4,) * 4)
   np.add.at(empirical, tuple(tokens.T), 1.0 / _JOINT_ROWS)
-  return 0.5 * np.abs(empirical - exact).sum(), np.asarray(out.accepted), np.asarray(out.row_steps)
+  return 0.5 * np.abs(empirical - exact).sum(), out
 
 
 def _four_token_bound(block_len):
@@ -365,7 +440,8 @@ def test_speculative_sampling_has_the_exact_joint_distribution(block_len, beam_w
   bound = _four_token_bound(block_len)
   exact = _four_token_setup(block_len)[-1]
   assert np.isclose(exact.sum(), 1.0)
-  tv, accepted, row_steps = _four_token_tv(block_len, beam_width)
+  tv, out = _four_token_tv(block_len, beam_width)
+  accepted, row_steps = np.asarray(out.accepted), np.asarray(out.row_steps)
   assert tv < bound, (tv, bound)
   if block_len == 4:  # one block: accepting two drafts takes one step
     assert np.mean(accepted >= 2) > 0.05, np.mean(accepted >= 2)  # the second draft position
@@ -383,3 +459,23 @@ def test_speculative_sampling_has_the_exact_joint_distribution(block_len, beam_w
   finally:
     block_drafter_generate_fn.cache_clear()
   assert wrong > bound, (wrong, bound)
+
+
+@pytest.mark.parametrize("draft_len", [2, 3], ids=["C2", "C3"])
+def test_speculative_sampling_across_the_block_boundary_is_exact(draft_len):
+  """As above with cross_blocks at L_B = 2 (two sampled drafts): the drafts
+  past the block's end are verified on the candidate block's next-block
+  first pass, the acceptance runs over the whole path. C = 2: from g_0 at
+  index 0 both drafts can be accepted (d_2 the next block's first token);
+  C = 3: at most L_B - 1 = 1 past-boundary draft counts, so the third is
+  cut and the next token drawn from p after the second. The joint of the
+  first four tokens against the exact one, under the same bound; steps
+  whose accepted path crossed the boundary are common."""
+  block_len = 2
+  bound = _four_token_bound(block_len)
+  tv, out = _four_token_tv(block_len, 2, draft_len, cross_blocks=True)
+  assert tv < bound, (tv, bound)
+  crossings = np.asarray(out.crossings)
+  assert np.mean(crossings > 0) > 0.2, np.mean(crossings > 0)
+  # Three tokens in one step (g_0 and two drafts) need a crossing at L_B = 2.
+  assert np.mean(np.asarray(out.accepted) >= 2) > 0.05
