@@ -921,12 +921,14 @@ def block_speculative_generate(
   cross_blocks: bool = True,
 ) -> SpeculativeOutput:
   """`speculative_generate` for a Block Transformer base model: drafts
-  within the current block, verified by the token decoder (module
-  docstring). Greedy `sampling` gives the tokens of greedy
-  `bt_jax.inference.generate`; otherwise every token is distributed as
-  plain sampling under `sampling`. beam_width: beams (greedy, default 4) or
-  sampled drafts (default 1). A drafter's draft_len above L_B - 1 is cut to
-  what the block has left each step. recorded_base: drafter.json's
+  verified by the token decoder, across the block boundary with
+  cross_blocks (the default; candidate blocks through the block decoder),
+  else within the current block (module docstring). Greedy `sampling`
+  gives the tokens of greedy `bt_jax.inference.generate`; otherwise every
+  token is distributed as plain sampling under `sampling`. beam_width:
+  beams (greedy, default 4) or sampled drafts (default 1). Of a drafter's
+  draft_len, at most what the block has left counts each step, plus (with
+  cross_blocks) L_B - 1 past its end. recorded_base: drafter.json's
   "base_model" (`load_drafter`'s metadata), checked with the drafter's
   config against the model (`check_block_drafter_fits`). One device."""
   if beam_width is None:

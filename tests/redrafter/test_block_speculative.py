@@ -269,7 +269,7 @@ def test_a_distilled_drafter_is_accepted_and_greedy_stays_exact(block_len):
   """A drafter distilled from the base model's greedy outputs: over many
   ragged prompts, more than one draft accepted per step on average (the
   untrained drafter accepts far fewer), the tokens equal to plain greedy
-  decoding."""
+  decoding, within the block and across its boundary."""
   model, params = _base(block_len)
   drafter, dparams, losses = _distilled(block_len)
   assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
@@ -277,12 +277,19 @@ def test_a_distilled_drafter_is_accepted_and_greedy_stays_exact(block_len):
   prompts = [rng.integers(1, _VOCAB, size=rng.integers(1, 12)).tolist() for _ in range(8)]
   want = generate(model, params, prompts, max_new_tokens=20)
   got = block_speculative_generate(
-    model, params, drafter, dparams, prompts, max_new_tokens=20, beam_width=3
+    model, params, drafter, dparams, prompts, max_new_tokens=20, beam_width=3, cross_blocks=False
   )
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
   np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
   per_step = np.asarray(got.accepted).sum() / np.asarray(got.row_steps).sum()
   assert per_step > 1.0, per_step
+  # Drafts crossing the block boundary (the default): the same tokens, and
+  # some steps' accepted paths cross.
+  crossing = block_speculative_generate(
+    model, params, drafter, dparams, prompts, max_new_tokens=20, beam_width=3
+  )
+  np.testing.assert_array_equal(np.asarray(crossing.tokens), np.asarray(want.tokens))
+  assert np.asarray(crossing.crossings).sum() > 0
   untrained = block_speculative_generate(
     model,
     params,
@@ -291,6 +298,7 @@ def test_a_distilled_drafter_is_accepted_and_greedy_stays_exact(block_len):
     prompts,
     max_new_tokens=20,
     beam_width=3,
+    cross_blocks=False,
   )
   np.testing.assert_array_equal(np.asarray(untrained.tokens), np.asarray(want.tokens))
   assert (
