@@ -502,3 +502,44 @@ def test_speculative_sampling_across_the_block_boundary_is_exact(draft_len, shif
   assert np.mean(crossings > 0) > 0.2, np.mean(crossings > 0)
   # Three tokens in one step (g_0 and two drafts) need a crossing at L_B = 2.
   assert np.mean(np.asarray(out.accepted) >= 2) > 0.05
+
+
+def test_accept_sampled_limit_cuts_the_beams():
+  """`speculative._accept_sampled` with a per-row limit (what crossing rows
+  use): at most limit drafts are accepted, and after limit accepted drafts
+  the next token is drawn from the target at that depth (not tried against
+  the next draft). Fixed tables: the target p_d and the drafter q_d per
+  depth, the same for every prefix; 20000 rows, drafts drawn from q."""
+  from bt_jax.redrafter import speculative  # pylint: disable=import-outside-toplevel
+
+  rows, num_beams, draft_len, vocab = 20000, 2, 2, 4
+  rng = np.random.default_rng(0)
+  p = rng.dirichlet(np.ones(vocab), size=draft_len + 1)  # [C+1, V]
+  q = rng.dirichlet(np.ones(vocab), size=draft_len)  # [C, V]
+  drafts = np.stack(
+    [rng.choice(vocab, size=(rows, num_beams), p=q[d]) for d in range(draft_len)], axis=-1
+  )
+  beams = jnp.asarray(np.concatenate([np.zeros((rows, num_beams, 1)), drafts], -1), jnp.int32)
+  logits = jnp.log(jnp.asarray(np.tile(p, (num_beams, 1)), jnp.float32))  # identity unpacker
+  unpacker = jnp.arange(num_beams * (draft_len + 1)).reshape(num_beams, draft_len + 1)
+  q_logprobs = jnp.log(jnp.asarray(np.broadcast_to(q, (num_beams, draft_len, vocab)), jnp.float32))
+  limit = jnp.asarray(np.arange(rows) % 2, jnp.int32)  # 0 and 1
+  _, accepted, next_token = jax.jit(speculative._accept_sampled, static_argnums=4)(
+    jnp.broadcast_to(logits, (rows,) + logits.shape),
+    jnp.broadcast_to(unpacker, (rows,) + unpacker.shape),
+    beams,
+    jnp.broadcast_to(q_logprobs, (rows,) + q_logprobs.shape),
+    SamplingConfig(temperature=1.0),
+    jax.random.key(0),
+    limit,
+  )
+  accepted, next_token = np.asarray(accepted), np.asarray(next_token)
+  assert (accepted <= np.asarray(limit)).all()
+  # limit 0: nothing tried, the next token from p_0.
+  freq = np.bincount(next_token[0::2], minlength=vocab) / (rows // 2)
+  assert 0.5 * np.abs(freq - p[0]).sum() < 0.02, (freq, p[0])
+  # limit 1: after an accepted draft, the next token comes from p_1.
+  cut = next_token[1::2][accepted[1::2] == 1]
+  assert len(cut) > 2000
+  freq = np.bincount(cut, minlength=vocab) / len(cut)
+  assert 0.5 * np.abs(freq - p[1]).sum() < 0.03, (freq, p[1])
