@@ -239,6 +239,29 @@ def test_drafts_crossing_the_block_boundary_give_greedy_tokens(block_len, draft_
   np.testing.assert_array_equal(np.asarray(got_eos.lengths), np.asarray(want_eos.lengths))
 
 
+def test_crossing_drafts_with_the_attention_kernel():
+  """attention_impl "pallas_interpret" (the split-KV decode kernel, here
+  interpreted on CPU): the candidates' block-decoder step reads the
+  committed slots through the kernel's window and its own scratch slot
+  through the mask; L_B = 4, C = 5 gives the tokens of plain greedy
+  decoding with the default attention."""
+  block_len, draft_len, max_new = 4, 5, 18
+  model, params = _base(block_len)
+  kernel_model = build_model(_config(block_len, attention_impl="pallas_interpret"))
+  want = generate(model, params, _PROMPTS, max_new_tokens=max_new)
+  fn = block_speculative_generate_fn(
+    kernel_model,
+    _oracle_draft_fn(want, draft_len),
+    num_beams=3,
+    draft_len=draft_len,
+    max_new_tokens=max_new,
+  )
+  batch = prepare_prompts(_PROMPTS, model.config, max_new)
+  got = fn(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jnp.int32(-1))
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  assert (np.asarray(got.crossings) > 0).all()
+
+
 @functools.lru_cache(maxsize=2)
 def _distilled(block_len):
   """A drafter (the library's default head) trained briefly on the base
