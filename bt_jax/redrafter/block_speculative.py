@@ -1,7 +1,7 @@
 """Speculative decoding of a Block Transformer with a ReDrafter draft head,
-drafts within the current block (ReDrafter, arXiv 2403.09919, on the Block
-Transformer of arXiv 2406.02657; docs/redrafter.md, "A Block Transformer
-base model").
+drafts within the current block and across its boundary (ReDrafter, arXiv
+2403.09919, on the Block Transformer of arXiv 2406.02657; docs/redrafter.md,
+"A Block Transformer base model").
 
 The Block Transformer makes a block of L_B tokens with its token decoder,
 one token at a time over a small local cache that starts from the block's
@@ -17,8 +17,9 @@ steps are speculated:
   decoder verifies in one cached forward over its local cache, each packed
   token seeing the block's committed local slots and its own ancestors, at
   local position committed + depth;
-- a draft never leaves the current block: of a beam's C drafts only the
-  first L_B - 1 - j count, j being g_0's index in its block;
+- with cross_blocks=False (step one) a draft never leaves the current
+  block: of a beam's C drafts only the first L_B - 1 - j count, j being
+  g_0's index in its block;
 - a row whose committed tokens complete its block runs the block decoder
   on it (one step at its own global-cache slot: rows finish blocks at
   different steps), expands the new context embedding and runs the token
@@ -32,8 +33,20 @@ rejection sampling (`speculative._accept_sampled`) keep every token
 distributed as plain sampling. Both are tested token for token and against
 the exact joint distribution (tests/redrafter/test_block_speculative.py).
 
-Drafts that cross the block boundary are not done here: docs/redrafter.md
-says how they would be.
+With cross_blocks=True (the default; `step_cross` in the loop) beams may
+run past the block's end. Where C > L_B - 1 - j, each beam's in-block part
+completes the block: its candidate block. The M candidate blocks go through
+one block-decoder step together (at the row's next global position, K/V at
+M scratch slots after the committed ones, each seeing the committed cache
+and itself only: tree attention of depth one at the block level); per
+candidate the token decoder runs its first pass and the beam's drafts past
+the boundary (at most L_B - 1 of them count) on a fresh local cache.
+Acceptance runs over the whole path, each depth's target from the forward
+whose context plain decoding would use; if the accepted path completes the
+block, the chosen candidate's block K/V, expansion and local cache become
+the row's. Greedy stays token for token equal to `generate`, sampling
+exact (tested the same ways). `SpeculativeOutput.crossings` counts the
+crossing steps per row.
 """
 
 from __future__ import annotations
@@ -291,10 +304,12 @@ def _block_speculate(
   eos_id,
   sampling: Optional[SamplingConfig] = None,
   rng: Optional[jax.Array] = None,
+  cross_blocks: bool = False,
 ):
   """The loop; sampling None (or greedy) verifies greedily, otherwise by
   recursive rejection sampling over sampled drafts: draft_fn then also takes
-  a key and returns (beams [B, M, C+1], q log-probs [B, M, C, V])."""
+  a key and returns (beams [B, M, C+1], q log-probs [B, M, C, V]).
+  cross_blocks: drafts may cross the block boundary (`step_cross`)."""
   cfg: BlockConfig = model.config
   sampled = sampling is not None and not sampling.greedy
   if sampled and rng is None:
@@ -312,8 +327,17 @@ def _block_speculate(
   decoder = BlockDecoder(model)
   batch, prompt_len = tokens.shape
   num_blocks = cfg.num_steps(max_new_tokens) + 1
-  prefill = decoder.prefill(params, tokens, pad, num_blocks)
-  cache_len = prompt_len // block_len + num_blocks
+  cache_len = prompt_len // block_len + num_blocks  # committed global slots
+  # Crossing: one spare committed slot, then M scratch slots for the
+  # candidate blocks (written at scratch .. scratch + M - 1 each step).
+  scratch = cache_len + 1
+  prefill = decoder.prefill(
+    params, tokens, pad, num_blocks + (1 + num_beams if cross_blocks else 0)
+  )
+  if cross_blocks:
+    cache_len = scratch
+  # Past-boundary drafts that count: the new g_0 stays inside the next block.
+  past_len = min(draft_len, block_len - 1)
   pad_blocks = pad // block_len
   out_len = max_new_tokens + depth_len
   rows = jnp.arange(batch)
@@ -373,6 +397,8 @@ def _block_speculate(
     "row_steps": jnp.zeros((batch,), jnp.int32),
     "accepted": jnp.zeros((batch,), jnp.int32),
   }
+  if cross_blocks:
+    state["crossings"] = jnp.zeros((batch,), jnp.int32)
 
   def token_inputs(ids, slots, expanded):
     """The token decoder's input for token ids [B, q] going in at local slots [B, q]."""
@@ -530,10 +556,278 @@ def _block_speculate(
       accepted=state["accepted"] + jnp.where(active, num_accepted, 0),
     )
 
+  # ---- Step two: drafts that cross the block boundary. ----
+
+  def draft(state, key):
+    if sampled:
+      beams, q_logprobs = draft_fn(
+        state["hidden"], state["g0"], state["n_out"], state["step"], jax.random.fold_in(key, 0)
+      )
+    else:
+      beams = draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"])
+      q_logprobs = None
+    beams = beams.astype(jnp.int32)
+    if beams.shape[1:] != (num_beams, depth_len):
+      raise ValueError(
+        f"draft_fn returned beams of shape {beams.shape}; expected "
+        f"[batch, {num_beams}, {depth_len}] (num_beams, draft_len + 1)"
+      )
+    return beams, q_logprobs
+
+  def tree_forward(state, tree):
+    """The in-block verify forward (as in `verify`): (logits [B, P, V],
+    hidden [B, P, width], local cache with the tree after the committed
+    slots)."""
+    length = first_len + state["j"]
+    context = local_slots[None, :] < length[:, None]
+    relative = local_slots[None, :] - length[:, None]
+    in_tree = (relative >= 0) & (relative < packed_len)
+    tree_visible = jnp.take_along_axis(
+      tree.mask,
+      jnp.broadcast_to(
+        jnp.clip(relative, 0, packed_len - 1)[:, None, :], (batch, packed_len, local_len)
+      ),
+      axis=2,
+    )
+    mask = context[:, None, :] | (tree_visible & in_tree[:, None, :])
+    slots = length[:, None] + tree.depth
+    memory = state["expanded"] if cfg.token_decoder == "cross_attention" else None
+    logits, local, hidden = apply(
+      token_inputs(tree.tokens, slots, state["expanded"]),
+      slots,
+      state["local"],
+      length,
+      mask,
+      memory,
+      (jnp.zeros((batch,), jnp.int32), length),
+      method=_token_forward,
+    )
+    return logits, hidden, local
+
+  def no_tree_forward(state, tree):
+    """Every active row's g_0 ends its block: no in-block drafts."""
+    del tree
+    return (
+      jnp.zeros((batch, packed_len, cfg.vocab_size), jnp.float32),
+      jnp.zeros((batch, packed_len, cfg.token_width), state["hidden"].dtype),
+      state["local"],
+    )
+
+  candidate_len = first_len + past_len  # the candidates' token-decoder queries
+
+  def candidates(state, beams, cap):
+    """Per beam m, the candidate block (committed tokens, g_0, d_1..d_cap)
+    through one block-decoder step at the row's next global slot's position,
+    its K/V at scratch slot m, seeing the committed slots and itself; then
+    the token decoder's first pass on the candidate's context followed by
+    the beam's past-boundary drafts d_{cap+1}.. on a fresh local cache.
+    Returns (block cache, expanded [B, M, E, width], local caches [B*M],
+    logits [B, M, candidate_len, V], hidden [B, M, candidate_len, width]);
+    entry first_len - 1 + k predicts the next block's token k."""
+    j, slot = state["j"], state["block_slot"]
+    blocks = jax.vmap(
+      lambda b, m, i: jax.vmap(
+        lambda t: jax.lax.dynamic_update_slice_in_dim(b, t, i, axis=0)[:block_len]
+      )(m)
+    )(state["block"], beams, j)  # [B, M, L_B]
+    positions = jnp.broadcast_to((slot - pad_blocks)[:, None], (batch, num_beams))
+    read = jnp.arange(scratch + num_beams)
+    committed = (read[None, :] >= pad_blocks[:, None]) & (read[None, :] < slot[:, None])
+    own = read[None, :] == scratch + jnp.arange(num_beams)[:, None]  # [M, S]
+    mask = committed[:, None, :] | own[None, :, :]
+    context, block_cache = apply(
+      blocks,
+      positions,
+      state["block_cache"],
+      scratch,
+      mask,
+      method=BlockTransformer.encode_blocks,
+      window=(pad_blocks.astype(jnp.int32), slot),
+    )
+    many = batch * num_beams
+    expanded = apply(
+      context.reshape(many, cfg.block_width), method=BlockTransformer.expand
+    )  # [B*M, E, width]
+    memory = None
+    if prefix:
+      first = expanded
+    else:
+      bos = apply(jnp.full((many, 1), cfg.bos_id, jnp.int32), method=BlockTransformer.embed_tokens)
+      if cfg.token_decoder == "summation":
+        first = bos + expanded[:, :1]
+      else:
+        first, memory = bos, expanded
+    if past_len:
+      at = jnp.clip(cap[:, None] + 1 + jnp.arange(past_len)[None, :], 0, draft_len)  # [B, X]
+      past = jnp.take_along_axis(
+        beams, jnp.broadcast_to(at[:, None, :], (batch,) + (num_beams, past_len)), axis=2
+      )
+      past_slots = jnp.broadcast_to(first_len + jnp.arange(past_len), (many, past_len))
+      first = jnp.concatenate(
+        [first, token_inputs(past.reshape(many, past_len), past_slots, expanded)], axis=1
+      )
+    slots = jnp.arange(candidate_len)
+    local = caches_lib.init_stack_cache(cfg.token_stack, many, local_len, cfg.compute_dtype)
+    window = caches_lib.local_window(many, 0, local_len) if candidate_len == 1 else None
+    logits, local, hidden = apply(
+      first,
+      slots,
+      local,
+      0,
+      caches_lib.local_mask(slots, local_len),
+      memory,
+      window,
+      method=_token_forward,
+    )
+    return (
+      block_cache,
+      expanded.reshape(batch, num_beams, cfg.num_expanded, cfg.token_width),
+      local,
+      logits.reshape(batch, num_beams, candidate_len, cfg.vocab_size),
+      hidden.reshape(batch, num_beams, candidate_len, cfg.token_width),
+    )
+
+  def no_candidates(state, beams, cap):
+    del beams, cap
+    many = batch * num_beams
+    return (
+      state["block_cache"],
+      jnp.zeros((batch, num_beams, cfg.num_expanded, cfg.token_width), state["expanded"].dtype),
+      caches_lib.init_stack_cache(cfg.token_stack, many, local_len, cfg.compute_dtype),
+      jnp.zeros((batch, num_beams, candidate_len, cfg.vocab_size), jnp.float32),
+      jnp.zeros((batch, num_beams, candidate_len, cfg.token_width), state["hidden"].dtype),
+    )
+
+  def step_cross(state):
+    done, j = state["done"], state["j"]
+    active = ~done
+    key = jax.random.fold_in(rng, state["step"])
+    cap = jnp.minimum(draft_len, block_len - 1 - j)  # in-block drafts
+    cross = active & (draft_len > cap)  # every beam reaches the block's end
+    limit = jnp.minimum(draft_len, cap + past_len)  # = cap where no beam crosses
+    beams, q_logprobs = draft(state, jax.random.fold_in(key, 0))
+    tree = batched_pack_beams(beams)
+    tree_logits, tree_hidden, tree_local = jax.lax.cond(
+      jnp.any(active & (cap > 0)), tree_forward, no_tree_forward, state, tree
+    )
+    block_cache, cand_expanded, cand_local, cand_logits, cand_hidden = jax.lax.cond(
+      jnp.any(cross), candidates, no_candidates, state, beams, cap
+    )
+    # Per beam and depth i, the target after d_i: the in-block forward while
+    # the next token is in the block (i < L_B - 1 - j), then the beam's
+    # candidate forward (there cap = L_B - 1 - j).
+    room = (block_len - 1 - j)[:, None, None]
+    depth = jnp.arange(depth_len)[None, None, :]
+    in_block = depth < room  # [B, 1, D]
+    at = jnp.clip(first_len - 1 + depth - room, 0, candidate_len - 1)
+    at = jnp.broadcast_to(at, (batch, num_beams, depth_len))
+
+    def per_beam(packed, cand):
+      from_tree = jax.vmap(lambda x, u: x[u])(packed, tree.unpacker)  # [B, M, D, ...]
+      from_cand = jnp.take_along_axis(cand, at.reshape(at.shape + (1,) * (cand.ndim - 3)), axis=2)
+      return jnp.where(
+        in_block.reshape(in_block.shape + (1,) * (cand.ndim - 3)), from_tree, from_cand
+      )
+
+    logits = per_beam(tree_logits, cand_logits)  # [B, M, D, V]
+    hidden = per_beam(tree_hidden, cand_hidden)  # [B, M, D, width]
+    if sampled:
+      identity = jnp.broadcast_to(
+        jnp.arange(num_beams * depth_len).reshape(num_beams, depth_len),
+        (batch, num_beams, depth_len),
+      )
+      best, num_accepted, next_token = _accept_sampled(
+        logits.reshape(batch, num_beams * depth_len, cfg.vocab_size),
+        identity,
+        beams,
+        q_logprobs,
+        sampling,
+        jax.random.fold_in(key, 1),
+        limit,
+      )
+    else:
+      predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, M, D]
+      matches = predicted[:, :, :draft_len] == beams[:, :, 1:]
+      matches &= (jnp.arange(draft_len)[None, :] < limit[:, None])[:, None, :]
+      accepted = jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1)
+      best = jnp.argmax(accepted, axis=-1)
+      num_accepted = accepted[rows, best]
+      next_token = predicted[rows, best, num_accepted]
+    next_hidden = hidden[rows, best, num_accepted]
+    committed = beams[rows, best]
+    crossed = cross & (num_accepted >= cap)  # the accepted path completes the block
+    length = first_len + j
+    best_slots = tree.unpacker[rows, best]
+    local = _move_local(tree_local, length[:, None] + best_slots, length)
+    block = jax.vmap(lambda b, c, i: jax.lax.dynamic_update_slice_in_dim(b, c, i, axis=0))(
+      state["block"], committed, j
+    )
+    new_j = j + num_accepted + 1
+    complete = active & ~crossed & (new_j == block_len)  # completed in the block
+    state_in = dict(state, block_cache=block_cache, local=local, g0=next_token, hidden=next_hidden)
+    after = jax.lax.cond(
+      jnp.any(complete),
+      next_block,
+      keep_blocks,
+      state_in,
+      block[:, :block_len],
+      complete,
+      jax.random.fold_in(key, 2),
+    )
+    # Crossed rows: the chosen candidate's block K/V to the row's slot (after
+    # next_block, which writes every row's next slot), its expansion and
+    # local cache.
+    slot = state["block_slot"]
+
+    def take_candidate(array):
+      moved = array[rows, scratch + best]
+      return array.at[rows, slot].set(
+        jnp.where(crossed.reshape((batch,) + (1,) * (moved.ndim - 1)), moved, array[rows, slot])
+      )
+
+    block_cache = jax.tree.map(take_candidate, after["block_cache"])
+    chosen_local = jax.tree.map(
+      lambda a: a.reshape((batch, num_beams) + a.shape[1:])[rows, best], cand_local
+    )
+    crossing = {
+      "expanded": cand_expanded[rows, best],
+      "local": chosen_local,
+      "g0": next_token,
+      "hidden": next_hidden,
+    }
+    moved = _select(crossed, crossing, {name: after[name] for name in crossing})
+    keep = jnp.arange(depth_len)[None, :] <= num_accepted[:, None]
+    is_eos = (committed == eos_id) & keep
+    has_eos = jnp.any(is_eos, axis=-1)
+    count = jnp.where(has_eos, jnp.argmax(is_eos, axis=-1) + 1, num_accepted + 1)
+    count = jnp.minimum(count, max_new_tokens - state["n_out"])
+    count = jnp.where(done, 0, count)
+    out = jax.vmap(lambda o, c, i: jax.lax.dynamic_update_slice_in_dim(o, c, i, axis=0))(
+      state["out"], committed, state["n_out"]
+    )
+    n_out = state["n_out"] + count
+    # The next block so far: the accepted drafts past the boundary.
+    next_block_tokens = jnp.pad(block[:, block_len:], ((0, 0), (0, block_len)))
+    block = jnp.where(crossed[:, None], next_block_tokens, block)
+    return dict(
+      _select(active, moved, {name: state[name] for name in moved}),
+      block_cache=block_cache,
+      block_slot=slot + (complete | crossed).astype(jnp.int32),
+      j=jnp.where(active, jnp.where(crossed, num_accepted - cap, jnp.where(complete, 0, new_j)), j),
+      block=jnp.where(active[:, None], block, state["block"]),
+      out=out,
+      n_out=n_out,
+      done=done | has_eos | (n_out >= max_new_tokens),
+      step=state["step"] + 1,
+      row_steps=state["row_steps"] + active.astype(jnp.int32),
+      accepted=state["accepted"] + jnp.where(active, num_accepted, 0),
+      crossings=state["crossings"] + crossed.astype(jnp.int32),
+    )
+
   def cond(state):
     return ~jnp.all(state["done"]) & (state["step"] < max_new_tokens)
 
-  state = jax.lax.while_loop(cond, step, state)
+  state = jax.lax.while_loop(cond, step_cross if cross_blocks else step, state)
   positions = jnp.arange(max_new_tokens)[None, :]
   tokens_out = jnp.where(
     positions < state["n_out"][:, None], state["out"][:, :max_new_tokens], cfg.pad_id
@@ -544,18 +838,35 @@ def _block_speculate(
     steps=state["step"],
     row_steps=state["row_steps"],
     accepted=state["accepted"],
+    crossings=state.get("crossings"),
   )
 
 
 def block_speculative_generate_fn(
-  model: BlockTransformer, draft_fn: DraftFn, *, num_beams: int, draft_len: int, max_new_tokens: int
+  model: BlockTransformer,
+  draft_fn: DraftFn,
+  *,
+  num_beams: int,
+  draft_len: int,
+  max_new_tokens: int,
+  cross_blocks: bool = True,
 ):
   """The jitted greedy loop with any draft function: f(params, tokens
   [B, prompt_len], pad [B], eos_id) -> SpeculativeOutput. draft_fn(hidden,
-  g0, n_out, step) must return [B, num_beams, draft_len + 1] (g0 first)."""
+  g0, n_out, step) must return [B, num_beams, draft_len + 1] (g0 first).
+  cross_blocks: drafts may cross the block boundary (False: within the
+  block only)."""
   _check(model, num_beams=num_beams, draft_len=draft_len, max_new_tokens=max_new_tokens)
   return jax.jit(
-    functools.partial(_block_speculate, model, draft_fn, num_beams, draft_len, max_new_tokens)
+    functools.partial(
+      _block_speculate,
+      model,
+      draft_fn,
+      num_beams,
+      draft_len,
+      max_new_tokens,
+      cross_blocks=cross_blocks,
+    )
   )
 
 
@@ -567,10 +878,11 @@ def block_drafter_generate_fn(
   max_new_tokens: int,
   sampling: SamplingConfig = SamplingConfig(),
   draft_top_k: Optional[int] = None,
+  cross_blocks: bool = True,
 ):
   """The jitted loop with the draft head: f(params, drafter_params, tokens,
   pad, eos_id, rng) -> SpeculativeOutput. Cached: one compile per (model,
-  drafter, beams, max_new, sampling, top-k)."""
+  drafter, beams, max_new, sampling, top-k, cross_blocks)."""
 
   def run(params, drafter_params, tokens, pad, eos_id, rng):
     draft_fn = make_draft_fn(drafter, drafter_params, params, sampling, beam_width, draft_top_k)
@@ -586,6 +898,7 @@ def block_drafter_generate_fn(
       eos_id,
       sampling,
       rng,
+      cross_blocks,
     )
 
   return jax.jit(run)
@@ -605,14 +918,17 @@ def block_speculative_generate(
   seed: int = 0,
   draft_top_k: Optional[int] = None,
   recorded_base: Optional[Mapping[str, Any]] = None,
+  cross_blocks: bool = True,
 ) -> SpeculativeOutput:
   """`speculative_generate` for a Block Transformer base model: drafts
-  within the current block, verified by the token decoder (module
-  docstring). Greedy `sampling` gives the tokens of greedy
-  `bt_jax.inference.generate`; otherwise every token is distributed as
-  plain sampling under `sampling`. beam_width: beams (greedy, default 4) or
-  sampled drafts (default 1). A drafter's draft_len above L_B - 1 is cut to
-  what the block has left each step. recorded_base: drafter.json's
+  verified by the token decoder, across the block boundary with
+  cross_blocks (the default; candidate blocks through the block decoder),
+  else within the current block (module docstring). Greedy `sampling`
+  gives the tokens of greedy `bt_jax.inference.generate`; otherwise every
+  token is distributed as plain sampling under `sampling`. beam_width:
+  beams (greedy, default 4) or sampled drafts (default 1). Of a drafter's
+  draft_len, at most what the block has left counts each step, plus (with
+  cross_blocks) L_B - 1 past its end. recorded_base: drafter.json's
   "base_model" (`load_drafter`'s metadata), checked with the drafter's
   config against the model (`check_block_drafter_fits`). One device."""
   if beam_width is None:
@@ -627,7 +943,9 @@ def block_speculative_generate(
       "sampled drafts use the sampling config's top_k"
     )
   batch = prepare_prompts(prompts, model.config, max_new_tokens)
-  fn = block_drafter_generate_fn(model, drafter, beam_width, max_new_tokens, sampling, draft_top_k)
+  fn = block_drafter_generate_fn(
+    model, drafter, beam_width, max_new_tokens, sampling, draft_top_k, cross_blocks
+  )
   return fn(
     params,
     drafter_params,

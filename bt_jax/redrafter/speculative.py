@@ -66,7 +66,9 @@ class SpeculativeOutput:
   loops that do not record them): step_accepted, the drafts accepted at each
   step (-1 once the row had finished or past the last step);
   step_tree_tokens, the packed tokens verified after the prefix dedupe (of
-  M (C + 1); 0 there)."""
+  M (C + 1); 0 there). crossings [batch] (a Block Transformer base with
+  cross_blocks; None otherwise): the steps whose accepted path crossed the
+  block boundary."""
 
   tokens: jax.Array
   lengths: jax.Array
@@ -75,6 +77,7 @@ class SpeculativeOutput:
   accepted: jax.Array
   step_accepted: Optional[jax.Array] = None
   step_tree_tokens: Optional[jax.Array] = None
+  crossings: Optional[jax.Array] = None
 
 
 jax.tree_util.register_dataclass(
@@ -87,6 +90,7 @@ jax.tree_util.register_dataclass(
     "accepted",
     "step_accepted",
     "step_tree_tokens",
+    "crossings",
   ],
   meta_fields=[],
 )
@@ -170,14 +174,17 @@ def _residual(p: jax.Array, q: jax.Array) -> jax.Array:
   return jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p)
 
 
-def _accept_sampled_row(logits, unpacker, beams, q_logprobs, sampling, key):
+def _accept_sampled_row(logits, unpacker, beams, q_logprobs, sampling, key, limit=None):
   """One row of `_accept_sampled`: logits [P, V], unpacker [M, D], beams
-  [M, D], q_logprobs [M, C, V]."""
+  [M, D], q_logprobs [M, C, V]; limit (a scalar, default C): the drafts
+  past it are not tried, as if the beams were that long."""
   num_beams, depth_len = beams.shape
   draft_len = depth_len - 1
   p_packed = jax.nn.softmax(restrict_logits(logits, sampling), axis=-1)  # [P, V] f32
   q_probs = jnp.exp(q_logprobs.astype(jnp.float32))  # [M, C, V]
   uniforms = jax.random.uniform(jax.random.fold_in(key, 0), (draft_len, num_beams))
+  if limit is None:
+    limit = draft_len
 
   def depth_step(d, carry):
     alive, num_accepted, stopped, final_p = carry
@@ -197,13 +204,15 @@ def _accept_sampled_row(logits, unpacker, beams, q_logprobs, sampling, key):
     (p_now, taken, token), _ = jax.lax.scan(
       try_beam, (p, jnp.bool_(False), jnp.int32(0)), jnp.arange(num_beams)
     )
-    advance = ~stopped & taken
-    reject_all = ~stopped & ~taken
+    tried = ~stopped & (d < limit)
+    advance = tried & taken
+    reject_all = tried & ~taken
+    cut = ~stopped & (d >= limit)  # the limit reached: the next token from p here
     return (
       jnp.where(advance, alive & (candidates == token), alive),
       num_accepted + advance.astype(jnp.int32),
-      stopped | reject_all,
-      jnp.where(reject_all, p_now, final_p),
+      stopped | reject_all | cut,
+      jnp.where(reject_all, p_now, jnp.where(cut, p, final_p)),
     )
 
   alive = jnp.ones((num_beams,), bool)
@@ -218,7 +227,7 @@ def _accept_sampled_row(logits, unpacker, beams, q_logprobs, sampling, key):
   return best, num_accepted, next_token.astype(jnp.int32)
 
 
-def _accept_sampled(logits, unpacker, beams, q_logprobs, sampling, key):
+def _accept_sampled(logits, unpacker, beams, q_logprobs, sampling, key, limit=None):
   """Recursive rejection sampling over M i.i.d. sampled drafts (exact for
   the target distribution; with M = 1 plain speculative sampling).
 
@@ -231,11 +240,17 @@ def _accept_sampled(logits, unpacker, beams, q_logprobs, sampling, key):
   normalise(max(p - q, 0)) for the next. An acceptance appends x and keeps
   the alive drafts with x at depth d+1; when all are rejected the next token
   is drawn from the last residual; after C acceptances, from p after the
-  last. Returns (best [B]: a draft holding the accepted path, accepted [B],
-  next token [B])."""
+  last. limit [B] (optional, default C): at most limit[b] drafts of row b
+  are tried, the next token then drawn from p after them (exact: as if the
+  beams were cut there before the step). Returns (best [B]: a draft holding
+  the accepted path, accepted [B], next token [B])."""
   keys = jax.random.split(key, logits.shape[0])
-  return jax.vmap(lambda l, u, b, q, k: _accept_sampled_row(l, u, b, q, sampling, k))(
-    logits, unpacker, beams, q_logprobs, keys
+  if limit is None:
+    return jax.vmap(lambda l, u, b, q, k: _accept_sampled_row(l, u, b, q, sampling, k))(
+      logits, unpacker, beams, q_logprobs, keys
+    )
+  return jax.vmap(lambda l, u, b, q, k, n: _accept_sampled_row(l, u, b, q, sampling, k, n))(
+    logits, unpacker, beams, q_logprobs, keys, limit
   )
 
 

@@ -70,6 +70,35 @@ _PROMPTS = [
 ]
 
 
+def _oracle_draft_fn(want, draft_len):
+  """Drafts from the true greedy continuation `want` (a `generate` output),
+  three beams sharing prefixes, corrupted per row and step."""
+  reference = jnp.pad(jnp.asarray(want.tokens), ((0, 0), (0, draft_len + 1)))
+
+  def draft_fn(hidden, g0, n_out, step):
+    del hidden
+    rows = jnp.arange(g0.shape[0])
+    true = (
+      jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, draft_len + 1))(reference, n_out)
+      .at[:, 0]
+      .set(g0)
+    )
+    depth = jnp.arange(draft_len + 1)[None, :]
+    # Beam 0 (whose tokens fill the first packed slots) is wrong from depth
+    # 1, so a chosen later beam's K/V must be moved into place.
+    beam0 = jnp.where(depth >= 1, (true * 7 + 5) % _VOCAB, true)
+    beam1 = jnp.where(depth == 1 + ((rows + step) % draft_len)[:, None], (true + 1) % _VOCAB, true)
+    # Even rows: all correct; odd rows: wrong from depth 1 (rows 1, 5) or 2.
+    beam2 = jnp.where(
+      (rows % 2 == 0)[:, None],
+      true,
+      jnp.where(depth >= 1 + (rows // 2 % 2)[:, None], (true + 2) % _VOCAB, true),
+    )
+    return jnp.stack([beam0, beam1, beam2], axis=1)
+
+  return draft_fn
+
+
 def test_hidden_states_are_what_the_head_reads():
   """`block_hidden_states` at position t, through the output layer, gives
   the training forward's logits of token t + 1 (block 0 excluded)."""
@@ -110,35 +139,18 @@ def test_oracle_drafts_give_greedy_tokens_for_every_block_len(block_len, token_d
   model, params = _base(block_len, token_decoder)
   max_new, draft_len, num_beams = 18, 3, 3
   want = generate(model, params, _PROMPTS, max_new_tokens=max_new)
-  reference = jnp.pad(jnp.asarray(want.tokens), ((0, 0), (0, draft_len + 1)))
-
-  def draft_fn(hidden, g0, n_out, step):
-    del hidden
-    rows = jnp.arange(g0.shape[0])
-    true = (
-      jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, draft_len + 1))(reference, n_out)
-      .at[:, 0]
-      .set(g0)
-    )
-    depth = jnp.arange(draft_len + 1)[None, :]
-    # Beam 0 (whose tokens fill the first packed slots) is wrong from depth
-    # 1, so a chosen later beam's K/V must be moved into place.
-    beam0 = jnp.where(depth >= 1, (true * 7 + 5) % _VOCAB, true)
-    beam1 = jnp.where(depth == 1 + ((rows + step) % draft_len)[:, None], (true + 1) % _VOCAB, true)
-    # Even rows: all correct; odd rows: wrong from depth 1 (rows 1, 5) or 2.
-    beam2 = jnp.where(
-      (rows % 2 == 0)[:, None],
-      true,
-      jnp.where(depth >= 1 + (rows // 2 % 2)[:, None], (true + 2) % _VOCAB, true),
-    )
-    return jnp.stack([beam0, beam1, beam2], axis=1)
-
   fn = block_speculative_generate_fn(
-    model, draft_fn, num_beams=num_beams, draft_len=draft_len, max_new_tokens=max_new
+    model,
+    _oracle_draft_fn(want, draft_len),
+    num_beams=num_beams,
+    draft_len=draft_len,
+    max_new_tokens=max_new,
+    cross_blocks=False,  # drafts within the block (step one)
   )
   batch = prepare_prompts(_PROMPTS, model.config, max_new)
   args = (params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad))
   got = fn(*args, jnp.int32(-1))
+  assert got.crossings is None
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
   np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
   row_steps, accepted = np.asarray(got.row_steps), np.asarray(got.accepted)
@@ -163,6 +175,91 @@ def test_oracle_drafts_give_greedy_tokens_for_every_block_len(block_len, token_d
   np.testing.assert_array_equal(np.asarray(got_eos.tokens), np.asarray(want_eos.tokens))
   np.testing.assert_array_equal(np.asarray(got_eos.lengths), np.asarray(want_eos.lengths))
   assert np.asarray(want_eos.lengths).min() < max_new  # some row stopped at EOS
+
+
+@pytest.mark.parametrize(
+  "block_len,draft_len,token_decoder",
+  [
+    (1, 3, "prefix"),
+    (2, 3, "prefix"),
+    (4, 5, "prefix"),
+    (8, 9, "prefix"),
+    (8, 3, "prefix"),
+    (4, 5, "summation"),
+    (4, 5, "cross_attention"),
+  ],
+  ids=["L1-C3", "L2-C3", "L4-C5", "L8-C9", "L8-C3", "L4-C5-summation", "L4-C5-cross_attention"],
+)
+def test_drafts_crossing_the_block_boundary_give_greedy_tokens(block_len, draft_len, token_decoder):
+  """cross_blocks: beams that reach the block's end propose candidate
+  blocks, run through one block-decoder step together, and their drafts
+  past the boundary are verified on each candidate's next-block first pass.
+  The oracle drafts (corrupted per row and step: rows accept different
+  lengths, some steps cross and some stay in the block, beams other than
+  the first are chosen) give the tokens of plain greedy decoding, with and
+  without EOS. Crossings happen (counted); at L_B >= 4 the all-correct
+  rows emit more than L_B tokens per step, which drafts within the block
+  cannot; L8-C3 mixes rows that cross with rows that complete the block in
+  it (C <= L_B - 1 - j). (Leaving out the chosen candidate's block-decoder
+  K/V move fails L1-C3 and L4-C5; taking candidate 0's instead of the
+  chosen one's fails L2-C3, L4-C5 and L8-C9.)"""
+  model, params = _base(block_len, token_decoder)
+  max_new, num_beams = 18, 3
+  want = generate(model, params, _PROMPTS, max_new_tokens=max_new)
+  fn = block_speculative_generate_fn(
+    model,
+    _oracle_draft_fn(want, draft_len),
+    num_beams=num_beams,
+    draft_len=draft_len,
+    max_new_tokens=max_new,
+  )
+  batch = prepare_prompts(_PROMPTS, model.config, max_new)
+  args = (params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad))
+  got = fn(*args, jnp.int32(-1))
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+  row_steps, accepted = np.asarray(got.row_steps), np.asarray(got.accepted)
+  crossings = np.asarray(got.crossings)
+  assert (row_steps + accepted >= max_new).all(), (row_steps, accepted)
+  if draft_len >= block_len:  # every step's beams reach the block's end
+    assert (crossings > 0).all(), crossings
+  else:  # L8-C3: even rows complete blocks in them (j = 0, 4), odd rows cross
+    assert not crossings[0::2].any() and (crossings[1::2] > 0).all(), crossings
+  if block_len == 1:
+    assert not accepted.any()  # the next g_0 would leave the next block
+  if block_len >= 4 and draft_len > block_len:
+    # Even rows: all drafts right, more tokens per step than a block holds.
+    assert (max_new / row_steps[0::2] > block_len).all(), row_steps
+  if block_len >= 4:  # odd rows accept less
+    assert row_steps[1] > row_steps[0] and row_steps[5] > row_steps[4], row_steps
+  eos = int(np.asarray(want.tokens)[2, 5])
+  want_eos = generate(model, params, _PROMPTS, max_new_tokens=max_new, eos_id=eos)
+  got_eos = fn(*args, jnp.int32(eos))
+  np.testing.assert_array_equal(np.asarray(got_eos.tokens), np.asarray(want_eos.tokens))
+  np.testing.assert_array_equal(np.asarray(got_eos.lengths), np.asarray(want_eos.lengths))
+
+
+def test_crossing_drafts_with_the_attention_kernel():
+  """attention_impl "pallas_interpret" (the split-KV decode kernel, here
+  interpreted on CPU): the candidates' block-decoder step reads the
+  committed slots through the kernel's window and its own scratch slot
+  through the mask; L_B = 4, C = 5 gives the tokens of plain greedy
+  decoding with the default attention."""
+  block_len, draft_len, max_new = 4, 5, 18
+  model, params = _base(block_len)
+  kernel_model = build_model(_config(block_len, attention_impl="pallas_interpret"))
+  want = generate(model, params, _PROMPTS, max_new_tokens=max_new)
+  fn = block_speculative_generate_fn(
+    kernel_model,
+    _oracle_draft_fn(want, draft_len),
+    num_beams=3,
+    draft_len=draft_len,
+    max_new_tokens=max_new,
+  )
+  batch = prepare_prompts(_PROMPTS, model.config, max_new)
+  got = fn(params, jnp.asarray(batch.tokens), jnp.asarray(batch.pad), jnp.int32(-1))
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  assert (np.asarray(got.crossings) > 0).all()
 
 
 @functools.lru_cache(maxsize=2)
@@ -195,7 +292,7 @@ def test_a_distilled_drafter_is_accepted_and_greedy_stays_exact(block_len):
   """A drafter distilled from the base model's greedy outputs: over many
   ragged prompts, more than one draft accepted per step on average (the
   untrained drafter accepts far fewer), the tokens equal to plain greedy
-  decoding."""
+  decoding, within the block and across its boundary."""
   model, params = _base(block_len)
   drafter, dparams, losses = _distilled(block_len)
   assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
@@ -203,12 +300,19 @@ def test_a_distilled_drafter_is_accepted_and_greedy_stays_exact(block_len):
   prompts = [rng.integers(1, _VOCAB, size=rng.integers(1, 12)).tolist() for _ in range(8)]
   want = generate(model, params, prompts, max_new_tokens=20)
   got = block_speculative_generate(
-    model, params, drafter, dparams, prompts, max_new_tokens=20, beam_width=3
+    model, params, drafter, dparams, prompts, max_new_tokens=20, beam_width=3, cross_blocks=False
   )
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
   np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
   per_step = np.asarray(got.accepted).sum() / np.asarray(got.row_steps).sum()
   assert per_step > 1.0, per_step
+  # Drafts crossing the block boundary (the default): the same tokens, and
+  # some steps' accepted paths cross.
+  crossing = block_speculative_generate(
+    model, params, drafter, dparams, prompts, max_new_tokens=20, beam_width=3
+  )
+  np.testing.assert_array_equal(np.asarray(crossing.tokens), np.asarray(want.tokens))
+  assert np.asarray(crossing.crossings).sum() > 0
   untrained = block_speculative_generate(
     model,
     params,
@@ -217,6 +321,7 @@ def test_a_distilled_drafter_is_accepted_and_greedy_stays_exact(block_len):
     prompts,
     max_new_tokens=20,
     beam_width=3,
+    cross_blocks=False,
   )
   np.testing.assert_array_equal(np.asarray(untrained.tokens), np.asarray(want.tokens))
   assert (
@@ -296,8 +401,10 @@ _JOINT_ROWS = 20000
 _SAMPLE_PROMPT = [1, 2, 3, 1]  # whole blocks for L_B 2 and 4
 
 
-@functools.lru_cache(maxsize=2)
-def _four_token_setup(block_len):
+@functools.lru_cache(maxsize=3)
+def _four_token_setup(block_len, draft_len=2, shift=0):
+  """(model, params, drafter, drafter params, the exact joint [4]*4 of
+  generated tokens shift .. shift + 3, the first `shift` marginalised)."""
   config = tiny_config(
     "block",
     vocab_size=4,
@@ -312,42 +419,53 @@ def _four_token_setup(block_len):
   )
   model = build_model(config)
   params = init_params(model, jax.random.key(3))
-  drafter = DraftHead(DrafterConfig.for_base(config, draft_len=2))
+  drafter = DraftHead(DrafterConfig.for_base(config, draft_len=draft_len))
   dparams = init_drafter(drafter, jax.random.key(4))
-  sequences = np.array(list(itertools.product(range(4), repeat=4)), np.int32)  # [256, 4]
-  full = np.concatenate([np.tile(_SAMPLE_PROMPT, (len(sequences), 1)), sequences], axis=1)
+  length = 4 + shift
+  sequences = np.array(list(itertools.product(range(4), repeat=length)), np.int32)
+  whole = -(-length // block_len) * block_len  # later tokens do not change these logits
+  full = np.concatenate(
+    [
+      np.tile(_SAMPLE_PROMPT, (len(sequences), 1)),
+      np.pad(sequences, ((0, 0), (0, whole - length))),
+    ],
+    axis=1,
+  )
   logits = model.apply({"params": params}, jnp.asarray(full))  # blocks 1.. of 8 tokens
   logits = np.asarray(logits).reshape(len(sequences), -1, 4)[:, len(_SAMPLE_PROMPT) - block_len :]
+  logits = logits[:, :length]
   logits = logits.astype(np.float64)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   exact = np.prod(np.take_along_axis(probs, sequences[:, :, None], axis=2)[..., 0], axis=1)
-  return model, params, drafter, dparams, exact.reshape((4,) * 4)
+  exact = exact.reshape((4,) * length).sum(axis=tuple(range(shift)))
+  return model, params, drafter, dparams, exact
 
 
-def _four_token_tv(block_len, beam_width):
-  model, params, drafter, dparams, exact = _four_token_setup(block_len)
+def _four_token_tv(block_len, beam_width, draft_len=2, cross_blocks=False, shift=0):
+  model, params, drafter, dparams, exact = _four_token_setup(block_len, draft_len, shift)
   out = block_speculative_generate(
     model,
     params,
     drafter,
     dparams,
     [_SAMPLE_PROMPT] * _JOINT_ROWS,
-    max_new_tokens=4,
+    max_new_tokens=4 + shift,
     sampling=SamplingConfig(temperature=1.0),
     beam_width=beam_width,
     seed=5,
+    cross_blocks=cross_blocks,
   )
-  tokens = np.asarray(out.tokens)
+  tokens = np.asarray(out.tokens)[:, shift:]
   empirical = np.zeros((4,) * 4)
   np.add.at(empirical, tuple(tokens.T), 1.0 / _JOINT_ROWS)
-  return 0.5 * np.abs(empirical - exact).sum(), np.asarray(out.accepted), np.asarray(out.row_steps)
+  return 0.5 * np.abs(empirical - exact).sum(), out
 
 
-def _four_token_bound(block_len):
+def _four_token_bound(block_len, draft_len=2, shift=0):
   """The total variation exact sampling of _JOINT_ROWS sequences stays
   under: the largest of 20 multinomial draws from the exact joint, + 25%."""
-  exact = _four_token_setup(block_len)[-1].ravel()
+  exact = _four_token_setup(block_len, draft_len, shift)[-1].ravel()
   rng = np.random.default_rng(0)
   draws = rng.multinomial(_JOINT_ROWS, exact, size=20) / _JOINT_ROWS
   return 1.25 * max(0.5 * np.abs(d - exact).sum() for d in draws)
@@ -365,7 +483,8 @@ def test_speculative_sampling_has_the_exact_joint_distribution(block_len, beam_w
   bound = _four_token_bound(block_len)
   exact = _four_token_setup(block_len)[-1]
   assert np.isclose(exact.sum(), 1.0)
-  tv, accepted, row_steps = _four_token_tv(block_len, beam_width)
+  tv, out = _four_token_tv(block_len, beam_width)
+  accepted, row_steps = np.asarray(out.accepted), np.asarray(out.row_steps)
   assert tv < bound, (tv, bound)
   if block_len == 4:  # one block: accepting two drafts takes one step
     assert np.mean(accepted >= 2) > 0.05, np.mean(accepted >= 2)  # the second draft position
@@ -383,3 +502,67 @@ def test_speculative_sampling_has_the_exact_joint_distribution(block_len, beam_w
   finally:
     block_drafter_generate_fn.cache_clear()
   assert wrong > bound, (wrong, bound)
+
+
+@pytest.mark.parametrize("draft_len,shift", [(2, 0), (3, 1)], ids=["C2", "C3"])
+def test_speculative_sampling_across_the_block_boundary_is_exact(draft_len, shift):
+  """As above with cross_blocks at L_B = 2 (two sampled drafts): the drafts
+  past the block's end are verified on the candidate block's next-block
+  first pass, the acceptance runs over the whole path. C = 2: from g_0 at
+  index 0 both drafts can be accepted (d_2 the next block's first token);
+  C = 3: at most L_B - 1 = 1 past-boundary draft counts, so the third is
+  cut and the next token drawn from p after the second; there the joint
+  of generated tokens 1 .. 4 (token 0 marginalised) is checked, which the
+  cut reaches (not trying the third draft against the limit passes the
+  first four tokens but fails this). The joint against the exact one,
+  under the same bound; steps whose accepted path crossed the boundary are
+  common."""
+  block_len = 2
+  bound = _four_token_bound(block_len, draft_len, shift)
+  tv, out = _four_token_tv(block_len, 2, draft_len, cross_blocks=True, shift=shift)
+  assert tv < bound, (tv, bound)
+  crossings = np.asarray(out.crossings)
+  assert np.mean(crossings > 0) > 0.2, np.mean(crossings > 0)
+  # Three tokens in one step (g_0 and two drafts) need a crossing at L_B = 2.
+  assert np.mean(np.asarray(out.accepted) >= 2) > 0.05
+
+
+def test_accept_sampled_limit_cuts_the_beams():
+  """`speculative._accept_sampled` with a per-row limit (what crossing rows
+  use): at most limit drafts are accepted, and after limit accepted drafts
+  the next token is drawn from the target at that depth (not tried against
+  the next draft). Fixed tables: the target p_d and the drafter q_d per
+  depth, the same for every prefix; 20000 rows, drafts drawn from q."""
+  from bt_jax.redrafter import speculative  # pylint: disable=import-outside-toplevel
+
+  rows, num_beams, draft_len, vocab = 20000, 2, 2, 4
+  rng = np.random.default_rng(0)
+  p = rng.dirichlet(np.ones(vocab), size=draft_len + 1)  # [C+1, V]
+  q = rng.dirichlet(np.ones(vocab), size=draft_len)  # [C, V]
+  drafts = np.stack(
+    [rng.choice(vocab, size=(rows, num_beams), p=q[d]) for d in range(draft_len)], axis=-1
+  )
+  beams = jnp.asarray(np.concatenate([np.zeros((rows, num_beams, 1)), drafts], -1), jnp.int32)
+  logits = jnp.log(jnp.asarray(np.tile(p, (num_beams, 1)), jnp.float32))  # identity unpacker
+  unpacker = jnp.arange(num_beams * (draft_len + 1)).reshape(num_beams, draft_len + 1)
+  q_logprobs = jnp.log(jnp.asarray(np.broadcast_to(q, (num_beams, draft_len, vocab)), jnp.float32))
+  limit = jnp.asarray(np.arange(rows) % 2, jnp.int32)  # 0 and 1
+  _, accepted, next_token = jax.jit(speculative._accept_sampled, static_argnums=4)(
+    jnp.broadcast_to(logits, (rows,) + logits.shape),
+    jnp.broadcast_to(unpacker, (rows,) + unpacker.shape),
+    beams,
+    jnp.broadcast_to(q_logprobs, (rows,) + q_logprobs.shape),
+    SamplingConfig(temperature=1.0),
+    jax.random.key(0),
+    limit,
+  )
+  accepted, next_token = np.asarray(accepted), np.asarray(next_token)
+  assert (accepted <= np.asarray(limit)).all()
+  # limit 0: nothing tried, the next token from p_0.
+  freq = np.bincount(next_token[0::2], minlength=vocab) / (rows // 2)
+  assert 0.5 * np.abs(freq - p[0]).sum() < 0.02, (freq, p[0])
+  # limit 1: after an accepted draft, the next token comes from p_1.
+  cut = next_token[1::2][accepted[1::2] == 1]
+  assert len(cut) > 2000
+  freq = np.bincount(cut, minlength=vocab) / len(cut)
+  assert 0.5 * np.abs(freq - p[1]).sum() < 0.03, (freq, p[1])
