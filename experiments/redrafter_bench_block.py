@@ -77,6 +77,7 @@ SPLIT_KEYS = (
   "block_steps_per_step",
   "verify_steps_per_step",
   "greedy_token_step_ms",
+  "call_overhead_ms",
   "pieces_per_step_ms",
   "loop_step_ms",
   "greedy_step_ms",
@@ -369,7 +370,8 @@ def block_split(
   """Each standalone piece's median ms over `repeats` calls (after one
   compiling call) at the loop's shapes for these prompts: prefill, draft,
   verify (over a local cache of the loop's size, committed length first +
-  L_B // 2 - 1), block step, greedy token step."""
+  L_B // 2 - 1), block step, greedy token step; and the cost of a trivial
+  jitted call (each piece pays it once, the loop's step does not)."""
   cfg: BlockConfig = model.config
 
   def apply(method):
@@ -436,7 +438,11 @@ def block_split(
   greedy_token_step_ms = _median_ms(
     token_step, (params, g0, jnp.int32(first_len), greedy_local, expanded), repeats
   )
+  # What any standalone piece pays beside its work: a jitted call on a
+  # [B] int32 array, waited for.
+  call_overhead_ms = _median_ms(jax.jit(lambda x: x + 1), (g0,), repeats)
   return dict(
+    call_overhead_ms=call_overhead_ms,
     prefill_ms=prefill_ms,
     draft_ms=draft_ms,
     verify_ms=verify_ms,

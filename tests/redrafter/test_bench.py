@@ -173,6 +173,31 @@ def test_a_workdir_of_the_other_kind_is_refused_naming_it(tmp_path):
     cli.call(redrafter_bench, ["--workdir", str(block)])
 
 
+def test_a_drafter_for_another_base_is_refused_before_the_grid(tmp_path):
+  """--drafter with --base block: `check_block_drafter_fits` against the
+  token decoder, as a one-line error."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from bt_jax.redrafter import (  # pylint: disable=import-outside-toplevel
+    DrafterConfig,
+    DraftHead,
+    init_drafter,
+    save_drafter,
+  )
+  from experiments import redrafter_bench  # pylint: disable=import-outside-toplevel
+  from tests.utils import tiny_config  # pylint: disable=import-outside-toplevel
+
+  config = tiny_config("vanilla", vocab_size=257, width=32, head_dim=16)
+  drafter = DraftHead(DrafterConfig.for_base(config, draft_len=2))
+  save_drafter(
+    str(tmp_path / "d"), drafter, init_drafter(drafter, jax.random.key(0)), base_config=config
+  )
+  with pytest.raises(
+    cli.UserError, match=r"--drafter .*trained for a vanilla base model; this base model is block"
+  ):
+    cli.call(redrafter_bench, ["--base", "block", "--drafter", str(tmp_path / "d")])
+
+
 @pytest.fixture(scope="module")
 def block_grid(tmp_path_factory):
   from experiments import redrafter_bench  # pylint: disable=import-outside-toplevel
