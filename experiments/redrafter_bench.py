@@ -7,10 +7,13 @@ speculative step goes.
         [--batch_sizes 1,4] [--prompt_len 32] [--max_new_tokens 64] [--repeats 5] \
         [--sample_beams 1,4] --out /tmp/redrafter.json --plot /tmp/redrafter.png
 
-1. Loads a trained vanilla run (`--workdir`: checkpoint and tokenizer); without
-   one, a random-weight 4 x 128 model on a byte tokenizer (whose greedy text
-   loops, so acceptance is not meaningful: use a trained run). `--base`
-   names the kind of base model; "vanilla" is the one there is (see `BASES`).
+1. Loads a trained run (`--workdir`: checkpoint and tokenizer) of the kind
+   `--base` names ("vanilla", or "block": a Block Transformer; a workdir of
+   the other kind is refused); without one, a random-weight model on a byte
+   tokenizer (vanilla 4 x 128; block `redrafter_bench_block.RANDOM_CONFIG`),
+   whose greedy text loops, so acceptance is not meaningful: use a trained
+   run. `--base block` is described in `experiments.redrafter_bench_block`
+   and docs/redrafter.md; what follows is the vanilla base's.
 2. Loads the draft head trained for it (`--drafter`, made by
    `python -m bt_jax.train_drafter`), or distills one here (docs/redrafter.md,
    "Use"): the base model's greedy continuations of `--max_new_tokens` after
@@ -187,7 +190,9 @@ def _table(header: str, rows) -> None:
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   fv = dict(flag_values=flag_values)
-  flags.DEFINE_string("workdir", None, "A trained vanilla run (default: random weights).", **fv)
+  flags.DEFINE_string(
+    "workdir", None, "A trained run of --base's kind (default: random weights).", **fv
+  )
   flags.DEFINE_string("base", "vanilla", f"The kind of base model: one of {BASES}.", **fv)
   flags.DEFINE_string(
     "drafter",
