@@ -762,8 +762,7 @@ def _split_row(r: Dict[str, Any]) -> str:
 
 BLOCK_SPLIT_HEADER = (
   f"{'B':>2} {'M':>2} {'C':>2} {'draft':>7} {'verify':>7} {'block':>7} {'blk/step':>8} "
-  f"{'pieces':>7} {'loop':>7} {'bookkeep':>8} {'greedy tok':>10} {'verify/tok':>10} "
-  f"{'call':>8}"
+  f"{'pieces':>7} {'loop':>7} {'bookkeep':>8} {'greedy tok':>10} {'verify/tok':>10}"
 )
 
 
@@ -773,8 +772,7 @@ def _block_split_row(r: Dict[str, Any]) -> str:
     f"{r['batch_size']:>2} {r['beam_width']:>2} {r['draft_len']:>2} {s['draft_ms']:>7.2f} "
     f"{s['verify_ms']:>7.2f} {s['block_step_ms']:>7.2f} {s['block_steps_per_step']:>8.2f} "
     f"{s['pieces_per_step_ms']:>7.2f} {s['loop_step_ms']:>7.2f} {s['bookkeeping_ms']:>8.2f} "
-    f"{s['greedy_token_step_ms']:>10.2f} {s['verify_over_greedy_token_step']:>10.2f} "
-    f"{s['call_overhead_ms']:>8.2f}"
+    f"{s['greedy_token_step_ms']:>10.2f} {s['verify_over_greedy_token_step']:>10.2f}"
   )
 
 

@@ -63,8 +63,9 @@ RANDOM_CONFIG = BlockConfig(
 )
 
 SPLIT_METHOD = (
-  "standalone pieces at the loop's shapes (not the loop's own closures), each jitted apart "
-  "and timed with block_until_ready over repeats, median; bookkeeping_ms is the loop's step "
+  "standalone pieces at the loop's shapes (not the loop's own closures), each jitted apart, "
+  "per iteration of a jitted loop of piece_iterations, block_until_ready, median over "
+  "piece_repeats calls; bookkeeping_ms is the loop's step "
   "minus the pieces' per-step estimate (a residual: negative when the pieces run apart cost "
   "more than inside the loop)"
 )
@@ -77,7 +78,7 @@ SPLIT_KEYS = (
   "block_steps_per_step",
   "verify_steps_per_step",
   "greedy_token_step_ms",
-  "call_overhead_ms",
+  "piece_iterations",
   "pieces_per_step_ms",
   "loop_step_ms",
   "greedy_step_ms",
@@ -356,6 +357,20 @@ def _median_ms(fn, args, repeats: int) -> float:
   return 1e3 * statistics.median(times)
 
 
+def _per_iteration_ms(body, consts, carry, iterations: int, repeats: int) -> float:
+  """Median ms per iteration of carry = body(consts, carry), run `iterations`
+  times in one jitted `fori_loop` (a call's dispatch and argument handling
+  amortized, as in the loop; each iteration depends on the last through
+  the carry, so none is hoisted)."""
+  run = jax.jit(
+    lambda consts, carry: jax.lax.fori_loop(0, iterations, lambda _, c: body(consts, c), carry)
+  )
+  return _median_ms(run, (consts, carry), repeats) / iterations
+
+
+PIECE_ITERATIONS = 16
+
+
 def block_split(
   model: BlockTransformer,
   drafter: DraftHead,
@@ -367,38 +382,45 @@ def block_split(
   pad,
   repeats: int,
 ) -> dict[str, float]:
-  """Each standalone piece's median ms over `repeats` calls (after one
-  compiling call) at the loop's shapes for these prompts: prefill, draft,
-  verify (over a local cache of the loop's size, committed length first +
-  L_B // 2 - 1), block step, greedy token step; and the cost of a trivial
-  jitted call (each piece pays it once, the loop's step does not)."""
+  """Each standalone piece's ms at the loop's shapes for these prompts:
+  draft, verify (over a local cache of the loop's size, committed length
+  first + L_B // 2 - 1), block step and greedy token step per iteration of
+  a jitted loop of PIECE_ITERATIONS (`_per_iteration_ms`), median over
+  `repeats` calls after a compiling one; the prefill per call."""
   cfg: BlockConfig = model.config
-
-  def apply(method):
-    return jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method))
-
   draft_len, block_len = drafter.config.draft_len, cfg.block_len
   first_len = _first_len(cfg)
   packed_len = beam_width * (draft_len + 1)
   local_len = first_len + block_len - 1 + packed_len
   batch, prompt_len = tokens.shape
   num_blocks = cfg.num_steps(max_new_tokens) + 1
+  iterations = PIECE_ITERATIONS
+
+  def call(p, method, *args):
+    return model.apply({"params": p}, *args, method=method)
 
   decoder = BlockDecoder(model)
   prefill = jax.jit(lambda p, t, d: decoder.prefill(p, t, d, num_blocks))
   prefill_ms = _median_ms(prefill, (params, tokens, pad), repeats)
   state = prefill(params, tokens, pad)
 
-  start = jax.jit(lambda p, c: model.apply({"params": p}, c, local_len, method=_start_block))
+  start = jax.jit(lambda p, c: call(p, _start_block, c, local_len))
   expanded, local, g0, hidden = start(params, state["context"])
 
-  draft = jax.jit(
-    lambda dp, p, h, g: make_draft_fn(drafter, dp, p, SamplingConfig(), beam_width)(
+  def draft(dp, p, h, g):
+    return make_draft_fn(drafter, dp, p, SamplingConfig(), beam_width)(
       h, g, jnp.zeros_like(g), jnp.int32(0)
     )
+
+  def draft_step(consts, h):
+    dp, p, g = consts
+    beams = draft(dp, p, h, g)
+    return h + (beams[:, 0, -1] < 0).astype(h.dtype)[:, None]  # never true; a dependency
+
+  draft_ms = _per_iteration_ms(
+    draft_step, (drafter_params, params, g0), hidden, iterations, repeats
   )
-  draft_ms = _median_ms(draft, (drafter_params, params, hidden, g0), repeats)
-  beams = draft(drafter_params, params, hidden, g0).astype(jnp.int32)
+  beams = jax.jit(draft)(drafter_params, params, hidden, g0).astype(jnp.int32)
 
   # The verify forward's inputs, made as the loop makes them (untimed).
   tree = batched_pack_beams(beams)
@@ -416,17 +438,36 @@ def block_split(
   )
   mask = context[:, None, :] | (visible & in_tree[:, None, :])
   slots = length[:, None] + tree.depth
-  verify = apply(_tree_forward)
-  verify_ms = _median_ms(
-    verify, (params, tree.tokens, slots, local, length, mask, expanded), repeats
+
+  def verify_step(consts, carry):
+    p, ids, at, lengths, masks, exp = consts
+    cache, total = carry
+    logits, cache, _ = call(p, _tree_forward, ids, at, cache, lengths, masks, exp)
+    return cache, total + logits[:, :, 0].sum()
+
+  verify_ms = _per_iteration_ms(
+    verify_step,
+    (params, tree.tokens, slots, length, mask, expanded),
+    (local, jnp.float32(0)),
+    iterations,
+    repeats,
   )
+
+  def block_body(consts, carry):
+    p, s, pb = consts
+    blk, cache, total = carry
+    exp, _, g, h, cache = call(p, _block_step, blk, cache, s, pb, local_len)
+    return blk.at[:, 0].set(g), cache, total + h.sum() + exp[:, 0, 0].sum()
 
   block = jnp.zeros((batch, block_len), jnp.int32).at[:, 0].set(g0)
   slot = jnp.full((batch,), prompt_len // block_len, jnp.int32)
-  step = jax.jit(
-    lambda p, bl, c, s, pb: model.apply({"params": p}, bl, c, s, pb, local_len, method=_block_step)
+  block_step_ms = _per_iteration_ms(
+    block_body,
+    (params, slot, pad // block_len),
+    (block, state["cache"], jnp.float32(0)),
+    iterations,
+    repeats,
   )
-  block_step_ms = _median_ms(step, (params, block, state["cache"], slot, pad // block_len), repeats)
 
   greedy_local = caches_lib.init_stack_cache(
     cfg.token_stack, batch, cfg.token_decoder_len, cfg.compute_dtype
@@ -434,15 +475,16 @@ def block_split(
   greedy_local = jax.tree.map(
     lambda fresh, first: fresh.at[:, :first_len].set(first[:, :first_len]), greedy_local, local
   )
-  token_step = apply(_greedy_token)
-  greedy_token_step_ms = _median_ms(
-    token_step, (params, g0, jnp.int32(first_len), greedy_local, expanded), repeats
+
+  def token_body(consts, carry):
+    p, exp = consts
+    token, cache = carry
+    return call(p, _greedy_token, token, jnp.int32(first_len), cache, exp)
+
+  greedy_token_step_ms = _per_iteration_ms(
+    token_body, (params, expanded), (g0, greedy_local), iterations, repeats
   )
-  # What any standalone piece pays beside its work: a jitted call on a
-  # [B] int32 array, waited for.
-  call_overhead_ms = _median_ms(jax.jit(lambda x: x + 1), (g0,), repeats)
   return dict(
-    call_overhead_ms=call_overhead_ms,
     prefill_ms=prefill_ms,
     draft_ms=draft_ms,
     verify_ms=verify_ms,
@@ -494,5 +536,6 @@ def finish_split(
     bookkeeping_ms=loop_step - per_step,
     verify_over_greedy_token_step=pieces["verify_ms"] / pieces["greedy_token_step_ms"],
     piece_repeats=repeats,
+    piece_iterations=PIECE_ITERATIONS,
   )
   return {key: split[key] for key in SPLIT_KEYS}
