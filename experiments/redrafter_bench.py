@@ -395,7 +395,8 @@ def plot_speedup(points: List[Dict[str, Any]], path: str) -> None:
       high = [p["speedup_per_repeat"]["max"] - m for m, p in zip(med, line)]
       ax.errorbar(x, med, yerr=[low, high], marker="o", capsize=3, label=f"C = {draft_len}")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_title(f"batch {batch_size}", fontsize=9)
+    bases = sorted({p.get("base", "vanilla") for p in points})
+    ax.set_title(f"{', '.join(bases)} base, batch {batch_size}", fontsize=9)
     ax.set_xlabel("beam width M", fontsize=8)
     ax.set_xticks(sorted({p["beam_width"] for p in points}))
     ax.tick_params(labelsize=7)
