@@ -198,6 +198,57 @@ def test_a_drafter_for_another_base_is_refused_before_the_grid(tmp_path):
     cli.call(redrafter_bench, ["--base", "block", "--drafter", str(tmp_path / "d")])
 
 
+def test_block_grid_with_a_saved_drafter(tmp_path):
+  """--base block --drafter DIR: a drafter saved for the random Block
+  Transformer (its token decoder's width) drives the grid; no training."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from bt_jax.redrafter import (  # pylint: disable=import-outside-toplevel
+    DrafterConfig,
+    DraftHead,
+    init_drafter,
+    save_drafter,
+  )
+  from experiments import redrafter_bench  # pylint: disable=import-outside-toplevel
+  from experiments.redrafter_bench_block import RANDOM_CONFIG  # pylint: disable=import-outside-toplevel
+
+  drafter = DraftHead(DrafterConfig.for_base(RANDOM_CONFIG, draft_len=2))
+  save_drafter(
+    str(tmp_path / "d"),
+    drafter,
+    init_drafter(drafter, jax.random.key(0)),
+    base_config=RANDOM_CONFIG,
+  )
+  report = cli.call(
+    redrafter_bench,
+    [
+      "--base",
+      "block",
+      "--drafter",
+      str(tmp_path / "d"),
+      "--batch_sizes",
+      "1",
+      "--beam_widths",
+      "2",
+      "--draft_lens",
+      "1",
+      "--max_new_tokens",
+      "6",
+      "--prompt_len",
+      "4",
+      "--repeats",
+      "1",
+      "--warmup",
+      "0",
+    ],
+  )
+  assert report["drafter"]["source"] == str(tmp_path / "d")
+  assert report["meta"]["train_seconds"] < 60
+  (point,) = report["results"]
+  assert (point["beam_width"], point["draft_len"]) == (2, 1)
+  assert point["same_tokens_as_greedy"] and point["generated_tokens"] == 6
+
+
 @pytest.fixture(scope="module")
 def block_grid(tmp_path_factory):
   from experiments import redrafter_bench  # pylint: disable=import-outside-toplevel
