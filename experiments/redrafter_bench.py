@@ -7,10 +7,13 @@ speculative step goes.
         [--batch_sizes 1,4] [--prompt_len 32] [--max_new_tokens 64] [--repeats 5] \
         [--sample_beams 1,4] --out /tmp/redrafter.json --plot /tmp/redrafter.png
 
-1. Loads a trained vanilla run (`--workdir`: checkpoint and tokenizer); without
-   one, a random-weight 4 x 128 model on a byte tokenizer (whose greedy text
-   loops, so acceptance is not meaningful: use a trained run). `--base`
-   names the kind of base model; "vanilla" is the one there is (see `BASES`).
+1. Loads a trained run (`--workdir`: checkpoint and tokenizer) of the kind
+   `--base` names ("vanilla", or "block": a Block Transformer; a workdir of
+   the other kind is refused); without one, a random-weight model on a byte
+   tokenizer (vanilla 4 x 128; block `redrafter_bench_block.RANDOM_CONFIG`),
+   whose greedy text loops, so acceptance is not meaningful: use a trained
+   run. `--base block` is described in `experiments.redrafter_bench_block`
+   and docs/redrafter.md; what follows is the vanilla base's.
 2. Loads the draft head trained for it (`--drafter`, made by
    `python -m bt_jax.train_drafter`), or distills one here (docs/redrafter.md,
    "Use"): the base model's greedy continuations of `--max_new_tokens` after
@@ -60,7 +63,6 @@ beam width, a line per draft length, a panel per batch size (matplotlib).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import platform
 import statistics
 import time
@@ -74,7 +76,6 @@ from absl import flags
 from bt_jax import cli
 from bt_jax.data import load_corpus
 from bt_jax.inference import SamplingConfig, generate_fn, prepare_prompts
-from bt_jax.models.vanilla import VanillaLM
 from bt_jax.redrafter import (
   DraftHead,
   corpus_windows,
@@ -83,14 +84,14 @@ from bt_jax.redrafter import (
   drafter_generate_fn,
   load_drafter,
 )
+from bt_jax.redrafter.block_speculative import block_drafter_generate_fn, check_block_drafter_fits
 from bt_jax.redrafter.checkpoint import check_drafter_fits
 from bt_jax.redrafter.speculative import greedy_step_parts
+from experiments import redrafter_bench_block
 from experiments.timing import time_call
 
-# The kinds of base model the benchmark drafts for. "block" (a Block
-# Transformer base, drafting within and across blocks) is wired here once
-# its speculative loop exists (the module below).
-BLOCK_MODULE = "bt_jax.redrafter.block_speculative"
+# The kinds of base model the benchmark drafts for ("block": a Block
+# Transformer base, `experiments.redrafter_bench_block`).
 BASES = ("vanilla", "block")
 
 # Keys of one grid point in the JSON (tests check the schema).
@@ -114,6 +115,7 @@ POINT_KEYS = (
   "speedup_per_repeat",
   "greedy_tokens_per_s",
   "speculative_tokens_per_s",
+  "per_step_source",
   "split",
 )
 SPLIT_KEYS = (
@@ -139,44 +141,44 @@ SPLIT_METHOD = (
 )
 
 
-def _load(workdir):
-  if workdir:
-    from bt_jax.checkpointing import load_for_inference  # pylint: disable=import-outside-toplevel
+class _Bytes:
+  """The random fallback's tokenizer: bytes + 1 (0 is EOS)."""
 
-    model, params, tokenizer = load_for_inference(workdir)
-    if not isinstance(model, VanillaLM):
+  eos_id = 0
+
+  def encode(self, text):
+    return [1 + b for b in text.encode()]
+
+
+def _load(workdir, base: str = "vanilla"):
+  """(model, params, tokenizer, "trained" / "random") of --base's kind; a
+  workdir of another kind is refused (read from its model config, before
+  any weights)."""
+  if workdir:
+    # pylint: disable-next=import-outside-toplevel
+    from bt_jax.checkpointing import load_for_inference, load_model_config
+
+    kind = load_model_config(workdir).kind
+    if kind != base:
       raise cli.UserError(
-        f"{workdir} holds a {model.config.kind} model; --base vanilla drafts "
-        "for a vanilla base model"
+        f"{workdir} holds a {kind} model; --base {base} drafts for a {base} base model "
+        f"(use --base {kind})"
       )
+    model, params, tokenizer = load_for_inference(workdir)
     return model, params, tokenizer, "trained"
+  if base == "block":
+    model, params = redrafter_bench_block.random_block_model()
+    return model, params, _Bytes(), "random"
   from bt_jax.config import VanillaConfig  # pylint: disable=import-outside-toplevel
   from bt_jax.models import build_model, init_params  # pylint: disable=import-outside-toplevel
 
-  class Bytes:
-    eos_id = 0
-
-    def encode(self, text):
-      return [1 + b for b in text.encode()]
-
   model = build_model(VanillaConfig(vocab_size=257, num_layers=4, width=128, max_len=256))
-  return model, init_params(model, jax.random.key(0)), Bytes(), "random"
+  return model, init_params(model, jax.random.key(0)), _Bytes(), "random"
 
 
 def _check_base(base: str) -> None:
-  """Only the vanilla base is wired; "block" names what it waits for."""
   if base not in BASES:
     raise cli.UserError(f"--base {base!r} must be one of {BASES}")
-  if base == "block":
-    if importlib.util.find_spec(BLOCK_MODULE) is None:
-      raise cli.UserError(
-        f"--base block needs {BLOCK_MODULE} (ReDrafter drafting for a Block "
-        "Transformer), which this checkout does not have; use --base vanilla"
-      )
-    raise cli.UserError(
-      f"--base block: {BLOCK_MODULE} exists but is not wired into "
-      "experiments.redrafter_bench yet; use --base vanilla"
-    )
 
 
 def _table(header: str, rows) -> None:
@@ -188,12 +190,22 @@ def _table(header: str, rows) -> None:
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   fv = dict(flag_values=flag_values)
-  flags.DEFINE_string("workdir", None, "A trained vanilla run (default: random weights).", **fv)
+  flags.DEFINE_string(
+    "workdir", None, "A trained run of --base's kind (default: random weights).", **fv
+  )
   flags.DEFINE_string("base", "vanilla", f"The kind of base model: one of {BASES}.", **fv)
   flags.DEFINE_string(
     "drafter",
     None,
     "A drafter trained for --workdir (python -m bt_jax.train_drafter); default: distill one here.",
+    **fv,
+  )
+  flags.DEFINE_bool(
+    "cross_blocks",
+    True,
+    "With --base block: drafts may cross the block boundary (--nocross_blocks: within "
+    "the current block only). The split has no piece for the candidate blocks' forward "
+    "(it lands in bookkeeping).",
     **fv,
   )
   flags.DEFINE_integer("draft_len", 4, "Tokens the drafter distilled here learns to draft.", **fv)
@@ -391,7 +403,8 @@ def plot_speedup(points: List[Dict[str, Any]], path: str) -> None:
       high = [p["speedup_per_repeat"]["max"] - m for m, p in zip(med, line)]
       ax.errorbar(x, med, yerr=[low, high], marker="o", capsize=3, label=f"C = {draft_len}")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_title(f"batch {batch_size}", fontsize=9)
+    bases = sorted({p.get("base", "vanilla") for p in points})
+    ax.set_title(f"{', '.join(bases)} base, batch {batch_size}", fontsize=9)
     ax.set_xlabel("beam width M", fontsize=8)
     ax.set_xticks(sorted({p["beam_width"] for p in points}))
     ax.tick_params(labelsize=7)
@@ -431,6 +444,8 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
   batch_sizes = _int_list("batch_sizes", args.batch_sizes)
   beam_widths = _int_list("beam_widths", args.beam_widths)
   sample_beams = _int_list("sample_beams", args.sample_beams)
+  if sample_beams and args.base == "block":
+    raise cli.UserError("--sample_beams times speculative sampling for --base vanilla only")
   for flag in ("repeats", "split_repeats", "prompt_len", "max_new_tokens"):
     if args[flag].value < 1:
       raise cli.UserError(f"--{flag} must be at least 1; got {args[flag].value}")
@@ -439,13 +454,44 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
   rng = np.random.default_rng(args.seed)
   started = time.perf_counter()
 
-  model, params, tokenizer, weights = _load(args.workdir)
+  block = args.base == "block"
+  model, params, tokenizer, weights = _load(args.workdir, args.base)
   train_docs, valid_docs = load_corpus("stdlib", "train"), load_corpus("stdlib", "validation")
   t0 = time.perf_counter()
   if args.drafter:
-    drafter, drafter_params, _ = load_drafter(args.drafter)
-    check_drafter_fits(drafter, model.config)
+    drafter, drafter_params, metadata = load_drafter(args.drafter)
+    if block:
+      try:
+        check_block_drafter_fits(drafter, model.config, metadata.get("base_model"))
+      except ValueError as e:
+        raise cli.UserError(f"--drafter {args.drafter}: {e}") from e
+    else:
+      check_drafter_fits(drafter, model.config)
     drafter_info = dict(source=args.drafter)
+  elif block:
+    drafter, drafter_params, losses = redrafter_bench_block.distill_block_drafter(
+      model,
+      params,
+      tokenizer,
+      train_docs,
+      draft_len=args.draft_len,
+      num_prompts=args.distill_prompts,
+      prompt_len=args.prompt_len,
+      continuation_len=args.max_new_tokens,
+      batch_size=args.train_batch,
+      steps=args.train_steps,
+      learning_rate=args.learning_rate,
+      seed=args.seed,
+    )
+    drafter_info = dict(
+      source="trained here (hard labels on the base model's greedy continuations)",
+      first_loss=losses[0],
+      final_loss=losses[-1],
+    )
+    print(
+      f"drafter: {args.train_steps} steps in {time.perf_counter() - t0:.0f} s, loss "
+      f"{losses[0]:.3f} -> {losses[-1]:.3f}"
+    )
   else:
     drafter, result = distill_drafter(
       model,
@@ -479,20 +525,32 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
   for m in beam_widths:
     if m > model.config.vocab_size:
       raise cli.UserError(f"--beam_widths {m} exceeds the vocabulary ({model.config.vocab_size})")
-  cost = drafter_cost(
-    drafter.config,
-    model.config,
-    beam_width=max(beam_widths),
-    context_len=args.prompt_len + args.max_new_tokens // 2,
-  )
-  drafter_info.update(
-    config=dataclasses.asdict(drafter.config),
-    params_fraction=cost["params_fraction"],
-    draft_token_flops_fraction=cost["draft_token_fraction"],
-  )
   base_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  embed = int(np.prod(params["token_embed"]["embedding"].shape))
-  head = int(np.prod(params["lm_head"]["kernel"].shape)) if "lm_head" in params else 0
+  if block:  # drafter_cost's FLOPs model is a vanilla stack's
+    from bt_jax.model_summary import param_counts  # pylint: disable=import-outside-toplevel
+
+    drafter_info.update(
+      config=dataclasses.asdict(drafter.config),
+      params_fraction=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(drafter_params))
+      / base_params,
+      draft_token_flops_fraction=None,
+    )
+    non_embedding = param_counts(model.config)["non_embedding_params"]
+  else:
+    cost = drafter_cost(
+      drafter.config,
+      model.config,
+      beam_width=max(beam_widths),
+      context_len=args.prompt_len + args.max_new_tokens // 2,
+    )
+    drafter_info.update(
+      config=dataclasses.asdict(drafter.config),
+      params_fraction=cost["params_fraction"],
+      draft_token_flops_fraction=cost["draft_token_fraction"],
+    )
+    embed = int(np.prod(params["token_embed"]["embedding"].shape))
+    head = int(np.prod(params["lm_head"]["kernel"].shape)) if "lm_head" in params else 0
+    non_embedding = base_params - embed - head
 
   records, sampling_records = [], []
   device = jax.devices()[0]
@@ -511,7 +569,7 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
         train_seconds=train_seconds,
         complete=complete,
         base_params=base_params,
-        base_non_embedding_params=base_params - embed - head,
+        base_non_embedding_params=non_embedding,
         **settings,
       ),
       drafter=drafter_info,
@@ -530,8 +588,34 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
     greedy = generate_fn(model, max_new)  # cached: one compile per shape
     greedy_args = (params, tokens, pad, jax.random.key(0))
     want = np.asarray(greedy(*greedy_args).tokens)
+    reference = None
+    if block:  # greedy past max_new: what the last steps' drafts are checked against
+      extra = generate_fn(model, max_new + max(draft_lens))(*greedy_args)
+      reference = np.asarray(extra.tokens)
+      if not np.array_equal(reference[:, :max_new], want):
+        reference = None
     for draft_len in draft_lens:
       for beam_width in beam_widths:
+        if block:
+          records.append(
+            _block_point(
+              args,
+              model,
+              params,
+              drafters[draft_len],
+              drafter_params,
+              beam_width,
+              tokens,
+              pad,
+              greedy,
+              greedy_args,
+              want,
+              reference,
+            )
+          )
+          print(_row(records[-1]), flush=True)
+          report(complete=False)
+          continue
         spec = drafter_generate_fn(model, drafters[draft_len], beam_width, max_new)
         spec_args = (params, drafter_params, tokens, pad, jnp.int32(-1), jax.random.key(0))
         got = spec(*spec_args)
@@ -578,6 +662,7 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
           ),
           greedy_tokens_per_s=generated / greedy_med,
           speculative_tokens_per_s=generated / spec_med,
+          per_step_source="the loop's SpeculativeOutput.step_accepted / step_tree_tokens",
           split=split,
         )
         records.append({key: record[key] for key in POINT_KEYS})
@@ -619,8 +704,12 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
 
   print()
   _table(HEADER, [_row(r) for r in records])
-  print(f"split ms per step: parts jitted apart ({SPLIT_METHOD}); loop = the loop's own step")
-  _table(SPLIT_HEADER, [_split_row(r) for r in records])
+  if block:
+    print(f"split ms per step: {redrafter_bench_block.SPLIT_METHOD}")
+    _table(BLOCK_SPLIT_HEADER, [_block_split_row(r) for r in records])
+  else:
+    print(f"split ms per step: parts jitted apart ({SPLIT_METHOD}); loop = the loop's own step")
+    _table(SPLIT_HEADER, [_split_row(r) for r in records])
   if sampling_records:
     print(
       f"speculative sampling at temperature {args.temperature} against plain sampling "
@@ -656,12 +745,15 @@ SPLIT_HEADER = (
 
 
 def _row(r: Dict[str, Any]) -> str:
-  depth = " ".join(f"{a:.2f}" for a in r["acceptance_by_depth"])
+  depth = "n/a"
+  if r["acceptance_by_depth"] is not None:
+    depth = " ".join(f"{a:.2f}" for a in r["acceptance_by_depth"])
+  dedupe = "  n/a" if r["dedupe_removed"] is None else f"{100 * r['dedupe_removed']:>5.0f}%"
   s = r["speedup_per_repeat"]
   return (
     f"{r['batch_size']:>2} {r['beam_width']:>2} {r['draft_len']:>2} "
     f"{str(r['same_tokens_as_greedy']):>5} {r['tokens_per_step']:>8.2f} {depth:<24} "
-    f"{100 * r['dedupe_removed']:>5.0f}% {r['greedy_ms']['median']:>9.1f} "
+    f"{dedupe:>6} {r['greedy_ms']['median']:>9.1f} "
     f"{r['speculative_ms']['median']:>8.1f} "
     f"{s['min']:>6.2f} / {s['median']:.2f} / {s['max']:.2f}x"
   )
@@ -675,6 +767,135 @@ def _split_row(r: Dict[str, Any]) -> str:
     f"{s['loop_step_ms']:>7.2f} {s['greedy_step_ms']:>7.2f} "
     f"{s['verify_over_greedy_step']:>13.2f} {str(s['parts_same_tokens']):>8}"
   )
+
+
+BLOCK_SPLIT_HEADER = (
+  f"{'B':>2} {'M':>2} {'C':>2} {'draft':>7} {'verify':>7} {'block':>7} {'blk/step':>8} "
+  f"{'pieces':>7} {'loop':>7} {'bookkeep':>8} {'greedy tok':>10} {'verify/tok':>10}"
+)
+
+
+def _block_split_row(r: Dict[str, Any]) -> str:
+  s = r["split"]
+  return (
+    f"{r['batch_size']:>2} {r['beam_width']:>2} {r['draft_len']:>2} {s['draft_ms']:>7.2f} "
+    f"{s['verify_ms']:>7.2f} {s['block_step_ms']:>7.2f} {s['block_steps_per_step']:>8.2f} "
+    f"{s['pieces_per_step_ms']:>7.2f} {s['loop_step_ms']:>7.2f} {s['bookkeeping_ms']:>8.2f} "
+    f"{s['greedy_token_step_ms']:>10.2f} {s['verify_over_greedy_token_step']:>10.2f}"
+  )
+
+
+def _block_point(
+  args,
+  model,
+  params,
+  drafter: DraftHead,
+  drafter_params,
+  beam_width: int,
+  tokens,
+  pad,
+  greedy,
+  greedy_args,
+  want: np.ndarray,
+  reference: Optional[np.ndarray],
+) -> Dict[str, Any]:
+  """One grid point over a Block Transformer base (`redrafter_bench_block`):
+  the loop through `block_drafter_generate_fn`, per-step records from an
+  instrumented rerun, standalone pieces for the split."""
+  max_new, draft_len = args.max_new_tokens, drafter.config.draft_len
+  spec = block_drafter_generate_fn(
+    model, drafter, beam_width, max_new, cross_blocks=args.cross_blocks
+  )
+  spec_args = (params, drafter_params, tokens, pad, jnp.int32(-1), jax.random.key(0))
+  got = spec(*spec_args)
+  got_tokens = np.asarray(got.tokens)
+  times = interleaved_times(
+    {"greedy": greedy, "speculative": spec},
+    {"greedy": greedy_args, "speculative": spec_args},
+    args.warmup,
+    args.repeats,
+  )
+  recs, source = None, "no greedy reference past max_new_tokens (it differed from greedy)"
+  if reference is not None:
+    recs = redrafter_bench_block.step_records(
+      model,
+      drafter,
+      drafter_params,
+      params,
+      beam_width,
+      max_new,
+      tokens,
+      pad,
+      got,
+      reference,
+      cross_blocks=args.cross_blocks,
+    )
+    source = (
+      "derived from an instrumented rerun of the block loop (each step's beams against "
+      "greedy's tokens), consistent with the loop's accepted / row_steps totals"
+    )
+    if not recs["consistent"]:
+      source, recs = redrafter_bench_block.NO_RECORDS, None
+  if recs is not None:
+    stats = redrafter_bench_block.block_acceptance_stats(
+      recs["step_accepted"], recs["step_tree_tokens"], beam_width, draft_len
+    )
+  else:  # only what the loop's totals give
+    row_steps = max(1, int(np.asarray(got.row_steps).sum()))
+    stats = dict(
+      acceptance_by_depth=None,
+      mean_accepted=float(np.asarray(got.accepted).sum()) / row_steps,
+      tree_tokens_per_step=None,
+      dedupe_removed=None,
+    )
+  pieces = redrafter_bench_block.block_split(
+    model,
+    drafter,
+    drafter_params,
+    params,
+    beam_width,
+    max_new,
+    tokens,
+    pad,
+    repeats=max(5, args.repeats),
+  )
+  greedy_med = statistics.median(times["greedy"])
+  spec_med = statistics.median(times["speculative"])
+  steps = int(got.steps)
+  split = redrafter_bench_block.finish_split(
+    pieces,
+    spec_median_s=spec_med,
+    greedy_median_s=greedy_med,
+    steps=steps,
+    records=recs,
+    lengths=np.asarray(got.lengths),
+    block_len=model.config.block_len,
+    max_new_tokens=max_new,
+    repeats=max(5, args.repeats),
+  )
+  generated = int(np.asarray(got.lengths).sum())
+  record = dict(
+    base="block",
+    cross_blocks=bool(args.cross_blocks),
+    batch_size=int(tokens.shape[0]),
+    beam_width=beam_width,
+    draft_len=draft_len,
+    same_tokens_as_greedy=bool(np.array_equal(want, got_tokens)),
+    tokens_per_step=generated / max(1, int(np.asarray(got.row_steps).sum())),
+    **stats,
+    base_steps=steps,
+    greedy_steps=max_new,
+    generated_tokens=generated,
+    greedy_ms=_spread([1e3 * t for t in times["greedy"]]),
+    speculative_ms=_spread([1e3 * t for t in times["speculative"]]),
+    speedup=greedy_med / spec_med,
+    speedup_per_repeat=_spread([g / s for g, s in zip(times["greedy"], times["speculative"])]),
+    greedy_tokens_per_s=generated / greedy_med,
+    speculative_tokens_per_s=generated / spec_med,
+    per_step_source=source,
+    split=split,
+  )
+  return {key: record[key] for key in POINT_KEYS}
 
 
 if __name__ == "__main__":
