@@ -422,6 +422,7 @@ def main(flag_values: flags.FlagValues) -> Dict[str, Any]:
     name: args[name].value
     for name in (
       "base",
+      "cross_blocks",
       "drafter",
       "draft_len",
       "beam_widths",
@@ -876,7 +877,6 @@ def _block_point(
   generated = int(np.asarray(got.lengths).sum())
   record = dict(
     base="block",
-    cross_blocks=bool(args.cross_blocks),
     batch_size=int(tokens.shape[0]),
     beam_width=beam_width,
     draft_len=draft_len,

@@ -298,7 +298,7 @@ def test_block_grid_json_schema_and_consistency(block_grid):
   report, out, plot = block_grid
   assert json.loads(out.read_text()) == json.loads(json.dumps(report))
   assert report["meta"]["complete"] and report["meta"]["weights"] == "random"
-  assert report["meta"]["base"] == "block"
+  assert report["meta"]["base"] == "block" and report["meta"]["cross_blocks"] is True
   assert plot.stat().st_size > 1000
   drafter = report["drafter"]["config"]
   assert drafter["hidden_dim"] == drafter["embed_dim"] == 64  # the token decoder's width
