@@ -69,6 +69,7 @@ from bt_jax.redrafter.speculative import (
   DraftFn,
   SpeculativeOutput,
   _accept_sampled,
+  _append_output,
   make_draft_fn,
 )
 from bt_jax.redrafter.tree import batched_pack_beams, check_beam_width
@@ -408,25 +409,29 @@ def _block_speculate(
       x = x + jnp.take_along_axis(expanded, at[:, :, None], axis=1)
     return x
 
-  def verify(state, cap, key):
-    """Draft, pack, one token-decoder forward over the tree, accept (at most
-    `cap` [B] drafts per row): (committed [B, D], accepted [B], the token
-    after them [B], its h [B, width], local cache with the chosen beam's
-    K/V at the committed slots)."""
-    length = first_len + state["j"]  # committed local slots
+  def draft(state, key):
+    """Beams [B, M, C+1] (g_0 first) and, when sampled, their q log-probs
+    (key folded with 0)."""
     if sampled:
       beams, q_logprobs = draft_fn(
         state["hidden"], state["g0"], state["n_out"], state["step"], jax.random.fold_in(key, 0)
       )
     else:
       beams = draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"])
+      q_logprobs = None
     beams = beams.astype(jnp.int32)
     if beams.shape[1:] != (num_beams, depth_len):
       raise ValueError(
         f"draft_fn returned beams of shape {beams.shape}; expected "
         f"[batch, {num_beams}, {depth_len}] (num_beams, draft_len + 1)"
       )
-    tree = batched_pack_beams(beams)
+    return beams, q_logprobs
+
+  def tree_forward(state, tree):
+    """The in-block verify forward over the packed tree: (logits [B, P, V],
+    hidden [B, P, width], local cache with the tree after the committed
+    slots)."""
+    length = first_len + state["j"]
     context = local_slots[None, :] < length[:, None]
     relative = local_slots[None, :] - length[:, None]
     in_tree = (relative >= 0) & (relative < packed_len)
@@ -438,7 +443,7 @@ def _block_speculate(
       axis=2,
     )
     mask = context[:, None, :] | (tree_visible & in_tree[:, None, :])
-    slots = length[:, None] + tree.depth  # = the positions
+    slots = length[:, None] + tree.depth
     memory = state["expanded"] if cfg.token_decoder == "cross_attention" else None
     logits, local, hidden = apply(
       token_inputs(tree.tokens, slots, state["expanded"]),
@@ -450,6 +455,17 @@ def _block_speculate(
       (jnp.zeros((batch,), jnp.int32), length),
       method=_token_forward,
     )
+    return logits, hidden, local
+
+  def verify(state, cap, key):
+    """Draft, pack, one token-decoder forward over the tree, accept (at most
+    `cap` [B] drafts per row): (committed [B, D], accepted [B], the token
+    after them [B], its h [B, width], local cache with the chosen beam's
+    K/V at the committed slots)."""
+    length = first_len + state["j"]  # committed local slots
+    beams, q_logprobs = draft(state, key)
+    tree = batched_pack_beams(beams)
+    logits, hidden, local = tree_forward(state, tree)
     if sampled:
       best, num_accepted, next_token = _accept_sampled(
         logits, tree.unpacker, beams, q_logprobs, sampling, jax.random.fold_in(key, 1)
@@ -531,16 +547,7 @@ def _block_speculate(
       jax.random.fold_in(key, 1),
     )
     # Output: g0 and the accepted drafts; cut at the first EOS and at max_new.
-    keep = jnp.arange(depth_len)[None, :] <= num_accepted[:, None]
-    is_eos = (committed == eos_id) & keep
-    has_eos = jnp.any(is_eos, axis=-1)
-    count = jnp.where(has_eos, jnp.argmax(is_eos, axis=-1) + 1, num_accepted + 1)
-    count = jnp.minimum(count, max_new_tokens - state["n_out"])
-    count = jnp.where(done, 0, count)
-    out = jax.vmap(lambda o, c, i: jax.lax.dynamic_update_slice_in_dim(o, c, i, axis=0))(
-      state["out"], committed, state["n_out"]
-    )
-    n_out = state["n_out"] + count
+    out, n_out, new_done = _append_output(state, committed, num_accepted, eos_id, max_new_tokens)
     moved = {name: after[name] for name in ("expanded", "local", "g0", "hidden")}
     return dict(
       _select(active, moved, {name: state[name] for name in moved}),
@@ -550,59 +557,13 @@ def _block_speculate(
       block=jnp.where(active[:, None], block, state["block"]),
       out=out,
       n_out=n_out,
-      done=done | has_eos | (n_out >= max_new_tokens),
+      done=new_done,
       step=state["step"] + 1,
       row_steps=state["row_steps"] + active.astype(jnp.int32),
       accepted=state["accepted"] + jnp.where(active, num_accepted, 0),
     )
 
   # ---- Step two: drafts that cross the block boundary. ----
-
-  def draft(state, key):
-    if sampled:
-      beams, q_logprobs = draft_fn(
-        state["hidden"], state["g0"], state["n_out"], state["step"], jax.random.fold_in(key, 0)
-      )
-    else:
-      beams = draft_fn(state["hidden"], state["g0"], state["n_out"], state["step"])
-      q_logprobs = None
-    beams = beams.astype(jnp.int32)
-    if beams.shape[1:] != (num_beams, depth_len):
-      raise ValueError(
-        f"draft_fn returned beams of shape {beams.shape}; expected "
-        f"[batch, {num_beams}, {depth_len}] (num_beams, draft_len + 1)"
-      )
-    return beams, q_logprobs
-
-  def tree_forward(state, tree):
-    """The in-block verify forward (as in `verify`): (logits [B, P, V],
-    hidden [B, P, width], local cache with the tree after the committed
-    slots)."""
-    length = first_len + state["j"]
-    context = local_slots[None, :] < length[:, None]
-    relative = local_slots[None, :] - length[:, None]
-    in_tree = (relative >= 0) & (relative < packed_len)
-    tree_visible = jnp.take_along_axis(
-      tree.mask,
-      jnp.broadcast_to(
-        jnp.clip(relative, 0, packed_len - 1)[:, None, :], (batch, packed_len, local_len)
-      ),
-      axis=2,
-    )
-    mask = context[:, None, :] | (tree_visible & in_tree[:, None, :])
-    slots = length[:, None] + tree.depth
-    memory = state["expanded"] if cfg.token_decoder == "cross_attention" else None
-    logits, local, hidden = apply(
-      token_inputs(tree.tokens, slots, state["expanded"]),
-      slots,
-      state["local"],
-      length,
-      mask,
-      memory,
-      (jnp.zeros((batch,), jnp.int32), length),
-      method=_token_forward,
-    )
-    return logits, hidden, local
 
   def no_tree_forward(state, tree):
     """Every active row's g_0 ends its block: no in-block drafts."""
@@ -796,16 +757,7 @@ def _block_speculate(
       "hidden": next_hidden,
     }
     moved = _select(crossed, crossing, {name: after[name] for name in crossing})
-    keep = jnp.arange(depth_len)[None, :] <= num_accepted[:, None]
-    is_eos = (committed == eos_id) & keep
-    has_eos = jnp.any(is_eos, axis=-1)
-    count = jnp.where(has_eos, jnp.argmax(is_eos, axis=-1) + 1, num_accepted + 1)
-    count = jnp.minimum(count, max_new_tokens - state["n_out"])
-    count = jnp.where(done, 0, count)
-    out = jax.vmap(lambda o, c, i: jax.lax.dynamic_update_slice_in_dim(o, c, i, axis=0))(
-      state["out"], committed, state["n_out"]
-    )
-    n_out = state["n_out"] + count
+    out, n_out, new_done = _append_output(state, committed, num_accepted, eos_id, max_new_tokens)
     # The next block so far: the accepted drafts past the boundary.
     next_block_tokens = jnp.pad(block[:, block_len:], ((0, 0), (0, block_len)))
     block = jnp.where(crossed[:, None], next_block_tokens, block)
@@ -817,7 +769,7 @@ def _block_speculate(
       block=jnp.where(active[:, None], block, state["block"]),
       out=out,
       n_out=n_out,
-      done=done | has_eos | (n_out >= max_new_tokens),
+      done=new_done,
       step=state["step"] + 1,
       row_steps=state["row_steps"] + active.astype(jnp.int32),
       accepted=state["accepted"] + jnp.where(active, num_accepted, 0),

@@ -309,6 +309,26 @@ def _accept_greedy(logits, unpacker, beams):
   return best, accepted[rows, best], predicted
 
 
+def _append_output(state, committed, num_accepted, eos_id, max_new_tokens: int):
+  """g0 and its accepted drafts (committed [B, D], g0 first) appended to
+  state["out"] at each row's n_out, cut at the first EOS and at
+  max_new_tokens; nothing for finished rows: (out, n_out, done). Shared by
+  the vanilla and the Block Transformer loops."""
+  done = state["done"]
+  keep = jnp.arange(committed.shape[1])[None, :] <= num_accepted[:, None]
+  is_eos = (committed == eos_id) & keep
+  has_eos = jnp.any(is_eos, axis=-1)
+  count = jnp.where(has_eos, jnp.argmax(is_eos, axis=-1) + 1, num_accepted + 1)
+  count = jnp.minimum(count, max_new_tokens - state["n_out"])
+  count = jnp.where(done, 0, count)
+  # (Written whole: what lies past a row's n_out is cut at the end.)
+  out = jax.vmap(lambda o, c, i: jax.lax.dynamic_update_slice_in_dim(o, c, i, axis=0))(
+    state["out"], committed, state["n_out"]
+  )
+  n_out = state["n_out"] + count
+  return out, n_out, done | has_eos | (n_out >= max_new_tokens)
+
+
 def _commit(
   decoder: VanillaDecoder,
   state,
@@ -329,7 +349,6 @@ def _commit(
   predicted [B, P]) and h; and the per-step record (accepted drafts, -1
   where the row had finished; packed tokens after the dedupe, 0 there)."""
   length, done = state["length"], state["done"]
-  depth_len = beams.shape[2]
   rows = jnp.arange(beams.shape[0])
   best_slots = tree.unpacker[rows, best]  # [B, D] packed index
   # Move the chosen beam's K/V from its packed slots to length .. length + C.
@@ -339,19 +358,7 @@ def _commit(
   if new_g0.ndim == 2:  # the argmax at each packed token: the one after the accepted drafts
     new_g0 = new_g0[rows, next_at]
   new_hidden = hidden[rows, next_at]
-  # Output: g0 and the accepted drafts; cut at the first EOS and at max_new.
-  keep = jnp.arange(depth_len)[None, :] <= num_accepted[:, None]
-  is_eos = (committed == eos_id) & keep
-  has_eos = jnp.any(is_eos, axis=-1)
-  count = jnp.where(has_eos, jnp.argmax(is_eos, axis=-1) + 1, num_accepted + 1)
-  count = jnp.minimum(count, max_new_tokens - state["n_out"])
-  count = jnp.where(done, 0, count)
-  # (Written whole: what lies past a row's n_out is cut at the end.)
-  out = jax.vmap(lambda o, c, i: jax.lax.dynamic_update_slice_in_dim(o, c, i, axis=0))(
-    state["out"], committed, state["n_out"]
-  )
-  n_out = state["n_out"] + count
-  new_done = done | has_eos | (n_out >= max_new_tokens)
+  out, n_out, new_done = _append_output(state, committed, num_accepted, eos_id, max_new_tokens)
   active = ~done
   step = state["step"]
   return {
