@@ -352,22 +352,38 @@ def _block_speculate(
       )
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-  def start_block(context, key):
-    """The token decoder's first pass for the block after `context` [B,
-    block_width], on a fresh local cache: (expanded, local cache, t_0, h)."""
-    expanded = apply(context, method=BlockTransformer.expand)  # [B, E, width]
-    local = caches_lib.init_stack_cache(cfg.token_stack, batch, local_len, cfg.compute_dtype)
+  def token_inputs(ids, slots, expanded):
+    """The token decoder's input for token ids [B, q] going in at local slots [B, q]."""
+    x = apply(ids, method=BlockTransformer.embed_tokens)
+    if cfg.token_decoder == "summation":  # the input at slot k adds expansion vector k
+      at = jnp.clip(slots, 0, block_len - 1)
+      x = x + jnp.take_along_axis(expanded, at[:, :, None], axis=1)
+    return x
+
+  def first_pass(context, past=None):
+    """Expansion of `context` [N, block_width] and the token decoder's first
+    pass for the block after it on a fresh local cache, followed by `past`
+    [N, X] (draft tokens of that block, at local slots first_len ..):
+    (expanded, local cache, logits [N, first_len + X, V], hidden)."""
+    rows_n = context.shape[0]
+    expanded = apply(context, method=BlockTransformer.expand)  # [N, E, width]
     memory = None
     if prefix:
       first = expanded
     else:
-      bos = apply(jnp.full((batch, 1), cfg.bos_id, jnp.int32), method=BlockTransformer.embed_tokens)
+      bos = apply(
+        jnp.full((rows_n, 1), cfg.bos_id, jnp.int32), method=BlockTransformer.embed_tokens
+      )
       if cfg.token_decoder == "summation":
         first = bos + expanded[:, :1]
       else:
         first, memory = bos, expanded
-    slots = jnp.arange(first_len)
-    window = caches_lib.local_window(batch, 0, local_len) if first_len == 1 else None
+    if past is not None:
+      past_slots = jnp.broadcast_to(first_len + jnp.arange(past.shape[1]), past.shape)
+      first = jnp.concatenate([first, token_inputs(past, past_slots, expanded)], axis=1)
+    slots = jnp.arange(first.shape[1])
+    local = caches_lib.init_stack_cache(cfg.token_stack, rows_n, local_len, cfg.compute_dtype)
+    window = caches_lib.local_window(rows_n, 0, local_len) if first.shape[1] == 1 else None
     logits, local, hidden = apply(
       first,
       slots,
@@ -378,6 +394,12 @@ def _block_speculate(
       window,
       method=_token_forward,
     )
+    return expanded, local, logits, hidden
+
+  def start_block(context, key):
+    """The token decoder's first pass for the block after `context` [B,
+    block_width], on a fresh local cache: (expanded, local cache, t_0, h)."""
+    expanded, local, logits, hidden = first_pass(context)
     return expanded, local, pick_token(logits[:, -1], key), hidden[:, -1]
 
   prefill_key, rng = jax.random.split(rng)
@@ -400,14 +422,6 @@ def _block_speculate(
   }
   if cross_blocks:
     state["crossings"] = jnp.zeros((batch,), jnp.int32)
-
-  def token_inputs(ids, slots, expanded):
-    """The token decoder's input for token ids [B, q] going in at local slots [B, q]."""
-    x = apply(ids, method=BlockTransformer.embed_tokens)
-    if cfg.token_decoder == "summation":  # the input at slot k adds expansion vector k
-      at = jnp.clip(slots, 0, block_len - 1)
-      x = x + jnp.take_along_axis(expanded, at[:, :, None], axis=1)
-    return x
 
   def draft(state, key):
     """Beams [B, M, C+1] (g_0 first) and, when sampled, their q log-probs
@@ -606,40 +620,13 @@ def _block_speculate(
       window=(pad_blocks.astype(jnp.int32), slot),
     )
     many = batch * num_beams
-    expanded = apply(
-      context.reshape(many, cfg.block_width), method=BlockTransformer.expand
-    )  # [B*M, E, width]
-    memory = None
-    if prefix:
-      first = expanded
-    else:
-      bos = apply(jnp.full((many, 1), cfg.bos_id, jnp.int32), method=BlockTransformer.embed_tokens)
-      if cfg.token_decoder == "summation":
-        first = bos + expanded[:, :1]
-      else:
-        first, memory = bos, expanded
+    past = None
     if past_len:
       at = jnp.clip(cap[:, None] + 1 + jnp.arange(past_len)[None, :], 0, draft_len)  # [B, X]
       past = jnp.take_along_axis(
         beams, jnp.broadcast_to(at[:, None, :], (batch,) + (num_beams, past_len)), axis=2
-      )
-      past_slots = jnp.broadcast_to(first_len + jnp.arange(past_len), (many, past_len))
-      first = jnp.concatenate(
-        [first, token_inputs(past.reshape(many, past_len), past_slots, expanded)], axis=1
-      )
-    slots = jnp.arange(candidate_len)
-    local = caches_lib.init_stack_cache(cfg.token_stack, many, local_len, cfg.compute_dtype)
-    window = caches_lib.local_window(many, 0, local_len) if candidate_len == 1 else None
-    logits, local, hidden = apply(
-      first,
-      slots,
-      local,
-      0,
-      caches_lib.local_mask(slots, local_len),
-      memory,
-      window,
-      method=_token_forward,
-    )
+      ).reshape(many, past_len)
+    expanded, local, logits, hidden = first_pass(context.reshape(many, cfg.block_width), past)
     return (
       block_cache,
       expanded.reshape(batch, num_beams, cfg.num_expanded, cfg.token_width),
